@@ -1,0 +1,3 @@
+from pacl_fast.cli import main
+
+raise SystemExit(main())

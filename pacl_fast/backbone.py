@@ -1,0 +1,316 @@
+"""Open a frozen open_clip CLIP and read patch tokens out of its ViT at any resolution.
+
+Three ways to name a CLIP, as open_clip users expect:
+
+* a built-in model name plus a weights source: ``load_clip("ViT-B-16", "laion2b_s34b_b88k")`` (a
+  pretrained tag, fetched from the hub by open_clip) or ``load_clip("ViT-B-16", "/path/ckpt.pt")``
+  (a local checkpoint; safetensors, or a torch file read with ``weights_only=True``);
+* ``"local-dir:/path"``: a folder holding ``open_clip_config.json`` and ``open_clip_model.safetensors``
+  (what ``train/train.py --stage clip`` exports);
+* a config dict (open_clip's ``model_cfg``: ``embed_dim``, ``vision_cfg``, ``text_cfg``), for tiny
+  models in tests and the synthetic world.
+
+``clip_weights=None`` means random initialisation and says so in a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model runs with randomly initialised weights: its outputs mean nothing."""
+
+
+@dataclass(frozen=True)
+class ClipIdentity:
+    """What a CLIP is, for pairing PACL weights with it and keying caches.
+
+    ``arch`` is the open_clip model name, or ``custom-<sha256[:12]>`` of the config for custom
+    configs; ``weights`` is a pretrained tag, ``sha256:<hex>`` of a local weights file, or ``random``.
+    """
+
+    arch: str
+    weights: str
+
+    def __str__(self) -> str:
+        return f"{self.arch}@{self.weights}"
+
+
+def config_digest(model_cfg: dict[str, Any]) -> str:
+    """A short stable hash of an open_clip model config (key order does not matter)."""
+    canonical = json.dumps(model_cfg, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached by (path, size, mtime) because CLIP checkpoints are large."""
+    path = os.path.abspath(path)
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a CLIP checkpoint file, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle with custom classes, or not a torch file at all
+            raise ValueError(
+                f"cannot read CLIP checkpoint {path}: it is not a safetensors file and torch.load("
+                f"weights_only=True) refused it ({error}). Convert it to safetensors."
+            ) from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"CLIP checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _local_dir_weights(folder: Path) -> Path | None:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip CLIP whose ViT yields patch tokens ``[B, h, w, D]`` at any grid.
+
+    Patch tokens are the final block's output after ``ln_post``, before ``proj`` (open_clip's
+    ``output_tokens=True``). Positional embeddings are interpolated (bicubic) to the input's
+    grid and cached per grid.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, identity: ClipIdentity, model_cfg: dict[str, Any]):
+        super().__init__()
+        visual = getattr(clip, "visual", None)
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(
+                f"CLIP {identity.arch} has a {type(visual).__name__} image tower; PACL needs open_clip's "
+                "VisionTransformer (ViT-*) to read patch tokens"
+            )
+        if visual.attn_pool is not None:
+            raise ValueError(f"CLIP {identity.arch} uses an attentional pooler; its tokens are not patch tokens")
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.model_cfg = copy.deepcopy(model_cfg)
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    # Frozen: train() never puts the CLIP in training mode (dropout, patch dropout stay off).
+    def train(self, mode: bool = True) -> ClipBackbone:
+        super().train(False)
+        return self
+
+    @property
+    def visual(self) -> VisionTransformer:
+        return self.clip.visual
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.patch_size[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.visual.image_size[0])
+
+    @property
+    def token_dim(self) -> int:
+        """D: width of the patch tokens."""
+        return int(self.visual.ln_post.normalized_shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        """E: width of CLIP's joint image-text embedding."""
+        return int(self.visual.output_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.context_length)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg = getattr(self.visual, "preprocess_cfg", None) or {}
+        return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
+
+    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Class + patch positional embeddings for a grid ``(h, w)``: ``[1 + h*w, D]``."""
+        key = (grid[0], grid[1], dtype, device)
+        cached = self._pos_cache.get(key)
+        if cached is not None:
+            return cached
+        pos = self.visual.positional_embedding.detach()  # [1 + g0*g1, D]
+        g0, g1 = self.visual.grid_size
+        if tuple(grid) == (g0, g1):
+            resized = pos
+        else:
+            cls_pos, patch_pos = pos[:1], pos[1:]
+            patch_pos = patch_pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2).float()  # [1, D, g0, g1]
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+            resized = torch.cat([cls_pos, patch_pos], dim=0)
+        resized = resized.to(device=device, dtype=dtype)
+        self._pos_cache[key] = resized
+        return resized
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook: moving the model drops the cache
+        self._pos_cache = {}
+        return super()._apply(fn, recurse)
+
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, H, W]`` (sides multiples of the patch size) -> ``[B, h, w, D]``."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
+        p = self.patch_size
+        height, width = pixels.shape[-2:]
+        if height % p or width % p:
+            raise ValueError(f"image sides must be multiples of the patch size {p}, got {height}x{width}")
+        grid = (height // p, width // p)
+        visual = self.visual
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))  # [B, D, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, D]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + h*w, D]
+        x = x + self.positional_embedding(grid, x.dtype, x.device)
+        x = visual.ln_pre(x)
+        x = visual.transformer(x)
+        x = visual.ln_post(x[:, 1:])  # [B, h*w, D]
+        return x.reshape(x.shape[0], grid[0], grid[1], -1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[T, L]`` -> L2-normalised CLIP text embeddings ``[T, E]``."""
+        return self.clip.encode_text(tokens, normalize=True)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+
+def _random_init_warning(arch: str) -> None:
+    warnings.warn(
+        f"CLIP {arch} is randomly initialised (clip_weights=None): fine for tests and benchmarks, "
+        "meaningless for segmentation. Pass a pretrained tag or a checkpoint path.",
+        RandomWeightsWarning,
+        stacklevel=3,
+    )
+
+
+def load_clip(
+    clip: str | dict[str, Any] = "ViT-B-16",
+    clip_weights: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> ClipBackbone:
+    """Open a CLIP as a frozen :class:`ClipBackbone`.
+
+    Args:
+        clip: an open_clip model name (``"ViT-B-16"``), ``"local-dir:/path"``, or a model config dict.
+        clip_weights: a pretrained tag (hub), a local checkpoint file, or None for random init.
+            Must be None for ``local-dir:`` (the folder carries its weights).
+        device: where the model lives.
+    """
+    if isinstance(clip, dict):
+        model_cfg = copy.deepcopy(clip)
+        arch = f"custom-{config_digest(model_cfg)}"
+        try:
+            model = open_clip.CLIP(**copy.deepcopy(model_cfg))
+        except TypeError as error:
+            raise ValueError(f"clip config is not a valid open_clip model_cfg: {error}") from error
+        open_clip.set_model_preprocess_cfg(
+            model, {"mean": OPENAI_MEAN, "std": OPENAI_STD, "size": model.visual.image_size}
+        )
+        tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
+        if clip_weights is None:
+            _random_init_warning(arch)
+            weights_id = "random"
+        else:
+            path = Path(clip_weights)
+            if not path.is_file():
+                raise FileNotFoundError(f"clip_weights file not found: {path} (a custom config needs a local file)")
+            _load_into(model, path)
+            weights_id = f"sha256:{file_sha256(path)}"
+    elif not isinstance(clip, str):
+        raise TypeError(f"clip must be a model name, 'local-dir:PATH' or a config dict, got {type(clip).__name__}")
+    elif clip.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(clip[len(LOCAL_DIR_PREFIX) :])
+        if clip_weights is not None:
+            raise ValueError(f"clip_weights must be None with {clip!r}: the folder carries its own weights")
+        config_path = folder / "open_clip_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{clip!r}: expected {config_path} (open_clip's local-dir layout)")
+        weights_path = _local_dir_weights(folder)
+        if weights_path is None:
+            raise FileNotFoundError(f"{clip!r}: no open_clip_model.safetensors in {folder}")
+        model_cfg = json.loads(config_path.read_text())["model_cfg"]
+        model = open_clip.create_model(clip, weights_only=True)
+        tokenizer = open_clip.get_tokenizer(clip)
+        arch = f"custom-{config_digest(model_cfg)}"
+        weights_id = f"sha256:{file_sha256(weights_path)}"
+    else:
+        model_cfg = open_clip.get_model_config(clip)
+        if model_cfg is None:
+            raise ValueError(f"unknown open_clip model {clip!r}; see open_clip.list_models()")
+        tokenizer = open_clip.get_tokenizer(clip)
+        arch = clip
+        if clip_weights is None:
+            model = open_clip.create_model(clip, pretrained=None)
+            _random_init_warning(arch)
+            weights_id = "random"
+        elif Path(clip_weights).is_file():
+            model = open_clip.create_model(clip, pretrained=None)
+            _load_into(model, Path(clip_weights))
+            weights_id = f"sha256:{file_sha256(clip_weights)}"
+        else:
+            tag = str(clip_weights)
+            if tag not in open_clip.list_pretrained_tags_by_model(clip) and (os.sep in tag or "." in tag):
+                raise FileNotFoundError(f"clip_weights file not found: {tag}")
+            model = open_clip.create_model(clip, pretrained=tag, weights_only=True, require_pretrained=True)
+            weights_id = tag
+    backbone = ClipBackbone(model, tokenizer, ClipIdentity(arch, weights_id), model_cfg)
+    return backbone.to(device)
+
+
+def _load_into(model: nn.Module, path: Path) -> None:
+    state = _read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "logit_bias"]
+    if missing or unexpected:
+        raise ValueError(
+            f"CLIP checkpoint {path} does not fit this architecture: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )

@@ -1,0 +1,219 @@
+"""Image decoding and the geometry between an original image and the model's input.
+
+Decoding (:func:`load_image`) accepts a path, PIL image, ``HWC uint8`` array, ``CHW float``
+tensor in 0..1, and turns each into an RGB tensor ``[3, H, W]`` (uint8, or float32 for float
+input). Preprocessing (:func:`fit_to_model`) resizes the short side to the model size keeping the
+aspect, pads to the patch multiple and normalises with CLIP's mean/std; the returned
+:class:`Geometry` says how the patch grid maps back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit, made an explicit argument
+
+
+def describe(image: object) -> str:
+    """A short name for an input in error messages."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return f"{type(image).__name__} of shape {tuple(image.shape)} ({image.dtype})"
+    return type(image).__name__
+
+
+def _check_size(height: int, width: int, max_pixels: int, name: str) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{name}: image has zero size ({width}x{height})")
+    if height * width > max_pixels:
+        raise ValueError(
+            f"{name}: image has {height * width} pixels ({width}x{height}), over the limit max_pixels={max_pixels}"
+        )
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: palette and alpha modes through RGBA, 16/32-bit integer modes rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image, dtype=np.uint16)
+        return Image.fromarray((array >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _open_path(path: Path, max_pixels: int) -> Image.Image:
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            _check_size(image.height, image.width, max_pixels, str(path))
+            image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: image is over PIL's pixel limit ({error})") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot decode image file {path}: {error}") from error
+    return image
+
+
+def load_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode one image to RGB ``[3, H, W]``: uint8, or float32 in 0..1 for float tensor input.
+
+    Accepts a path (EXIF orientation applied; modes L, LA, P, RGBA, CMYK, I;16, ... converted),
+    a PIL image, an ``HWC`` (or ``HW``) uint8 array with 1, 3 or 4 channels, or a ``CHW`` float
+    tensor in 0..1 with 1 or 3 channels. Raises FileNotFoundError / ValueError / TypeError naming
+    the input and what was expected.
+    """
+    name = describe(image)
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_path(Path(image), max_pixels)
+    if isinstance(image, Image.Image):
+        _check_size(image.height, image.width, max_pixels, name)
+        image = _pil_to_rgb(ImageOps.exif_transpose(image))
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"{name}: numpy images must be uint8 HWC; convert floats to a CHW torch tensor in 0..1")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"{name}: expected an HWC array with 1, 3 or 4 channels")
+        _check_size(image.shape[0], image.shape[1], max_pixels, name)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return tensor[:3].contiguous() if tensor.shape[0] == 4 else tensor.expand(3, -1, -1).contiguous()
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"{name}: expected a CHW tensor with 1 or 3 channels")
+        _check_size(image.shape[1], image.shape[2], max_pixels, name)
+        if image.dtype == torch.uint8:
+            return image.expand(3, -1, -1).contiguous()
+        if not image.is_floating_point():
+            raise TypeError(f"{name}: tensor images must be uint8 or float in 0..1")
+        if not torch.isfinite(image).all():
+            raise ValueError(f"{name}: tensor has NaN or Inf values")
+        low, high = float(image.min()), float(image.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{name}: float tensor values must be in 0..1, found {low:.4g}..{high:.4g}")
+        return image.detach().float().expand(3, -1, -1).cpu().contiguous()
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` uint8 or float 0..1 -> ``HWC uint8`` array (for overlays)."""
+    if image.is_floating_point():
+        image = (image * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a model input (canvas) maps back to the original image.
+
+    The original ``(H, W)`` image was resized to ``resized_size`` and padded (bottom/right) to
+    ``canvas_size``, a multiple of ``patch_size``. The patch grid is ``canvas / patch``; the
+    original covers ``grid_extent = resized / patch`` cells of it (fractional).
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    canvas_size: tuple[int, int]
+    patch_size: int
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.canvas_size[0] // self.patch_size, self.canvas_size[1] // self.patch_size
+
+    @property
+    def grid_extent(self) -> tuple[float, float]:
+        return self.resized_size[0] / self.patch_size, self.resized_size[1] / self.patch_size
+
+
+def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int) -> Geometry:
+    """Short side to ``short_side``, aspect kept, padded up to the patch multiple."""
+    if short_side < patch_size:
+        raise ValueError(f"short_side={short_side} is smaller than the patch size {patch_size}")
+    height, width = original_size
+    scale = short_side / min(height, width)
+    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    canvas = tuple(-(-side // patch_size) * patch_size for side in resized)
+    return Geometry(original_size, resized, canvas, patch_size)
+
+
+def fit_to_model(
+    image: torch.Tensor,
+    geometry: Geometry,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> torch.Tensor:
+    """RGB ``[3, H, W]`` -> normalised model input ``[3, canvas_h, canvas_w]`` float32.
+
+    Bicubic, antialiased resize to ``geometry.resized_size``; zero padding (the mean colour after
+    normalisation) to the canvas.
+    """
+    pixels = image.float() / 255.0 if not image.is_floating_point() else image.float()
+    if tuple(pixels.shape[-2:]) != geometry.resized_size:
+        pixels = F.interpolate(
+            pixels[None], size=geometry.resized_size, mode="bicubic", antialias=True, align_corners=False
+        )[0].clamp_(0.0, 1.0)
+    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    pixels = (pixels - mean_t) / std_t
+    pad_h = geometry.canvas_size[0] - geometry.resized_size[0]
+    pad_w = geometry.canvas_size[1] - geometry.resized_size[1]
+    return F.pad(pixels, (0, pad_w, 0, pad_h))
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Sliding-window inference: the image's short side is resized to ``short_side`` (None: the
+    model's size), then ``crop x crop`` windows with ``stride`` cover the canvas; logits of
+    overlapping windows are averaged on the patch grid. ``crop`` and ``stride`` must be multiples
+    of the patch size so that every window sits on the same grid."""
+
+    crop: int
+    stride: int
+    short_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop <= 0 or self.stride <= 0:
+            raise ValueError(f"SlidingWindow crop and stride must be positive, got {self.crop}, {self.stride}")
+        if self.stride > self.crop:
+            raise ValueError(f"SlidingWindow stride {self.stride} > crop {self.crop} would leave gaps")
+
+    def origins(self, canvas_size: tuple[int, int], patch_size: int) -> list[tuple[int, int, int, int]]:
+        """Windows ``(y0, x0, height, width)`` covering the canvas, the last ones flush with its end."""
+        if self.crop % patch_size or self.stride % patch_size:
+            raise ValueError(
+                f"SlidingWindow crop={self.crop} and stride={self.stride} must be multiples "
+                f"of the patch size {patch_size}"
+            )
+
+        def starts(length: int) -> tuple[list[int], int]:
+            size = min(self.crop, length)
+            count = max(length - size + self.stride - 1, 0) // self.stride + 1
+            return sorted({min(i * self.stride, length - size) for i in range(count)}), size
+
+        ys, height = starts(canvas_size[0])
+        xs, width = starts(canvas_size[1])
+        return [(y, x, height, width) for y in ys for x in xs]

@@ -1,0 +1,212 @@
+"""PACL weights: one safetensors file with the trained tensors and metadata (DESIGN §6).
+
+The file holds only what PACL trains (``embedder.*``, ``log_logit_scale``,
+``log_patch_logit_scale``); the CLIP stays open_clip's. Metadata names the CLIP the weights were
+trained on, and loading refuses a file whose tensors or CLIP pairing do not fit, naming what is
+wrong. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pacl_fast.backbone import ClipBackbone, ClipIdentity
+from pacl_fast.model import PACL, PACLConfig
+
+FORMAT = "pacl-fast/pacl-weights"
+FORMAT_VERSION = 1
+_DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class PACLMetadata:
+    """What travels with PACL weights (all strings in the safetensors header)."""
+
+    clip_model: str  # open_clip name, or custom-<config hash>
+    clip_weights: str  # pretrained tag, sha256:<hex> of the weights file, or "random"
+    config: dict  # PACLConfig fields
+    image_size: int
+    patch_size: int
+    training_data: str = "unknown"
+    steps: int = 0
+    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    clip_config: dict | None = None  # the open_clip model_cfg, so custom CLIPs can be rebuilt
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def clip_identity(self) -> ClipIdentity:
+        return ClipIdentity(self.clip_model, self.clip_weights)
+
+    def to_header(self) -> dict[str, str]:
+        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        for key, value in asdict(self).items():
+            header[key] = value if isinstance(value, str) else json.dumps(value)
+        return header
+
+    @classmethod
+    def from_header(cls, header: dict[str, str], path: Path) -> PACLMetadata:
+        if header.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is a safetensors file but not PACL weights (metadata format={header.get('format')!r})"
+            )
+        version = int(header.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path} has PACL weights format {version}; this pacl-fast reads up to {FORMAT_VERSION}")
+        try:
+            return cls(
+                clip_model=header["clip_model"],
+                clip_weights=header["clip_weights"],
+                config=json.loads(header["config"]),
+                image_size=int(json.loads(header["image_size"])),
+                patch_size=int(json.loads(header["patch_size"])),
+                training_data=header.get("training_data", "unknown"),
+                steps=int(json.loads(header.get("steps", "0"))),
+                date=header.get("date", ""),
+                clip_config=json.loads(header.get("clip_config", "null")),
+                extra=json.loads(header.get("extra", "{}")),
+            )
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: PACL metadata is incomplete or malformed ({error})") from error
+
+
+def metadata_for(model: PACL, **fields) -> PACLMetadata:
+    """Metadata describing ``model`` (and its CLIP); ``fields`` fill training_data, steps, extra."""
+    identity = model.backbone.identity
+    return PACLMetadata(
+        clip_model=identity.arch,
+        clip_weights=identity.weights,
+        config=model.config.to_dict(),
+        image_size=model.backbone.image_size,
+        patch_size=model.backbone.patch_size,
+        clip_config=model.backbone.model_cfg if identity.arch.startswith("custom-") else None,
+        **fields,
+    )
+
+
+def save_pacl_weights(model: PACL, path: str | os.PathLike, metadata: PACLMetadata | None = None) -> Path:
+    """Write ``model``'s trained tensors and metadata atomically (temp file, then rename)."""
+    path = Path(path)
+    metadata = metadata or metadata_for(model)
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata.to_header())
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The safetensors JSON header of ``path`` and the size of its data section.
+
+    Raises ValueError saying whether the file is not safetensors at all or is truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PACL weights file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", head)
+        first = f.read(1)
+        if first != b"{":
+            kind = (
+                "a zip/PyTorch checkpoint"
+                if head[:2] == b"PK"
+                else "a pickle"
+                if head[:1] == b"\x80"
+                else "unknown bytes"
+            )
+            raise ValueError(f"{path} is not a safetensors file (it starts with {kind}); PACL weights are safetensors")
+        if 8 + header_len > size:
+            raise ValueError(f"{path} is truncated: its header says {header_len} bytes but the file has {size - 8}")
+        raw = first + f.read(header_len - 1)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid safetensors file (header is not JSON: {error})") from error
+    data_len = size - 8 - header_len
+    needed = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
+    if needed > data_len:
+        raise ValueError(f"{path} is truncated: tensors need {needed} bytes of data, the file has {data_len}")
+    return header, data_len
+
+
+def expected_shapes(config: PACLConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a PACL of ``config`` has."""
+    d, e, h = config.token_dim, config.embed_dim, config.hidden_dim
+    return {
+        "embedder.linear.weight": (e, d),
+        "embedder.fc1.weight": (h, d),
+        "embedder.fc1.bias": (h,),
+        "embedder.fc2.weight": (e, h),
+        "embedder.fc2.bias": (e,),
+        "log_logit_scale": (),
+        "log_patch_logit_scale": (),
+    }
+
+
+def read_pacl_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PACLMetadata]:
+    """Read and validate a PACL weights file on its own (no CLIP needed).
+
+    Checks: safetensors and not truncated; PACL metadata; exactly the expected tensor names;
+    their shapes for the recorded config; floating dtypes; finite values.
+    """
+    path = Path(path)
+    header, _ = read_header(path)
+    metadata = PACLMetadata.from_header(header.get("__metadata__") or {}, path)
+    config = PACLConfig(**metadata.config)
+    expected = expected_shapes(config)
+    present = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path}: tensor names do not match PACL: missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        if tuple(present[name]["shape"]) != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(present[name]['shape'])}, expected {shape}")
+        if present[name]["dtype"] not in _DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name} has dtype {present[name]['dtype']}, expected a float type")
+    tensors = load_file(str(path))
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {name} has {bad} NaN/Inf values")
+    return tensors, metadata
+
+
+def check_clip_pairing(metadata: PACLMetadata, identity: ClipIdentity, path: str | os.PathLike) -> None:
+    """Refuse weights trained on another CLIP (architecture or weights)."""
+    if metadata.clip_model != identity.arch or metadata.clip_weights != identity.weights:
+        raise ValueError(
+            f"{path} holds PACL weights for CLIP {metadata.clip_identity}, but the loaded CLIP is {identity}. "
+            "Open the CLIP they were trained with (clip=..., clip_weights=...), or pass strict_clip=False "
+            "if you know the two are the same weights."
+        )
+
+
+def load_pacl(
+    backbone: ClipBackbone, path: str | os.PathLike, *, strict_clip: bool = True
+) -> tuple[PACL, PACLMetadata]:
+    """A PACL on ``backbone`` with the weights in ``path``, after checking them and the CLIP pairing."""
+    tensors, metadata = read_pacl_weights(path)
+    config = PACLConfig(**metadata.config)
+    if (config.token_dim, config.embed_dim) != (backbone.token_dim, backbone.embed_dim):
+        raise ValueError(
+            f"{path}: weights are for a CLIP with token_dim={config.token_dim}, embed_dim={config.embed_dim}; "
+            f"CLIP {backbone.identity.arch} has {backbone.token_dim}, {backbone.embed_dim}"
+        )
+    if strict_clip:
+        check_clip_pairing(metadata, backbone.identity, path)
+    model = PACL(backbone, config)
+    model.load_state_dict(tensors)
+    return model.to(next(backbone.parameters()).device), metadata

@@ -1,0 +1,37 @@
+"""Packaging for pacl-fast: the engine (`pacl_fast`), its fused kernels (`kernels`) and the CLI."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="pacl-fast",
+    version="0.1.0",
+    description="Open-vocabulary semantic segmentation with PACL (Patch Aligned Contrastive Learning) "
+    "on open_clip, with fused Triton / tiled heads and compiled encoders.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["pacl_fast", "pacl_fast.encoders", "pacl_fast.data", "kernels"],
+    package_data={"pacl_fast": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "open_clip_torch>=2.24",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow>=9.1",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "ruff", "onnx", "onnxruntime", "onnxscript", "webdataset"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "trt": ["onnx", "onnxscript", "tensorrt"],
+        "train": ["webdataset"],
+    },
+    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},
+)

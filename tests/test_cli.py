@@ -1,0 +1,84 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pacl_fast.cli import build_parser, main
+
+
+def test_segment_writes_good_images_and_names_bad_ones(tmp_path, tiny_config, capsys, monkeypatch):
+    import json
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    import torch
+    from conftest import quiet_load_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(
+        {k: v.contiguous() for k, v in quiet_load_clip(tiny_config).clip.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "segment",
+            str(good),
+            str(bad),
+            str(tmp_path / "gone.png"),
+            "--labels",
+            "cat,dog",
+            "--out",
+            str(out),
+            "--clip",
+            f"local-dir:{folder}",
+            "--templates",
+            "single",
+            "--device",
+            "cpu",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "bad.png" in captured.err and "gone.png" in captured.err and "2 of 3 images failed" in captured.err
+    assert "good.jpg: cat" in captured.out and "%" in captured.out
+    assert Image.open(out / "good_labels.png").mode == "P"
+    assert Image.open(out / "good_overlay.png").size == (60, 40)
+    assert sorted(p.name for p in out.iterdir()) == ["good_labels.png", "good_overlay.png"]
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "a,,b", "--out", "o"])
+    assert "--labels has an empty name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "a", "--out", "o", "--sliding-window", "abc"])
+    assert "--sliding-window expects" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["segment"], ["demo"]])
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pacl-fast" in capsys.readouterr().out
+
+
+def test_demo_runs_as_a_console_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pacl_fast", "demo", "--out", str(tmp_path), "--num-images", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "scene1" in result.stdout
+    assert (tmp_path / "scene0_overlay.png").is_file() and (tmp_path / "scene1_labels.png").is_file()
