@@ -1,0 +1,1 @@
+"""Datasets: benchmark readers (``segmentation``), class-name files (``names``), ImageFolder (``classification``)."""
