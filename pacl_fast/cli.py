@@ -135,7 +135,8 @@ def run_segment(args: argparse.Namespace) -> int:
     def report(key: str, source: str, result) -> None:
         if not args.quiet:
             shares = ", ".join(f"{name} {share:.1%}" for name, share in result.class_shares().items())
-            print(f"{source}: {shares}", flush=True)
+            sys.stdout.write(f"{source}: {shares}\n")  # one write: ranks share the stream, lines stay whole
+            sys.stdout.flush()
 
     summary = segment_bulk(
         segmenter,
@@ -206,7 +207,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "Under torchrun the ranks share the images and the numbers equal a single process's.",
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
-    parser.add_argument("--root", required=True, type=Path, help="the dataset folder (or a folder above it)")
+    parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
     parser.add_argument("--split", default=None, help="split (default val)")
     parser.add_argument(
         "--class-names",
@@ -238,8 +239,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from pacl_fast.data.segmentation import open_dataset
     from pacl_fast.evaluate import clear_state, evaluate_segmentation
 
-    dataset = open_dataset(args.dataset, args.root, args.split)
-    names = read_class_names(args.class_names) if args.class_names else None
+    try:
+        dataset = open_dataset(args.dataset, args.root, args.split)
+        names = read_class_names(args.class_names) if args.class_names else None
+    except (FileNotFoundError, ValueError) as error:
+        print(f"pacl-fast eval: {error}", file=sys.stderr)
+        return 2
     dist, device = _distributed(args)
     state_dir = _state_dir(args, f"eval-{args.dataset}")
     if args.restart:
@@ -300,13 +305,17 @@ def run_classify(args: argparse.Namespace) -> int:
     if (args.image_folder is None) == (not args.images):
         print("pacl-fast classify: give image files, or --image-folder ROOT (not both)", file=sys.stderr)
         return 2
-    dist, device = _distributed(args)
-    classifier = ZeroShotClassifier(_make_segmenter(args, device))
     if args.image_folder is not None:
         from pacl_fast.data.classification import ImageFolder
         from pacl_fast.evaluate import clear_state, evaluate_classification
 
-        folder = ImageFolder(args.image_folder, args.class_names)
+        try:
+            folder = ImageFolder(args.image_folder, args.class_names)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"pacl-fast classify: {error}", file=sys.stderr)
+            return 2
+        dist, device = _distributed(args)
+        classifier = ZeroShotClassifier(_make_segmenter(args, device))
         state_dir = _state_dir(args, "classify")
         if args.restart:
             clear_state(state_dir, dist)
@@ -334,6 +343,8 @@ def run_classify(args: argparse.Namespace) -> int:
         print("pacl-fast classify: give --labels a,b,c or --class-names FILE", file=sys.stderr)
         return 2
     labels = args.labels if args.labels is not None else read_class_names(args.class_names)
+    dist, device = _distributed(args)
+    classifier = ZeroShotClassifier(_make_segmenter(args, device))
     results = classifier.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
     payload = []
     for path, result in zip(args.images, results):

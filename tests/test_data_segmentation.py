@@ -100,6 +100,8 @@ def test_missing_or_malformed_folders_name_the_path_and_the_layout(tmp_path):
         open_dataset("ade20k", tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'voc'; choose one of"):
         open_dataset("voc", tmp_path)
+    with pytest.raises(ValueError, match="dataset cityscapes reads files: give its folder"):
+        open_dataset("cityscapes", None)
     voc = write_voc(tmp_path, {"a": np.zeros((4, 4), np.uint8), "b": np.zeros((4, 4), np.uint8)})
     with pytest.raises(FileNotFoundError, match=r"split file .*train\.txt not found"):
         open_dataset("voc21", tmp_path, "train")

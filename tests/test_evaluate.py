@@ -14,6 +14,7 @@ import pytest
 from conftest import make_segmenter
 from layouts import save_image, write_ade, write_tiny_clip, write_tiny_pacl, write_voc
 
+from pacl_fast.cli import main
 from pacl_fast.data.segmentation import open_dataset
 from pacl_fast.evaluate import SegmentationMetrics, confusion_matrix, evaluate_segmentation
 from pacl_fast.images import SlidingWindow
@@ -178,6 +179,13 @@ def test_a_bad_image_is_reported_and_the_rest_scored(tmp_path, segmenter):
     assert "cannot decode image file" in report.failures[0]["error"]
     masks = _voc_masks(3)
     assert report.metrics.confusion.sum() == sum(int((masks[k] != 255).sum()) for k in ("2007_000000", "2007_000002"))
+
+
+def test_eval_command_names_a_wrong_folder(tmp_path, capsys):
+    assert main(["eval", "--dataset", "ade20k", "--root", str(tmp_path)]) == 2
+    assert f"is not a ade20k folder (tried {tmp_path}/annotations" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "voc21"]) == 2
+    assert "give its folder (--root)" in capsys.readouterr().err
 
 
 def _cli_env() -> dict:

@@ -36,6 +36,7 @@ built as ``cls(root, split)`` (``split=None``: its default split) and looks like
         reduce_zero_label = False           # files store 0 = "other", classes from 1 (ADE20K)
         background_index = None             # class meaning "none of the others" (VOC21), if any
         layout = "what the folder holds"    # quoted in errors
+        needs_root = True                   # False: made without files (root may be None)
 
         def __len__(self) -> int: ...
         def __getitem__(self, index) -> tuple[image, mask]: ...
@@ -199,6 +200,7 @@ class SegmentationDataset:
     reduce_zero_label: ClassVar[bool] = False
     background_index: ClassVar[int | None] = None
     layout: ClassVar[str] = ""
+    needs_root: ClassVar[bool] = True
 
     @property
     def num_classes(self) -> int:
@@ -235,7 +237,7 @@ class FolderDataset(SegmentationDataset):
 
     def __init__(self, root: str | os.PathLike, split: str | None = None):
         self.split = split or self.default_split
-        self.root = self._find_root(Path(root))
+        self.root = self._find_root(Path(root).absolute())
         self.samples: list[tuple[str, Path, Path, np.ndarray | None]] = self.list_samples()
         if not self.samples:
             raise FileNotFoundError(
@@ -442,8 +444,11 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 }
 
 
-def open_dataset(name: str, root: str | os.PathLike, split: str | None = None) -> SegmentationDataset:
+def open_dataset(name: str, root: str | os.PathLike | None, split: str | None = None) -> SegmentationDataset:
     """The reader for ``name`` (a key of :data:`DATASETS`) over the folder ``root``."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](root, split)
+    reader = DATASETS[name]
+    if root is None and reader.needs_root:
+        raise ValueError(f"dataset {name} reads files: give its folder (--root); expected {reader.layout}")
+    return reader(root, split)
