@@ -9,16 +9,19 @@ renamed, labels last, so an image is done exactly when its labels file exists.
 Sharing across ranks is by position in the deterministic input order (files) and by shard
 (``shards[rank::world_size]``), decided before looking at what exists, so two ranks never
 take the same image even while others are writing. A re-run skips every image whose outputs
-exist: a killed job resumes. A bad image is reported and the rest still complete.
+exist: a killed job resumes. ``OUT/.pacl-segment.json`` records the settings (model, labels,
+prompts, protocol), and a run with other settings refuses to add to that folder rather than
+skip images made differently. A bad image is reported and the rest still complete.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,9 +104,33 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
 class Outputs:
     """Where each key's files go, whether they are all there, and how they are written."""
 
+    #: Settings the label maps in a folder were made with; skipping is only safe under the same ones.
+    MANIFEST = ".pacl-segment.json"
+
     def __init__(self, directory: str | os.PathLike, overlays: bool = True):
         self.directory = Path(directory)
         self.overlays = overlays
+
+    def claim(self, settings: dict, *, overwrite: bool, write: bool) -> None:
+        """Refuse to add to a folder made with other settings (its existing files would be skipped as done).
+
+        ``write``: record the settings (one rank does; the others only check).
+        """
+        manifest = self.directory / self.MANIFEST
+        settings = json.loads(json.dumps(settings))
+        if manifest.is_file() and not overwrite:
+            old = json.loads(manifest.read_text())
+            if old != settings:
+                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise ValueError(
+                    f"{self.directory} holds label maps made with other settings (differs in: {', '.join(changed)}); "
+                    "images already there would be skipped as done. Use another --out, or --overwrite"
+                )
+        if write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            temporary = manifest.with_name(manifest.name + f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(settings, indent=1))
+            os.replace(temporary, manifest)
 
     def paths(self, key: str) -> dict[str, Path]:
         paths = {"labels": self.directory / f"{key}_labels.png"}
@@ -239,6 +266,15 @@ def segment_bulk(
     """
     dist = dist or DistInfo()
     outputs = Outputs(out_dir, overlays)
+    settings = {
+        "model": segmenter.model_id,
+        "image_size": segmenter.image_size,
+        "labels": list(labels),
+        "templates": templates if isinstance(templates, str) else list(templates),
+        "background_threshold": background_threshold,
+        "sliding_window": None if sliding_window is None else asdict(sliding_window),
+    }
+    outputs.claim(settings, overwrite=overwrite, write=dist.is_main)
     files = inputs.files[dist.rank :: dist.world_size]
     skipped = 0
     if not overwrite:

@@ -101,6 +101,14 @@ def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_p
         progress=False,
     )
     assert redo.written == 5 and not list((tmp_path / "labels-only").rglob("*_overlay.png"))
+    with pytest.raises(ValueError, match=r"made with other settings \(differs in: labels\).*--overwrite"):
+        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, templates="single")
+    with pytest.raises(ValueError, match=r"differs in: templates"):
+        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), LABELS, out, progress=False)
+    redone = segment_bulk(
+        segmenter, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, overwrite=True, progress=False
+    )
+    assert redone.written == 5 and redone.skipped == 0
 
 
 def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
