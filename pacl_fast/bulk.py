@@ -293,21 +293,24 @@ def segment_bulk(
         unit="img",
         dynamic_ncols=True,
     )
-    sources = [
+    loaders = [
         DataLoader(
             _FileImages(files, segmenter.max_pixels),
             batch_size=segmenter.batch_size,
             num_workers=workers,
             collate_fn=_as_list,
-        ),
-        DataLoader(
-            _ShardImages(shards, outputs, segmenter.max_pixels, overwrite),
-            batch_size=segmenter.batch_size,
-            num_workers=min(workers, len(shards)),
-            collate_fn=_as_list,
-        ),
+        )
     ]
-    for loader in sources if shards else sources[:1]:
+    if shards:
+        loaders.append(
+            DataLoader(
+                _ShardImages(shards, outputs, segmenter.max_pixels, overwrite),
+                batch_size=segmenter.batch_size,
+                num_workers=min(workers, len(shards)),
+                collate_fn=_as_list,
+            )
+        )
+    for loader in loaders:
         for batch in loader:
             ready = []
             for key, source, image, error, done in batch:

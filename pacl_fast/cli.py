@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacl_fast.images import SlidingWindow
+
+if TYPE_CHECKING:
+    from pacl_fast.distributed import DistInfo
+    from pacl_fast.segmenter import Segmenter
 
 
 def _labels(text: str) -> list[str]:
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _distributed(args: argparse.Namespace):
+def _distributed(args: argparse.Namespace) -> tuple[DistInfo, str]:
     """Join ``torchrun``'s process group when there is one; pick this rank's device."""
     import torch
 
@@ -72,7 +77,7 @@ def _distributed(args: argparse.Namespace):
     return dist, device
 
 
-def _make_segmenter(args: argparse.Namespace, device: str):
+def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
     from pacl_fast.segmenter import Segmenter
 
     return Segmenter(

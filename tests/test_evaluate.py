@@ -7,12 +7,23 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_segmenter
-from layouts import save_image, write_ade, write_tiny_clip, write_tiny_pacl, write_voc
+from layouts import (
+    save_image,
+    write_ade,
+    write_cityscapes,
+    write_coco_stuff,
+    write_context,
+    write_tiny_clip,
+    write_tiny_pacl,
+    write_voc,
+)
+from PIL import Image
 
 from pacl_fast.cli import main
 from pacl_fast.data.segmentation import open_dataset
@@ -133,6 +144,44 @@ def test_reduce_zero_label_dataset_never_scores_other(tmp_path, segmenter):
     assert report.metrics.pixels[6] == 16 and report.metrics.pixels[2] == 480
 
 
+# dataset, writer, raw value -> class index (255: not scored), written by hand from each layout's docs
+LAYOUTS = [
+    ("voc21", write_voc, {0: 0, 1: 1, 15: 15, 20: 20, 255: 255}),
+    ("voc20", write_voc, {0: 255, 1: 0, 15: 14, 20: 19, 255: 255}),
+    ("context60", write_context, {0: 0, 5: 5, 59: 59}),
+    ("context59", write_context, {0: 255, 5: 4, 59: 58}),
+    ("cocostuff", partial(write_coco_stuff, converted=True), {0: 0, 80: 80, 170: 170, 255: 255}),
+    ("cocostuff", partial(write_coco_stuff, converted=False), {0: 0, 12: 11, 91: 80, 181: 170, 255: 255}),
+    ("ade20k", write_ade, {0: 255, 1: 0, 150: 149, 77: 76}),
+    ("cityscapes", partial(write_cityscapes, train_ids=True), {0: 0, 10: 10, 18: 18, 255: 255}),
+    ("cityscapes", partial(write_cityscapes, train_ids=False), {7: 0, 23: 10, 33: 18, 0: 255, 4: 255}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,writer,mapping", LAYOUTS)
+def test_every_layout_evaluates_to_counts_by_hand(tmp_path, segmenter, name, writer, mapping):
+    rng = np.random.default_rng(len(mapping))
+    values = np.array(sorted(mapping), np.uint8)
+    masks = {f"aachen_{i:06d}_000019": rng.choice(values, size=(18 + 5 * i, 26)) for i in range(2)}
+    writer(tmp_path, masks)
+    dataset = open_dataset(name, tmp_path)
+    classes = [(c,) for c in dataset.classes]
+    report = evaluate_segmentation(segmenter, dataset, names=classes, templates="single", progress=False)
+    expected = np.zeros((len(classes),) * 2, np.int64)
+    for index, key in enumerate(masks):
+        truth = np.vectorize(mapping.get)(masks[key])
+        image = np.asarray(
+            Image.open(next(tmp_path.rglob(f"{key}*.jpg"), None) or next(tmp_path.rglob(f"{key}_leftImg8bit.png")))
+        )
+        prediction = segmenter.predict(image, dataset.classes, templates="single").labels
+        assert dataset.sample_id(index) == key
+        for t in np.unique(truth[truth != 255]):
+            for p in np.unique(prediction):
+                expected[t, p] += np.sum((truth == t) & (prediction == p))
+    np.testing.assert_array_equal(report.metrics.confusion, expected)
+    assert report.metrics.miou == pytest.approx(SegmentationMetrics(dataset.classes, expected).miou)
+
+
 class DiesAfter:
     """A dataset that is killed (KeyboardInterrupt) when asked for its ``n``-th image; counts reads."""
 
@@ -179,6 +228,15 @@ def test_a_bad_image_is_reported_and_the_rest_scored(tmp_path, segmenter):
     assert "cannot decode image file" in report.failures[0]["error"]
     masks = _voc_masks(3)
     assert report.metrics.confusion.sum() == sum(int((masks[k] != 255).sum()) for k in ("2007_000000", "2007_000002"))
+
+
+@pytest.mark.parametrize("command", ["eval", "classify"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--json" in text and "--state-dir" in text and "--pacl-weights" in text
 
 
 def test_eval_command_names_a_wrong_folder(tmp_path, capsys):
