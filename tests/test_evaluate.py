@@ -170,9 +170,8 @@ def test_every_layout_evaluates_to_counts_by_hand(tmp_path, segmenter, name, wri
     expected = np.zeros((len(classes),) * 2, np.int64)
     for index, key in enumerate(masks):
         truth = np.vectorize(mapping.get)(masks[key])
-        image = np.asarray(
-            Image.open(next(tmp_path.rglob(f"{key}*.jpg"), None) or next(tmp_path.rglob(f"{key}_leftImg8bit.png")))
-        )
+        (path,) = [p for p in tmp_path.rglob(f"{key}*") if p.suffix == ".jpg" or p.name.endswith("_leftImg8bit.png")]
+        image = np.array(Image.open(path).convert("RGB"))
         prediction = segmenter.predict(image, dataset.classes, templates="single").labels
         assert dataset.sample_id(index) == key
         for t in np.unique(truth[truth != 255]):
