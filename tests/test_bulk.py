@@ -187,3 +187,20 @@ def test_two_ranks_write_every_image_once_and_resume(tmp_path, tiny_config):
     assert "3 written, 6 skipped (already written), 1 failed" in second.stdout, second.stdout + second.stderr
     redone = re.findall(r"^(\S+\.png): circle", second.stdout, flags=re.M)
     assert sorted(Path(p).name for p in redone) == ["img00.png", "img05.png", "img08.png"]
+
+
+def test_segment_command_with_a_file_list(tmp_path, tiny_config, capsys):
+    from pacl_fast.cli import main
+
+    paths = _folder(tmp_path / "in", 3)
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in paths))
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    args = ["segment", "--file-list", str(tmp_path / "list.txt"), "--labels", "a,b", "--out", str(tmp_path / "out")]
+    args += ["--clip", f"local-dir:{clip}", "--templates", "single", "--device", "cpu", "--no-overlay", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 written, 0 skipped (already written), 0 failed" in out and ": a " not in out  # --quiet
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["img00_labels.png", "img02_labels.png", "sub/img01_labels.png"]
+    assert main(["segment", "--labels", "a", "--out", str(tmp_path / "o")]) == 2
+    assert "give images, folders, shards or --file-list" in capsys.readouterr().err

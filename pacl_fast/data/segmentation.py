@@ -1,29 +1,30 @@
 """Readers for the semantic-segmentation benchmarks, in the folder layouts that mmsegmentation and the
 training-free CLIP segmentation papers (MaskCLIP, SCLIP, ClearCLIP, ProxyCLIP, NACLIP...) evaluate on.
 
-=============  ========================================================================  =======
-``--dataset``  layout under ``--root`` (mmsegmentation's ``data/`` names)                classes
-=============  ========================================================================  =======
-voc21          ``VOC2012/JPEGImages/ID.jpg``, ``SegmentationClass/ID.png`` (palette,       21
+=============  ===========================================================================  =======
+``--dataset``  layout under ``--root`` (mmsegmentation's ``data/`` names)                   classes
+=============  ===========================================================================  =======
+voc21          ``VOC2012/JPEGImages/ID.jpg``, ``SegmentationClass/ID.png`` (palette,             21
                0 background, 255 border), ``ImageSets/Segmentation/val.txt``
-voc20          as voc21; background becomes ignore (reduce-zero-label)                     20
-context60      ``VOC2010/JPEGImages/ID.jpg``, ``SegmentationClassContext/ID.png``          60
+voc20          as voc21; background becomes ignore (reduce-zero-label)                           20
+context60      ``VOC2010/JPEGImages/ID.jpg``, ``SegmentationClassContext/ID.png``                60
                (0..59, 0 background; mmseg's converter), ``ImageSets/SegmentationContext``
-context59      as context60; background becomes ignore (reduce-zero-label)                 59
-cocostuff      ``coco_stuff164k/images/val2017/ID.jpg``, ``annotations/val2017/``         171
+context59      as context60; background becomes ignore (reduce-zero-label)                       59
+cocostuff      ``coco_stuff164k/images/val2017/ID.jpg``, ``annotations/val2017/``               171
                ``ID_labelTrainIds.png`` (0..170, mmseg's converter) or the raw
                stuffthingmaps ``ID.png`` (COCO ids - 1, 0..181; mapped here to 0..170)
-ade20k         ``ADEChallengeData2016/images/validation/ID.jpg``,                         150
+ade20k         ``ADEChallengeData2016/images/validation/ID.jpg``,                               150
                ``annotations/validation/ID.png`` (0 = other -> ignore: reduce-zero-label)
-cityscapes     ``cityscapes/leftImg8bit/val/CITY/ID_leftImg8bit.png``, ``gtFine/val/CITY/``  19
-               ``ID_gtFine_labelTrainIds.png`` (cityscapesscripts) or ``ID_gtFine_labelIds.png``
-               (mapped here to train ids)
-=============  ========================================================================  =======
+cityscapes     ``cityscapes/leftImg8bit/val/CITY/ID_leftImg8bit.png``,                           19
+               ``gtFine/val/CITY/ID_gtFine_labelTrainIds.png`` (cityscapesscripts) or
+               ``ID_gtFine_labelIds.png`` (mapped here to train ids)
+=============  ===========================================================================  =======
 
 ``--root`` may name the dataset folder itself or a folder above it that holds it under the usual
 name (``VOCdevkit/VOC2012``, ``coco_stuff164k``, ...). Ignore index 255 everywhere. Class names are
-mmsegmentation's; :attr:`SegmentationDataset.prompts` holds the names the model is asked with,
-by default the training-free papers' lists (SCLIP's ``configs/cls_*.txt``) where they differ.
+mmsegmentation's; :attr:`SegmentationDataset.prompts` holds the names the model is asked with
+where they differ: for VOC, the training-free papers' list (SCLIP's ``configs/cls_voc21.txt``:
+background asked as 26 kinds of stuff, synonyms for person and tv monitor).
 
 The contract: adding a dataset is one reader class and one entry in :data:`DATASETS`. A reader is
 built as ``cls(root, split)`` (``split=None``: its default split) and looks like::
