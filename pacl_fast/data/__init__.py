@@ -1,0 +1,1 @@
+"""Data: the synthetic scene world, image-caption pairs, and segmentation benchmark readers."""
