@@ -217,15 +217,17 @@ class PACL(nn.Module):
         with torch.no_grad():
             return self.backbone.encode_text(tokens)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training features: patches ``[B, N, E]`` and texts ``[B, E]``, both unit."""
+    def forward(
+        self, pixels: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training features, as open_clip's CLIP.forward returns them: unit patches ``[B, N, E]``,
+        unit texts ``[B, E]``, the logit scale and ``1 / tau_p`` (so that DDP sees every parameter used)."""
         patches = self.encode_image(pixels)
-        return patches.flatten(1, 2), self.encode_text(tokens)
+        return patches.flatten(1, 2), self.encode_text(tokens), self.logit_scale, self.patch_logit_scale
 
     def loss(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Single-process InfoNCE loss of a batch of image-caption pairs."""
-        patches, texts = self(pixels, tokens)
-        return contrastive_loss(patches, texts, self.logit_scale, self.patch_logit_scale)
+        return contrastive_loss(*self(pixels, tokens))
 
     def compatibility(self, patches: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """phi for all pairs: unit patches ``[B, N, E]`` x unit texts ``[T, E]`` -> ``[B, T]``."""

@@ -1,1 +1,2 @@
-"""Datasets: benchmark readers (``segmentation``), class-name files (``names``), ImageFolder (``classification``)."""
+"""Data: the synthetic scene world, image-caption pairs, benchmark readers (``segmentation``), class-name
+files (``names``) and ImageFolder (``classification``)."""

@@ -1,0 +1,1 @@
+"""Training entry points (``python train/train.py``). Not part of the installed package."""
