@@ -206,21 +206,25 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "eval",
-        help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes)",
+        help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes, synthetic)",
         description="Evaluate on a benchmark in mmsegmentation's layout; prints a per-class IoU table and "
         "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
         "Under torchrun the ranks share the images and the numbers equal a single process's.",
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
     parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
-    parser.add_argument("--split", default=None, help="split (default val)")
+    parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
     parser.add_argument(
         "--class-names",
         type=Path,
         default=None,
         help="names to ask with: one class per line, synonyms separated by commas (SCLIP's cls_*.txt format)",
     )
-    parser.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="imagenet (80), short (7), single, or 'a {} photo' (default: the dataset's own, else imagenet)",
+    )
     parser.add_argument(
         "--sliding-window",
         type=_sliding_window,

@@ -321,7 +321,7 @@ def evaluate_segmentation(
     dataset: SegmentationDataset,
     *,
     names: Sequence[Sequence[str]] | None = None,
-    templates: str | Sequence[str] = "imagenet",
+    templates: str | Sequence[str] | None = None,
     sliding_window: SlidingWindow | None = None,
     background_threshold: float | None = None,
     limit: int | None = None,
@@ -335,7 +335,8 @@ def evaluate_segmentation(
 
     Args:
         names: per-class names to ask with (synonyms allowed); default ``dataset.prompt_names()``.
-        templates: prompt templates (see ``Segmenter.predict``).
+        templates: prompt templates (see ``Segmenter.predict``); default the dataset's own
+            (``dataset.templates``), else CLIP's 80 ImageNet templates.
         sliding_window: the windowed protocol of the training-free papers, e.g.
             ``SlidingWindow(crop=224, stride=112, short_side=336)``; None: the whole image with its
             short side at the segmenter's ``image_size``.
@@ -346,6 +347,7 @@ def evaluate_segmentation(
         workers: DataLoader processes decoding images ahead of the model.
     """
     dist = dist or DistInfo()
+    templates = templates if templates is not None else (dataset.templates or "imagenet")
     queries = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
     if queries.num_classes != dataset.num_classes:
         raise ValueError(f"{len(queries.names)} class names given for {dataset.num_classes} classes of {dataset.name}")

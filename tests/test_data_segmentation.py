@@ -28,6 +28,7 @@ def test_registry_lists_every_benchmark_with_its_class_count():
         "cocostuff": 171,
         "ade20k": 150,
         "cityscapes": 19,
+        "synthetic": 6,
     }
     for cls in DATASETS.values():
         assert len(set(cls.classes)) == len(cls.classes)
@@ -142,3 +143,20 @@ def test_class_names_files_with_synonyms(tmp_path):
         ClassQueries((("cat",), ("dog", "cat")))
     with pytest.raises(FileNotFoundError, match="class-names file not found"):
         read_class_names(tmp_path / "nope.txt")
+
+
+def test_synthetic_world_is_a_dataset_made_not_read():
+    from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES, render_scene
+
+    world = open_dataset("synthetic", None)
+    assert len(world) == 500 and world.split == "val" and world.templates == SYNTHETIC_TEMPLATES
+    image, mask = world[7]
+    scene = render_scene(7, seed=1)  # the validation seed
+    np.testing.assert_array_equal(image, scene.image)
+    np.testing.assert_array_equal(mask, scene.mask.astype(np.int64))
+    assert mask.dtype == np.int64 and set(np.unique(mask)) <= {*range(6), 255}
+    other = open_dataset("synthetic", None, "seed5")
+    np.testing.assert_array_equal(other[0][0], render_scene(0, seed=5).image)
+    assert other.sample_id(0) == "seed5/0"
+    with pytest.raises(ValueError, match="split must be 'val' or 'seedN'"):
+        open_dataset("synthetic", None, "train")

@@ -238,6 +238,27 @@ def test_help(command, capsys):
     assert "--json" in text and "--state-dir" in text and "--pacl-weights" in text
 
 
+def test_synthetic_world_through_the_same_evaluator(tmp_path, tiny_config, segmenter, capsys):
+    from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
+
+    world = open_dataset("synthetic", None)
+    report = evaluate_segmentation(segmenter, world, limit=3, progress=False)
+    assert report.protocol["templates"] == list(SYNTHETIC_TEMPLATES) and report.num_images == 3
+    expected = np.zeros((6, 6), np.int64)
+    for index in range(3):
+        image, truth = world[index]
+        prediction = segmenter.predict(image, world.classes, templates=SYNTHETIC_TEMPLATES).labels
+        for t in range(6):
+            for p in range(6):
+                expected[t, p] += np.sum((truth == t) & (prediction == p))
+    np.testing.assert_array_equal(report.metrics.confusion, expected)
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    args = ["eval", "--dataset", "synthetic", "--limit", "2", "--json", str(tmp_path / "s.json"), "--workers", "0"]
+    assert main([*args, "--clip", f"local-dir:{clip}", "--device", "cpu"]) == 0
+    assert "| star" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["num_images"] == 2
+
+
 def test_eval_command_names_a_wrong_folder(tmp_path, capsys):
     assert main(["eval", "--dataset", "ade20k", "--root", str(tmp_path)]) == 2
     assert f"is not a ade20k folder (tried {tmp_path}/annotations" in capsys.readouterr().err

@@ -18,6 +18,8 @@ ade20k         ``ADEChallengeData2016/images/validation/ID.jpg``,               
 cityscapes     ``cityscapes/leftImg8bit/val/CITY/ID_leftImg8bit.png``,                           19
                ``gtFine/val/CITY/ID_gtFine_labelTrainIds.png`` (cityscapesscripts) or
                ``ID_gtFine_labelIds.png`` (mapped here to train ids)
+synthetic      no files: held-out scenes of the synthetic world (``pacl_fast.data.synthetic``),   6
+               background ignored; ``--split val`` (seed 1) or ``seedN``
 =============  ===========================================================================  =======
 
 ``--root`` may name the dataset folder itself or a folder above it that holds it under the usual
@@ -38,6 +40,7 @@ built as ``cls(root, split)`` (``split=None``: its default split) and looks like
         background_index = None             # class meaning "none of the others" (VOC21), if any
         layout = "what the folder holds"    # quoted in errors
         needs_root = True                   # False: made without files (root may be None)
+        templates = None                    # prompt templates it is best asked with (None: caller's)
 
         def __len__(self) -> int: ...
         def __getitem__(self, index) -> tuple[image, mask]: ...
@@ -58,6 +61,8 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pacl_fast.data import synthetic
 
 IGNORE_INDEX = 255
 
@@ -202,6 +207,7 @@ class SegmentationDataset:
     background_index: ClassVar[int | None] = None
     layout: ClassVar[str] = ""
     needs_root: ClassVar[bool] = True
+    templates: ClassVar[tuple[str, ...] | None] = None
 
     @property
     def num_classes(self) -> int:
@@ -438,10 +444,56 @@ class Cityscapes(FolderDataset):
         return samples
 
 
-#: ``--dataset`` name -> reader class (the synthetic world registers here too).
+class SyntheticWorld(SegmentationDataset):
+    """Held-out scenes of the synthetic world (``pacl_fast.data.synthetic``), made, not read.
+
+    ``split`` names the world: ``val`` (seed 1, the validation seed; training uses seed 0) or
+    ``seedN``; 500 scenes each (``--limit`` for fewer). Background pixels are ignored, so the
+    mIoU is over the six shape classes (VOC20 / Context59 style). ``root`` is not used.
+    """
+
+    name = "synthetic"
+    classes = synthetic.CLASS_NAMES
+    ignore_index = synthetic.IGNORE_INDEX
+    needs_root = False
+    templates = synthetic.SYNTHETIC_TEMPLATES
+    layout = "no files: split 'val' (seed 1) or 'seedN'"
+    num_scenes: ClassVar[int] = 500
+
+    def __init__(self, root: str | os.PathLike | None = None, split: str | None = None):
+        self.split = split or "val"
+        if self.split == "val":
+            seed = 1
+        elif self.split.startswith("seed") and self.split[4:].isdigit():
+            seed = int(self.split[4:])
+        else:
+            raise ValueError(f"synthetic: split must be 'val' or 'seedN' (a world seed), got {self.split!r}")
+        self.scenes = synthetic.SyntheticSegmentation(self.num_scenes, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = self.scenes[index]
+        return image, mask.astype(np.int64)
+
+    def sample_id(self, index: int) -> str:
+        return f"{self.split}/{index}"
+
+
+#: ``--dataset`` name -> reader class.
 DATASETS: dict[str, type[SegmentationDataset]] = {
     cls.name: cls
-    for cls in (PascalVOC21, PascalVOC20, PascalContext60, PascalContext59, CocoStuff171, ADE20K, Cityscapes)
+    for cls in (
+        PascalVOC21,
+        PascalVOC20,
+        PascalContext60,
+        PascalContext59,
+        CocoStuff171,
+        ADE20K,
+        Cityscapes,
+        SyntheticWorld,
+    )
 }
 
 
