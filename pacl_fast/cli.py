@@ -1,4 +1,4 @@
-"""The ``pacl-fast`` command line: ``segment`` and ``demo``."""
+"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval`` and ``classify``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacl_fast.images import SlidingWindow
+
+if TYPE_CHECKING:
+    from pacl_fast.distributed import DistInfo
+    from pacl_fast.segmenter import Segmenter
 
 
 def _labels(text: str) -> list[str]:
@@ -44,14 +49,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    add_segment_parser(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="segment generated scenes with the embedded default model",
+        description="Segment a few generated scenes end to end and write overlays.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder (default ./pacl-demo)")
+    demo.add_argument("--num-images", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=0)
+    add_eval_parser(sub)
+    add_classify_parser(sub)
+    return parser
+
+
+def _distributed(args: argparse.Namespace) -> tuple[DistInfo, str]:
+    """Join ``torchrun``'s process group when there is one; pick this rank's device."""
+    import torch
+
+    from pacl_fast.distributed import init_distributed
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist = init_distributed("cuda" if device.startswith("cuda") else "cpu")
+    if device == "cuda" and dist.enabled:
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    return dist, device
+
+
+def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
+    from pacl_fast.segmenter import Segmenter
+
+    return Segmenter(
+        args.clip,
+        args.clip_weights,
+        args.pacl_weights,
+        device=device,
+        dtype=args.dtype,
+        image_size=args.image_size,
+        backend=args.backend,
+        batch_size=args.batch_size,
+    )
+
+
+def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     segment = sub.add_parser(
         "segment",
-        help="segment images into the given classes",
-        description="Segment images; writes <stem>_labels.png (palette PNG, background 255) and "
-        "<stem>_overlay.png per image, prints the share of pixels per class. Exits 1 naming every "
-        "image that failed, after writing all the others.",
+        help="segment images, folders, file lists or WebDataset shards into the given classes",
+        description="Segment images; writes OUT/<key>_labels.png (palette PNG, background 255) and "
+        "OUT/<key>_overlay.png per image (key: a file's stem; below a folder, its relative path; in a "
+        "shard, its __key__) and prints the share of pixels per class. Images whose outputs exist are "
+        "skipped, so a killed run resumes. Under torchrun each rank takes its own share. Exits 1 naming "
+        "every image that failed, after writing all the others.",
     )
-    segment.add_argument("images", nargs="+", help="image files")
+    segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) and .tar shards")
+    segment.add_argument("--file-list", action="append", default=[], help="a text file of image paths, one a line")
     segment.add_argument("--labels", required=True, type=_labels, help="comma-separated class names: a,b,c")
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     segment.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
@@ -68,54 +120,249 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CROP,STRIDE[,SHORT]",
         help="sliding-window inference, e.g. 448,224,448",
     )
+    segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
+    segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
+    segment.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank (default 0)")
+    segment.add_argument("--quiet", action="store_true", help="no line per image, only progress and the summary")
     add_model_arguments(segment)
-
-    demo = sub.add_parser(
-        "demo",
-        help="segment generated scenes with the embedded default model",
-        description="Segment a few generated scenes end to end and write overlays.",
-    )
-    demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder (default ./pacl-demo)")
-    demo.add_argument("--num-images", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from pacl_fast.results import ImageError
-    from pacl_fast.segmenter import Segmenter
+    from pacl_fast.bulk import collect_inputs, segment_bulk
 
-    segmenter = Segmenter(
-        args.clip,
-        args.clip_weights,
-        args.pacl_weights,
-        device=args.device,
-        dtype=args.dtype,
-        image_size=args.image_size,
-        backend=args.backend,
-        batch_size=args.batch_size,
-    )
-    results = segmenter.predict(
-        args.images,
+    if not args.images and not args.file_list:
+        print("pacl-fast segment: give images, folders, shards or --file-list", file=sys.stderr)
+        return 2
+    inputs = collect_inputs(args.images, args.file_list)
+    dist, device = _distributed(args)
+    segmenter = _make_segmenter(args, device)
+
+    def report(key: str, source: str, result) -> None:
+        if not args.quiet:
+            shares = ", ".join(f"{name} {share:.1%}" for name, share in result.class_shares().items())
+            sys.stdout.write(f"{source}: {shares}\n")  # one write: ranks share the stream, lines stay whole
+            sys.stdout.flush()
+
+    summary = segment_bulk(
+        segmenter,
+        inputs,
         args.labels,
+        args.out,
         templates=args.templates,
         background_threshold=args.background_threshold,
         sliding_window=args.sliding_window,
-        errors="return",
+        overlays=not args.no_overlay,
+        overwrite=args.overwrite,
+        dist=dist,
+        workers=args.workers,
+        on_result=report,
     )
-    failed = []
+    if dist.is_main:
+        print(f"{summary.written} written, {summary.skipped} skipped (already written), {len(summary.failures)} failed")
+        if summary.failures:
+            print(f"{len(summary.failures)} of {summary.total} images failed:", file=sys.stderr)
+            for source, error in summary.failures:
+                print(f"  {source}: {error}", file=sys.stderr)
+    return 1 if summary.failures else 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, default_save_every: int) -> None:
+    """Options of long, resumable, shardable runs (eval, classify --image-folder)."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    group.add_argument("--limit", type=int, default=None, help="only the first N images (a quick look, not comparable)")
+    group.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="partial results for resuming (default: JSON.partial next to --json, else ./pacl-<task>.partial); "
+        "removed when the run completes",
+    )
+    group.add_argument("--restart", action="store_true", help="discard saved partial results and start over")
+    group.add_argument("--save-every", type=int, default=default_save_every, help="images between state saves")
+    group.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank (default 2)")
+
+
+def _state_dir(args: argparse.Namespace, task: str) -> Path:
+    if args.state_dir is not None:
+        return args.state_dir
+    if args.json is not None:
+        return args.json.with_name(args.json.name + ".partial")
+    return Path(f"pacl-{task}.partial")
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    import json
+
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from pacl_fast.data.segmentation import DATASETS
+
+    parser = sub.add_parser(
+        "eval",
+        help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes, synthetic)",
+        description="Evaluate on a benchmark in mmsegmentation's layout; prints a per-class IoU table and "
+        "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
+        "Under torchrun the ranks share the images and the numbers equal a single process's.",
+    )
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
+    parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
+    parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
+    parser.add_argument(
+        "--class-names",
+        type=Path,
+        default=None,
+        help="names to ask with: one class per line, synonyms separated by commas (SCLIP's cls_*.txt format)",
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="imagenet (80), short (7), single, or 'a {} photo' (default: the dataset's own, else imagenet)",
+    )
+    parser.add_argument(
+        "--sliding-window",
+        type=_sliding_window,
+        default=None,
+        metavar="CROP,STRIDE[,SHORT]",
+        help="the training-free papers' protocol, e.g. 224,112,336 for a ViT-B/16 at 224 or 448,224,448; "
+        "default: the whole image with its short side at --image-size",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        default=None,
+        help="pixels whose winning probability is under this are background (voc21, context60)",
+    )
+    _add_run_arguments(parser, default_save_every=20)
+    add_model_arguments(parser)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pacl_fast.data.names import read_class_names
+    from pacl_fast.data.segmentation import open_dataset
+    from pacl_fast.evaluate import clear_state, evaluate_segmentation
+
+    try:
+        dataset = open_dataset(args.dataset, args.root, args.split)
+        names = read_class_names(args.class_names) if args.class_names else None
+    except (FileNotFoundError, ValueError) as error:
+        print(f"pacl-fast eval: {error}", file=sys.stderr)
+        return 2
+    dist, device = _distributed(args)
+    state_dir = _state_dir(args, f"eval-{args.dataset}")
+    if args.restart:
+        clear_state(state_dir, dist)
+    report = evaluate_segmentation(
+        _make_segmenter(args, device),
+        dataset,
+        names=names,
+        templates=args.templates,
+        sliding_window=args.sliding_window,
+        background_threshold=args.background_threshold,
+        limit=args.limit,
+        dist=dist,
+        state_dir=state_dir,
+        save_every=args.save_every,
+        workers=args.workers,
+    )
+    if dist.is_main:
+        print(report.metrics.table())
+        print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
+        _write_json(
+            args.json, {"model": {"clip": str(args.clip), "pacl_weights": args.pacl_weights}, **report.to_dict()}
+        )
+        for failure in report.failures:
+            print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
+        if report.failures:
+            print(f"{len(report.failures)} images failed; the numbers above leave them out", file=sys.stderr)
+    clear_state(state_dir, dist)
+    return 1 if report.failures else 0
+
+
+def add_classify_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "classify",
+        help="zero-shot classification with PACL's compatibility and with plain CLIP, side by side",
+        description="Classify images into the given classes, or evaluate top-1 / top-5 on an ImageFolder "
+        "(ROOT/CLASS/IMAGE) with --image-folder. Both scorers see the same pixels and prompts.",
+    )
+    parser.add_argument("images", nargs="*", help="image files")
+    parser.add_argument("--labels", type=_labels, default=None, help="comma-separated class names: a,b,c")
+    parser.add_argument(
+        "--class-names",
+        type=Path,
+        default=None,
+        help="class names file: one class per line, synonyms separated by commas (for --image-folder: one "
+        "line per class folder, sorted; default: the folder names)",
+    )
+    parser.add_argument("--image-folder", type=Path, default=None, help="evaluate on ROOT/CLASS/IMAGE")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
+    _add_run_arguments(parser, default_save_every=256)
+    add_model_arguments(parser)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from pacl_fast.zeroshot import METHODS, ZeroShotClassifier
+
+    if (args.image_folder is None) == (not args.images):
+        print("pacl-fast classify: give image files, or --image-folder ROOT (not both)", file=sys.stderr)
+        return 2
+    if args.image_folder is not None:
+        from pacl_fast.data.classification import ImageFolder
+        from pacl_fast.evaluate import clear_state, evaluate_classification
+
+        try:
+            folder = ImageFolder(args.image_folder, args.class_names)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"pacl-fast classify: {error}", file=sys.stderr)
+            return 2
+        dist, device = _distributed(args)
+        classifier = ZeroShotClassifier(_make_segmenter(args, device))
+        state_dir = _state_dir(args, "classify")
+        if args.restart:
+            clear_state(state_dir, dist)
+        report = evaluate_classification(
+            classifier,
+            folder,
+            templates=args.templates,
+            limit=args.limit,
+            dist=dist,
+            state_dir=state_dir,
+            save_every=args.save_every,
+            workers=args.workers,
+        )
+        if dist.is_main:
+            print(report.table())
+            _write_json(args.json, {"pacl_weights": args.pacl_weights, **report.to_dict()})
+            for failure in report.failures:
+                print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
+        clear_state(state_dir, dist)
+        return 1 if report.failures else 0
+
+    from pacl_fast.data.names import read_class_names
+
+    if (args.labels is None) == (args.class_names is None):
+        print("pacl-fast classify: give --labels a,b,c or --class-names FILE", file=sys.stderr)
+        return 2
+    labels = args.labels if args.labels is not None else read_class_names(args.class_names)
+    dist, device = _distributed(args)
+    classifier = ZeroShotClassifier(_make_segmenter(args, device))
+    results = classifier.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
+    payload = []
     for path, result in zip(args.images, results):
-        if isinstance(result, ImageError):
-            failed.append(result)
-            continue
-        result.save(args.out, stem=Path(path).stem)
-        shares = ", ".join(f"{name} {share:.1%}" for name, share in result.class_shares().items())
-        print(f"{path}: {shares}")
-    if failed:
-        print(f"{len(failed)} of {len(results)} images failed:", file=sys.stderr)
-        for failure in failed:
-            print(f"  {failure.source}: {failure.error}", file=sys.stderr)
-        return 1
+        print(path)
+        print(f"  {'PACL':<32} CLIP")
+        for (pacl_name, pacl_p), (clip_name, clip_p) in zip(result["pacl"], result["clip"]):
+            print(f"  {pacl_name:<24} {pacl_p:6.1%}  {clip_name:<24} {clip_p:6.1%}")
+        payload.append({"image": str(path), **{m: [{"class": n, "p": p} for n, p in result[m]] for m in METHODS}})
+    _write_json(args.json, {"results": payload})
     return 0
 
 
@@ -123,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "segment":
         return run_segment(args)
+    if args.command == "eval":
+        return run_eval(args)
+    if args.command == "classify":
+        return run_classify(args)
     if args.command == "demo":
         from pacl_fast.demo import run_demo
 

@@ -50,3 +50,34 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks (a new tensor on the input's device); the input alone without a group.
+
+    NCCL reduces CUDA tensors only, so under NCCL the tensor travels through the current CUDA device.
+    Integer tensors sum exactly, whatever the order ranks arrive in.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor.clone()
+    device = tensor.device
+    work = tensor.detach().clone()
+    if dist.get_backend() == "nccl":
+        work = work.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(device)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable, made by our own code), in rank order; ``[obj]`` alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,1 +1,2 @@
-"""Data: the synthetic scene world, image-caption pairs, and segmentation benchmark readers."""
+"""Data: the synthetic scene world, image-caption pairs, benchmark readers (``segmentation``), class-name
+files (``names``) and ImageFolder (``classification``)."""
