@@ -10,9 +10,9 @@ are convex combinations of its four corner values. That makes two exact bounds c
   ``c`` can win a pixel only where ``v_c >= R``; since ``v_c - R`` is bilinear, that needs
   ``max_k (L[c, k] - R[k]) >= 0`` at some corner ``k``. ``margin_c`` is the smallest of those
   maxima over a few references (``_lower_envelopes``). With ``R`` the class whose smallest
-  corner is largest this implies DESIGN's ``max_k L[c, k] >= max_c' min_k L[c', k]``; the other
-  references only prune more (a cell on a region boundary is dominated by the mean of its
-  corner winners, not by any single class).
+  corner is largest this implies DESIGN's ``max_k L[c, k] >= max_c' min_k L[c', k]``; the mean
+  of the corner winners only prunes more (a cell on a region border is dominated by it, not by
+  any single class).
 * **score**: the winner's softmax probability is ``1 / Z`` with ``Z = sum_c exp(s (v_c - v_win))``.
   A class's term is at most ``exp(s margin_c)`` (as ``v_win >= R``), and at least
   ``exp(s (min_k L[c, k] - max_{c', k} L[c', k]))``; and ``Z >= 1`` (the winner's own term).
@@ -167,9 +167,8 @@ def cell_candidates(
     corners = torch.stack((top, top[:, :, cols1], bottom, bottom[:, :, cols1]), dim=3)  # [B, r, w, 4, C]
     lowest = corners.amin(dim=3)  # [B, r, w, C]
     highest = corners.amax(dim=(3, 4))  # [B, r, w]: no pixel of the cell has a larger logit
-    margin = torch.full_like(lowest, torch.inf)  # [B, r, w, C]
-    for reference in _lower_envelopes(corners, lowest):  # [B, r, w, 4, 1]
-        margin = torch.minimum(margin, (corners - reference).amax(dim=3))
+    anchor, mean_of_winners = _lower_envelopes(corners, lowest)  # [B, r, w, 4, 1] each
+    margin = torch.minimum((corners - anchor).amax(dim=3), (corners - mean_of_winners).amax(dim=3))  # [B, r, w, C]
     del corners
 
     # Score: every class that cannot win has a weight bound; drop the smallest bounds while their
@@ -202,21 +201,17 @@ def _compact(keep: torch.Tensor, width: int) -> torch.Tensor:
     return out.scatter_(-1, slot.long(), index)[..., :width].contiguous()
 
 
-def _lower_envelopes(corners: torch.Tensor, lowest: torch.Tensor):
-    """Convex combinations of classes, at the four corners: each is <= the winner at every pixel.
+def _lower_envelopes(corners: torch.Tensor, lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two convex combinations of classes at the four corners, each <= the winner at every pixel.
 
-    The anchor (the class whose smallest corner is largest, DESIGN §4's bound), each corner's
-    winner, and the mean of the four corner winners (which is what dominates a cell on a boundary
-    between two or three regions). Yields ``[B, r, w, 4, 1]`` tensors.
+    The anchor (the class whose smallest corner is largest: DESIGN §4's bound) and the mean of the
+    four corners' winners (which dominates a cell on the border of two or three regions, where no
+    single class does). Each ``[B, r, w, 4, 1]``. (Adding each corner winner on its own pruned
+    about 1% more on scene-like logits, for three more passes over the corners.)
     """
-    anchor = lowest.argmax(dim=-1)  # [B, r, w]
-    winners = corners.argmax(dim=-1)  # [B, r, w, 4]
-    chosen = torch.cat((anchor[..., None], winners), dim=-1)  # [B, r, w, 5]
-    per_corner = chosen[:, :, :, None, :].expand(-1, -1, -1, 4, -1)  # [B, r, w, 4 corners, 5]
-    values = corners.gather(4, per_corner)  # [B, r, w, 4, 5]: each chosen class at each corner
-    for index in range(5):
-        yield values[..., index : index + 1]
-    yield values[..., 1:].mean(dim=-1, keepdim=True)
+    anchor = lowest.argmax(dim=-1)[..., None, None].expand(-1, -1, -1, 4, 1)  # [B, r, w, 4, 1]
+    winners = corners.argmax(dim=-1)[..., None, :].expand(-1, -1, -1, 4, -1)  # [B, r, w, 4 corners, 4 winners]
+    return corners.gather(4, anchor), corners.gather(4, winners).mean(dim=-1, keepdim=True)
 
 
 def rows_per_band(row_elements: int, budget_elements: int) -> int:

@@ -15,13 +15,15 @@ every pixel is one ``lerp`` of those two.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from kernels import cells
 from kernels.reference import BACKGROUND
 
-# Elements of one [pixels, K] float32 tensor of a group: 4 MiB; a few of them live at once.
-GROUP_ELEMENTS = 1 << 20
+# Elements of one [K, pairs, rows] float32 tensor of a group: 1 MiB; a few of them live at once.
+GROUP_ELEMENTS = 1 << 18
 # Elements of the [rows, w, C] pruning tensors of one band of cell rows (a few such tensors live).
 PRUNE_ELEMENTS = 1 << 21
 _ABSENT = -1e30  # scaled logit of a padding slot: never the argmax, and exp() of it is 0
@@ -57,21 +59,44 @@ def segment_tiled(
     cols = cells.axis_sampling(grid_w, width, extent_w, logits.device)
     used = [r for r, (a, b) in enumerate(zip(rows.start.tolist(), rows.end.tolist())) if b > a]
     band_rows = cells.rows_per_band(grid_w * num_classes, PRUNE_ELEMENTS)
-    for b in range(batch):
-        for first in range(0, len(used), band_rows):
-            band = range(used[first], used[min(first + band_rows, len(used)) - 1] + 1)
-            candidates = cells.cell_candidates(values[b : b + 1], band, logit_scale, score_tolerance)
-            _segment_band(
-                values[b],
-                candidates,
-                rows,
-                cols,
-                logit_scale,
-                background_threshold,
-                labels[b].view(-1),
-                scores[b].view(-1),
-            )
+    with _one_intra_op_thread(logits.device):
+        for b in range(batch):
+            for first in range(0, len(used), band_rows):
+                band = range(used[first], used[min(first + band_rows, len(used)) - 1] + 1)
+                candidates = cells.cell_candidates(values[b : b + 1], band, logit_scale, score_tolerance)
+                _segment_band(
+                    values[b],
+                    candidates,
+                    rows,
+                    cols,
+                    logit_scale,
+                    background_threshold,
+                    labels[b].view(-1),
+                    scores[b].view(-1),
+                )
     return labels, scores
+
+
+@contextmanager
+def _one_intra_op_thread(device: torch.device):
+    """Run torch's CPU ops single-threaded for the duration, then restore the caller's setting.
+
+    The bands' ops are many and mid-sized (~0.1 ms). Through torch's intra-op (OpenMP) threads each
+    op is a fork-join, and on a loaded machine, where a worker thread is often descheduled, every
+    join waits for it: on the shared 2-core CI box, 2 threads ran this path 10x slower than 1
+    (630 ms vs 60 ms, C=150, 512x512). Splitting bands over Python threads instead cost more CPU
+    in GIL hand-offs than the second core gave back (190 ms). ``torch.set_num_threads`` acts on
+    the calling thread (and the default of threads created later), so restoring it is enough.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _segment_band(
@@ -94,40 +119,60 @@ def _segment_band(
     width = cols.index0.numel()
     classes, count = candidates.classes[0], candidates.count[0]  # [r, w, K], [r, w]
     segment_row, segment_start, segment_length, depth = _row_segments(rows, candidates)  # [S] each
-    group = _group_of(count)[segment_row][:, cols.index0]  # [S, W]: the group of each pair
-    for group_id in group.unique().tolist():
-        pair_segment, pair_col = (group == group_id).nonzero(as_tuple=True)  # [Q] each
-        cell_row = segment_row[pair_segment]  # [Q], band-local
+    group = _group_of(count)[segment_row][:, cols.index0].flatten()  # [S * W]: the group of each pair
+    order = group.argsort(stable=True)  # pairs sorted by group
+    sizes = torch.bincount(group, minlength=len(_GROUP_SLOTS)).tolist()
+    offsets = torch.arange(depth, device=device)
+    first = 0
+    for group_id, size in enumerate(sizes):
+        pairs, first = order[first : first + size], first + size
+        if size == 0:
+            continue
+        # Per-pair quantities of the whole group ([q] and [q, D], small); chunks slice them.
+        pair_segment, pair_col = pairs // width, pairs % width
+        cell_row = segment_row[pair_segment]
+        # A segment shorter than ``depth`` repeats its last row: same pixel, same value.
+        last = (segment_length[pair_segment, None] - 1).clamp_max(depth - 1)
+        out_row = segment_start[pair_segment, None] + torch.minimum(offsets, last)  # [q, D]
+        flat = out_row * width + pair_col[:, None]  # [q, D]
         slots = min(_GROUP_SLOTS[group_id], classes.shape[-1])
+        if slots == 1:
+            # One class can matter: it wins, and the dropped ones change its score (1) by < tolerance.
+            label = classes[cell_row, cols.index0[pair_col], :1].expand(-1, depth).flatten()
+            labels.index_copy_(0, flat.flatten(), label.to(torch.int16))
+            scores.index_fill_(0, flat.flatten(), 1.0)
+            continue
+        grid_row = cell_row + candidates.first_row
+        along_x = _AlongX(values, grid_row, (grid_row + 1).clamp_max(grid_h - 1), cols, pair_col, logit_scale)
+        pair_cell = cell_row * classes.shape[1] + cols.index0[pair_col]  # [q]: band-local cell index
+        row_weight = rows.lambda1[out_row]  # [q, D]
         step = cells.rows_per_band(depth * slots, GROUP_ELEMENTS)
-        for start in range(0, pair_col.numel(), step):
+        for start in range(0, size, step):
             part = slice(start, start + step)
-            pair_classes = classes[cell_row[part], cols.index0[pair_col[part]], :slots].long()  # [q, K]
-            absent = pair_classes == num_classes
-            safe = pair_classes.clamp_max(num_classes - 1)
-            grid_row = cell_row[part] + candidates.first_row
-            col_weight = cols.lambda1[pair_col[part], None]  # [q, 1]
-            top = _along_x(values, grid_row, cols, pair_col[part], safe, col_weight, logit_scale, absent)
-            next_row = (grid_row + 1).clamp_max(grid_h - 1)
-            bottom = _along_x(values, next_row, cols, pair_col[part], safe, col_weight, logit_scale, absent)
-            out_row = segment_start[pair_segment[part], None] + torch.arange(depth, device=device)  # [q, D]
-            inside = out_row < (segment_start + segment_length)[pair_segment[part], None]  # [q, D]
-            out_row = out_row.clamp_max(rows.index0.numel() - 1)
-            row_weight = rows.lambda1[out_row, None]  # [q, D, 1]
-            # One pass; lerp rounds like ATen's w0 * a + w1 * b to within an ulp.
-            scaled = torch.lerp(top[:, None], bottom[:, None], row_weight)  # [q, D, K]: s * logits
-            best, index = scaled.max(dim=-1)  # [q, D]; the first (lowest class) of equal maxima
-            score = scaled.sub_(best[..., None]).exp_().sum(dim=-1).reciprocal_()  # 1 / Z; the winner's is 1
-            label = pair_classes.gather(-1, index)  # [q, D]
+            pair_classes = classes.view(-1, classes.shape[-1])[pair_cell[part], :slots]  # [q, K]
+            top, bottom = along_x(part, pair_classes.T.contiguous(), num_classes)  # [K, q] each
+            # [K, q, D], classes outermost so that the reductions below run over whole planes.
+            # lerp is one pass and rounds like ATen's w0 * a + w1 * b to within an ulp.
+            scaled = torch.lerp(top[:, :, None], bottom[:, :, None], row_weight[part])  # s * logits
+            best = scaled.amax(dim=0)  # [q, D]
+            # The first slot (lowest class: slots ascend) holding the maximum, as torch.argmax picks;
+            # through amax because max/argmax with indices over dim 0 are not vectorised on CPUs.
+            first_best = ((scaled == best) * _descending(slots, device)).amax(dim=0)  # [q, D]: slots - index
+            label = pair_classes.long().gather(1, slots - first_best.long())  # [q, D]
+            score = scaled.sub_(best).exp_().sum(dim=0).reciprocal_()  # 1 / Z; the winner's term is 1
             if background_threshold is not None:
                 label = label.masked_fill_(score < background_threshold, BACKGROUND)
-            flat = (out_row * width + pair_col[part, None])[inside]  # [pixels]
-            labels.index_copy_(0, flat, label[inside].to(torch.int16))
-            scores.index_copy_(0, flat, score[inside])
+            labels.index_copy_(0, flat[part].flatten(), label.flatten().to(torch.int16))
+            scores.index_copy_(0, flat[part].flatten(), score.flatten())
 
 
 # Candidate slots per pixel group: powers of two and 1.5 x powers of two, so padding wastes < 1/3.
 _GROUP_SLOTS = sorted({m << e for e in range(31) for m in (2, 3)} | {1})
+
+
+def _descending(slots: int, device: torch.device) -> torch.Tensor:
+    """``[slots, 1, 1]`` int16: ``slots, slots - 1, ..., 1``."""
+    return torch.arange(slots, 0, -1, dtype=torch.int16, device=device)[:, None, None]
 
 
 def _group_of(count: torch.Tensor) -> torch.Tensor:
@@ -162,20 +207,38 @@ def _row_segments(
     return as_tensor(segment_row), as_tensor(segment_start), as_tensor(segment_length), depth
 
 
-def _along_x(
-    values: torch.Tensor,
-    grid_row: torch.Tensor,
-    cols: cells.AxisSampling,
-    pair_col: torch.Tensor,
-    pair_classes: torch.Tensor,
-    col_weight: torch.Tensor,
-    logit_scale: float,
-    absent: torch.Tensor,
-) -> torch.Tensor:
-    """``s * L`` on grid row ``grid_row[q]`` at output column ``pair_col[q]``, per candidate: ``[Q, K]``."""
-    row = grid_row[:, None]  # [Q, 1]
-    left = values[row, cols.index0[pair_col, None], pair_classes]  # [Q, K]
-    right = values[row, cols.index1[pair_col, None], pair_classes]  # [Q, K]
-    # ATen's form, w0 * left + w1 * right.
-    scaled = left.mul_(1.0 - col_weight).add_(right.mul_(col_weight)).mul_(logit_scale)
-    return scaled.masked_fill_(absent, _ABSENT)
+class _AlongX:
+    """``s * L`` of each pair's two grid rows at its output column, per candidate (``[K, q]`` each).
+
+    The flat offsets and x weights are per pair; a chunk of pairs brings its candidate classes.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        grid_row: torch.Tensor,
+        next_row: torch.Tensor,
+        cols: cells.AxisSampling,
+        pair_col: torch.Tensor,
+        logit_scale: float,
+    ):
+        width, num_classes = values.shape[1:]
+        self.flat = values.view(-1)
+        left, right = cols.index0[pair_col], cols.index1[pair_col]
+        self.offsets = [((row * width + col) * num_classes) for row in (grid_row, next_row) for col in (left, right)]
+        weight = cols.lambda1[pair_col]  # [q]
+        self.left_weight, self.right_weight = 1.0 - weight, weight
+        self.logit_scale = logit_scale
+
+    def __call__(self, part: slice, classes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        absent = classes == num_classes  # [K, q]
+        safe = classes.clamp_max(num_classes - 1).long()
+        w0, w1 = self.left_weight[part], self.right_weight[part]
+        rows = []
+        for left, right in (self.offsets[:2], self.offsets[2:]):
+            values0 = self.flat.take(left[part] + safe)  # [K, q]
+            values1 = self.flat.take(right[part] + safe)
+            # ATen's form, w0 * left + w1 * right.
+            row = values0.mul_(w0).add_(values1.mul_(w1)).mul_(self.logit_scale)
+            rows.append(row.masked_fill_(absent, _ABSENT))
+        return rows[0], rows[1]
