@@ -28,8 +28,10 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -155,10 +157,7 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float)
         kept = classes_per_pixel(logits, out_size)
         reference_time = reference_peak = None
         for name, segment in head_backends(device).items():
-
-            def run(segment=segment) -> object:
-                return segment(logits, out_size, logit_scale=LOGIT_SCALE)
-
+            run = partial(segment, logits, out_size, logit_scale=LOGIT_SCALE)
             seconds = median_seconds(run, device, args.repeats)
             peak = peak_bytes(run, device)
             if name == "reference":
@@ -221,9 +220,7 @@ def bench_patch_similarity(args: argparse.Namespace, device: torch.device) -> tu
 
             runs = {"torch (unfused)": unfused}
             for variant in ("fused", "cublas"):
-                runs[variant] = lambda variant=variant, tokens=tokens, weights=weights: patch_similarity(
-                    tokens, weights, class_embeddings, variant=variant
-                )
+                runs[variant] = partial(patch_similarity, tokens, weights, class_embeddings, variant=variant)
             baseline = None
             for name, run in runs.items():
                 seconds = median_seconds(run, device, args.repeats)
@@ -243,10 +240,8 @@ def bench_patch_similarity(args: argparse.Namespace, device: torch.device) -> tu
 
 
 def head_table(rows: list[dict]) -> str:
-    lines = [
-        "| device | C | output | data | backend | median ms | speed-up | peak MiB | memory ÷ | classes/px | floor MB | x floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = "device | C | output | data | backend | median ms | speed-up | peak MiB | memory ÷ | classes/px | floor MB"
+    lines = [f"| {header} | x floor |", "|---" * 12 + "|"]
     for r in rows:
         lines.append(
             f"| {r['device']} | {r['classes']} | {r['out_size'][0]}x{r['out_size'][1]} | {r['data']} | {r['backend']} "
@@ -301,15 +296,14 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m benchmarks.head " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python -m benchmarks.head " + " ".join(argv if argv is not None else sys.argv[1:]),
         "copy_bytes_per_s": bandwidth,
         "head": bench_head(args, device, bandwidth),
     }
     if device.type == "cuda":
         summary["patch_similarity"], summary["matmul_flops"] = bench_patch_similarity(args, device)
-        print(
-            f"\npatch similarity (B x 196 tokens, D=768, E=512, C=150); fp16 matmul ceiling {summary['matmul_flops'] / 1e12:.0f} TFLOP/s"
-        )
+        ceiling = summary["matmul_flops"] / 1e12
+        print(f"\npatch similarity (B x 196 tokens, D=768, E=512, C=150); fp16 matmul ceiling {ceiling:.0f} TFLOP/s")
         print(similarity_table(summary["patch_similarity"]))
     print()
     print(head_table(summary["head"]))

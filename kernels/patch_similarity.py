@@ -183,6 +183,22 @@ def _cosine(
         tl.store(out_rows + c[None, :], logits, mask=row_inside[:, None] & c_inside[None, :])
 
 
+def _blocks(embed_dim: int, num_classes: int, dot_type) -> dict:  # noqa: ANN001 - a triton dtype
+    """Block sizes: a [BLOCK_M, BLOCK_E] fp32 accumulator of 16K elements (64 registers a thread
+    at 8 warps) and operand tiles (``[BLOCK_K, BLOCK_E]``, ``[BLOCK_E, BLOCK_C]``) of at most
+    32 KiB each, so that two pipeline stages fit in shared memory."""
+    block_e = max(16, next_power_of_2(embed_dim))
+    tile = 32768 // (block_e * (4 if dot_type == tl.float32 else 2))  # rows of a 32 KiB operand tile
+    return {
+        "BLOCK_M": max(16, min(64, 16384 // block_e)),
+        "BLOCK_E": block_e,
+        "BLOCK_K": max(16, min(32, tile)),
+        "BLOCK_C": max(16, min(64, tile, next_power_of_2(num_classes))),
+        "num_warps": 8 if block_e >= 256 else 4,
+        "num_stages": 2,
+    }
+
+
 def _dot_type(dtype: torch.dtype):  # noqa: ANN202 - a triton dtype
     """Operand type of ``tl.dot`` for inputs of ``dtype`` (see the module docstring)."""
     if dtype == torch.bfloat16 and interpreting():
@@ -226,21 +242,19 @@ def cosine_similarity(
     flat = embeddings.reshape(-1, embed_dim).contiguous()  # [M, E]
     num_rows, num_classes = flat.shape[0], classes.shape[0]
     logits = _output(out, (*embeddings.shape[:-1], num_classes), embeddings.device)
-    block_e = max(16, next_power_of_2(embed_dim))
-    block_m = 16 if block_e >= 1024 else 32
     dot_type = _dot_type(embeddings.dtype)
-    launchable(_cosine, embeddings.device)[(triton.cdiv(num_rows, block_m),)](
+    blocks = _blocks(embed_dim, num_classes, dot_type)
+    del blocks["BLOCK_K"]
+    launchable(_cosine, embeddings.device)[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
         flat,
         classes,
         logits,
         num_rows,
         embed_dim,
         num_classes,
-        BLOCK_M=block_m,
-        BLOCK_E=block_e,
-        BLOCK_C=min(64, max(16, next_power_of_2(num_classes))),
         DOT_TYPE=dot_type,
         PRECISION="ieee" if dot_type == tl.float32 else "tf32",
+        **blocks,
     )
     return logits
 
@@ -282,10 +296,9 @@ def patch_similarity(
     classes = _unit_classes(class_embeddings, embed_dim, tokens.device)
     num_rows, num_classes = flat.shape[0], classes.shape[0]
     logits = _output(out, (*tokens.shape[:-1], num_classes), tokens.device)
-    block_e = max(16, next_power_of_2(embed_dim))
-    block_m = 16 if block_e >= 1024 else 32
     dot_type = _dot_type(tokens.dtype)
-    launchable(_embed_similarity, tokens.device)[(triton.cdiv(num_rows, block_m),)](
+    blocks = _blocks(embed_dim, num_classes, dot_type)
+    launchable(_embed_similarity, tokens.device)[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
         flat,
         weights.linear.contiguous(),
         weights.fc1.contiguous(),
@@ -299,12 +312,9 @@ def patch_similarity(
         hidden_dim,
         embed_dim,
         num_classes,
-        BLOCK_M=block_m,
-        BLOCK_K=16 if block_e >= 1024 else 32,
-        BLOCK_H=32,
-        BLOCK_E=block_e,
-        BLOCK_C=min(64, max(16, next_power_of_2(num_classes))),
+        BLOCK_H=blocks["BLOCK_K"],  # [BLOCK_H, BLOCK_E] tiles of W_2, as large as those of W_lin
         DOT_TYPE=dot_type,
         PRECISION="ieee" if dot_type == tl.float32 else "tf32",
+        **blocks,
     )
     return logits

@@ -24,8 +24,8 @@ from kernels.reference import BACKGROUND
 
 # Elements of one [K, pairs, rows] float32 tensor of a group: 1 MiB; a few of them live at once.
 GROUP_ELEMENTS = 1 << 18
-# Elements of the [rows, w, C] pruning tensors of one band of cell rows (a few such tensors live).
-PRUNE_ELEMENTS = 1 << 21
+# Elements of the [rows, w, 4, C] corner tensor that prunes one band of cell rows: 1 MiB.
+PRUNE_ELEMENTS = 1 << 18
 _ABSENT = -1e30  # scaled logit of a padding slot: never the argmax, and exp() of it is 0
 
 
@@ -58,7 +58,7 @@ def segment_tiled(
     rows = cells.axis_sampling(grid_h, height, extent_h, logits.device)
     cols = cells.axis_sampling(grid_w, width, extent_w, logits.device)
     used = [r for r, (a, b) in enumerate(zip(rows.start.tolist(), rows.end.tolist())) if b > a]
-    band_rows = cells.rows_per_band(grid_w * num_classes, PRUNE_ELEMENTS)
+    band_rows = cells.rows_per_band(4 * grid_w * num_classes, PRUNE_ELEMENTS)
     with _one_intra_op_thread(logits.device):
         for b in range(batch):
             for first in range(0, len(used), band_rows):

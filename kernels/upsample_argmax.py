@@ -23,7 +23,8 @@ import triton.language as tl
 from kernels import cells
 from kernels._triton import interpreting, launchable, next_power_of_2
 
-# Elements of the [B, rows, w, C] pruning tensors per launch; larger grids launch in bands of cell rows.
+# Elements of the [B, rows, w, 4, C] corner tensor of the pruning per launch (16 MiB); larger
+# grids launch in bands of cell rows.
 PRUNE_ELEMENTS = 1 << 22
 
 
@@ -166,7 +167,7 @@ def segment_triton(
     col_start, col_end = cols.start.int(), cols.end.int()
     used = [r for r, (a, b) in enumerate(zip(rows.start.tolist(), rows.end.tolist())) if b > a]
     used_cols = torch.nonzero(cols.end > cols.start).flatten().int()  # [wu]
-    band_rows = cells.rows_per_band(batch * grid_w * num_classes, PRUNE_ELEMENTS)
+    band_rows = cells.rows_per_band(4 * batch * grid_w * num_classes, PRUNE_ELEMENTS)
     for first in range(0, len(used), band_rows):
         band_used = used[first : first + band_rows]
         band = range(band_used[0], band_used[-1] + 1)
@@ -205,5 +206,6 @@ def segment_triton(
             BLOCK_Y=block_y,
             BLOCK_X=block_x,
             BLOCK_K=block_k,
+            num_warps=8 if block_k * block_y * block_x >= 4096 else 4,
         )
     return labels, scores
