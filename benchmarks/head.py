@@ -12,7 +12,9 @@ scores (``H*W*6``): that is the floor, and ``x floor`` is the time over the time
 (measured in the same run) would take to move those bytes. The reference's own algorithm moves at
 least ``16*C*H*W`` bytes (upsample writes ``[C, H, W]``, softmax reads and writes it, argmax reads
 it). The fused heads instead evaluate ``K`` classes per pixel (``classes/px``, after the exact
-per-cell pruning) and are bound by that arithmetic (interpolation, ``exp``), not by bytes.
+per-cell pruning) and are bound by that arithmetic (interpolation, ``exp``), not by bytes:
+``x exp floor`` is the time over ``K * H * W`` exps at the rate of a large in-place ``exp_``
+measured in the same run (the reference evaluates all ``C``).
 
 Data: ``scene`` logits are cosines of synthetic CLIP-like embeddings (unit class embeddings in
 512-d; the 32x32 patch grid is split into 6 regions, each patch mixes its region's class (cosine
@@ -127,6 +129,13 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     return 2 * source.numel() * 4 / best
 
 
+def exp_rate(device: torch.device, megabytes: int = 64) -> float:
+    """Elements/s of an in-place ``exp_`` over a large tensor: the arithmetic ceiling of the fused heads,
+    which evaluate (interpolate, exp, sum) ``classes/px`` classes per pixel."""
+    values = torch.rand(megabytes * MIB // 4, device=device)
+    return values.numel() / min(median_seconds(values.exp_, device, 1) for _ in range(5))
+
+
 def classes_per_pixel(logits: torch.Tensor, out_size: tuple[int, int]) -> float:
     """Mean number of classes the fused heads evaluate per output pixel (after pruning)."""
     rows = cells.axis_sampling(logits.shape[1], out_size[0], logits.shape[1])
@@ -144,7 +153,7 @@ def head_backends(device: torch.device) -> dict[str, Callable]:
     return backends
 
 
-def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float) -> list[dict]:
+def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float, exps: float) -> list[dict]:
     configs = [(c, size, "scene") for c in args.classes for size in args.sizes]
     if 150 in args.classes and (512, 512) in args.sizes:
         configs.append((150, (512, 512), "random"))
@@ -176,6 +185,7 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float)
                     "classes_per_pixel": classes if name == "reference" else kept,
                     "floor_mb": floor / 1e6,
                     "times_floor": seconds / (floor / bandwidth),
+                    "times_exp_floor": seconds / ((classes if name == "reference" else kept) * height * width / exps),
                     "reference_algorithm_mb": 16 * classes * height * width / 1e6,
                 }
             )
@@ -241,12 +251,13 @@ def bench_patch_similarity(args: argparse.Namespace, device: torch.device) -> tu
 
 def head_table(rows: list[dict]) -> str:
     header = "device | C | output | data | backend | median ms | speed-up | peak MiB | memory ÷ | classes/px | floor MB"
-    lines = [f"| {header} | x floor |", "|---" * 12 + "|"]
+    lines = [f"| {header} | x floor | x exp floor |", "|---" * 13 + "|"]
     for r in rows:
         lines.append(
             f"| {r['device']} | {r['classes']} | {r['out_size'][0]}x{r['out_size'][1]} | {r['data']} | {r['backend']} "
             f"| {r['median_ms']:.1f} | {r['speedup']:.1f}x | {r['peak_mib']:.1f} | {r['memory_ratio']:.0f}x "
-            f"| {r['classes_per_pixel']:.1f} | {r['floor_mb']:.2f} | {r['times_floor']:.0f} |"
+            f"| {r['classes_per_pixel']:.1f} | {r['floor_mb']:.2f} | {r['times_floor']:.0f} "
+            f"| {r['times_exp_floor']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -288,17 +299,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     machine = machine_line(device)
     bandwidth = copy_bandwidth(device)
+    exps = exp_rate(device)
     print(f"machine: {machine}")
     print(
         f"config: grid {GRID[0]}x{GRID[1]}, batch 1, logit scale {LOGIT_SCALE}, C {args.classes}, "
-        f"outputs {[f'{h}x{w}' for h, w in args.sizes]}, median of {args.repeats}; copy {bandwidth / 1e9:.1f} GB/s"
+        f"outputs {[f'{h}x{w}' for h, w in args.sizes]}, median of {args.repeats}; "
+        f"copy {bandwidth / 1e9:.1f} GB/s, exp {exps / 1e9:.2f} G/s"
     )
     summary = {
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
         "command": "python -m benchmarks.head " + " ".join(argv if argv is not None else sys.argv[1:]),
         "copy_bytes_per_s": bandwidth,
-        "head": bench_head(args, device, bandwidth),
+        "exp_per_s": exps,
+        "head": bench_head(args, device, bandwidth, exps),
     }
     if device.type == "cuda":
         summary["patch_similarity"], summary["matmul_flops"] = bench_patch_similarity(args, device)

@@ -24,6 +24,8 @@ from kernels.reference import BACKGROUND
 
 # Elements of one [K, pairs, rows] float32 tensor of a group: 1 MiB; a few of them live at once.
 GROUP_ELEMENTS = 1 << 18
+# Pixels per chunk, for the [pairs, rows] int64 index tensors: 512 KiB each.
+GROUP_PIXELS = 1 << 16
 # Elements of the [rows, w, 4, C] corner tensor that prunes one band of cell rows: 1 MiB.
 PRUNE_ELEMENTS = 1 << 18
 _ABSENT = -1e30  # scaled logit of a padding slot: never the argmax, and exp() of it is 0
@@ -128,32 +130,33 @@ def _segment_band(
         pairs, first = order[first : first + size], first + size
         if size == 0:
             continue
-        # Per-pair quantities of the whole group ([q] and [q, D], small); chunks slice them.
+        # Per-pair quantities of the whole group ([q]); chunks slice them.
         pair_segment, pair_col = pairs // width, pairs % width
         cell_row = segment_row[pair_segment]
+        first_row = segment_start[pair_segment]
         # A segment shorter than ``depth`` repeats its last row: same pixel, same value.
-        last = (segment_length[pair_segment, None] - 1).clamp_max(depth - 1)
-        out_row = segment_start[pair_segment, None] + torch.minimum(offsets, last)  # [q, D]
-        flat = out_row * width + pair_col[:, None]  # [q, D]
+        last_offset = (segment_length[pair_segment] - 1).clamp_max(depth - 1)
         slots = min(_GROUP_SLOTS[group_id], classes.shape[-1])
-        if slots == 1:
-            # One class can matter: it wins, and the dropped ones change its score (1) by < tolerance.
-            label = classes[cell_row, cols.index0[pair_col], :1].expand(-1, depth).flatten()
-            labels.index_copy_(0, flat.flatten(), label.to(torch.int16))
-            scores.index_fill_(0, flat.flatten(), 1.0)
-            continue
-        grid_row = cell_row + candidates.first_row
-        along_x = _AlongX(values, grid_row, (grid_row + 1).clamp_max(grid_h - 1), cols, pair_col, logit_scale)
         pair_cell = cell_row * classes.shape[1] + cols.index0[pair_col]  # [q]: band-local cell index
-        row_weight = rows.lambda1[out_row]  # [q, D]
-        step = cells.rows_per_band(depth * slots, GROUP_ELEMENTS)
+        if slots > 1:
+            grid_row = cell_row + candidates.first_row
+            along_x = _AlongX(values, grid_row, (grid_row + 1).clamp_max(grid_h - 1), cols, pair_col, logit_scale)
+        # Chunks of pairs: [K, q, D] floats and [q, D] int64 indices within their budgets.
+        step = min(cells.rows_per_band(depth * slots, GROUP_ELEMENTS), cells.rows_per_band(depth, GROUP_PIXELS))
         for start in range(0, size, step):
             part = slice(start, start + step)
+            out_row = first_row[part, None] + torch.minimum(offsets, last_offset[part, None])  # [q, D]
+            flat = (out_row * width + pair_col[part, None]).flatten()  # [q * D]
             pair_classes = classes.view(-1, classes.shape[-1])[pair_cell[part], :slots]  # [q, K]
+            if slots == 1:
+                # One class can matter: it wins, and the dropped ones move its score (1) by < tolerance.
+                labels.index_copy_(0, flat, pair_classes.expand(-1, depth).flatten().to(torch.int16))
+                scores.index_fill_(0, flat, 1.0)
+                continue
             top, bottom = along_x(part, pair_classes.T.contiguous(), num_classes)  # [K, q] each
             # [K, q, D], classes outermost so that the reductions below run over whole planes.
             # lerp is one pass and rounds like ATen's w0 * a + w1 * b to within an ulp.
-            scaled = torch.lerp(top[:, :, None], bottom[:, :, None], row_weight[part])  # s * logits
+            scaled = torch.lerp(top[:, :, None], bottom[:, :, None], rows.lambda1[out_row])  # s * logits
             best = scaled.amax(dim=0)  # [q, D]
             # The first slot (lowest class: slots ascend) holding the maximum, as torch.argmax picks;
             # through amax because max/argmax with indices over dim 0 are not vectorised on CPUs.
@@ -162,8 +165,8 @@ def _segment_band(
             score = scaled.sub_(best).exp_().sum(dim=0).reciprocal_()  # 1 / Z; the winner's term is 1
             if background_threshold is not None:
                 label = label.masked_fill_(score < background_threshold, BACKGROUND)
-            labels.index_copy_(0, flat[part].flatten(), label.flatten().to(torch.int16))
-            scores.index_copy_(0, flat[part].flatten(), score.flatten())
+            labels.index_copy_(0, flat, label.flatten().to(torch.int16))
+            scores.index_copy_(0, flat, score.flatten())
 
 
 # Candidate slots per pixel group: powers of two and 1.5 x powers of two, so padding wastes < 1/3.
