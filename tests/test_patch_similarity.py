@@ -127,7 +127,8 @@ def test_cosine_similarity_matches_patch_logits(dtype):
     out = torch.full((2, 7, 5, 33), float("nan"))
     got = cosine_similarity(embeddings, classes, out=out)
     assert got is out
-    torch.testing.assert_close(got, patch_logits(embeddings, classes), atol=TOLERANCE[dtype], rtol=0)
+    # float32 products whatever the input dtype: as exact as the reference, which upcasts first.
+    torch.testing.assert_close(got, patch_logits(embeddings, classes), atol=1e-5, rtol=0)
 
 
 @needs_interpreter
