@@ -38,6 +38,27 @@ def patch_logits(patch_embeddings: torch.Tensor, class_embeddings: torch.Tensor)
     return torch.einsum("bhwe,ce->bhwc", patches, classes)
 
 
+def embedder_logits(
+    tokens: torch.Tensor,
+    linear_weight: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    class_embeddings: torch.Tensor,
+) -> torch.Tensor:
+    """PACL's embedder then cosine with the classes, in float32: ``[..., D] -> [..., C]``.
+
+    ``v = W_lin x + W_2 GELU(W_1 x + b_1) + b_2`` (``pacl_fast.model.VisionEmbedder``), then
+    ``<v / |v|, t / |t|>``. Half inputs are upcast first, so this is the exact value the fused
+    kernel approximates with float32 accumulation.
+    """
+    x = tokens.float()
+    hidden = F.gelu(x @ fc1_weight.float().T + fc1_bias.float())
+    embeddings = x @ linear_weight.float().T + hidden @ fc2_weight.float().T + fc2_bias.float()  # [..., E]
+    return F.normalize(embeddings, dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).T
+
+
 def upsample_logits(
     logits: torch.Tensor, out_size: tuple[int, int], grid_extent: tuple[float, float] | None = None
 ) -> torch.Tensor:

@@ -39,7 +39,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--image-size", type=int, default=None, help="short side the model sees (default: CLIP's)")
-    group.add_argument("--backend", default="reference", help="head backend (default: reference)")
+    group.add_argument(
+        "--backend",
+        default="fast",
+        choices=["fast", "reference", "tiled", "triton"],
+        help="head backend: fast (Triton on CUDA, tiled on CPU; default), reference, tiled, triton",
+    )
     group.add_argument("--batch-size", type=int, default=8)
 
 

@@ -1,7 +1,12 @@
 """The one door into ``kernels/``: patch similarity, then upsample + argmax, per backend.
 
-``backend="reference"`` runs ``kernels/reference.py``: plain PyTorch that materialises
-``[B, C, H, W]``. Faster backends are held to it by tests.
+* ``"reference"``: ``kernels/reference.py``, plain PyTorch that materialises ``[B, C, H, W]``.
+* ``"fast"`` (default): the Triton kernels on CUDA tensors, the tiled PyTorch path elsewhere.
+* ``"tiled"``: ``kernels/tiled.py`` on any device (bands of rows, pruned classes).
+* ``"triton"``: the Triton kernels on any tensors; CPU tensors run in the Triton interpreter,
+  which needs ``TRITON_INTERPRET=1`` before triton is first imported (tests do this).
+
+The fast backends are held to the reference by ``tests/test_head_kernels.py``.
 """
 
 from __future__ import annotations
@@ -10,20 +15,49 @@ import torch
 
 from kernels import reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fast", "tiled", "triton")
 
 
 class Head:
     """Turns unit patch embeddings and class embeddings into labels and scores."""
 
-    def __init__(self, backend: str = "reference"):
+    def __init__(self, backend: str = "fast"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
+    def _uses_triton(self, device: torch.device) -> bool:
+        return self.backend == "triton" or (self.backend == "fast" and device.type == "cuda")
+
     def similarity(self, patch_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """``[B, h, w, E] x [C, E] -> [B, h, w, C]`` cosine logits (float32)."""
+        if self._uses_triton(patch_embeddings.device):
+            from kernels.patch_similarity import cosine_similarity
+
+            return cosine_similarity(patch_embeddings, class_embeddings)
+        # On the CPU, normalise + one GEMM is already what torch does best.
         return reference.patch_logits(patch_embeddings, class_embeddings)
+
+    def embed_similarity(
+        self, tokens: torch.Tensor, embedder: torch.nn.Module, class_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """CLIP patch tokens ``[..., D]`` through PACL's ``VisionEmbedder`` -> cosine logits ``[..., C]``.
+
+        One fused kernel on the Triton backends (``kernels.patch_similarity``); torch elsewhere.
+        """
+        if self._uses_triton(tokens.device):
+            from kernels.patch_similarity import EmbedderWeights, patch_similarity
+
+            return patch_similarity(tokens, EmbedderWeights.from_module(embedder), class_embeddings)
+        return reference.embedder_logits(
+            tokens,
+            embedder.linear.weight,
+            embedder.fc1.weight,
+            embedder.fc1.bias,
+            embedder.fc2.weight,
+            embedder.fc2.bias,
+            class_embeddings,
+        )
 
     def segment(
         self,
@@ -36,9 +70,16 @@ class Head:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, h, w, C]`` -> labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32.
 
-        See :func:`kernels.reference.segment_reference` for the exact semantics.
+        See :func:`kernels.reference.segment_reference` for the exact semantics; the fast
+        backends match it (labels wherever the top-2 margin exceeds 1e-4, scores to 1e-4).
         """
-        return reference.segment_reference(
+        if self.backend == "reference":
+            segment = reference.segment_reference
+        elif self._uses_triton(logits.device):
+            from kernels.upsample_argmax import segment_triton as segment
+        else:
+            from kernels.tiled import segment_tiled as segment
+        return segment(
             logits,
             out_size,
             grid_extent=grid_extent,

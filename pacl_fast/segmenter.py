@@ -68,7 +68,8 @@ class Segmenter:
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names).
         image_size: short side the model sees; default the CLIP's native size (224 for ViT-B-16).
-        backend: head backend, ``"reference"`` (plain PyTorch).
+        backend: head backend (``pacl_fast.head``): ``"fast"`` (Triton on CUDA, tiled PyTorch on
+            CPU), ``"reference"`` (plain PyTorch), ``"tiled"`` or ``"triton"``.
         strict_clip: refuse PACL weights recorded for another CLIP (default True).
         max_pixels: refuse decoded images larger than this.
         batch_size: images per encoder call.
@@ -83,7 +84,7 @@ class Segmenter:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
         image_size: int | None = None,
-        backend: str = "reference",
+        backend: str = "fast",
         strict_clip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,

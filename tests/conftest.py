@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without CUDA the Triton kernels are tested in the interpreter. Triton reads TRITON_INTERPRET when
+# it is first imported (open_clip imports it), so this must come before any other import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402

@@ -1,0 +1,332 @@
+"""Head micro-benchmark: reference vs tiled vs (on CUDA) Triton, for upsample + argmax + score.
+
+    python -m benchmarks.head                      # CPU: reference vs tiled
+    python -m benchmarks.head --device cuda        # CUDA: reference vs tiled vs Triton, + patch similarity
+
+For C in {21, 150, 171} and outputs 512x512 and 1024x2048 from a 32x32 grid: the median of
+``--repeats`` runs, the peak of live tensors (CPU: ``TensorMemoryTracker`` in a separate, untimed
+run; CUDA: ``max_memory_allocated``), all in one run, as a markdown table and JSON.
+
+Work is counted first. Any head must read the logits (``h*w*C*4`` bytes) and write labels and
+scores (``H*W*6``): that is the floor, and ``x floor`` is the time over the time a large copy
+(measured in the same run) would take to move those bytes. The reference's own algorithm moves at
+least ``16*C*H*W`` bytes (upsample writes ``[C, H, W]``, softmax reads and writes it, argmax reads
+it). The fused heads instead evaluate ``K`` classes per pixel (``classes/px``, after the exact
+per-cell pruning) and are bound by that arithmetic (interpolation, ``exp``), not by bytes:
+``x exp floor`` is the time over ``K * H * W`` exps at the rate of a large in-place ``exp_``
+measured in the same run (the reference evaluates all ``C``).
+
+Data: ``scene`` logits are cosines of synthetic CLIP-like embeddings (unit class embeddings in
+512-d; the 32x32 patch grid is split into 6 regions, each patch mixes its region's class (cosine
+~0.30), a similar "confuser" class (~0.22) and iid noise (other classes ~N(0, 0.04))). ``random``
+(C=150, 512x512 only) is iid noise of the same spread: no spatial structure, the pruning's worst
+case. Logit scale 100 (CLIP's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kernels import cells
+from kernels.reference import segment_reference
+from kernels.tiled import segment_tiled
+from pacl_fast.profiling import TensorMemoryTracker
+
+GRID = (32, 32)
+LOGIT_SCALE = 100.0
+MIB = 2**20
+
+
+def scene_logits(classes: int, grid: tuple[int, int] = GRID, *, seed: int = 0, embed_dim: int = 512) -> torch.Tensor:
+    """CLIP-like cosine logits ``[1, h, w, C]`` of a 6-region scene (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = grid
+    text = F.normalize(torch.randn(classes, embed_dim, generator=generator), dim=-1)  # [C, E]
+    seeds = torch.rand(6, 2, generator=generator) * torch.tensor([h, w])
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    owner = ((yy - seeds[:, 0, None, None]) ** 2 + (xx - seeds[:, 1, None, None]) ** 2).argmin(0)  # [h, w]
+    own, confuser = torch.randint(classes, (2, 6), generator=generator)
+    noise = F.normalize(torch.randn(h, w, embed_dim, generator=generator), dim=-1)
+    patches = 0.30 * text[own[owner]] + 0.22 * text[confuser[owner]] + 0.93 * noise  # [h, w, E]
+    return torch.einsum("hwe,ce->hwc", F.normalize(patches, dim=-1), text)[None]
+
+
+def random_logits(classes: int, grid: tuple[int, int] = GRID, *, seed: int = 0) -> torch.Tensor:
+    """iid cosines with the spread of ``scene_logits``'s noise: ``[1, h, w, C]``."""
+    generator = torch.Generator().manual_seed(seed)
+    return 0.041 * torch.randn(1, *grid, classes, generator=generator)
+
+
+def machine_line(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (
+        f"{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}){gpu}, "
+        f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}"
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    run()  # warm-up (compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak of live tensor bytes allocated by ``run`` (above what existed before)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemoryTracker() as tracker:
+        run()
+    return tracker.peak_bytes
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Bytes/s of a large tensor copy (read + write), best of 5: the memory ceiling of this run."""
+    source = torch.empty(megabytes * MIB // 4, device=device)
+    target = torch.empty_like(source)
+    best = min(median_seconds(lambda: target.copy_(source), device, 1) for _ in range(5))
+    return 2 * source.numel() * 4 / best
+
+
+def exp_rate(device: torch.device, megabytes: int = 64) -> float:
+    """Elements/s of an in-place ``exp_`` over a large tensor: the arithmetic ceiling of the fused heads,
+    which evaluate (interpolate, exp, sum) ``classes/px`` classes per pixel."""
+    values = torch.rand(megabytes * MIB // 4, device=device)
+    return values.numel() / min(median_seconds(values.exp_, device, 1) for _ in range(5))
+
+
+def classes_per_pixel(logits: torch.Tensor, out_size: tuple[int, int]) -> float:
+    """Mean number of classes the fused heads evaluate per output pixel (after pruning)."""
+    rows = cells.axis_sampling(logits.shape[1], out_size[0], logits.shape[1])
+    cols = cells.axis_sampling(logits.shape[2], out_size[1], logits.shape[2])
+    count = cells.cell_candidates(logits.float(), range(logits.shape[1]), LOGIT_SCALE).count[0]  # [h, w]
+    return float(count[rows.index0][:, cols.index0].float().mean())
+
+
+def head_backends(device: torch.device) -> dict[str, Callable]:
+    backends = {"reference": segment_reference, "tiled": segment_tiled}
+    if device.type == "cuda":
+        from kernels.upsample_argmax import segment_triton
+
+        backends["triton"] = segment_triton
+    return backends
+
+
+def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float, exps: float) -> list[dict]:
+    configs = [(c, size, "scene") for c in args.classes for size in args.sizes]
+    if 150 in args.classes and (512, 512) in args.sizes:
+        configs.append((150, (512, 512), "random"))
+    rows = []
+    for classes, out_size, data in tqdm(configs, desc="head", unit="config"):
+        maker = scene_logits if data == "scene" else random_logits
+        logits = maker(classes).to(device)
+        height, width = out_size
+        floor = logits.numel() * 4 + height * width * 6
+        kept = classes_per_pixel(logits, out_size)
+        reference_time = reference_peak = None
+        for name, segment in head_backends(device).items():
+            run = partial(segment, logits, out_size, logit_scale=LOGIT_SCALE)
+            seconds = median_seconds(run, device, args.repeats)
+            peak = peak_bytes(run, device)
+            if name == "reference":
+                reference_time, reference_peak = seconds, peak
+            rows.append(
+                {
+                    "device": device.type,
+                    "classes": classes,
+                    "out_size": list(out_size),
+                    "data": data,
+                    "backend": name,
+                    "median_ms": seconds * 1e3,
+                    "speedup": reference_time / seconds,
+                    "peak_mib": peak / MIB,
+                    "memory_ratio": reference_peak / max(peak, 1),
+                    "classes_per_pixel": classes if name == "reference" else kept,
+                    "floor_mb": floor / 1e6,
+                    "times_floor": seconds / (floor / bandwidth),
+                    "times_exp_floor": seconds / ((classes if name == "reference" else kept) * height * width / exps),
+                    "reference_algorithm_mb": 16 * classes * height * width / 1e6,
+                }
+            )
+    return rows
+
+
+def bench_patch_similarity(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], float]:
+    """CUDA only: the embedder + cosine (ViT-B/16 widths), torch vs the two Triton variants."""
+    from kernels.patch_similarity import EmbedderWeights, embed_torch, patch_similarity
+
+    token_dim, hidden_dim, embed_dim, classes, tokens_per_image = 768, 512, 512, 150, 196
+    big = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    matmul_seconds = median_seconds(lambda: big @ big, device, 5)
+    matmul_flops = 2 * 8192**3 / matmul_seconds
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        weights = EmbedderWeights(
+            *(
+                torch.randn(*shape, device=device, dtype=dtype) * 0.04
+                for shape in (
+                    (embed_dim, token_dim),
+                    (hidden_dim, token_dim),
+                    (hidden_dim,),
+                    (embed_dim, hidden_dim),
+                    (embed_dim,),
+                )
+            )
+        )
+        class_embeddings = F.normalize(torch.randn(classes, embed_dim, device=device), dim=-1)
+        for batch in (1, 64):
+            tokens = torch.randn(batch, tokens_per_image, token_dim, device=device, dtype=dtype)
+            flops = (
+                2
+                * batch
+                * tokens_per_image
+                * (token_dim * embed_dim + token_dim * hidden_dim + hidden_dim * embed_dim + embed_dim * classes)
+            )
+
+            def unfused(tokens=tokens, weights=weights, class_embeddings=class_embeddings) -> torch.Tensor:
+                flat = tokens.reshape(-1, token_dim)
+                return F.normalize(embed_torch(flat, weights).float(), dim=-1) @ class_embeddings.T
+
+            runs = {"torch (unfused)": unfused}
+            for variant in ("fused", "cublas"):
+                runs[variant] = partial(patch_similarity, tokens, weights, class_embeddings, variant=variant)
+            baseline = None
+            for name, run in runs.items():
+                seconds = median_seconds(run, device, args.repeats)
+                baseline = baseline or seconds
+                rows.append(
+                    {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "batch": batch,
+                        "backend": name,
+                        "median_us": seconds * 1e6,
+                        "speedup": baseline / seconds,
+                        "tflops": flops / seconds / 1e12,
+                        "fraction_of_matmul": flops / seconds / matmul_flops,
+                    }
+                )
+    return rows, matmul_flops
+
+
+def head_table(rows: list[dict]) -> str:
+    header = "device | C | output | data | backend | median ms | speed-up | peak MiB | memory ÷ | classes/px | floor MB"
+    lines = [f"| {header} | x floor | x exp floor |", "|---" * 13 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['classes']} | {r['out_size'][0]}x{r['out_size'][1]} | {r['data']} | {r['backend']} "
+            f"| {r['median_ms']:.1f} | {r['speedup']:.1f}x | {r['peak_mib']:.1f} | {r['memory_ratio']:.0f}x "
+            f"| {r['classes_per_pixel']:.1f} | {r['floor_mb']:.2f} | {r['times_floor']:.0f} "
+            f"| {r['times_exp_floor']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def similarity_table(rows: list[dict]) -> str:
+    lines = [
+        "| dtype | batch | backend | median us | speed-up | TFLOP/s | of matmul |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['batch']} | {r['backend']} | {r['median_us']:.0f} | {r['speedup']:.2f}x "
+            f"| {r['tflops']:.1f} | {r['fraction_of_matmul']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.head", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--classes", type=int, nargs="+", default=[21, 150, 171])
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(512, 512), (1024, 2048)], help="HxW")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per config (median; default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/head_<device>.json")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5 (medians of fewer runs are noise on a shared machine)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available")
+
+    machine = machine_line(device)
+    bandwidth = copy_bandwidth(device)
+    exps = exp_rate(device)
+    print(f"machine: {machine}")
+    print(
+        f"config: grid {GRID[0]}x{GRID[1]}, batch 1, logit scale {LOGIT_SCALE}, C {args.classes}, "
+        f"outputs {[f'{h}x{w}' for h, w in args.sizes]}, median of {args.repeats}; "
+        f"copy {bandwidth / 1e9:.1f} GB/s, exp {exps / 1e9:.2f} G/s"
+    )
+    summary = {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m benchmarks.head " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "copy_bytes_per_s": bandwidth,
+        "exp_per_s": exps,
+        "head": bench_head(args, device, bandwidth, exps),
+    }
+    if device.type == "cuda":
+        summary["patch_similarity"], summary["matmul_flops"] = bench_patch_similarity(args, device)
+        ceiling = summary["matmul_flops"] / 1e12
+        print(f"\npatch similarity (B x 196 tokens, D=768, E=512, C=150); fp16 matmul ceiling {ceiling:.0f} TFLOP/s")
+        print(similarity_table(summary["patch_similarity"]))
+    print()
+    print(head_table(summary["head"]))
+    path = args.json or Path("benchmarks/results") / f"head_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

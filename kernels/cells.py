@@ -1,0 +1,219 @@
+"""What the tiled and the Triton head share: where output pixels sample the grid, and which
+classes can matter in each grid cell.
+
+A *cell* is the patch of output pixels that interpolate between the same four grid points
+(rows ``r, min(r + 1, h - 1)``, columns ``c, min(c + 1, w - 1)``). Inside one cell every class's
+upsampled logit is a bilinear function of the position, so a class's values over the whole cell
+are convex combinations of its four corner values. That makes two exact bounds cheap (DESIGN §4):
+
+* **argmax**: any convex combination ``R`` of classes is at most the winner at every pixel. Class
+  ``c`` can win a pixel only where ``v_c >= R``; since ``v_c - R`` is bilinear, that needs
+  ``max_k (L[c, k] - R[k]) >= 0`` at some corner ``k``. ``margin_c`` is the smallest of those
+  maxima over a few references (``_lower_envelopes``). With ``R`` the class whose smallest
+  corner is largest this implies DESIGN's ``max_k L[c, k] >= max_c' min_k L[c', k]``; the mean
+  of the corner winners only prunes more (a cell on a region border is dominated by it, not by
+  any single class).
+* **score**: the winner's softmax probability is ``1 / Z`` with ``Z = sum_c exp(s (v_c - v_win))``.
+  A class's term is at most ``exp(s margin_c)`` (as ``v_win >= R``), and at least
+  ``exp(s (min_k L[c, k] - max_{c', k} L[c', k]))``; and ``Z >= 1`` (the winner's own term).
+  Dropping classes whose upper bounds sum to ``D`` changes the score by at most ``D / Z_kept**2``,
+  so classes that cannot win are dropped, smallest bounds first, while the dropped bounds sum to
+  less than ``score_tolerance * Z_floor**2`` (``Z_floor``: a lower bound of ``Z`` from the
+  classes that can win).
+
+Everything here works on grid-sized tensors (``[B, rows, w, C]``), never on output pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Largest exponent used for a class's weight bound: such a class can win anyway, and exp stays finite.
+_MAX_LOG_BOUND = 60.0
+_LOG_BINS = 32  # bins of the score pruning: e^-31 of the budget and below share the last one
+DEFAULT_SCORE_TOLERANCE = 1e-5  # score error the pruning may add; tests hold the result to 1e-4
+
+
+@dataclass(frozen=True)
+class AxisSampling:
+    """Where each output index samples one grid axis, as ``aten::upsample_bilinear2d`` on the CPU.
+
+    ``index0[i]`` / ``index1[i]`` are the two grid indices and ``lambda1[i]`` the weight of
+    ``index1`` (``index0`` gets ``1 - lambda1``); ``start[g]`` / ``end[g]`` are the output indices
+    whose ``index0 == g`` (empty when no output index samples grid cell ``g``).
+    """
+
+    index0: torch.Tensor  # [N] int64
+    index1: torch.Tensor  # [N] int64
+    lambda1: torch.Tensor  # [N] float32
+    start: torch.Tensor  # [n] int64
+    end: torch.Tensor  # [n] int64
+
+    @property
+    def largest_span(self) -> int:
+        return int((self.end - self.start).max())
+
+
+def axis_sampling(grid_size: int, out_size: int, extent: float, device: torch.device | str = "cpu") -> AxisSampling:
+    """Source indices and weights of one axis, with ``align_corners=False`` semantics.
+
+    Mirrors ``compute_source_index_and_lambda`` in ATen: the ratio is ``float32(1 / scale)`` with
+    ``scale = out_size / extent``; output ``i`` samples ``max(ratio * (i + 0.5) - 0.5, 0)``,
+    clamped to the last grid index; an axis whose output size equals the grid size is copied
+    (ATen's shortcut, which ignores the scale).
+    """
+    if out_size == grid_size:
+        index0 = torch.arange(out_size, device=device)
+        lambda1 = torch.zeros(out_size, device=device)
+    else:
+        ratio = torch.tensor(1.0 / (out_size / extent), dtype=torch.float32, device=device)
+        position = torch.arange(out_size, dtype=torch.float32, device=device)
+        real = (ratio * (position + 0.5) - 0.5).clamp_min(0.0)  # [N] float32, as ATen's opmath
+        index0 = real.floor().long().clamp_max(grid_size - 1)
+        lambda1 = (real - index0).clamp(0.0, 1.0)
+    index1 = index0 + (index0 < grid_size - 1).long()
+    cells = torch.arange(grid_size, device=device)
+    start = torch.searchsorted(index0, cells, right=False)
+    end = torch.searchsorted(index0, cells, right=True)
+    return AxisSampling(index0, index1, lambda1, start, end)
+
+
+def check_segment_inputs(
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    grid_extent: tuple[float, float] | None,
+    logit_scale: float,
+    background_threshold: float | None,
+) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Validate the head's arguments; returns ``out_size`` and ``grid_extent`` as plain tuples."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a [B, h, w, C] tensor, got {shape}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if min(logits.shape) < 1:
+        raise ValueError(f"logits [B, h, w, C] must have no empty dimension, got {tuple(logits.shape)}")
+    if len(out_size) != 2 or any(int(s) != s or s < 1 for s in out_size):
+        raise ValueError(f"out_size must be two positive integers (H, W), got {out_size!r}")
+    grid = logits.shape[1:3]
+    extent = tuple(grid) if grid_extent is None else tuple(grid_extent)
+    if len(extent) != 2 or not all(math.isfinite(e) and e > 0 for e in extent):
+        raise ValueError(f"grid_extent must be two positive numbers (cells covered), got {grid_extent!r}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+    if background_threshold is not None and not math.isfinite(background_threshold):
+        raise ValueError(f"background_threshold must be a number or None, got {background_threshold!r}")
+    return (int(out_size[0]), int(out_size[1])), (float(extent[0]), float(extent[1]))
+
+
+def check_outputs(
+    out: tuple[torch.Tensor, torch.Tensor] | None, shape: tuple[int, int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's ``(labels, scores)`` buffers, checked, or new ones."""
+    if out is None:
+        return (
+            torch.empty(shape, dtype=torch.int16, device=device),
+            torch.empty(shape, dtype=torch.float32, device=device),
+        )
+    labels, scores = out
+    for name, tensor, dtype in (("labels", labels, torch.int16), ("scores", scores, torch.float32)):
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != device:
+            raise ValueError(
+                f"out {name} must be {dtype} {list(shape)} on {device}, "
+                f"got {tensor.dtype} {list(tensor.shape)} on {tensor.device}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"out {name} must be contiguous")
+    return labels, scores
+
+
+@dataclass(frozen=True)
+class CellCandidates:
+    """The classes each cell of a band of cell rows must evaluate, ascending, padded with ``C``.
+
+    ``classes[b, i, c, :count[b, i, c]]`` are the kept classes of cell (row ``first_row + i``,
+    column ``c``); the rest of the row is ``C`` (no class).
+    """
+
+    classes: torch.Tensor  # [B, rows, w, K] int32, ascending
+    count: torch.Tensor  # [B, rows, w] int32, >= 1
+    first_row: int
+
+
+def cell_candidates(
+    logits: torch.Tensor,
+    rows: range,
+    logit_scale: float,
+    score_tolerance: float = DEFAULT_SCORE_TOLERANCE,
+) -> CellCandidates:
+    """Per-cell class pruning for cell rows ``rows`` (see the module docstring for the bounds).
+
+    Args:
+        logits: float32 ``[B, h, w, C]``.
+        rows: the cell rows to prune (a ``range`` with step 1).
+        logit_scale: the softmax scale ``s`` of the scores.
+        score_tolerance: the most the dropped classes may change any pixel's score.
+    """
+    height, width, num_classes = logits.shape[1:]
+    device = logits.device
+    rows0 = torch.arange(rows.start, rows.stop, device=device)
+    rows1 = (rows0 + 1).clamp_max(height - 1)
+    cols0 = torch.arange(width, device=device)
+    cols1 = (cols0 + 1).clamp_max(width - 1)
+    top, bottom = logits[:, rows0], logits[:, rows1]  # [B, r, w, C]
+    corners = torch.stack((top, top[:, :, cols1], bottom, bottom[:, :, cols1]), dim=3)  # [B, r, w, 4, C]
+    lowest = corners.amin(dim=3)  # [B, r, w, C]
+    highest = corners.amax(dim=(3, 4))  # [B, r, w]: no pixel of the cell has a larger logit
+    anchor, mean_of_winners = _lower_envelopes(corners, lowest)  # [B, r, w, 4, 1] each
+    margin = torch.minimum((corners - anchor).amax(dim=3), (corners - mean_of_winners).amax(dim=3))  # [B, r, w, C]
+    del corners
+
+    # Score: every class that cannot win has a weight bound; drop the smallest bounds while their
+    # sum stays under the budget. Bounds are binned by their log (bin j: within e^-j..e^-(j+1) of
+    # the budget), so "the smallest first" needs no sort: drop whole bins from the last one.
+    must_keep = margin >= 0
+    floor = ((lowest - highest[..., None]) * logit_scale).exp_()  # each class's weight / the winner's, at least
+    z_floor = (floor * must_keep).sum(dim=-1).clamp_min_(1.0)  # [B, r, w]: Z >= this (>= 1: the winner)
+    log_budget = torch.log(score_tolerance * z_floor.square())  # [B, r, w]
+    relative = (margin * logit_scale).clamp_max(_MAX_LOG_BOUND) - log_budget[..., None]  # [B, r, w, C]
+    relative = relative.masked_fill_(must_keep, _MAX_LOG_BOUND)
+    bin_index = relative.neg().floor_().clamp_(0, _LOG_BINS - 1).long()  # [B, r, w, C]
+    mass = torch.zeros((*relative.shape[:-1], _LOG_BINS), device=device)
+    mass.scatter_add_(-1, bin_index, relative.exp_().masked_fill_(must_keep, 0.0))  # bound / budget, per bin
+    tail = mass.flip(-1).cumsum(-1).flip(-1)  # [B, r, w, bins]: all bins from j on
+    first_dropped = (tail > 1.0).sum(dim=-1, keepdim=True)  # the first bin whose tail fits the budget
+    keep = must_keep | (bin_index < first_dropped)  # [B, r, w, C]
+    count = keep.sum(dim=-1)  # [B, r, w]
+    classes = _compact(keep, int(count.max()))
+    return CellCandidates(classes, count.int(), rows.start)
+
+
+def _compact(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., C]`` bool -> the kept indices in ascending order, padded with ``C``: ``[..., width]`` int32."""
+    num_classes = keep.shape[-1]
+    slot = keep.cumsum(dim=-1, dtype=torch.int32) - 1  # [..., C]: where each kept class goes
+    slot = torch.where(keep, slot, width)  # the dropped go to a spare column
+    out = torch.full((*keep.shape[:-1], width + 1), num_classes, dtype=torch.int32, device=keep.device)
+    index = torch.arange(num_classes, dtype=torch.int32, device=keep.device).expand_as(slot)
+    return out.scatter_(-1, slot.long(), index)[..., :width].contiguous()
+
+
+def _lower_envelopes(corners: torch.Tensor, lowest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two convex combinations of classes at the four corners, each <= the winner at every pixel.
+
+    The anchor (the class whose smallest corner is largest: DESIGN §4's bound) and the mean of the
+    four corners' winners (which dominates a cell on the border of two or three regions, where no
+    single class does). Each ``[B, r, w, 4, 1]``. (Adding each corner winner on its own pruned
+    about 1% more on scene-like logits, for three more passes over the corners.)
+    """
+    anchor = lowest.argmax(dim=-1)[..., None, None].expand(-1, -1, -1, 4, 1)  # [B, r, w, 4, 1]
+    winners = corners.argmax(dim=-1)[..., None, :].expand(-1, -1, -1, 4, -1)  # [B, r, w, 4 corners, 4 winners]
+    return corners.gather(4, anchor), corners.gather(4, winners).mean(dim=-1, keepdim=True)
+
+
+def rows_per_band(row_elements: int, budget_elements: int) -> int:
+    """How many rows of ``row_elements`` each fit in ``budget_elements`` (at least one)."""
+    return max(1, budget_elements // max(1, row_elements))

@@ -1,0 +1,336 @@
+"""The fused head (``kernels/tiled.py``, ``kernels/upsample_argmax.py``) held to ``kernels/reference.py``.
+
+Which path each test proves:
+
+* ``tiled``: the CPU path that ``Head("fast")`` uses without CUDA, exactly as shipped.
+* ``triton``: the Triton kernel's logic, run by the Triton interpreter on CPU tensors
+  (``TRITON_INTERPRET=1``, set by ``conftest.py`` before triton is imported). The kernel reads
+  the logits as float32 whatever their dtype, so the fp16/bf16 cases prove the same code as on a
+  GPU; what the interpreter cannot prove (compilation, the GPU's float rounding) is covered by the
+  ``gpu``-marked tests at the end, which ``benchmarks/gpu_check.sh`` runs on CUDA.
+
+Every call writes into outputs poisoned beforehand (labels 12345, scores NaN), so an unwritten
+pixel fails. Labels must equal the reference wherever the reference's top-2 margin exceeds 1e-4
+(for half inputs too: both sides upcast the same half logits to float32, so the stricter fp32 rule
+holds), and elsewhere must be a class within 1e-4 of the best; scores must be within 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cells
+from kernels.reference import BACKGROUND, segment_reference, upsample_logits
+from kernels.tiled import segment_tiled
+from pacl_fast.head import Head
+from pacl_fast.profiling import TensorMemoryTracker
+
+try:
+    from kernels._triton import interpreting
+    from kernels.upsample_argmax import segment_triton
+except ImportError:  # no triton installed
+    interpreting, segment_triton = None, None
+
+POISON_LABEL = 12345
+MARGIN = 1e-4
+SCORE_ATOL = 1e-4
+
+needs_interpreter = pytest.mark.skipif(
+    segment_triton is None or not interpreting(),
+    reason="Triton interpreter not active in this process (TRITON_INTERPRET=1 must be set before triton is "
+    "imported; conftest does so without CUDA): CPU runs of the Triton kernels are skipped",
+)
+
+
+def cuda_test(test):
+    """Marks a test of the compiled kernels: needs CUDA, and triton not in interpreter mode."""
+    for mark in (
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        pytest.mark.skipif(
+            segment_triton is None or interpreting(),
+            reason="no triton, or TRITON_INTERPRET=1: the kernels would not be compiled",
+        ),
+    ):
+        test = mark(test)
+    return test
+
+
+def make_logits(
+    generator: torch.Generator,
+    batch: int,
+    h: int,
+    w: int,
+    classes: int,
+    kind: str,
+    dtype: torch.dtype,
+    noise_level: float = 0.05,
+) -> torch.Tensor:
+    """Test logits ``[B, h, w, C]``: ``"scene"`` (regions won by one class, plus noise) or ``"soft"``
+    (small iid noise, so that at ``logit_scale`` 100 many classes share the probability)."""
+    noise = torch.randn(batch, h, w, classes, generator=generator)
+    if kind == "soft":
+        return (0.02 * noise).to(dtype)
+    regions = min(classes, 4)
+    seeds = torch.rand(batch, regions, 2, generator=generator) * torch.tensor([h, w])
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    distance = (yy - seeds[..., 0, None, None]) ** 2 + (xx - seeds[..., 1, None, None]) ** 2  # [B, R, h, w]
+    region_class = torch.randint(classes, (batch, regions), generator=generator)
+    winner = region_class.gather(1, distance.argmin(1).flatten(1)).view(batch, h, w)
+    return (noise_level * noise + 0.25 * F.one_hot(winner, classes)).to(dtype)
+
+
+def poisoned(
+    batch: int, size: tuple[int, int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.full((batch, *size), POISON_LABEL, dtype=torch.int16, device=device)
+    return labels, torch.full((batch, *size), float("nan"), device=device)
+
+
+def assert_matches_reference(
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    grid_extent: tuple[float, float] | None,
+    logit_scale: float,
+    background_threshold: float | None,
+) -> None:
+    logits = logits.cpu()
+    labels, scores = labels.cpu(), scores.cpu()
+    want_labels, want_scores = segment_reference(
+        logits,
+        out_size,
+        grid_extent=grid_extent,
+        logit_scale=logit_scale,
+        background_threshold=background_threshold,
+    )
+    assert labels.dtype == torch.int16 and scores.dtype == torch.float32
+    assert labels.shape == want_labels.shape and scores.shape == want_scores.shape
+    assert not (labels == POISON_LABEL).any(), f"{int((labels == POISON_LABEL).sum())} labels never written"
+    assert torch.isfinite(scores).all(), f"{int((~torch.isfinite(scores)).sum())} scores never written"
+    torch.testing.assert_close(scores, want_scores, atol=SCORE_ATOL, rtol=0)
+
+    upsampled = upsample_logits(logits, out_size, grid_extent)  # [B, C, H, W]
+    if upsampled.shape[1] > 1:
+        top2 = upsampled.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+    else:
+        margin = torch.full_like(upsampled[:, 0], torch.inf)
+    decided = margin > MARGIN
+    if background_threshold is not None:
+        decided &= (want_scores - background_threshold).abs() > SCORE_ATOL
+    wrong = (labels != want_labels) & decided
+    assert not wrong.any(), (
+        f"{int(wrong.sum())} of {int(decided.sum())} decided labels differ, first at {wrong.nonzero()[0].tolist()}"
+    )
+    # Undecided pixels: still a class within the margin of the best (or background).
+    classes = labels.long().clamp_min(0)
+    chosen = upsampled.gather(1, classes[:, None]).squeeze(1)
+    near_best = (chosen >= upsampled.amax(1) - MARGIN) | (labels == BACKGROUND)
+    assert near_best.all(), f"{int((~near_best).sum())} labels are not within {MARGIN} of the best class"
+
+
+# (B, h, w, C, H, W, kind): awkward on purpose. Grids from 1x1 to 40x30, never multiples of the
+# kernels' blocks; outputs with non-integer scales, equal sizes (ATen's copy shortcut), 1-pixel sides.
+CASES = [
+    (1, 1, 1, 1, 1, 1, "scene"),
+    (3, 1, 1, 5, 7, 3, "soft"),
+    (2, 1, 7, 4, 1, 29, "scene"),
+    (1, 7, 1, 9, 33, 1, "soft"),
+    (2, 3, 5, 2, 10, 17, "soft"),
+    (1, 5, 3, 300, 11, 7, "scene"),
+    (1, 40, 30, 13, 9, 7, "scene"),
+    (2, 9, 13, 150, 37, 29, "scene"),
+    (1, 9, 14, 21, 50, 83, "scene"),
+    (3, 6, 4, 3, 6, 4, "soft"),
+    (1, 6, 9, 7, 6, 23, "scene"),
+    (2, 11, 7, 33, 19, 101, "scene"),
+    (1, 4, 4, 64, 64, 64, "scene"),
+    (1, 12, 19, 5, 31, 45, "scene"),
+    (1, 2, 2, 17, 5, 3, "soft"),
+    (2, 5, 6, 12, 21, 14, "soft"),
+    (1, 13, 9, 171, 26, 18, "scene"),
+    (1, 3, 40, 8, 7, 79, "scene"),
+    (2, 8, 8, 1, 30, 30, "scene"),
+    (1, 10, 12, 40, 1, 1, "scene"),
+    (1, 11, 15, 250, 47, 35, "scene"),
+    (3, 7, 5, 6, 13, 13, "soft"),
+]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def case_arguments(index: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    """Logits and head arguments of case ``index``: dtype, crop extent, scale and background vary."""
+    batch, h, w, classes, height, width, kind = CASES[index]
+    generator = torch.Generator().manual_seed(1000 + index)
+    logits = make_logits(generator, batch, h, w, classes, kind, DTYPES[index % 3])
+    extent = None
+    if index % 2 == 1:  # a padded model input: the original covers part of the grid
+        extent = tuple(round(n * (0.55 + 0.45 * float(torch.rand((), generator=generator))), 3) for n in (h, w))
+    logit_scale = (100.0, 37.5, 100.0, 7.0)[index % 4]
+    threshold = round(0.2 + 0.6 * float(torch.rand((), generator=generator)), 3) if index % 3 == 2 else None
+    return (
+        logits,
+        (height, width),
+        {"grid_extent": extent, "logit_scale": logit_scale, "background_threshold": threshold},
+    )
+
+
+def run_segment(backend: str, logits: torch.Tensor, out_size: tuple[int, int], **kwargs):
+    out = poisoned(logits.shape[0], out_size, logits.device)
+    segment = segment_tiled if backend == "tiled" else segment_triton
+    returned = segment(logits, out_size, out=out, **kwargs)
+    assert returned[0] is out[0] and returned[1] is out[1]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
+def test_segment_matches_reference(backend, index):
+    logits, out_size, kwargs = case_arguments(index)
+    labels, scores = run_segment(backend, logits, out_size, **kwargs)
+    assert_matches_reference(labels, scores, logits, out_size, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", pytest.param("triton", marks=needs_interpreter)])
+def test_ties_go_to_the_lowest_index(backend):
+    """Exact ties resolve as torch.argmax does: the lowest class index wins."""
+    generator = torch.Generator().manual_seed(7)
+    logits = 0.05 * torch.randn(2, 5, 6, 8, generator=generator)
+    logits[..., 6] = logits[..., 2] = 1.0 + logits[..., 2]  # classes 2 and 6 tie and win everywhere
+    logits[1, ..., 5] = logits[1, ..., 3]
+    logits[1, :, :3, 5] = logits[1, :, :3, 3] = 3.0  # on part of image 1, 3 and 5 tie above them
+    if backend == "reference":
+        labels, scores = segment_reference(logits, (17, 23), logit_scale=30.0)
+    else:
+        labels, scores = run_segment(backend, logits, (17, 23), logit_scale=30.0)
+    upsampled = upsample_logits(logits, (17, 23))
+    assert torch.equal(labels.long(), upsampled.argmax(1))
+    assert set(labels.unique().tolist()) == {2, 3}
+    assert (labels[0] == 2).all()
+    probabilities = torch.softmax(upsampled * 30.0, dim=1)
+    torch.testing.assert_close(scores, probabilities.amax(1), atol=SCORE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+def test_near_ties_just_above_the_margin_are_exact(backend):
+    """Two classes 2e-4..1e-3 apart with random sign: the pruning must never drop the true winner."""
+    generator = torch.Generator().manual_seed(3)
+    logits = 0.01 * torch.randn(1, 9, 11, 6, generator=generator)
+    gap = (2e-4 + 8e-4 * torch.rand(1, 9, 11, generator=generator)) * torch.randn(1, 9, 11, generator=generator).sign()
+    logits[..., 4] = 0.5 + gap
+    logits[..., 1] = 0.5
+    labels, scores = run_segment(backend, logits, (19, 25), logit_scale=100.0)
+    assert_matches_reference(labels, scores, logits, (19, 25), None, 100.0, None)
+    assert set(labels.unique().tolist()) == {1, 4}
+
+
+def test_score_pruning_stays_within_its_tolerance():
+    """Soft logits over many classes: the dropped classes provably move no score by more than the
+    tolerance, and the pruning does drop classes (so the bound is what is being tested)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = make_logits(generator, 1, 6, 7, 120, "scene", torch.float32)
+    _, want = segment_reference(logits, (31, 29), logit_scale=100.0)
+    for tolerance in (1e-5, 1e-3, 3e-2):
+        candidates = cells.cell_candidates(logits, range(6), 100.0, tolerance)
+        assert candidates.count.float().mean() < 120
+        _, scores = segment_tiled(logits, (31, 29), logit_scale=100.0, score_tolerance=tolerance)
+        assert (scores - want).abs().max() <= tolerance + 2e-6
+    assert cells.cell_candidates(logits, range(6), 100.0, 1e-5).count.sum() > candidates.count.sum()
+
+
+@pytest.mark.parametrize(
+    "grid, out, extent",
+    [(6, 6, 4.5), (9, 20, 7.0), (5, 1, 5.0), (1, 13, 1.0), (7, 3, 6.2), (32, 512, 32.0), (14, 224, 13.3)],
+)
+def test_axis_sampling_is_atens(grid, out, extent):
+    """Bilinear weights from ``cells.axis_sampling`` rebuild ``upsample_bilinear2d`` (both axes)."""
+    values = torch.randn(1, grid, grid, 2)
+    rows = cells.axis_sampling(grid, out, extent)
+    image = values[0].permute(2, 0, 1)  # [C, h, w]
+    r0, r1, wy = rows.index0, rows.index1, rows.lambda1[:, None]
+    dense = (
+        image[:, r0][:, :, r0] * (1 - wy) * (1 - wy.T)
+        + image[:, r0][:, :, r1] * (1 - wy) * wy.T
+        + image[:, r1][:, :, r0] * wy * (1 - wy.T)
+        + image[:, r1][:, :, r1] * wy * wy.T
+    )
+    torch.testing.assert_close(dense, upsample_logits(values, (out, out), (extent, extent))[0], atol=1e-5, rtol=0)
+    assert torch.equal(rows.end - rows.start, torch.bincount(r0, minlength=grid))
+
+
+def test_bad_arguments_are_named():
+    logits = torch.randn(1, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"logits must be a \[B, h, w, C\]"):
+        segment_tiled(logits[0], (5, 5))
+    with pytest.raises(ValueError, match="out_size"):
+        segment_tiled(logits, (0, 5))
+    with pytest.raises(ValueError, match="grid_extent"):
+        segment_tiled(logits, (5, 5), grid_extent=(2.0, -1.0))
+    with pytest.raises(ValueError, match="logit_scale"):
+        segment_tiled(logits, (5, 5), logit_scale=float("nan"))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        segment_tiled(logits.double(), (5, 5))
+    with pytest.raises(ValueError, match="out labels must be torch.int16"):
+        segment_tiled(logits, (5, 5), out=(torch.empty(1, 5, 5), torch.empty(1, 5, 5)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Head("cuda-magic")
+
+
+def test_fast_head_on_cpu_is_the_tiled_path():
+    generator = torch.Generator().manual_seed(11)
+    logits = make_logits(generator, 2, 7, 9, 10, "scene", torch.float32)
+    fast = Head("fast").segment(logits, (20, 30), grid_extent=(6.5, 8.0), logit_scale=50.0, background_threshold=0.4)
+    tiled = segment_tiled(logits, (20, 30), grid_extent=(6.5, 8.0), logit_scale=50.0, background_threshold=0.4)
+    assert torch.equal(fast[0], tiled[0]) and torch.equal(fast[1], tiled[1])
+
+
+def test_cpu_path_never_allocates_classes_times_pixels():
+    """1000 classes on a 1024 x 2048 output: C*H*W floats would be 8 GiB; the tiled head's peak of
+    live tensors stays under 160 MiB (1/50 of that is 164 MiB) and no tensor exceeds 64 MiB."""
+    generator = torch.Generator().manual_seed(2)
+    logits = make_logits(generator, 1, 32, 64, 1000, "scene", torch.float32, noise_level=0.01)
+    head = Head("fast")
+    with TensorMemoryTracker() as tracker:
+        labels, scores = head.segment(logits, (1024, 2048), logit_scale=100.0)
+    full = 1000 * 1024 * 2048 * 4
+    assert labels.shape == (1, 1024, 2048) and scores.shape == (1, 1024, 2048)
+    assert tracker.peak_bytes < min(full / 50, 160 * 2**20), (tracker.peak_bytes, tracker.largest_shape)
+    assert tracker.largest_bytes < 64 * 2**20, (tracker.largest_bytes, tracker.largest_shape)
+    # The same logits, on a crop small enough for the reference, still agree with it.
+    crop = logits[:, :4, :8]
+    labels, scores = run_segment("tiled", crop, (128, 256), logit_scale=100.0)
+    assert_matches_reference(labels, scores, crop, (128, 256), None, 100.0, None)
+
+
+def test_segmenter_defaults_to_the_fast_head(tiny_config):
+    from conftest import make_segmenter
+
+    segmenter = make_segmenter(tiny_config)
+    assert segmenter.head.backend == "fast"
+
+
+# ---- CUDA: the compiled kernels (benchmarks/gpu_check.sh runs these) ----
+
+
+@pytest.mark.parametrize("backend", ["triton", "tiled"])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
+@cuda_test
+def test_cuda_segment_matches_reference(backend, index):
+    """The compiled kernel (and the tiled path on CUDA tensors), held to the CPU reference."""
+    logits, out_size, kwargs = case_arguments(index)
+    labels, scores = run_segment(backend, logits.cuda(), out_size, **kwargs)
+    assert_matches_reference(labels, scores, logits, out_size, **kwargs)
+
+
+@cuda_test
+def test_cuda_head_at_benchmark_scale():
+    """150 classes, 32 x 32 grid -> 512 x 512 and 1024 x 2048, as benchmarks/head.py runs it."""
+    generator = torch.Generator().manual_seed(4)
+    logits = make_logits(generator, 1, 32, 32, 150, "scene", torch.float16)
+    for out_size in ((512, 512), (1024, 2048)):
+        labels, scores = run_segment("triton", logits.cuda(), out_size, logit_scale=100.0)
+        assert_matches_reference(labels, scores, logits, out_size, None, 100.0, None)
