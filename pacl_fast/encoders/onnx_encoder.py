@@ -102,6 +102,9 @@ class OnnxRuntimeEncoder:
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3  # errors only
+        # Idle intra-op threads would otherwise spin after each run, stealing the cores from the
+        # torch work (the head) that follows it in the same process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return self.ort.InferenceSession(str(path), options, providers=self.providers)
 
     def image_session(self, image_size: tuple[int, int]):  # noqa: ANN201
