@@ -8,14 +8,18 @@ What is timed, per round (all pipelines take turns each round, so a noisy shared
 them alike; the first pipeline of a round rotates):
 
 * **naive peer**: what public PACL re-implementations write: open_clip's ViT with
-  ``output_tokens=True`` in eager fp32, the PACL embedder, cosine logits, ``F.interpolate`` to the
-  output size, ``argmax``. Timed as one call, and its two halves (tokens+embedder, head) apart.
+  ``output_tokens=True`` in eager fp32 and the PACL embedder (its encoder), then cosine logits,
+  ``F.interpolate`` to the output size and ``argmax`` (its head).
 * **encoders**: each backend's ``encode_image`` (``[B, 3, S, S]`` -> unit ``[B, h, w, E]``).
 * **heads**: each head backend (``pacl_fast.head.BACKENDS``) from patch embeddings to int16
   labels and float32 scores at the output size (similarity + upsample + argmax + score).
   A head's cost does not depend on which encoder made its input, so each head is timed once per
-  round (on fp32 patches) and a pipeline's end-to-end sample for that round is encoder + head.
+  round (on fp32 patches).
 * **matmul ceiling**: a large fp32 and bf16 matmul (fp16 too on CUDA), in the same rounds.
+
+A pipeline's end-to-end sample for a round is its encoder's time plus its head's time in that
+round (the naive peer's two halves alike): the stages run back to back (synchronised on CUDA),
+so this is what one call costs, and it shows where the time goes.
 
 Speed-ups are ratios against the naive peer of the same run. FLOPs per image are counted
 (``torch.utils.flop_counter``, attention included) on the encoder graph, so the table says what
@@ -247,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"encoders as name:dtype[:cl] (cl: channels-last input), default on CPU {CPU_BACKENDS}, "
         f"on CUDA {CUDA_BACKENDS}",
     )
-    parser.add_argument("--heads", default=None, help=f"head backends, comma-separated (default: all of {BACKENDS})")
+    parser.add_argument(
+        "--heads", default=None, help=f"head backends, comma-separated, or none (default: all of {BACKENDS})"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
     parser.add_argument("--iters", type=int, default=8, help="timed rounds (default 8)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -329,7 +335,6 @@ def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dic
     naive_patches = naive.tokens_to_embeddings(pixels)  # [B, h*w, E]
     fp32_patches = naive_patches.reshape(batch, naive.grid, naive.grid, -1)  # [B, h, w, E]
     jobs: dict[str, Callable[[], object]] = {
-        "naive": lambda: naive(pixels, classes, out_size),
         "naive/encoder": lambda: naive.tokens_to_embeddings(pixels),
         "naive/head": lambda: naive.head(naive_patches, classes, out_size),
     }
@@ -353,6 +358,7 @@ def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dic
             if round_index >= args.warmup:
                 timings[label].add(seconds)
     peaks = {label: peak_bytes(job, device) for label, job in jobs.items() if not label.startswith("matmul/")}
+    peaks["naive"] = peak_bytes(lambda: naive(pixels, classes, out_size), device)
     return timings, peaks
 
 
@@ -368,7 +374,8 @@ def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict
     """Matmul ceilings (FLOP/s, median round) and one row per pipeline."""
     size = matmul_size(setup.device)
     ceilings = {d: 2 * size**3 / timings[f"matmul/{d}"].median for d in ceiling_dtypes(setup.device)}
-    naive, flops = timings["naive"], setup.flops
+    naive_encoder, naive_head, flops = timings["naive/encoder"], timings["naive/head"], setup.flops
+    naive = Timings([a + b for a, b in zip(naive_encoder.samples, naive_head.samples)])
     naive_rate = batch / naive.median
 
     def row(pipeline: str, e2e: Timings, encoder: Timings, head: Timings, peak: int, setup_s: float) -> dict:
@@ -388,9 +395,12 @@ def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict
             "setup_s": setup_s,
         }
 
-    rows = [row("naive peer", naive, timings["naive/encoder"], timings["naive/head"], peaks["naive"], 0.0)]
+    rows = [row("naive peer", naive, naive_encoder, naive_head, peaks["naive"], 0.0)]
     for label in setup.encoders:
         encoder = timings[f"encoder/{label}"]
+        if not setup.heads:  # --heads none: the encoders alone
+            rows.append(row(f"{label} (encoder only)", encoder, encoder, Timings([0.0]), peaks[f"encoder/{label}"], 0))
+            rows[-1]["setup_s"], rows[-1]["speedup"] = setup.setup_seconds[label], float("nan")
         for name in setup.heads:
             head = timings[f"head/{name}"]
             e2e = Timings([a + b for a, b in zip(encoder.samples, head.samples)])
@@ -422,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.backends = args.backends or parse_backends(CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
-    args.heads = args.heads.split(",") if args.heads else default_heads(device)
+    if args.heads == "none":
+        args.heads = []
+    else:
+        args.heads = args.heads.split(",") if args.heads else default_heads(device)
     config = {
         "model": f"{args.model} (random init)",
         "image_size": args.image_size,
@@ -467,10 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label, reason in setup.skipped.items():
         print(f"skipped {label}: {reason}")
-    print(
-        "ours: end-to-end = encoder + head of the same round (each head timed once a round on fp32 patches); "
-        "naive: one call. Speed-ups against the naive peer of the same run."
-    )
+    print("end-to-end = encoder + head times of the same round; speed-ups against the naive peer of the same run.")
     print()
     print_table([row for result in results for row in result["rows"]], device)
     if args.json:

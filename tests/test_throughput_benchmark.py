@@ -28,7 +28,7 @@ def test_throughput_benchmark_tiny(tmp_path, capsys):
         for row in rows.values():
             assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
             assert row["encoder_pct_of_bf16_ceiling"] > 0
-        assert len(batch_result["samples_s"]["naive"]) == 2
+        assert len(batch_result["samples_s"]["naive/encoder"]) == len(batch_result["samples_s"]["naive/head"]) == 2
         assert set(batch_result["ceilings"]) == {"fp32", "bf16"}
 
 

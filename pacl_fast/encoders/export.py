@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -186,6 +187,11 @@ class OnnxCache:
         """Path of the image graph for this input size, exported now if missing."""
         folder = self.root / image_artifact(image_size)
         if not (folder / ONNX_FILE).is_file():
+            print(
+                f"pacl-fast: exporting the image tower for {image_size[0]}x{image_size[1]} inputs to ONNX "
+                f"(once per input size; cached in {self.root})",
+                file=sys.stderr,
+            )
             export_image_onnx(self.model, image_size, folder, self.dtype)
         return folder / ONNX_FILE
 
@@ -193,5 +199,6 @@ class OnnxCache:
         """Path of the text graph, exported now if missing."""
         folder = self.root / TEXT_ARTIFACT
         if not (folder / ONNX_FILE).is_file():
+            print(f"pacl-fast: exporting the text tower to ONNX (cached in {self.root})", file=sys.stderr)
             export_text_onnx(self.model, folder, self.dtype)
         return folder / ONNX_FILE
