@@ -32,29 +32,38 @@ counts, which the head's peak dwarfs anyway.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import math
-import platform
-import statistics
-import sys
-import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+import os
 
-import torch
-import torch.nn.functional as F
+# Idle OpenMP threads sleep instead of spinning. On a machine shared with other jobs a spinning
+# thread burns the core that a descheduled peer needs, and every parallel op waits for the
+# straggler: ViT-B-16 bf16 ran 2.7x slower that way here (552 against 206 ms/image, load ~3 on
+# 2 cores) while a lone 2048^3 matmul did not change. Must be set before torch starts OpenMP;
+# export OMP_WAIT_POLICY=ACTIVE to measure the other way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pacl_fast.backbone import RandomWeightsWarning, load_clip
-from pacl_fast.demo import TINY_CLIP_CONFIG
-from pacl_fast.encoders import EncoderUnavailableError, make_encoder
-from pacl_fast.encoders.graph import ImageTower
-from pacl_fast.head import BACKENDS, Head
-from pacl_fast.model import PACL
-from pacl_fast.profiling import TensorMemoryTracker
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
+from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
+from pacl_fast.encoders import EncoderUnavailableError, make_encoder  # noqa: E402
+from pacl_fast.encoders.graph import ImageTower  # noqa: E402
+from pacl_fast.head import BACKENDS, Head  # noqa: E402
+from pacl_fast.model import PACL  # noqa: E402
+from pacl_fast.profiling import TensorMemoryTracker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32"
@@ -88,7 +97,8 @@ def machine_line(device: torch.device) -> str:
     if device.type == "cuda":
         chip = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        chip = f"CPU {cpu_name()} ({torch.get_num_threads()} threads)"
+        wait_policy = os.environ.get("OMP_WAIT_POLICY")
+        chip = f"CPU {cpu_name()} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait_policy})"
     return f"{chip}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
 
 
@@ -409,6 +419,10 @@ def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict
     return ceilings, rows
 
 
+def speedup(row: dict) -> str:
+    return "-" if math.isnan(row["speedup"]) else f"{row['speedup']:.2f}x"
+
+
 def print_table(rows: list[dict], device: torch.device) -> None:
     half = "fp16" if device.type == "cuda" else "bf16"
     header = (
@@ -419,7 +433,7 @@ def print_table(rows: list[dict], device: torch.device) -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         print(
-            f"| {r['batch']} | {r['pipeline']} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['p50_ms']:.0f} "
+            f"| {r['batch']} | {r['pipeline']} | {r['images_per_s']:.2f} | {speedup(r)} | {r['p50_ms']:.0f} "
             f"| {r['p95_ms']:.0f} | {r['encoder_ms_per_image']:.1f} | {r['head_ms_per_image']:.1f} "
             f"| {r['encoder_gflops']:.0f} | {r['encoder_pct_of_fp32_ceiling']:.0f}% "
             f"| {r[f'encoder_pct_of_{half}_ceiling']:.0f}% | {r['peak_mib']:.0f} | {r['setup_s']:.1f} |"
