@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-./gpu_check_logs}"
 mkdir -p "$LOG_DIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-export PACL_FAST_CACHE="$LOG_DIR/cache"   # ONNX graphs and TensorRT engines, fresh for this run
+# ONNX graphs and TensorRT engines (hundreds of MB): fresh for this run, and not under $OUT.
+export PACL_FAST_CACHE="${PACL_FAST_CACHE:-$(mktemp -d -t pacl-fast-cache.XXXXXX)}"
 PYTHON="${PYTHON:-python}"
 SUMMARY="$LOG_DIR/summary.md"
 echo "| section | result | seconds | log |" > "$SUMMARY"
