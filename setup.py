@@ -30,7 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "ruff", "onnx", "onnxruntime", "onnxscript", "webdataset"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "trt": ["onnx", "onnxscript", "tensorrt"],
+        "trt": ["onnx", "onnxscript", "tensorrt>=10.1"],
         "train": ["webdataset"],
     },
     entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},

@@ -4,11 +4,11 @@
 #     bash benchmarks/gpu_check.sh            # logs under $OUT/gpu_check when OUT is set
 #
 # Sections run in order; each writes its full log to $LOG_DIR/<section>.log and prints PASS/FAIL.
-# Budget: under 8 minutes on one H200 (each section has its own timeout below). The tables come
-# last. Exit status: 0 when every section passed.
+# Budget: under 8 minutes on one H200 (the section timeouts below add up to 7.7 minutes). The
+# tables come last. Exit status: 0 when every section passed. TensorRT runs only if it is
+# installed, onnxruntime's CUDA provider only if onnxruntime-gpu is; absent ones skip with the reason.
 #
-# Adding a section (e.g. issue 5: encoder parity and throughput): put it in the numbered slot
-# below with `run_section <name> <timeout_s> <command...>`; a benchmark section should also add
+# Adding a section: `run_section <name> <timeout_s> <command...>`; a benchmark section also adds
 # its log to TABLE_LOGS so that its markdown table is printed at the end.
 
 set -uo pipefail
@@ -17,8 +17,10 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 LOG_DIR="${OUT:-$(mktemp -d)}/gpu_check"
 mkdir -p "$LOG_DIR"
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the point is the compiled kernels
+# ONNX graphs and TensorRT engines (hundreds of MB): fresh for this run, and not under $OUT.
+export PACL_FAST_CACHE="${PACL_FAST_CACHE:-$(mktemp -d -t pacl-fast-cache.XXXXXX)}"
 STATUS=0
 TABLE_LOGS=()
 START=$(date +%s)
@@ -48,8 +50,18 @@ run_section() {
 echo "=== environment ==="
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+    "$PYTHON" - <<'PY'
+import importlib, torch
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", device)
+for name in ("triton", "open_clip", "onnxruntime", "tensorrt"):
+    try:
+        module = importlib.import_module(name)
+        extra = f" providers {module.get_available_providers()}" if name == "onnxruntime" else ""
+        print(name, module.__version__ + extra)
+    except ImportError:
+        print(name, "absent")
+PY
 } 2>&1 | tee "$LOG_DIR/environment.log"
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "FAIL: CUDA is not available to torch; this check needs a GPU" | tee -a "$LOG_DIR/environment.log"
@@ -60,22 +72,31 @@ fi
 # tests marked `gpu`: the compiled upsample+argmax kernel (and the tiled path on CUDA tensors) on
 # every random case of the CPU suite plus the 512x512 / 1024x2048 benchmark scale; the fused
 # embedder + cosine kernels in fp32/fp16/bf16 (bf16 on tensor cores), both variants.
-run_section head_parity 300 "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider \
+run_section head_parity 130 "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider \
     tests/test_head_kernels.py tests/test_patch_similarity.py
 if grep -qE "[0-9]+ skipped" "$LOG_DIR/head_parity.log"; then
     STATUS=1
     echo "FAIL head_parity: GPU tests were skipped on a GPU machine (reasons above / in the log)"
 fi
 
-# ---- 2. encoders: CUDA parity (issue 5 adds this section) ----------------------------------------
+# ---- 2. encoders: CUDA parity of every backend present (issue 5) ---------------------------------
+# torch fp16/bf16, torch.compile fp16, onnxruntime (CUDA EP) fp32/fp16, TensorRT fp16/fp32 against
+# the torch fp32 reference, tiny config and ViT-B-16 at 224 px (random init).
+run_section encoder_parity 100 "$PYTHON" -m pytest -q -rs -m "gpu and not slow" -p no:cacheprovider \
+    tests/test_encoders.py
 
 # ---- 3. head benchmark on CUDA (issue 4) ---------------------------------------------------------
 # reference vs tiled vs Triton for C in {21, 150, 171}, 512x512 and 1024x2048; then the embedder +
 # cosine kernels (torch unfused vs fused vs cuBLAS + Triton epilogue).
-run_section head_benchmark 150 "$PYTHON" -m benchmarks.head --device cuda --json "$LOG_DIR/head_cuda.json"
+run_section head_benchmark 80 "$PYTHON" -m benchmarks.head --device cuda --json "$LOG_DIR/head_cuda.json"
 TABLE_LOGS+=("$LOG_DIR/head_benchmark.log")
 
-# ---- 4. encoder throughput (issue 5 adds this section) -------------------------------------------
+# ---- 4. end-to-end throughput: ViT-B-16 at 448 px, batch 1/32/128, 150 classes (issue 5) ----------
+# The naive peer against every encoder backend present x every head backend, in one process so that
+# compiles and the TensorRT engine (profile 1..128) are built once for the three batch sizes.
+run_section throughput 150 "$PYTHON" -m benchmarks.throughput --device cuda --image-size 448 \
+    --batch 1,32,128 --classes 150 --output-size 512x512 --warmup 2 --iters 10 --json "$LOG_DIR/throughput_448.json"
+TABLE_LOGS+=("$LOG_DIR/throughput.log")
 
 # ---- tables (last) -------------------------------------------------------------------------------
 echo

@@ -1,4 +1,4 @@
-"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval`` and ``classify``."""
+"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval``, ``classify`` and ``export``."""
 
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-weights", default=None, help="pretrained tag (hub) or local checkpoint file")
     group.add_argument("--pacl-weights", default=None, help="PACL weights (.safetensors)")
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="encoder precision (default: float16 for tensorrt, else float32)",
+    )
     group.add_argument("--image-size", type=int, default=None, help="short side the model sees (default: CLIP's)")
     group.add_argument(
         "--backend",
@@ -46,6 +51,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="head backend: fast (Triton on CUDA, tiled on CPU; default), reference, tiled, triton",
     )
     group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument(
+        "--encoder",
+        default="torch",
+        choices=["torch", "compile", "onnxruntime", "tensorrt"],
+        help="image/text encoder backend (default: torch, eager)",
+    )
+    group.add_argument(
+        "--encoder-cache", type=Path, default=None, help="exported graphs / engines (default ~/.cache/pacl-fast)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     add_eval_parser(sub)
     add_classify_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -94,6 +109,8 @@ def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
         image_size=args.image_size,
         backend=args.backend,
         batch_size=args.batch_size,
+        encoder=args.encoder,
+        encoder_options={"cache_dir": args.encoder_cache} if args.encoder in ("onnxruntime", "tensorrt") else None,
     )
 
 
@@ -371,6 +388,101 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            height, _, width = part.strip().partition("x")
+            sizes.append((int(height), int(width or height)))
+        except ValueError as error:
+            message = f"--image-sizes expects items like 224 or 448x336, comma-separated, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from error
+    return sizes
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="export the encoders to ONNX or build TensorRT engines",
+        description="Export PACL's image tower (one graph per input size, dynamic batch) and text tower to ONNX, "
+        "or build TensorRT image engines from those graphs. OUT is a cache folder: point an encoder at it "
+        "(--encoder-cache OUT, or encoder_options={'cache_dir': OUT}) and it finds what was exported. "
+        "Artifacts already there are reused, so an interrupted export resumes. Writes OUT/manifest.json.",
+    )
+    export.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
+    export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
+    export.add_argument(
+        "--image-sizes",
+        type=_image_sizes,
+        default=None,
+        metavar="HxW,...",
+        help="input sizes to export, e.g. 224,448x336 (default: the CLIP's native size)",
+    )
+    export.add_argument("--max-batch", type=int, default=32, help="TensorRT profile: batches 1..N (default 32)")
+    group = export.add_argument_group("model")
+    group.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:PATH (default ViT-B-16)")
+    group.add_argument("--clip-weights", default=None, help="pretrained tag (hub) or local checkpoint file")
+    group.add_argument("--pacl-weights", default=None, help="PACL weights (.safetensors)")
+    group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    group.add_argument(
+        "--dtype", default=None, choices=["float32", "float16"], help="graph precision (default: float16 for tensorrt)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from pacl_fast.encoders import DEFAULT_DTYPES, EncoderUnavailableError
+    from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxCache
+    from pacl_fast.segmenter import Segmenter, resolve_dtype
+
+    backend = "onnxruntime" if args.format == "onnx" else "tensorrt"
+    dtype = resolve_dtype(args.dtype) if args.dtype else DEFAULT_DTYPES[backend]
+    segmenter = Segmenter(args.clip, args.clip_weights, args.pacl_weights, device=args.device, dtype="float32")
+    model = segmenter.model
+    sizes = args.image_sizes or [(segmenter.image_size, segmenter.image_size)]
+    try:
+        onnx = OnnxCache(model, dtype, args.out)
+        if args.format == "tensorrt":
+            from pacl_fast.encoders.tensorrt_encoder import TensorRTEncoder
+
+            trt_encoder = TensorRTEncoder(model, dtype, max_batch=args.max_batch, cache_dir=args.out)
+    except EncoderUnavailableError as error:
+        print(f"pacl-fast export: {error}", file=sys.stderr)
+        return 2
+    dtype_name = str(dtype).removeprefix("torch.")
+    manifest = {"format": args.format, "dtype": dtype_name, "key": onnx.key, "artifacts": []}
+    steps = [("image", size) for size in sizes] + ([("text", None)] if args.format == "onnx" else [])
+    embed_dim = model.config.embed_dim
+    for tower, size in tqdm(steps, desc=f"export {args.format}", unit="graph"):
+        if tower == "text":
+            path = onnx.text()
+            entry = {
+                "input": {"name": TEXT_INPUT, "shape": ["T", model.backbone.context_length], "dtype": "int64"},
+                "output": {"name": TEXT_OUTPUT, "shape": ["T", embed_dim], "dtype": dtype_name},
+            }
+        else:
+            if args.format == "tensorrt":
+                path = trt_encoder.engine_path(size)
+                if not path.is_file():
+                    trt_encoder.build(size)
+            else:
+                path = onnx.image(size)
+            grid = [size[0] // segmenter.patch_size, size[1] // segmenter.patch_size]
+            entry = {
+                "input": {"name": IMAGE_INPUT, "shape": ["B", 3, *size], "dtype": dtype_name},
+                "output": {"name": IMAGE_OUTPUT, "shape": ["B", *grid, embed_dim], "dtype": dtype_name},
+            }
+            if args.format == "tensorrt":
+                entry["batch_range"] = [1, args.max_batch]
+        manifest["artifacts"].append({"tower": tower, "path": str(path.relative_to(args.out)), **entry})
+        tqdm.write(f"{tower}{' ' + 'x'.join(map(str, size)) if size else ''}: {path}")
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "segment":
@@ -384,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_demo(args.out, num_images=args.num_images, seed=args.seed)
         return 0
+    if args.command == "export":
+        return run_export(args)
     raise AssertionError(args.command)
 
 

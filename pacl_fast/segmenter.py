@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from pacl_fast.backbone import RandomWeightsWarning, load_clip
-from pacl_fast.encoders import TorchEncoder
+from pacl_fast.encoders import make_encoder
 from pacl_fast.head import Head
 from pacl_fast.images import (
     DEFAULT_MAX_PIXELS,
@@ -66,10 +66,15 @@ class Segmenter:
         pacl_weights: PACL safetensors file (see ``pacl_fast.weights``), or None for an untrained
             embedder (with a warning).
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
-        dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names).
+        dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names);
+            None: the encoder's default (float16 for tensorrt, else float32).
         image_size: short side the model sees; default the CLIP's native size (224 for ViT-B-16).
         backend: head backend (``pacl_fast.head``): ``"fast"`` (Triton on CUDA, tiled PyTorch on
             CPU), ``"reference"`` (plain PyTorch), ``"tiled"`` or ``"triton"``.
+        encoder: ``"torch"`` (eager), ``"compile"`` (torch.compile), ``"onnxruntime"`` or
+            ``"tensorrt"`` (see :mod:`pacl_fast.encoders`). A missing library or device raises
+            :class:`~pacl_fast.encoders.EncoderUnavailableError` naming what to install.
+        encoder_options: backend arguments, e.g. ``{"cache_dir": ..., "max_batch": 32}``.
         strict_clip: refuse PACL weights recorded for another CLIP (default True).
         max_pixels: refuse decoded images larger than this.
         batch_size: images per encoder call.
@@ -82,9 +87,11 @@ class Segmenter:
         pacl_weights: str | os.PathLike | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
         backend: str = "fast",
+        encoder: str = "torch",
+        encoder_options: dict | None = None,
         strict_clip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
@@ -104,8 +111,10 @@ class Segmenter:
             model, self.metadata = load_pacl(backbone, pacl_weights, strict_clip=strict_clip)
         self.model = model.to(device)
         self.device = device
-        self.dtype = resolve_dtype(dtype)
-        self.encoder = TorchEncoder(self.model, self.dtype)
+        self.encoder = make_encoder(
+            encoder, self.model, None if dtype is None else resolve_dtype(dtype), **(encoder_options or {})
+        )
+        self.dtype = self.encoder.dtype
         self.head = Head(backend)
         self.image_size = image_size or backbone.image_size
         self.patch_size = backbone.patch_size
@@ -295,5 +304,6 @@ class Segmenter:
     def __repr__(self) -> str:
         return (
             f"Segmenter(clip={self.model.backbone.identity}, pacl={'trained' if self.metadata else 'untrained'}, "
-            f"device={self.device}, dtype={self.dtype}, image_size={self.image_size}, backend={self.head.backend})"
+            f"device={self.device}, encoder={self.encoder.name}, dtype={self.dtype}, image_size={self.image_size}, "
+            f"backend={self.head.backend})"
         )

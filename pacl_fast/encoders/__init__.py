@@ -4,22 +4,78 @@ Every encoder has the same two methods:
 
 * ``encode_image(pixels)``: normalised pixels ``[B, 3, H, W]`` -> unit PACL patch embeddings
   ``[B, h, w, E]`` (backbone and embedder as one graph);
-* ``encode_text(tokens)``: token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]``.
+* ``encode_text(tokens)``: token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (float32).
+
+Backends (:func:`make_encoder`):
+
+========== ========================================== ========================== ===============
+name       what runs                                  precisions                 needs
+========== ========================================== ========================== ===============
+torch      the model, eager (the reference)           float32, bfloat16, float16 -
+compile    ``torch.compile`` (Inductor)               float32, bfloat16, float16 a C++ compiler on CPU
+onnxruntime ONNX export, onnxruntime (CPU or CUDA EP) float32, float16           ``pacl-fast[onnx]``
+tensorrt   engine built from the ONNX export          float16, float32           ``pacl-fast[trt]``, CUDA
+========== ========================================== ========================== ===============
 """
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
 
+from pacl_fast.encoders.export import EncoderUnavailableError
 from pacl_fast.encoders.torch_encoder import TorchEncoder
+from pacl_fast.model import PACL
+
+ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt")
+DEFAULT_DTYPES = {
+    "torch": torch.float32,
+    "compile": torch.float32,
+    "onnxruntime": torch.float32,
+    "tensorrt": torch.float16,
+}
 
 
 class Encoder(Protocol):
+    dtype: torch.dtype
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
-__all__ = ["Encoder", "TorchEncoder"]
+def make_encoder(
+    name: str,
+    model: PACL,
+    dtype: torch.dtype | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    **options,
+) -> Encoder:
+    """Build the encoder backend ``name`` for ``model`` (see the table above).
+
+    Args:
+        name: ``"torch"``, ``"compile"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        dtype: precision; None picks the backend's default (float16 for tensorrt, else float32).
+        cache_dir: where onnxruntime and tensorrt keep exported graphs and engines.
+        options: backend arguments (``channels_last``; ``threads``; ``max_batch``, ``workspace_gib``...).
+    Raises:
+        EncoderUnavailableError: the backend's library or device is missing (the message names the extra).
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")
+    dtype = DEFAULT_DTYPES[name] if dtype is None else dtype
+    if name in ("torch", "compile"):
+        return TorchEncoder(model, dtype, compile=name == "compile", **options)
+    if name == "onnxruntime":
+        from pacl_fast.encoders.onnx_encoder import OnnxRuntimeEncoder
+
+        return OnnxRuntimeEncoder(model, dtype, cache_dir=cache_dir, **options)
+    from pacl_fast.encoders.tensorrt_encoder import TensorRTEncoder
+
+    return TensorRTEncoder(model, dtype, cache_dir=cache_dir, **options)
+
+
+__all__ = ["DEFAULT_DTYPES", "ENCODERS", "Encoder", "EncoderUnavailableError", "TorchEncoder", "make_encoder"]

@@ -1,0 +1,518 @@
+"""End-to-end segmentation throughput: the naive peer against every encoder backend x head.
+
+    python -m benchmarks.throughput                      # ViT-B-16 (random init), 224 px, batch 4,
+                                                         # 150 classes, 512x512 outputs
+    python -m benchmarks.throughput --backends torch:fp32,compile:bf16 --iters 20 --json out.json
+
+What is timed, per round (all pipelines take turns each round, so a noisy shared machine slows
+them alike; the first pipeline of a round rotates):
+
+* **naive peer**: what public PACL re-implementations write: open_clip's ViT with
+  ``output_tokens=True`` in eager fp32 and the PACL embedder (its encoder), then cosine logits,
+  ``F.interpolate`` to the output size and ``argmax`` (its head).
+* **encoders**: each backend's ``encode_image`` (``[B, 3, S, S]`` -> unit ``[B, h, w, E]``).
+* **heads**: each head backend (``pacl_fast.head.BACKENDS``) from patch embeddings to int16
+  labels and float32 scores at the output size (similarity + upsample + argmax + score).
+  A head's cost does not depend on which encoder made its input, so each head is timed once per
+  round (on fp32 patches).
+* **matmul ceiling**: a large fp32 and bf16 matmul (fp16 too on CUDA), in the same rounds.
+
+A pipeline's end-to-end sample for a round is its encoder's time plus its head's time in that
+round (the naive peer's two halves alike): the stages run back to back (synchronised on CUDA),
+so this is what one call costs, and it shows where the time goes.
+
+Speed-ups are ratios against the naive peer of the same run. FLOPs per image are counted
+(``torch.utils.flop_counter``, attention included) on the encoder graph, so the table says what
+fraction of the measured bf16 matmul ceiling each encoder reaches. Peak memory is the peak of
+live tensors above the start (CUDA: ``max_memory_allocated``; CPU:
+``pacl_fast.profiling.TensorMemoryTracker``), measured in one untimed pass of encoder then head.
+On CPU the tracker cannot see inside onnxruntime or a compiled graph: there only their output
+counts, which the head's peak dwarfs anyway.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning. On a machine shared with other jobs a spinning
+# thread burns the core that a descheduled peer needs, and every parallel op waits for the
+# straggler: ViT-B-16 bf16 ran 2.7x slower that way here (552 against 206 ms/image, load ~3 on
+# 2 cores) while a lone 2048^3 matmul did not change. Must be set before torch starts OpenMP;
+# export OMP_WAIT_POLICY=ACTIVE to measure the other way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
+from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
+from pacl_fast.encoders import EncoderUnavailableError, make_encoder  # noqa: E402
+from pacl_fast.encoders.graph import ImageTower  # noqa: E402
+from pacl_fast.head import BACKENDS, Head  # noqa: E402
+from pacl_fast.model import PACL  # noqa: E402
+from pacl_fast.profiling import TensorMemoryTracker  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32"
+CUDA_BACKENDS = "torch:fp16,compile:fp16,onnxruntime:fp16,tensorrt:fp16"
+
+
+# --- the machine ------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("triton", "open_clip", "onnxruntime", "tensorrt"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            found[module] = "absent"
+    return found
+
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        chip = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        wait_policy = os.environ.get("OMP_WAIT_POLICY")
+        chip = f"CPU {cpu_name()} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait_policy})"
+    return f"{chip}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_seconds(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """A timer of one ``size``^3 matmul in ``dtype`` (operands made once)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def run() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    run()
+    return run
+
+
+def count_encoder_flops(model: PACL, image_size: int) -> int:
+    """FLOPs of one image through the encoder graph (backbone + embedder), attention included."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    device = model.embedder.linear.weight.device
+    tower = ImageTower(model)
+    # torch's registry counts the CUDA attention kernels but not the CPU one.
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        tower(torch.randn(1, 3, image_size, image_size, device=device))
+    return counter.get_total_flops()
+
+
+# --- the pipelines ----------------------------------------------------------------------------------
+
+
+class NaivePeer:
+    """The straightforward PACL inference of public re-implementations, eager fp32.
+
+    open_clip tokens (``output_tokens=True``; at a non-native size its positional embedding is
+    resized first, as such code does when loading) -> PACL embedder -> cosine logits ->
+    ``F.interpolate`` -> ``argmax``.
+    """
+
+    def __init__(self, model: PACL, image_size: int):
+        backbone = model.backbone
+        self.visual = copy.deepcopy(backbone.visual).float().eval()
+        grid = image_size // backbone.patch_size
+        if (grid, grid) != tuple(backbone.visual.grid_size):
+            resized = backbone.positional_embedding((grid, grid), torch.float32, backbone.visual.conv1.weight.device)
+            self.visual.positional_embedding = torch.nn.Parameter(resized.clone())
+        self.visual.output_tokens = True
+        self.embedder = copy.deepcopy(model.embedder).float().eval()
+        self.grid = grid
+
+    @torch.no_grad()
+    def tokens_to_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.visual(pixels)  # [B, h*w, D]
+        return F.normalize(self.embedder(tokens), dim=-1)  # [B, h*w, E]
+
+    @torch.no_grad()
+    def head(self, patches: torch.Tensor, classes: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        logits = patches @ classes.T  # [B, h*w, C]
+        logits = logits.transpose(1, 2).reshape(patches.shape[0], -1, self.grid, self.grid)  # [B, C, h, w]
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # [B, C, H, W]
+        return logits.argmax(dim=1)  # [B, H, W]
+
+    def __call__(self, pixels: torch.Tensor, classes: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.tokens_to_embeddings(pixels), classes, out_size)
+
+
+def run_head(head: Head, patches, classes, out_size, logit_scale: float):  # noqa: ANN001, ANN201
+    """What ``Segmenter.predict_torch`` does after the encoder."""
+    logits = head.similarity(patches, classes)  # [B, h, w, C]
+    return head.segment(logits, out_size, logit_scale=logit_scale)
+
+
+@dataclass
+class Timings:
+    samples: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak live tensor bytes above the start while ``fn`` runs."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with TensorMemoryTracker() as tracker:
+        fn()
+    return tracker.peak_bytes
+
+
+def parse_backends(text: str) -> list[tuple[str, str, bool]]:
+    """``name:dtype[:cl]`` items -> (encoder name, dtype name, channels_last)."""
+    specs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or parts[1] not in DTYPES or (len(parts) == 3 and parts[2] != "cl"):
+            expected = f"name:dtype[:cl] with dtype in {list(DTYPES)}"
+            raise argparse.ArgumentTypeError(f"--backends items are {expected}, got {item!r}")
+        specs.append((parts[0], parts[1], len(parts) == 3))
+    return specs
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    return int(height), int(width or height)
+
+
+def parse_batches(text: str) -> list[int]:
+    batches = [int(part) for part in text.split(",")]
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"--batch expects positive sizes like 4 or 1,32,128, got {text!r}")
+    return batches
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="ViT-B-16", help="open_clip model name, random init, or 'tiny' (default ViT-B-16)"
+    )
+    parser.add_argument("--image-size", type=int, default=224, help="square model input side (default 224)")
+    parser.add_argument("--batch", type=parse_batches, default=[4], help="images per call, e.g. 4 or 1,32,128")
+    parser.add_argument("--classes", type=int, default=150, help="number of classes (default 150)")
+    parser.add_argument("--output-size", type=parse_size, default=(512, 512), help="HxW of the outputs (default 512)")
+    parser.add_argument(
+        "--backends",
+        type=parse_backends,
+        default=None,
+        help=f"encoders as name:dtype[:cl] (cl: channels-last input), default on CPU {CPU_BACKENDS}, "
+        f"on CUDA {CUDA_BACKENDS}",
+    )
+    parser.add_argument(
+        "--heads", default=None, help=f"head backends, comma-separated, or none (default: all of {BACKENDS})"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
+    parser.add_argument("--iters", type=int, default=8, help="timed rounds (default 8)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cache", type=Path, default=None, help="ONNX/TensorRT cache (default ~/.cache/pacl-fast)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    return parser
+
+
+def default_heads(device: torch.device) -> list[str]:
+    # The Triton backend on CPU tensors runs in Triton's interpreter: a correctness tool, not a speed.
+    return [name for name in BACKENDS if not (device.type == "cpu" and name == "triton")]
+
+
+@dataclass
+class Setup:
+    """Everything built before timing: the model's FLOPs, the naive peer, encoders and heads."""
+
+    device: torch.device
+    flops: int
+    naive: NaivePeer
+    encoders: dict[str, object]
+    setup_seconds: dict[str, float]
+    heads: dict[str, Head]
+    classes: torch.Tensor  # [C, E]
+    logit_scale: float
+    skipped: dict[str, str]
+
+
+def build(args: argparse.Namespace, device: torch.device) -> Setup:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = PACL(load_clip(TINY_CLIP_CONFIG if args.model == "tiny" else args.model, device=device)).eval()
+    flops = count_encoder_flops(model, args.image_size)
+    print(f"encoder FLOPs per image: {flops / 1e9:.2f} GFLOP (counted: backbone + embedder, attention included)")
+    classes = F.normalize(torch.randn(args.classes, model.config.embed_dim, device=device), dim=-1)  # [C, E]
+    probe = torch.randn(max(args.batch), 3, args.image_size, args.image_size, device=device)
+    skipped: dict[str, str] = {}
+    naive = NaivePeer(model, args.image_size)
+    encoders, setup_seconds = {}, {}
+    for name, dtype_name, channels_last in args.backends:
+        label = f"{name}:{dtype_name}" + (":cl" if channels_last else "")
+        options = {"channels_last": True} if channels_last else {}
+        if name in ("onnxruntime", "tensorrt"):
+            options["cache_dir"] = args.cache
+        if name == "tensorrt":
+            options["max_batch"] = max(args.batch)
+        start = time.perf_counter()
+        try:
+            encoder = make_encoder(name, copy.deepcopy(model), DTYPES[dtype_name], **options)
+            for batch in args.batch:  # exports / compiles / engine builds happen here
+                encoder.encode_image(probe[:batch])
+        except (EncoderUnavailableError, ValueError) as error:
+            skipped[label] = str(error)
+            print(f"skip encoder {label}: {error}", file=sys.stderr)
+            continue
+        setup_seconds[label] = time.perf_counter() - start
+        encoders[label] = encoder
+        print(f"ready {label} in {setup_seconds[label]:.1f} s", file=sys.stderr)
+    logit_scale = float(model.logit_scale.detach())
+    heads = {}
+    patches = naive.tokens_to_embeddings(probe[:1]).reshape(1, naive.grid, naive.grid, -1)  # [1, h, w, E]
+    for name in args.heads:
+        try:
+            heads[name] = Head(name)
+            run_head(heads[name], patches, classes, args.output_size, logit_scale)
+        except Exception as error:  # noqa: BLE001 - a head that cannot run here is reported, not fatal
+            heads.pop(name, None)
+            skipped[f"head {name}"] = f"{type(error).__name__}: {error}"
+            print(f"skip head {name}: {error}", file=sys.stderr)
+    return Setup(device, flops, naive, encoders, setup_seconds, heads, classes, logit_scale, skipped)
+
+
+def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dict[str, Timings], dict[str, int]]:
+    """Every job once per round, the first one rotating; then one untimed pass each for peak memory."""
+    device, naive, classes, out_size = setup.device, setup.naive, setup.classes, args.output_size
+    pixels = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    naive_patches = naive.tokens_to_embeddings(pixels)  # [B, h*w, E]
+    fp32_patches = naive_patches.reshape(batch, naive.grid, naive.grid, -1)  # [B, h, w, E]
+    jobs: dict[str, Callable[[], object]] = {
+        "naive/encoder": lambda: naive.tokens_to_embeddings(pixels),
+        "naive/head": lambda: naive.head(naive_patches, classes, out_size),
+    }
+    for label, encoder in setup.encoders.items():
+        jobs[f"encoder/{label}"] = lambda encoder=encoder: encoder.encode_image(pixels)
+    for name, head in setup.heads.items():
+        jobs[f"head/{name}"] = lambda head=head: run_head(head, fp32_patches, classes, out_size, setup.logit_scale)
+    for dtype_name in ceiling_dtypes(device):
+        jobs[f"matmul/{dtype_name}"] = matmul_seconds(matmul_size(device), DTYPES[dtype_name], device)
+    timings = {label: Timings() for label in jobs}
+    order = list(jobs)
+    from tqdm.auto import tqdm
+
+    for round_index in tqdm(range(args.warmup + args.iters), desc=f"batch {batch}", file=sys.stderr):
+        shift = round_index % len(order)
+        for label in order[shift:] + order[:shift]:
+            if label.startswith("matmul/"):
+                seconds = jobs[label]()
+            else:
+                seconds, _ = timed(jobs[label], device)
+            if round_index >= args.warmup:
+                timings[label].add(seconds)
+    peaks = {label: peak_bytes(job, device) for label, job in jobs.items() if not label.startswith("matmul/")}
+    peaks["naive"] = peak_bytes(lambda: naive(pixels, classes, out_size), device)
+    return timings, peaks
+
+
+def matmul_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
+
+
+def ceiling_dtypes(device: torch.device) -> list[str]:
+    return ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+
+
+def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict[str, int]) -> tuple[dict, list]:
+    """Matmul ceilings (FLOP/s, median round) and one row per pipeline."""
+    size = matmul_size(setup.device)
+    ceilings = {d: 2 * size**3 / timings[f"matmul/{d}"].median for d in ceiling_dtypes(setup.device)}
+    naive_encoder, naive_head, flops = timings["naive/encoder"], timings["naive/head"], setup.flops
+    naive = Timings([a + b for a, b in zip(naive_encoder.samples, naive_head.samples)])
+    naive_rate = batch / naive.median
+
+    def row(pipeline: str, e2e: Timings, encoder: Timings, head: Timings, peak: int, setup_s: float) -> dict:
+        encoder_flops = flops * batch / encoder.median
+        return {
+            "pipeline": pipeline,
+            "batch": batch,
+            "images_per_s": batch / e2e.median,
+            "speedup": batch / e2e.median / naive_rate,
+            "p50_ms": e2e.median * 1e3,
+            "p95_ms": e2e.percentile(0.95) * 1e3,
+            "encoder_ms_per_image": encoder.median * 1e3 / batch,
+            "head_ms_per_image": head.median * 1e3 / batch,
+            "encoder_gflops": encoder_flops / 1e9,
+            **{f"encoder_pct_of_{d}_ceiling": 100 * encoder_flops / c for d, c in ceilings.items()},
+            "peak_mib": peak / 2**20,
+            "setup_s": setup_s,
+        }
+
+    rows = [row("naive peer", naive, naive_encoder, naive_head, peaks["naive"], 0.0)]
+    for label in setup.encoders:
+        encoder = timings[f"encoder/{label}"]
+        if not setup.heads:  # --heads none: the encoders alone
+            rows.append(row(f"{label} (encoder only)", encoder, encoder, Timings([0.0]), peaks[f"encoder/{label}"], 0))
+            rows[-1]["setup_s"], rows[-1]["speedup"] = setup.setup_seconds[label], float("nan")
+        for name in setup.heads:
+            head = timings[f"head/{name}"]
+            e2e = Timings([a + b for a, b in zip(encoder.samples, head.samples)])
+            peak = max(peaks[f"encoder/{label}"], peaks[f"head/{name}"])
+            rows.append(row(f"{label} + {name}", e2e, encoder, head, peak, setup.setup_seconds[label]))
+    return ceilings, rows
+
+
+def speedup(row: dict) -> str:
+    return "-" if math.isnan(row["speedup"]) else f"{row['speedup']:.2f}x"
+
+
+def print_table(rows: list[dict], device: torch.device) -> None:
+    half = "fp16" if device.type == "cuda" else "bf16"
+    header = (
+        f"| batch | pipeline | images/s | vs naive | p50 ms | p95 ms | encoder ms/img | head ms/img "
+        f"| encoder GFLOP/s | % fp32 ceiling | % {half} ceiling | peak MiB | setup s |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['pipeline']} | {r['images_per_s']:.2f} | {speedup(r)} | {r['p50_ms']:.0f} "
+            f"| {r['p95_ms']:.0f} | {r['encoder_ms_per_image']:.1f} | {r['head_ms_per_image']:.1f} "
+            f"| {r['encoder_gflops']:.0f} | {r['encoder_pct_of_fp32_ceiling']:.0f}% "
+            f"| {r[f'encoder_pct_of_{half}_ceiling']:.0f}% | {r['peak_mib']:.0f} | {r['setup_s']:.1f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.backends = args.backends or parse_backends(CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
+    if args.heads == "none":
+        args.heads = []
+    else:
+        args.heads = args.heads.split(",") if args.heads else default_heads(device)
+    config = {
+        "model": f"{args.model} (random init)",
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "classes": args.classes,
+        "output_size": list(args.output_size),
+        "device": str(device),
+        "backends": [":".join([n, d] + (["cl"] if cl else [])) for n, d, cl in args.backends],
+        "heads": args.heads,
+        "warmup": args.warmup,
+        "iters": args.iters,
+    }
+    machine = machine_line(device)
+    print(machine)
+    print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    if device.type == "cuda":  # TensorRT (and good practice) want a non-default stream
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+    setup = build(args, device)
+    results = []
+    for batch in args.batch:
+        timings, peaks = time_rounds(setup, args, batch)
+        ceilings, rows = summarize(setup, batch, timings, peaks)
+        results.append(
+            {
+                "batch": batch,
+                "ceilings": ceilings,
+                "rows": rows,
+                "samples_s": {label: t.samples for label, t in timings.items()},
+                "peak_bytes": peaks,
+            }
+        )
+
+    print()
+    for result in results:
+        print(
+            f"batch {result['batch']}: matmul ceiling ({matmul_size(device)}^3, median round): "
+            + ", ".join(f"{d} {c / 1e9:.0f} GFLOP/s" for d, c in result["ceilings"].items())
+        )
+    print(
+        f"encoder: {setup.flops / 1e9:.2f} GFLOP/image; head: {args.classes} classes to "
+        f"{args.output_size[0]}x{args.output_size[1]}"
+    )
+    for label, reason in setup.skipped.items():
+        print(f"skipped {label}: {reason}")
+    print("end-to-end = encoder + head times of the same round; speed-ups against the naive peer of the same run.")
+    print()
+    print_table([row for result in results for row in result["rows"]], device)
+    if args.json:
+        payload = {
+            "machine": machine,
+            "versions": versions(),
+            "config": config,
+            "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "encoder_flops_per_image": setup.flops,
+            "setup_s": setup.setup_seconds,
+            "skipped": setup.skipped,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

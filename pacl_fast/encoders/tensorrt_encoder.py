@@ -1,0 +1,311 @@
+"""TensorRT encoder: image engines built from the ONNX export with TensorRT's Python API.
+
+Written against the TensorRT 10.1+ Python API (``build_serialized_network``, a strongly typed
+network, one optimisation profile over the batch axis, ``execute_async_v3``) and never run on
+the machine it was written on (no GPU, no TensorRT there): its tests skip without them, and
+``benchmarks/gpu_check.sh`` is the first thing to run on a GPU machine.
+
+Precision lives in the graph: the engine is built from a float16 (or float32) ONNX export as a
+*strongly typed* network. That is the one form TensorRT 10 and 11 both accept (11 removed
+``BuilderFlag.FP16``); TensorRT still runs normalisation layers in float32.
+
+Torch owns everything on the device: inputs and outputs are torch tensors, TensorRT's scratch
+memory is a torch allocation handed over with ``set_device_memory``, and kernels are enqueued
+on torch's current stream. No pycuda.
+
+Engines are cached on disk, keyed by the weights' sha256 and the configs (the ONNX export key),
+the input size, the batch profile, the TensorRT version and the GPU::
+
+    <cache>/tensorrt/<export key>-trt<version>-<gpu>/image-448x448-b128.engine
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, EncoderUnavailableError, OnnxCache, default_cache_dir
+from pacl_fast.encoders.graph import model_device
+from pacl_fast.encoders.onnx_encoder import check_out
+from pacl_fast.model import PACL
+
+MIN_TENSORRT = (10, 1)  # set_device_memory / device_memory_size_v2
+ALIGNMENT = 256  # bytes TensorRT asks of tensor addresses
+
+
+def import_tensorrt():  # noqa: ANN201 - the module
+    """``tensorrt``, or :class:`EncoderUnavailableError` naming the extra to install."""
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise EncoderUnavailableError(
+            "encoder='tensorrt' needs TensorRT, which is not installed: pip install pacl-fast[trt]"
+        ) from error
+    version = tuple(int(part) for part in re.findall(r"\d+", tensorrt.__version__)[:2])
+    if version < MIN_TENSORRT:
+        raise EncoderUnavailableError(
+            f"encoder='tensorrt' needs TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}, found {tensorrt.__version__}: "
+            "pip install -U pacl-fast[trt]"
+        )
+    return tensorrt
+
+
+def require_cuda(device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        raise EncoderUnavailableError("encoder='tensorrt' needs a CUDA device, and torch sees none")
+    if device.type != "cuda":
+        raise ValueError(f"encoder='tensorrt' needs the model on a CUDA device, it is on {device} (pass device='cuda')")
+
+
+def gpu_slug(device: torch.device) -> str:
+    """``NVIDIA-H200-sm90``: engines are specific to a GPU model."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{name}-sm{major}{minor}"
+
+
+def _torch_dtype(trt, trt_dtype) -> torch.dtype:  # noqa: ANN001 - tensorrt module and DataType
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+    }
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    return table[trt_dtype]
+
+
+def _progress_monitor(trt, description: str):  # noqa: ANN001, ANN202 - a trt.IProgressMonitor
+    """A ``trt.IProgressMonitor`` drawing one tqdm bar per build phase (TensorRT calls it from its threads)."""
+    from tqdm.auto import tqdm
+
+    class BuildProgress(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.bars: dict[str, tqdm] = {}
+            self.lock = threading.Lock()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with self.lock:
+                depth = len(self.bars)
+                self.bars[phase_name] = tqdm(
+                    total=num_steps, desc=f"{description}: {phase_name}", position=depth, leave=depth == 0
+                )
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self.lock:
+                bar = self.bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self.lock:
+                bar = self.bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+    return BuildProgress()
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    input_name: str,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    *,
+    workspace_bytes: int = 4 << 30,
+    progress: bool = True,
+) -> Path:
+    """Build a strongly typed engine from an ONNX file with one optimisation profile; write it atomically.
+
+    Args:
+        shapes: ``(min, opt, max)`` shapes of ``input_name``.
+    """
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *shapes)
+    config.add_optimization_profile(profile)
+    monitor = _progress_monitor(trt, f"TensorRT {engine_path.stem}") if progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor  # must outlive the build: `monitor` is held until we return
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (its log above says why)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(serialized))
+    os.replace(tmp, engine_path)
+    return engine_path
+
+
+class _Engine:
+    """One deserialised engine, its execution context and its torch-owned scratch memory."""
+
+    def __init__(self, trt, runtime, path: Path, device: torch.device):  # noqa: ANN001
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialise {path}")
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        # Scratch for every shape of the profile; torch's allocator hands out 512-byte aligned blocks.
+        self.scratch = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device=device)
+        self.context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(IMAGE_INPUT))
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(IMAGE_OUTPUT))
+
+
+class TensorRTEncoder:
+    """Runs PACL's image tower as TensorRT engines (one per input size); text stays in PyTorch.
+
+    The text tower runs once per vocabulary and the Segmenter caches its output, so a second
+    engine would add minutes of build time and save nothing measurable: ``encode_text`` is the
+    model's own (eager, on the same GPU).
+
+    Args:
+        model: the PACL model, on a CUDA device (not modified).
+        dtype: engine precision: float16 (default) or float32.
+        max_batch: the optimisation profile covers batches 1..max_batch (tuned for max_batch);
+            larger batches run in chunks.
+        cache_dir: root of the ONNX and engine caches (default ``$PACL_FAST_CACHE`` or ``~/.cache/pacl-fast``).
+        workspace_gib: TensorRT's builder workspace limit.
+        progress: show build progress bars.
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        model: PACL,
+        dtype: torch.dtype = torch.float16,
+        *,
+        max_batch: int = 32,
+        cache_dir: str | os.PathLike | None = None,
+        workspace_gib: float = 4.0,
+        progress: bool = True,
+    ):
+        self.trt = import_tensorrt()
+        self.device = model_device(model)
+        require_cuda(self.device)
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"encoder='tensorrt' builds float16 or float32 engines, got dtype={dtype}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.workspace_bytes = int(workspace_gib * (1 << 30))
+        self.progress = progress
+        self.patch_size = model.backbone.patch_size
+        self.embed_dim = model.config.embed_dim
+        self.onnx = OnnxCache(model, dtype, cache_dir)
+        cache_root = Path(cache_dir or default_cache_dir())
+        self.root = cache_root / "tensorrt" / f"{self.onnx.key}-trt{self.trt.__version__}-{gpu_slug(self.device)}"
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)  # must outlive its engines
+        self._engines: dict[tuple[int, int], _Engine] = {}
+        self._done = torch.cuda.Event()  # the last enqueue: scratch memory is free after it
+        self._pending = False
+
+    def engine_path(self, image_size: tuple[int, int]) -> Path:
+        return self.root / f"image-{image_size[0]}x{image_size[1]}-b{self.max_batch}.engine"
+
+    def engine(self, image_size: tuple[int, int]) -> _Engine:
+        """The engine for inputs of this size, built (from the cached ONNX export) on first use."""
+        image_size = (int(image_size[0]), int(image_size[1]))
+        if image_size not in self._engines:
+            path = self.engine_path(image_size)
+            if not path.is_file():
+                self.build(image_size)
+            try:
+                self._engines[image_size] = _Engine(self.trt, self.runtime, path, self.device)
+            except RuntimeError:  # a stale or truncated file: build again once
+                self.build(image_size)
+                self._engines[image_size] = _Engine(self.trt, self.runtime, path, self.device)
+        return self._engines[image_size]
+
+    def build(self, image_size: tuple[int, int]) -> Path:
+        """Export (if needed) and build the engine for this input size; returns its path."""
+        if self.progress:
+            print(
+                f"pacl-fast: building a TensorRT engine for {image_size[0]}x{image_size[1]} inputs, batch "
+                f"1..{self.max_batch} (minutes; cached in {self.root})",
+                file=sys.stderr,
+            )
+        onnx_path = self.onnx.image(image_size)
+        shape = (3, *image_size)
+        return build_engine(
+            onnx_path,
+            self.engine_path(image_size),
+            IMAGE_INPUT,
+            ((1, *shape), (self.max_batch, *shape), (self.max_batch, *shape)),
+            workspace_bytes=self.workspace_bytes,
+            progress=self.progress,
+        )
+
+    def _enqueue(self, engine: _Engine, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        context = engine.context
+        if not context.set_input_shape(IMAGE_INPUT, tuple(chunk.shape)):
+            raise ValueError(f"input shape {tuple(chunk.shape)} is outside the engine's profile")
+        if tuple(context.get_tensor_shape(IMAGE_OUTPUT)) != tuple(out.shape):
+            raise RuntimeError(
+                f"engine output shape {tuple(context.get_tensor_shape(IMAGE_OUTPUT))} != expected {tuple(out.shape)}"
+            )
+        context.set_tensor_address(IMAGE_INPUT, chunk.data_ptr())
+        context.set_tensor_address(IMAGE_OUTPUT, out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if self._pending:  # the previous call may have run on another stream: its scratch use must end first
+            stream.wait_event(self._done)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
+        self._done.record(stream)
+        self._pending = True
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, h, w, E]`` unit embeddings (engine precision).
+
+        ``out``: an optional contiguous ``[B, h, w, E]`` tensor (engine precision, on the GPU) to write into.
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
+        height, width = pixels.shape[-2:]
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image sides must be multiples of the patch size {p}, got {height}x{width}")
+        engine = self.engine((height, width))
+        pixels = pixels.to(self.device, engine.input_dtype).contiguous()
+        shape = (pixels.shape[0], height // p, width // p, self.embed_dim)
+        patches = check_out(out, shape, engine.output_dtype, self.device)
+        for start in range(0, pixels.shape[0], self.max_batch):
+            chunk = pixels[start : start + self.max_batch]
+            out = patches[start : start + self.max_batch]
+            if chunk.data_ptr() % ALIGNMENT:
+                chunk = chunk.clone()
+            if out.data_ptr() % ALIGNMENT:  # write aligned, then copy into place
+                aligned = torch.empty_like(out)
+                self._enqueue(engine, chunk, aligned)
+                out.copy_(aligned)
+            else:
+                self._enqueue(engine, chunk, out)
+        return patches
+
+    @torch.inference_mode()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings (float32), by the PyTorch model."""
+        return self.model.encode_text(tokens.to(self.device)).float()

@@ -1,0 +1,425 @@
+"""Every encoder backend against the torch fp32 reference (DESIGN §5), the traceable towers, the
+export cache, and how a missing library or device is reported.
+
+Backends whose library or device is missing skip with that reason: here (CPU, no TensorRT) the
+tensorrt and CUDA cases skip; ``benchmarks/gpu_check.sh`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet_load_clip
+from torch import nn
+
+from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
+from pacl_fast.encoders.export import OnnxCache, _export, export_key, weights_digest
+from pacl_fast.encoders.graph import ImageTower, SelfAttention, TextTower, supports_sdpa
+from pacl_fast.model import PACL
+
+HALF = (torch.bfloat16, torch.float16)
+PROMPTS = ["a photo of a cat.", "a dog", "the sky", "a road at night", "tree", "a red car", "grass", "water"]
+HAS_CUDA = torch.cuda.is_available()
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
+NO_TENSORRT = "needs TensorRT (pip install pacl-fast[trt]); not installed"
+
+
+def make_model(arch, seed: int = 0) -> PACL:
+    torch.manual_seed(seed)
+    model = PACL(quiet_load_clip(arch)).eval()
+    nn.init.normal_(model.embedder.fc2.weight, std=0.05)  # the MLP branch starts at zero: make it count
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config) -> PACL:
+    return make_model(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def vit_model() -> PACL:
+    return make_model("ViT-B-16")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoder-cache")
+
+
+def reference_outputs(model: PACL, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager fp32 model's patches ``[B, h, w, E]`` and texts ``[T, E]`` (on a copy: encoders cast in place)."""
+    reference = TorchEncoder(copy.deepcopy(model).float())
+    return reference.encode_image(pixels).float(), reference.encode_text(tokens)
+
+
+def reference_patches(model: PACL, pixels: torch.Tensor) -> torch.Tensor:
+    return TorchEncoder(copy.deepcopy(model).float()).encode_image(pixels)
+
+
+def assert_matches_reference(reference, outputs, dtype: torch.dtype) -> None:
+    """Patch and text cosine >= 0.999 (fp32) / 0.99 (half), same labels wherever the top-2 margin is clear."""
+    (ref_patches, ref_texts), (patches, texts) = reference, outputs
+    assert patches.shape == ref_patches.shape and texts.shape == ref_texts.shape
+    patches, texts = patches.float().cpu(), texts.float().cpu()
+    assert torch.isfinite(patches).all() and torch.isfinite(texts).all()
+    threshold = 0.99 if dtype in HALF else 0.999
+    patch_cosine = F.cosine_similarity(patches, ref_patches, dim=-1).min().item()
+    text_cosine = F.cosine_similarity(texts, ref_texts, dim=-1).min().item()
+    assert patch_cosine >= threshold and text_cosine >= threshold, (patch_cosine, text_cosine)
+    torch.testing.assert_close(patches.norm(dim=-1), torch.ones(patches.shape[:-1]), atol=2e-2, rtol=0)
+
+    ref_logits = torch.einsum("bhwe,ce->bhwc", ref_patches, ref_texts)
+    logits = torch.einsum("bhwe,ce->bhwc", patches, texts)
+    top2 = ref_logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > (1e-2 if dtype in HALF else 1e-3)
+    assert clear.float().mean() >= 0.25, "too few clear-margin patches for the label check to mean anything"
+    assert torch.equal(logits.argmax(-1)[clear], ref_logits.argmax(-1)[clear])
+
+
+def run_backend(name: str, dtype: torch.dtype, model: PACL, pixels, tokens, device: str = "cpu", **options):
+    model = copy.deepcopy(model).to(device)  # torch backends cast their model in place
+    try:
+        encoder = make_encoder(name, model, dtype, **options)
+    except EncoderUnavailableError as error:
+        pytest.skip(str(error))
+    return encoder, (encoder.encode_image(pixels.to(device)), encoder.encode_text(tokens.to(device)))
+
+
+# --- the traceable towers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [None, "float", "bool", "per-head"])
+def test_self_attention_equals_multihead_attention(mask):
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(24, 3, batch_first=True).eval()
+    x = torch.randn(5, 7, 24)  # [B, L, D]
+    masks = {
+        None: None,
+        "float": torch.full((7, 7), float("-inf")).triu(1),  # open_clip's causal text mask
+        "bool": torch.rand(7, 7) > 0.6,
+        "per-head": torch.randn(5 * 3, 7, 7),
+    }
+    attn_mask = masks[mask]
+    if mask == "bool":
+        attn_mask.fill_diagonal_(False)  # every query keeps one key
+    with torch.no_grad():
+        expected = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        got, weights = SelfAttention(mha)(x, x, x, need_weights=False, attn_mask=attn_mask)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Cross-attention is not rewritten: it takes the module's own path.
+    y = torch.randn(5, 4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(SelfAttention(mha)(x, y, y)[0], mha(x, y, y, need_weights=False)[0])
+
+
+def test_self_attention_refuses_modules_it_cannot_replace():
+    assert not supports_sdpa(nn.MultiheadAttention(8, 2, batch_first=False))
+    assert not supports_sdpa(nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True))
+    with pytest.raises(ValueError, match="batch-first"):
+        SelfAttention(nn.MultiheadAttention(8, 2, batch_first=False))
+
+
+def test_towers_equal_the_model_and_share_its_weights(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    pixels, tokens = torch.randn(3, 3, 48, 80), model.backbone.tokenize(PROMPTS[:3])
+    image, text = ImageTower(model).eval(), TextTower(model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(image(pixels), model.encode_image(pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(text(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-5)
+    # The model itself is untouched; the towers see its parameters, not copies.
+    blocks = model.backbone.visual.transformer.resblocks
+    assert all(isinstance(block.attn, nn.MultiheadAttention) for block in blocks)
+    assert all(isinstance(block.attn, SelfAttention) for block in image.backbone.visual.transformer.resblocks)
+    model_ptrs = {p.data_ptr() for p in model.backbone.parameters()} | {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in image.parameters()} <= model_ptrs
+    with torch.no_grad():
+        model.embedder.fc2.bias.add_(0.5)
+        torch.testing.assert_close(image(pixels), model.encode_image(pixels), atol=1e-5, rtol=1e-5)
+
+
+# --- every backend against the torch fp32 reference (CPU) -----------------------------------------
+
+CPU_CASES = [
+    ("torch", torch.bfloat16),
+    ("torch", torch.float16),
+    ("compile", torch.float32),
+    pytest.param("compile", torch.bfloat16, marks=pytest.mark.slow),
+    ("onnxruntime", torch.float32),
+    ("onnxruntime", torch.float16),  # the half-precision graph TensorRT builds from, checked on CPU
+]
+
+
+@pytest.mark.parametrize("name,dtype", CPU_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_backend_matches_reference_tiny(name, dtype, tiny_model, cache):
+    """Batch 3 at 48x80: a grid (6x10) that is not the CLIP's native 8x8, so positions are interpolated."""
+    torch.manual_seed(7)
+    pixels, tokens = torch.randn(3, 3, 48, 80), tiny_model.backbone.tokenize(PROMPTS)
+    reference = reference_outputs(tiny_model, pixels, tokens)
+    options = {"cache_dir": cache} if name == "onnxruntime" else {}
+    encoder, outputs = run_backend(name, dtype, tiny_model, pixels, tokens, **options)
+    assert encoder.dtype == dtype and outputs[0].dtype == dtype
+    assert_matches_reference(reference, outputs, dtype)
+    # Another batch size runs through the same graph (dynamic batch axis).
+    pair = torch.randn(2, 3, 48, 80)
+    ref_pair = reference_outputs(tiny_model, pair, tokens[:2])
+    assert_matches_reference(ref_pair, (encoder.encode_image(pair), encoder.encode_text(tokens[:2])), dtype)
+
+
+VIT_CASES = [
+    ("torch", torch.bfloat16),
+    pytest.param("torch", torch.float16, marks=pytest.mark.slow),  # fp16 matmuls are emulated on CPU: ~40 s
+    pytest.param("onnxruntime", torch.float32, marks=pytest.mark.slow),
+    pytest.param("onnxruntime", torch.float16, marks=pytest.mark.slow),
+    pytest.param("compile", torch.float32, marks=pytest.mark.slow),
+    pytest.param("compile", torch.bfloat16, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,dtype", VIT_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_backend_matches_reference_vit_b_16(name, dtype, vit_model, cache):
+    torch.manual_seed(8)
+    pixels, tokens = torch.randn(2, 3, 224, 224), vit_model.backbone.tokenize(PROMPTS)
+    reference = reference_outputs(vit_model, pixels, tokens)
+    options = {"cache_dir": cache} if name == "onnxruntime" else {}
+    _, outputs = run_backend(name, dtype, vit_model, pixels, tokens, **options)
+    assert_matches_reference(reference, outputs, dtype)
+
+
+def test_onnxruntime_writes_every_output_element(tiny_model, cache):
+    encoder = make_encoder("onnxruntime", tiny_model, cache_dir=cache)
+    pixels = torch.randn(2, 3, 40, 56)
+    out = torch.full((2, 5, 7, tiny_model.config.embed_dim), float("nan"))
+    assert encoder.encode_image(pixels, out=out) is out
+    torch.testing.assert_close(out, reference_patches(tiny_model, pixels))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 5, 7, 64\)"):
+        encoder.encode_image(pixels, out=torch.empty(2, 5, 7, 32))
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        encoder.encode_image(torch.randn(1, 3, 30, 64))
+
+
+# --- the export cache -------------------------------------------------------------------------------
+
+
+def test_export_cache_reuses_graphs_and_keys_on_the_weights(tiny_model, tmp_path):
+    cache = OnnxCache(tiny_model, torch.float32, tmp_path)
+    path = cache.image((64, 64))
+    stamp = path.stat().st_mtime_ns
+    again = OnnxCache(tiny_model, torch.float32, tmp_path)
+    assert again.key == cache.key and again.image((64, 64)) == path and path.stat().st_mtime_ns == stamp
+    assert OnnxCache(tiny_model, torch.float16, tmp_path).key != cache.key
+    edited = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        edited.embedder.fc1.weight[0, 0] += 1e-3
+    assert weights_digest(edited) != weights_digest(tiny_model)
+    assert export_key(edited, torch.float32) != cache.key
+    # A second random CLIP of the same architecture is not confused with the first.
+    other = make_model(tiny_model.backbone.model_cfg, seed=1)
+    assert other.backbone.identity == tiny_model.backbone.identity and export_key(other, torch.float32) != cache.key
+
+
+def test_interrupted_export_leaves_nothing_behind(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _export(Broken(), torch.zeros(2, 3), ("x", "y"), tmp_path / "image-8x8")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- choosing a backend, and what a missing one says -----------------------------------------------
+
+
+def test_missing_onnxruntime_names_the_extra(tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(EncoderUnavailableError, match=r"pip install pacl-fast\[onnx\]"):
+        make_encoder("onnxruntime", tiny_model)
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_missing_tensorrt_names_the_extra(tiny_model):
+    with pytest.raises(EncoderUnavailableError, match=r"pip install pacl-fast\[trt\]"):
+        make_encoder("tensorrt", tiny_model)
+
+
+@pytest.mark.skipif(not HAS_TENSORRT or HAS_CUDA, reason="needs TensorRT installed on a machine without CUDA")
+def test_tensorrt_without_cuda_says_so(tiny_model):
+    with pytest.raises(EncoderUnavailableError, match="needs a CUDA device"):
+        make_encoder("tensorrt", tiny_model)
+
+
+def test_bad_encoder_arguments(tiny_model):
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        make_encoder("tvm", tiny_model)
+    with pytest.raises(ValueError, match="float32 or float16 graphs"):
+        make_encoder("onnxruntime", tiny_model, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        make_encoder("torch", copy.deepcopy(tiny_model), torch.float64)
+
+
+# --- CUDA: every backend present, on the GPU (run by benchmarks/gpu_check.sh) ----------------------
+
+
+def trt(dtype: torch.dtype, arch: str):  # noqa: ANN201 - a pytest param
+    return pytest.param("tensorrt", dtype, arch, marks=pytest.mark.skipif(not HAS_TENSORRT, reason=NO_TENSORRT))
+
+
+# Kept to what fits benchmarks/gpu_check.sh's time budget: TensorRT builds take minutes.
+GPU_CASES = [
+    ("torch", torch.float16, "tiny"),
+    ("torch", torch.bfloat16, "tiny"),
+    ("compile", torch.float16, "tiny"),
+    ("onnxruntime", torch.float32, "tiny"),
+    ("onnxruntime", torch.float16, "tiny"),
+    trt(torch.float16, "tiny"),
+    trt(torch.float32, "tiny"),
+    ("torch", torch.float16, "ViT-B-16"),
+    ("torch", torch.bfloat16, "ViT-B-16"),
+    pytest.param("compile", torch.float16, "ViT-B-16", marks=pytest.mark.slow),
+    ("onnxruntime", torch.float16, "ViT-B-16"),
+    trt(torch.float16, "ViT-B-16"),
+]
+
+
+@pytest.fixture(scope="module")
+def vit_model_cuda_source():
+    return make_model("ViT-B-16") if HAS_CUDA else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("name,dtype,arch", GPU_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_backend_matches_reference_cuda(name, dtype, arch, tiny_model, vit_model_cuda_source, cache):
+    model = tiny_model if arch == "tiny" else vit_model_cuda_source
+    size = (48, 80) if arch == "tiny" else (224, 224)
+    torch.manual_seed(9)
+    pixels, tokens = torch.randn(5, 3, *size), model.backbone.tokenize(PROMPTS)
+    reference = reference_outputs(model, pixels, tokens)
+    options = {"cache_dir": cache} if name in ("onnxruntime", "tensorrt") else {}
+    if name == "tensorrt":
+        options.update(max_batch=4, progress=False)  # batch 5 runs as 4 + 1: chunking is exercised
+    encoder, outputs = run_backend(name, dtype, model, pixels, tokens, device="cuda", **options)
+    assert outputs[0].device.type == "cuda"
+    assert_matches_reference(reference, outputs, dtype)
+    if name in ("onnxruntime", "tensorrt"):  # every element written, into a caller's buffer
+        out = torch.full_like(outputs[0], float("nan"))
+        encoder.encode_image(pixels.cuda(), out=out)
+        assert torch.equal(out, outputs[0])
+    if name == "tensorrt":  # the engine is cached on disk: a new encoder loads it without building
+        engine = encoder.engine_path(size)
+        stamp = engine.stat().st_mtime_ns
+        again = make_encoder(name, copy.deepcopy(model).cuda(), dtype, **options)
+        assert_matches_reference(reference, (again.encode_image(pixels.cuda()), outputs[1]), dtype)
+        assert engine.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.skipif(not HAS_TENSORRT, reason=NO_TENSORRT)
+def test_tensorrt_on_a_side_stream(tiny_model, cache):
+    """Kernels go on torch's current stream: results are right when that is not the default stream."""
+    model = copy.deepcopy(tiny_model).cuda()
+    encoder = make_encoder("tensorrt", model, cache_dir=cache, max_batch=4, progress=False)  # engine of the test above
+    pixels = torch.randn(4, 3, 48, 80, device="cuda")
+    expected = encoder.encode_image(pixels)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = encoder.encode_image(pixels)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, expected)
+
+
+# --- Segmenter(encoder=...) and `pacl-fast export` -------------------------------------------------
+
+
+def test_segmenter_with_onnxruntime_matches_torch(tiny_config, tmp_path):
+    from conftest import make_segmenter
+
+    eager = make_segmenter(tiny_config)
+    onnx = make_segmenter(tiny_config, encoder="onnxruntime", encoder_options={"cache_dir": tmp_path})
+    assert onnx.encoder.name == "onnxruntime" and onnx.dtype == torch.float32 and "onnxruntime" in repr(onnx)
+    labels = ["circle", "square", "sky"]
+    torch.testing.assert_close(onnx.encode_labels(labels, "single"), eager.encode_labels(labels, "single"))
+    image = torch.rand(3, 50, 70)
+    ours, theirs = onnx.predict(image, labels, templates="single"), eager.predict(image, labels, templates="single")
+    assert (ours.labels == theirs.labels).mean() > 0.99
+    torch.testing.assert_close(torch.from_numpy(ours.scores), torch.from_numpy(theirs.scores), atol=1e-4, rtol=0)
+
+
+def test_segmenter_names_the_missing_extra(tiny_config, monkeypatch):
+    from conftest import make_segmenter
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(EncoderUnavailableError, match=r"pip install pacl-fast\[onnx\]"):
+        make_segmenter(tiny_config, encoder="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory, tiny_config):
+    """A local-dir CLIP (open_clip's layout) for the command line."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    torch.manual_seed(0)
+    state = quiet_load_clip(tiny_config).clip.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_export_command_writes_graphs_that_run(tiny_clip_dir, tmp_path, capsys):
+    import json
+
+    import onnxruntime
+
+    from pacl_fast.cli import main
+
+    argv = ["export", "--format", "onnx", "--out", str(tmp_path), "--clip", f"local-dir:{tiny_clip_dir}"]
+    argv += ["--device", "cpu", "--image-sizes", "48x80"]
+    with pytest.warns(UserWarning, match="untrained"):
+        assert main(argv) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [(a["tower"], a["input"]["shape"]) for a in manifest["artifacts"]] == [
+        ("image", ["B", 3, 48, 80]),
+        ("text", ["T", 16]),
+    ]
+    image = manifest["artifacts"][0]
+    assert image["output"]["shape"] == ["B", 6, 10, 64]
+    session = onnxruntime.InferenceSession(str(tmp_path / image["path"]), providers=["CPUExecutionProvider"])
+    (patches,) = session.run(None, {"pixels": torch.randn(3, 3, 48, 80).numpy()})
+    assert patches.shape == (3, 6, 10, 64)
+    # The export folder is a cache: an encoder pointed at it finds the graphs, a second export reuses them.
+    stamps = {a["path"]: (tmp_path / a["path"]).stat().st_mtime_ns for a in manifest["artifacts"]}
+    with pytest.warns(UserWarning, match="untrained"):
+        assert main(argv) == 0
+    assert stamps == {path: (tmp_path / path).stat().st_mtime_ns for path in stamps}
+    assert "image 48x80" in capsys.readouterr().out
+
+
+def test_export_command_without_tensorrt_says_what_to_install(tiny_clip_dir, tmp_path, capsys):
+    from pacl_fast.cli import main
+
+    if HAS_TENSORRT and HAS_CUDA:
+        pytest.skip("TensorRT and CUDA are present: the export would build an engine")
+    argv = ["export", "--format", "tensorrt", "--out", str(tmp_path), "--clip", f"local-dir:{tiny_clip_dir}"]
+    with pytest.warns(UserWarning, match="untrained"):
+        assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert ("pip install pacl-fast[trt]" in err) or ("needs a CUDA device" in err)
+
+
+def test_cache_dir_environment_variable(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path))
+    cache = OnnxCache(tiny_model, torch.float32)
+    assert cache.root.parent.parent == tmp_path and os.fspath(cache.root).startswith(os.fspath(tmp_path))

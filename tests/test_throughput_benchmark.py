@@ -1,0 +1,38 @@
+"""`python -m benchmarks.throughput` runs end to end on a tiny model and reports what it promises.
+
+Not a timing test: it checks the benchmark's plumbing (rows, ratios, FLOPs, JSON), not speed.
+"""
+
+import json
+
+import pytest
+
+from benchmarks.throughput import main, parse_backends
+
+
+def test_throughput_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    argv = ["--model", "tiny", "--image-size", "64", "--batch", "1,3", "--classes", "5", "--output-size", "40x24"]
+    argv += ["--backends", "torch:fp32,torch:bf16,tensorrt:fp16", "--iters", "2", "--warmup", "0", "--device", "cpu"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("CPU ") and "torch 2." in printed.splitlines()[0]
+    assert "| batch | pipeline | images/s | vs naive |" in printed
+    result = json.loads(out.read_text())
+    assert result["encoder_flops_per_image"] > 1e7  # tiny ViT: ~22 MFLOP
+    assert "tensorrt:fp16" in result["skipped"] or "tensorrt:fp16" in result["setup_s"]
+    for batch_result in result["results"]:
+        rows = {row["pipeline"]: row for row in batch_result["rows"]}
+        assert rows["naive peer"]["speedup"] == pytest.approx(1.0)
+        assert {"torch:fp32 + reference", "torch:bf16 + reference"} <= set(rows)
+        for row in rows.values():
+            assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+            assert row["encoder_pct_of_bf16_ceiling"] > 0
+        assert len(batch_result["samples_s"]["naive/encoder"]) == len(batch_result["samples_s"]["naive/head"]) == 2
+        assert set(batch_result["ceilings"]) == {"fp32", "bf16"}
+
+
+def test_backend_specs_are_checked():
+    assert parse_backends("torch:bf16:cl,onnxruntime:fp32") == [("torch", "bf16", True), ("onnxruntime", "fp32", False)]
+    with pytest.raises(Exception, match="name:dtype"):
+        parse_backends("torch:int8")
