@@ -34,34 +34,12 @@ from pacl_fast.data.synthetic import (
     SyntheticSegmentation,
     WorldConfig,
 )
+from pacl_fast.evaluate import SegmentationMetrics, confusion_matrix
 from pacl_fast.prompts import ensemble_text_embeddings
 from pacl_fast.weights import load_pacl
 
 VALIDATION_SEED = 1  # training uses seed 0
 PROBE_TRAIN_SEED = 2
-
-
-class ConfusionMatrix:
-    """Pixel confusion counts ``[true, predicted]``; pixels whose truth is ``ignore_index`` are skipped."""
-
-    def __init__(self, num_classes: int, ignore_index: int):
-        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-
-    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
-        keep = targets != self.ignore_index
-        pairs = targets[keep] * self.num_classes + predictions[keep]
-        self.counts += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
-
-    def iou(self) -> torch.Tensor:
-        hits = self.counts.diag().double()
-        return hits / (self.counts.sum(0) + self.counts.sum(1) - self.counts.diag()).double().clamp(min=1)
-
-    def mean_iou(self) -> float:
-        return float(self.iou().mean())
-
-    def pixel_accuracy(self) -> float:
-        return float(self.counts.diag().sum() / self.counts.sum().clamp(min=1))
 
 
 @dataclass
@@ -84,16 +62,18 @@ def encode_scenes(backbone, dataset: SyntheticSegmentation, batch_size: int, des
     return Tokens(torch.cat(tokens), torch.cat(masks))
 
 
-def score(logits_fn, data: Tokens, num_classes: int, batch_size: int = 100) -> ConfusionMatrix:
-    """Confusion over object pixels of the predictions ``argmax(upsample(logits_fn(tokens)))``."""
-    confusion = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+def score(logits_fn, data: Tokens, batch_size: int = 100) -> SegmentationMetrics:
+    """Metrics over object pixels of the predictions ``argmax(upsample(logits_fn(tokens)))``."""
+    confusion = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.int64)
     out_size = tuple(data.masks.shape[-2:])
     for start in range(0, len(data.tokens), batch_size):
         with torch.no_grad():
             logits = logits_fn(data.tokens[start : start + batch_size])  # [b, h, w, C]
             predictions = upsample_logits(logits, out_size).argmax(1)
-        confusion.update(predictions, data.masks[start : start + batch_size])
-    return confusion
+        confusion += confusion_matrix(
+            predictions, data.masks[start : start + batch_size], len(CLASS_NAMES), IGNORE_INDEX
+        )
+    return SegmentationMetrics(CLASS_NAMES, confusion.numpy())
 
 
 def train_probe(probe: torch.nn.Module, data: Tokens, steps: int, batch_size: int, lr: float, seed: int) -> None:
@@ -182,11 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = {}
     for name, fn in methods.items():
-        confusion = score(fn, validation, num_classes, args.batch_size)
+        metrics = score(fn, validation, args.batch_size)
+        # background is ignored, so all-pixel accuracy is the foreground accuracy
         results[name] = {
-            "mIoU": confusion.mean_iou(),
-            "fg_accuracy": confusion.pixel_accuracy(),
-            "per_class_IoU": dict(zip(CLASS_NAMES, confusion.iou().tolist())),
+            "mIoU": metrics.miou,
+            "fg_accuracy": metrics.aacc,
+            "per_class_IoU": dict(zip(CLASS_NAMES, metrics.iou.tolist())),
         }
 
     bound = max(results["linear probe (true masks)"]["mIoU"], results["MLP probe (true masks)"]["mIoU"])
