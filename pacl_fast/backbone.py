@@ -185,7 +185,8 @@ class ClipBackbone(nn.Module):
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             resized = torch.cat([cls_pos, patch_pos], dim=0)
         resized = resized.to(device=device, dtype=dtype)
-        self._pos_cache[key] = resized
+        if not torch.compiler.is_compiling():  # a traced (fake) tensor must not outlive its trace
+            self._pos_cache[key] = resized
         return resized
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook: moving the model drops the cache

@@ -107,3 +107,19 @@ def test_vit_b16_architecture_tokens():
     with torch.no_grad():
         tokens = backbone.patch_tokens(torch.randn(1, 3, 224, 288))
     assert tokens.shape == (1, 14, 18, 768)
+
+
+def test_export_leaves_no_traced_tensor_in_the_positional_cache(tiny_config):
+    backbone = quiet_load_clip(tiny_config)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, pixels):
+            return self.backbone.patch_tokens(pixels)
+
+    torch.export.export(Tokens(), (torch.randn(2, 3, 48, 80),), strict=False)
+    assert all(type(v) is torch.Tensor for v in backbone._pos_cache.values())
+    assert backbone.patch_tokens(torch.randn(1, 3, 48, 80)).shape == (1, 6, 10, 64)
