@@ -16,7 +16,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["pacl_fast", "pacl_fast.encoders", "pacl_fast.data", "kernels"],
-    package_data={"pacl_fast": ["assets/*", "assets/**/*"]},
+    # the demo weights: a synthetic-world CLIP (open_clip local-dir) and PACL weights on it
+    package_data={"pacl_fast": ["assets/demo/*.safetensors", "assets/demo/clip/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -208,3 +208,77 @@ def test_help_documents_every_option():
     for option in ("--stage", "--data", "--train-data", "--resume", "--precision", "--save-every", "torchrun"):
         assert option in result.stdout
     assert np.isfinite(1.0)
+
+
+def test_pacl_on_webdataset_shards_skips_and_counts_a_corrupt_member(tmp_path, tiny_clip_dir):
+    from tests.test_pairs import png_bytes, write_shard
+
+    for shard in range(2):
+        members = []
+        for i in range(6):
+            members += [(f"s{shard}_{i}.png", png_bytes(10 * shard + i)), (f"s{shard}_{i}.txt", f"scene {i}".encode())]
+        members += [(f"s{shard}_bad.jpg", b"\xff\xd8 not a jpeg"), (f"s{shard}_bad.txt", b"broken")]
+        write_shard(tmp_path / f"{shard:05d}.tar", members)
+    out = tmp_path / "run"
+    result = run(
+        [
+            TRAIN,
+            "--stage",
+            "pacl",
+            "--clip",
+            f"local-dir:{tiny_clip_dir / 'export'}",
+            "--data",
+            "wds",
+            "--train-data",
+            str(tmp_path / "{00000..00001}.tar"),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4 and log[-1]["skipped"] >= 1
+    assert (out / "pacl.safetensors").is_file()
+
+
+def test_clip_on_a_csv_table(tmp_path, tiny_clip_dir):
+    from tests.test_pairs import png_bytes
+
+    rows = []
+    for i in range(8):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(i))
+        rows.append(f"{i}.png,a picture number {i}")
+    rows.append("missing.png,gone")
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = run(
+        [
+            TRAIN,
+            "--stage",
+            "clip",
+            "--clip-config",
+            str(tiny_clip_dir / "config.json"),
+            "--data",
+            "csv",
+            "--train-data",
+            str(tmp_path / "pairs.csv"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "6",
+            "--image-size",
+            "32",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and log[-1]["skipped"] >= 1  # 18 draws from 9 rows meet the missing one
+    assert (out / "export" / "open_clip_model.safetensors").is_file()
