@@ -72,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="segment generated scenes with the embedded default model",
-        description="Segment a few generated scenes end to end and write overlays.",
+        description="Segment fresh synthetic scenes with the demo weights shipped in the package, write overlays "
+        "and ground truth, print the mIoU.",
     )
     demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder (default ./pacl-demo)")
-    demo.add_argument("--num-images", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--num-images", type=int, default=8, help="scenes to segment (default 8)")
+    demo.add_argument("--seed", type=int, default=100, help="world seed of the scenes (training used 0)")
     add_eval_parser(sub)
     add_classify_parser(sub)
     add_export_parser(sub)

@@ -83,5 +83,6 @@ def test_demo_runs_as_a_console_command(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "scene1" in result.stdout
-    assert (tmp_path / "scene0_overlay.png").is_file() and (tmp_path / "scene1_labels.png").is_file()
+    assert "scene1" in result.stdout and "mIoU over 2 fresh scenes" in result.stdout
+    for name in ("scene0_overlay.png", "scene0_truth.png", "scene1_labels.png"):
+        assert (tmp_path / name).is_file(), name

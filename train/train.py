@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             log.write(json.dumps(record) + "\n")
             log.flush()
             window_start, window_images = time.perf_counter(), 0
-        progress.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         progress.update(1)
 
         if done % args.save_every == 0 or done == args.steps:
