@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import check_scores_request
+
 # Largest exponent used for a class's weight bound: such a class can win anyway, and exp stays finite.
 _MAX_LOG_BOUND = 60.0
 _LOG_BINS = 32  # bins of the score pruning: e^-31 of the budget and below share the last one
@@ -87,8 +89,10 @@ def check_segment_inputs(
     grid_extent: tuple[float, float] | None,
     logit_scale: float,
     background_threshold: float | None,
+    with_scores: bool = True,
 ) -> tuple[tuple[int, int], tuple[float, float]]:
     """Validate the head's arguments; returns ``out_size`` and ``grid_extent`` as plain tuples."""
+    check_scores_request(with_scores, background_threshold)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a [B, h, w, C] tensor, got {shape}")
@@ -110,16 +114,20 @@ def check_segment_inputs(
 
 
 def check_outputs(
-    out: tuple[torch.Tensor, torch.Tensor] | None, shape: tuple[int, int, int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The caller's ``(labels, scores)`` buffers, checked, or new ones."""
+    out: tuple[torch.Tensor, torch.Tensor | None] | None,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    with_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The caller's ``(labels, scores)`` buffers, checked, or new ones (scores None without scores)."""
     if out is None:
-        return (
-            torch.empty(shape, dtype=torch.int16, device=device),
-            torch.empty(shape, dtype=torch.float32, device=device),
-        )
+        scores = torch.empty(shape, dtype=torch.float32, device=device) if with_scores else None
+        return torch.empty(shape, dtype=torch.int16, device=device), scores
     labels, scores = out
-    for name, tensor, dtype in (("labels", labels, torch.int16), ("scores", scores, torch.float32)):
+    buffers = [("labels", labels, torch.int16)] + ([("scores", scores, torch.float32)] if with_scores else [])
+    for name, tensor, dtype in buffers:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"out {name} must be a tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != device:
             raise ValueError(
                 f"out {name} must be {dtype} {list(shape)} on {device}, "
@@ -127,7 +135,7 @@ def check_outputs(
             )
         if not tensor.is_contiguous():
             raise ValueError(f"out {name} must be contiguous")
-    return labels, scores
+    return labels, scores if with_scores else None  # a scores buffer handed in is left untouched
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,7 @@ def cell_candidates(
     logits: torch.Tensor,
     rows: range,
     logit_scale: float,
-    score_tolerance: float = DEFAULT_SCORE_TOLERANCE,
+    score_tolerance: float | None = DEFAULT_SCORE_TOLERANCE,
 ) -> CellCandidates:
     """Per-cell class pruning for cell rows ``rows`` (see the module docstring for the bounds).
 
@@ -155,26 +163,33 @@ def cell_candidates(
         logits: float32 ``[B, h, w, C]``.
         rows: the cell rows to prune (a ``range`` with step 1).
         logit_scale: the softmax scale ``s`` of the scores.
-        score_tolerance: the most the dropped classes may change any pixel's score.
+        score_tolerance: the most the dropped classes may change any pixel's score; None when no
+            score is wanted: only the classes that can win are kept.
     """
     height, width, num_classes = logits.shape[1:]
     device = logits.device
     rows0 = torch.arange(rows.start, rows.stop, device=device)
     rows1 = (rows0 + 1).clamp_max(height - 1)
-    cols0 = torch.arange(width, device=device)
-    cols1 = (cols0 + 1).clamp_max(width - 1)
-    top, bottom = logits[:, rows0], logits[:, rows1]  # [B, r, w, C]
-    corners = torch.stack((top, top[:, :, cols1], bottom, bottom[:, :, cols1]), dim=3)  # [B, r, w, 4, C]
+    cols1 = (torch.arange(width, device=device) + 1).clamp_max(width - 1)
+    # [B, r, w, 4, C], filled corner by corner: stacking four gathered copies peaked at twice its size.
+    corners = logits.new_empty((logits.shape[0], len(rows), width, 4, num_classes))
+    for corner, grid_rows in ((0, rows0), (2, rows1)):
+        corners[:, :, :, corner] = logits[:, grid_rows]  # top-left, bottom-left
+        corners[:, :, :, corner + 1] = corners[:, :, cols1, corner]  # top-right, bottom-right
     lowest = corners.amin(dim=3)  # [B, r, w, C]
     highest = corners.amax(dim=(3, 4))  # [B, r, w]: no pixel of the cell has a larger logit
     anchor, mean_of_winners = _lower_envelopes(corners, lowest)  # [B, r, w, 4, 1] each
-    margin = torch.minimum((corners - anchor).amax(dim=3), (corners - mean_of_winners).amax(dim=3))  # [B, r, w, C]
+    margin = _largest_excess(corners, anchor)  # [B, r, w, C]
+    torch.minimum(margin, _largest_excess(corners, mean_of_winners), out=margin)
     del corners
+    must_keep = margin >= 0
+    if score_tolerance is None:
+        count = must_keep.sum(dim=-1)  # [B, r, w]
+        return CellCandidates(_compact(must_keep, int(count.max())), count.int(), rows.start)
 
     # Score: every class that cannot win has a weight bound; drop the smallest bounds while their
     # sum stays under the budget. Bounds are binned by their log (bin j: within e^-j..e^-(j+1) of
     # the budget), so "the smallest first" needs no sort: drop whole bins from the last one.
-    must_keep = margin >= 0
     floor = ((lowest - highest[..., None]) * logit_scale).exp_()  # each class's weight / the winner's, at least
     z_floor = (floor * must_keep).sum(dim=-1).clamp_min_(1.0)  # [B, r, w]: Z >= this (>= 1: the winner)
     log_budget = torch.log(score_tolerance * z_floor.square())  # [B, r, w]
@@ -214,6 +229,22 @@ def _lower_envelopes(corners: torch.Tensor, lowest: torch.Tensor) -> tuple[torch
     return corners.gather(4, anchor), corners.gather(4, winners).mean(dim=-1, keepdim=True)
 
 
+def _largest_excess(corners: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``max_k (corners[..., k, :] - reference[..., k, :])``, ``[B, r, w, C]``, one corner at a time
+    (``(corners - reference).amax(3)`` holds a second corner-sized tensor)."""
+    excess = corners[:, :, :, 0] - reference[:, :, :, 0]
+    for k in range(1, 4):
+        torch.maximum(excess, corners[:, :, :, k] - reference[:, :, :, k], out=excess)
+    return excess
+
+
 def rows_per_band(row_elements: int, budget_elements: int) -> int:
     """How many rows of ``row_elements`` each fit in ``budget_elements`` (at least one)."""
     return max(1, budget_elements // max(1, row_elements))
+
+
+def balanced_band_rows(total_rows: int, row_elements: int, budget_elements: int) -> int:
+    """Rows per band when ``total_rows`` rows are split into as few bands as the budget allows,
+    all of nearly equal height (so the last band is not a sliver that costs a whole band's ops)."""
+    bands = -(-total_rows // rows_per_band(row_elements, budget_elements))
+    return max(1, -(-total_rows // max(1, bands)))

@@ -93,7 +93,8 @@ def segment_reference(
     grid_extent: tuple[float, float] | None = None,
     logit_scale: float = 100.0,
     background_threshold: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Patch logits -> per-pixel labels and winner scores at the original size.
 
     Args:
@@ -102,14 +103,25 @@ def segment_reference(
         logit_scale: the model's logit scale; the score is the winner's softmax probability over
             ``logit_scale * logits``.
         background_threshold: pixels whose score is below it get label ``BACKGROUND`` (-1).
+        with_scores: False skips the softmax and returns ``None`` for the scores (labels only:
+            upsample + argmax, what the public re-implementations compute).
     Returns:
         labels ``[B, H, W]`` int16 (ties go to the lowest class index, as ``torch.argmax``) and
-        scores ``[B, H, W]`` float32.
+        scores ``[B, H, W]`` float32 (or None).
     """
+    check_scores_request(with_scores, background_threshold)
     upsampled = upsample_logits(logits, out_size, grid_extent)  # [B, C, H, W]
+    if not with_scores:
+        return upsampled.argmax(dim=1).to(torch.int16), None
     probabilities = torch.softmax(upsampled * logit_scale, dim=1)  # [B, C, H, W]
     labels = upsampled.argmax(dim=1)  # [B, H, W]
     scores = probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B, H, W]
     if background_threshold is not None:
         labels = torch.where(scores < background_threshold, torch.full_like(labels, BACKGROUND), labels)
     return labels.to(torch.int16), scores.float()
+
+
+def check_scores_request(with_scores: bool, background_threshold: float | None) -> None:
+    """The background threshold compares scores, so it cannot go without them."""
+    if not with_scores and background_threshold is not None:
+        raise ValueError("background_threshold needs the scores: pass with_scores=True or no threshold")

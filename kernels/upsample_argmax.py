@@ -55,6 +55,7 @@ def _upsample_argmax(
     logit_scale,
     background_threshold,
     HAS_BACKGROUND: tl.constexpr,
+    WITH_SCORES: tl.constexpr,
     BLOCK_Y: tl.constexpr,
     BLOCK_X: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,18 +113,19 @@ def _upsample_argmax(
                 better = chunk_best > best
                 best = tl.where(better, chunk_best, best)
                 label = tl.where(better, chunk_label, label)
-                # Online softmax denominator over s * value.
-                new_max = tl.maximum(running_max, chunk_best * logit_scale)
-                chunk_total = tl.sum(tl.exp(value * logit_scale - new_max[None, :, :]), axis=0)
-                total = total * tl.exp(running_max - new_max) + chunk_total
-                running_max = new_max
-            score = tl.exp(best * logit_scale - running_max) / total
-            if HAS_BACKGROUND:
-                label = tl.where(score < background_threshold, -1, label)
+                if WITH_SCORES:  # online softmax denominator over s * value
+                    new_max = tl.maximum(running_max, chunk_best * logit_scale)
+                    chunk_total = tl.sum(tl.exp(value * logit_scale - new_max[None, :, :]), axis=0)
+                    total = total * tl.exp(running_max - new_max) + chunk_total
+                    running_max = new_max
             offsets = image_out + ys[:, None] * out_w + xs[None, :]
             inside = y_inside[:, None] & x_inside[None, :]
+            if WITH_SCORES:
+                score = tl.exp(best * logit_scale - running_max) / total
+                if HAS_BACKGROUND:
+                    label = tl.where(score < background_threshold, -1, label)
+                tl.store(scores_ptr + offsets, score, mask=inside)
             tl.store(labels_ptr + offsets, label.to(tl.int16), mask=inside)
-            tl.store(scores_ptr + offsets, score, mask=inside)
 
 
 def segment_triton(
@@ -134,8 +136,9 @@ def segment_triton(
     logit_scale: float = 100.0,
     background_threshold: float | None = None,
     score_tolerance: float = cells.DEFAULT_SCORE_TOLERANCE,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_scores: bool = True,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels and winner scores of ``kernels.reference.segment_reference``, fused.
 
     Runs compiled on CUDA tensors and under the Triton interpreter on CPU tensors (tests).
@@ -144,16 +147,17 @@ def segment_triton(
         logits: ``[B, h, w, C]`` float32, float16 or bfloat16.
         out_size, grid_extent, logit_scale, background_threshold: as ``segment_reference``.
         score_tolerance: the most the class pruning may change a score.
+        with_scores: False computes labels only (scores None), from the classes that can win.
         out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
     Returns:
         labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32.
     """
     (height, width), (extent_h, extent_w) = cells.check_segment_inputs(
-        logits, out_size, grid_extent, logit_scale, background_threshold
+        logits, out_size, grid_extent, logit_scale, background_threshold, with_scores
     )
     batch, grid_h, grid_w, num_classes = logits.shape
     device = logits.device
-    labels, scores = cells.check_outputs(out, (batch, height, width), device)
+    labels, scores = cells.check_outputs(out, (batch, height, width), device, with_scores)
     values = logits.float().contiguous()  # [B, h, w, C]; a copy only for half inputs (grid-sized)
     rows = cells.axis_sampling(grid_h, height, extent_h, device)
     cols = cells.axis_sampling(grid_w, width, extent_w, device)
@@ -167,11 +171,11 @@ def segment_triton(
     col_start, col_end = cols.start.int(), cols.end.int()
     used = [r for r, (a, b) in enumerate(zip(rows.start.tolist(), rows.end.tolist())) if b > a]
     used_cols = torch.nonzero(cols.end > cols.start).flatten().int()  # [wu]
-    band_rows = cells.rows_per_band(4 * batch * grid_w * num_classes, PRUNE_ELEMENTS)
+    band_rows = cells.balanced_band_rows(len(used), 4 * batch * grid_w * num_classes, PRUNE_ELEMENTS)
     for first in range(0, len(used), band_rows):
         band_used = used[first : first + band_rows]
         band = range(band_used[0], band_used[-1] + 1)
-        candidates = cells.cell_candidates(values, band, logit_scale, score_tolerance)
+        candidates = cells.cell_candidates(values, band, logit_scale, score_tolerance if with_scores else None)
         # One program per cell that owns output pixels (downsampling leaves most cells empty).
         local_rows = torch.tensor(band_used, dtype=torch.int32, device=device) - band.start
         used_row = local_rows.repeat_interleave(used_cols.numel())  # [cells]
@@ -190,7 +194,7 @@ def segment_triton(
             rows.lambda1,
             cols.lambda1,
             labels,
-            scores,
+            labels if scores is None else scores,  # never written without scores
             grid_h,
             grid_w,
             num_classes,
@@ -203,6 +207,7 @@ def segment_triton(
             float(logit_scale),
             float(background_threshold or 0.0),
             HAS_BACKGROUND=background_threshold is not None,
+            WITH_SCORES=with_scores,
             BLOCK_Y=block_y,
             BLOCK_X=block_x,
             BLOCK_K=block_k,

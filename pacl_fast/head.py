@@ -67,11 +67,15 @@ class Head:
         grid_extent: tuple[float, float] | None = None,
         logit_scale: float = 100.0,
         background_threshold: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with_scores: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``[B, h, w, C]`` -> labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32.
 
         See :func:`kernels.reference.segment_reference` for the exact semantics; the fast
         backends match it (labels wherever the top-2 margin exceeds 1e-4, scores to 1e-4).
+        ``with_scores=False`` returns ``(labels, None)``: the fast backends then skip every class
+        that cannot win, which is most of the work when many classes are close (the softmax
+        score needs all classes within ~1e-4 of the winner's weight, the argmax does not).
         """
         if self.backend == "reference":
             segment = reference.segment_reference
@@ -85,4 +89,5 @@ class Head:
             grid_extent=grid_extent,
             logit_scale=logit_scale,
             background_threshold=background_threshold,
+            with_scores=with_scores,
         )

@@ -156,7 +156,8 @@ class Segmenter:
         *,
         grid_extent: tuple[float, float] | None = None,
         background_threshold: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with_scores: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batched tensor-level entry: no decoding, no per-image Python.
 
         Args:
@@ -164,6 +165,7 @@ class Segmenter:
             class_embeddings: unit ``[C, E]`` (from :meth:`encode_labels`).
             out_size: ``(H, W)`` of the outputs (all images alike).
             grid_extent: grid cells the original covers (see ``images.Geometry``); None: all.
+            with_scores: False skips the winner scores (labels only, faster; scores None).
         Returns:
             labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32, on the model's device.
         """
@@ -174,6 +176,7 @@ class Segmenter:
             grid_extent=grid_extent,
             logit_scale=self.logit_scale,
             background_threshold=background_threshold,
+            with_scores=with_scores,
         )
 
     def _window_logits(

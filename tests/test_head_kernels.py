@@ -107,12 +107,24 @@ def assert_matches_reference(
         logit_scale=logit_scale,
         background_threshold=background_threshold,
     )
-    assert labels.dtype == torch.int16 and scores.dtype == torch.float32
-    assert labels.shape == want_labels.shape and scores.shape == want_scores.shape
-    assert not (labels == POISON_LABEL).any(), f"{int((labels == POISON_LABEL).sum())} labels never written"
+    assert scores.dtype == torch.float32 and scores.shape == want_scores.shape
     assert torch.isfinite(scores).all(), f"{int((~torch.isfinite(scores)).sum())} scores never written"
     torch.testing.assert_close(scores, want_scores, atol=SCORE_ATOL, rtol=0)
+    assert_labels_match(labels, want_labels, logits, out_size, grid_extent, want_scores, background_threshold)
 
+
+def assert_labels_match(
+    labels: torch.Tensor,
+    want_labels: torch.Tensor,
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    grid_extent: tuple[float, float] | None,
+    want_scores: torch.Tensor | None = None,
+    background_threshold: float | None = None,
+) -> None:
+    """Labels equal the reference's where its top-2 margin is clear; elsewhere within it of the best."""
+    assert labels.dtype == torch.int16 and labels.shape == want_labels.shape
+    assert not (labels == POISON_LABEL).any(), f"{int((labels == POISON_LABEL).sum())} labels never written"
     upsampled = upsample_logits(logits, out_size, grid_extent)  # [B, C, H, W]
     if upsampled.shape[1] > 1:
         top2 = upsampled.topk(2, dim=1).values
@@ -193,6 +205,96 @@ def test_segment_matches_reference(backend, index):
     logits, out_size, kwargs = case_arguments(index)
     labels, scores = run_segment(backend, logits, out_size, **kwargs)
     assert_matches_reference(labels, scores, logits, out_size, **kwargs)
+
+
+def run_labels_only(backend: str, logits: torch.Tensor, out_size: tuple[int, int], **kwargs) -> torch.Tensor:
+    """``with_scores=False`` into poisoned buffers: the labels are written, the scores left alone."""
+    labels, scores = poisoned(logits.shape[0], out_size, logits.device)
+    segment = segment_tiled if backend == "tiled" else segment_triton
+    returned = segment(logits, out_size, out=(labels, scores), with_scores=False, **kwargs)
+    assert returned[0] is labels and returned[1] is None
+    assert torch.isnan(scores).all(), "a labels-only call wrote into the scores buffer"
+    return labels
+
+
+@pytest.mark.parametrize("kind", ["scene", "random"])
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
+def test_labels_only_matches_reference(backend, index, kind):
+    """Labels without scores: the same labels as the reference's upsample + argmax, on scene-like
+    logits and on structureless ones (where the score bound keeps almost every class)."""
+    logits, out_size, kwargs = case_arguments(index)
+    if kind == "random":
+        generator = torch.Generator().manual_seed(2000 + index)
+        logits = (torch.randn(logits.shape, generator=generator) * 0.04).to(logits.dtype)
+    kwargs.pop("background_threshold")
+    labels = run_labels_only(backend, logits, out_size, **kwargs)
+    want_labels, no_scores = segment_reference(logits, out_size, with_scores=False, **kwargs)
+    assert no_scores is None
+    assert_labels_match(labels, want_labels, logits.float(), out_size, kwargs["grid_extent"])
+
+
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+def test_many_bands_match_one_band(backend, monkeypatch):
+    """Bands of cell rows are an implementation detail: a budget forcing 3-4 rows per band gives
+    the same labels as one band (with and without scores) and the same scores to rounding."""
+    import kernels.tiled
+    import kernels.upsample_argmax
+
+    logits, out_size, kwargs = case_arguments(16)  # 13 x 9 grid, 171 classes
+    one_band = run_segment(backend, logits, out_size, **kwargs)
+    labels_only = run_labels_only(backend, logits, out_size, grid_extent=kwargs["grid_extent"])
+    module = kernels.tiled if backend == "tiled" else kernels.upsample_argmax
+    monkeypatch.setattr(module, "PRUNE_ELEMENTS", 4 * 9 * 171 * 4)  # 4 rows per band at most
+    banded = run_segment(backend, logits, out_size, **kwargs)
+    assert torch.equal(banded[0], one_band[0])
+    # Bands group pixels differently, so a score's sum runs over differently padded slots: ulps.
+    torch.testing.assert_close(banded[1], one_band[1], atol=1e-6, rtol=0)
+    banded_labels = run_labels_only(backend, logits, out_size, grid_extent=kwargs["grid_extent"])
+    assert torch.equal(banded_labels, labels_only)
+
+
+def test_bands_are_balanced():
+    assert cells.balanced_band_rows(32, 100, 1000) == 8  # at most 10 rows a band: 4 bands of 8
+    assert cells.balanced_band_rows(11, 100, 1000) == 6  # 2 bands (6 + 5), not 10 + 1
+    assert cells.balanced_band_rows(5, 100, 10_000) == 5  # everything in one band
+    assert cells.balanced_band_rows(3, 100, 10) == 1  # the budget is under one row: a row a band
+
+
+def test_reference_labels_only_is_upsample_then_argmax():
+    generator = torch.Generator().manual_seed(5)
+    logits = make_logits(generator, 2, 6, 7, 30, "scene", torch.float32)
+    labels, scores = segment_reference(logits, (25, 19), with_scores=False)
+    plain = F.interpolate(logits.permute(0, 3, 1, 2), size=(25, 19), mode="bilinear", align_corners=False)
+    assert scores is None and torch.equal(labels, plain.argmax(dim=1).to(torch.int16))
+    assert torch.equal(labels, segment_reference(logits, (25, 19))[0])
+
+
+def test_labels_only_keeps_only_classes_that_can_win():
+    """Without scores the pruning keeps a subset of what the score bound keeps, and on
+    structureless logits far fewer classes (the reason the mode exists)."""
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 16, 16, 150, generator=generator) * 0.04
+    rows = range(0, 16)
+    with_scores = cells.cell_candidates(logits, rows, 100.0)
+    labels_only = cells.cell_candidates(logits, rows, 100.0, score_tolerance=None)
+    assert (labels_only.count <= with_scores.count).all()
+    # Measured: 61 of 150 classes per cell against 150 (iid logits are the bounds' worst case).
+    assert labels_only.count.float().mean() * 2 < with_scores.count.float().mean(), (
+        labels_only.count.float().mean(),
+        with_scores.count.float().mean(),
+    )
+    for cell in [(0, 0, 0), (0, 7, 3), (0, 15, 15)]:
+        kept = set(labels_only.classes[cell][: labels_only.count[cell]].tolist())
+        assert kept <= set(with_scores.classes[cell][: with_scores.count[cell]].tolist())
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", pytest.param("triton", marks=needs_interpreter)])
+def test_background_threshold_needs_scores(backend):
+    segment = {"reference": segment_reference, "tiled": segment_tiled, "triton": segment_triton}[backend]
+    logits = torch.randn(1, 3, 3, 4)
+    with pytest.raises(ValueError, match="background_threshold needs the scores"):
+        segment(logits, (5, 5), background_threshold=0.5, with_scores=False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "tiled", pytest.param("triton", marks=needs_interpreter)])
@@ -324,6 +426,16 @@ def test_cuda_segment_matches_reference(backend, index):
     logits, out_size, kwargs = case_arguments(index)
     labels, scores = run_segment(backend, logits.cuda(), out_size, **kwargs)
     assert_matches_reference(labels, scores, logits, out_size, **kwargs)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
+@cuda_test
+def test_cuda_labels_only_matches_reference(index):
+    logits, out_size, kwargs = case_arguments(index)
+    kwargs.pop("background_threshold")
+    labels = run_labels_only("triton", logits.cuda(), out_size, **kwargs)
+    want_labels, _ = segment_reference(logits, out_size, with_scores=False, **kwargs)
+    assert_labels_match(labels.cpu(), want_labels, logits.float(), out_size, kwargs["grid_extent"])
 
 
 @cuda_test

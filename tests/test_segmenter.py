@@ -46,6 +46,10 @@ def test_single_image_and_results_match_tensor_entry(segmenter):
     labels, scores = segmenter.predict_torch(pixels, classes, (48, 80), grid_extent=geometry.grid_extent)
     assert np.array_equal(labels[0].numpy(), result.labels)
     np.testing.assert_allclose(scores[0].numpy(), result.scores, rtol=1e-6)
+    labels_only, no_scores = segmenter.predict_torch(
+        pixels, classes, (48, 80), grid_extent=geometry.grid_extent, with_scores=False
+    )
+    assert no_scores is None and torch.equal(labels_only, labels)
 
 
 def test_bad_image_does_not_lose_the_others(tmp_path, segmenter):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.throughput import main, parse_backends
+from benchmarks.throughput import main, parse_backends, parse_head
 
 
 def test_throughput_benchmark_tiny(tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_throughput_benchmark_tiny(tmp_path, capsys):
     for batch_result in result["results"]:
         rows = {row["pipeline"]: row for row in batch_result["rows"]}
         assert rows["naive peer"]["speedup"] == pytest.approx(1.0)
-        assert {"torch:fp32 + reference", "torch:bf16 + reference"} <= set(rows)
+        assert {"torch:fp32 + reference", "torch:bf16 + reference", "torch:bf16 + fast:labels"} <= set(rows)
         for row in rows.values():
             assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
             assert row["encoder_pct_of_bf16_ceiling"] > 0
@@ -36,3 +36,11 @@ def test_backend_specs_are_checked():
     assert parse_backends("torch:bf16:cl,onnxruntime:fp32") == [("torch", "bf16", True), ("onnxruntime", "fp32", False)]
     with pytest.raises(Exception, match="name:dtype"):
         parse_backends("torch:int8")
+
+
+def test_head_specs_are_checked():
+    head, with_scores = parse_head("fast:labels")
+    assert head.backend == "fast" and not with_scores
+    assert parse_head("reference")[1]
+    with pytest.raises(ValueError, match="optionally with ':labels'"):
+        parse_head("fast:scores")
