@@ -12,7 +12,9 @@ them alike; the first pipeline of a round rotates):
   ``F.interpolate`` to the output size and ``argmax`` (its head).
 * **encoders**: each backend's ``encode_image`` (``[B, 3, S, S]`` -> unit ``[B, h, w, E]``).
 * **heads**: each head backend (``pacl_fast.head.BACKENDS``) from patch embeddings to int16
-  labels and float32 scores at the output size (similarity + upsample + argmax + score).
+  labels and float32 scores at the output size (similarity + upsample + argmax + score);
+  ``name:labels`` is the same head without scores (``with_scores=False``): labels only, the
+  job the naive peer's head does.
   A head's cost does not depend on which encoder made its input, so each head is timed once per
   round (on fp32 patches).
 * **matmul ceiling**: a large fp32 and bf16 matmul (fp16 too on CUDA), in the same rounds.
@@ -177,10 +179,18 @@ class NaivePeer:
         return self.head(self.tokens_to_embeddings(pixels), classes, out_size)
 
 
-def run_head(head: Head, patches, classes, out_size, logit_scale: float):  # noqa: ANN001, ANN201
+def run_head(head: Head, patches, classes, out_size, logit_scale: float, with_scores: bool = True):  # noqa: ANN001, ANN201
     """What ``Segmenter.predict_torch`` does after the encoder."""
     logits = head.similarity(patches, classes)  # [B, h, w, C]
-    return head.segment(logits, out_size, logit_scale=logit_scale)
+    return head.segment(logits, out_size, logit_scale=logit_scale, with_scores=with_scores)
+
+
+def parse_head(spec: str) -> tuple[Head, bool]:
+    """``name`` or ``name:labels`` (no scores) -> the head and whether it computes scores."""
+    name, _, mode = spec.partition(":")
+    if mode not in ("", "labels"):
+        raise ValueError(f"head {spec!r}: expected a backend of {BACKENDS}, optionally with ':labels'")
+    return Head(name), mode != "labels"
 
 
 @dataclass
@@ -262,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"on CUDA {CUDA_BACKENDS}",
     )
     parser.add_argument(
-        "--heads", default=None, help=f"head backends, comma-separated, or none (default: all of {BACKENDS})"
+        "--heads",
+        default=None,
+        help=f"head backends of {BACKENDS}, comma-separated, each optionally name:labels (labels only, no "
+        "scores), or none (default: reference, fast, tiled, fast:labels; triton too on CUDA)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
     parser.add_argument("--iters", type=int, default=8, help="timed rounds (default 8)")
@@ -275,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_heads(device: torch.device) -> list[str]:
     # The Triton backend on CPU tensors runs in Triton's interpreter: a correctness tool, not a speed.
-    return [name for name in BACKENDS if not (device.type == "cpu" and name == "triton")]
+    names = [name for name in BACKENDS if not (device.type == "cpu" and name == "triton")]
+    return names + ["fast:labels"]
 
 
 @dataclass
@@ -287,7 +301,7 @@ class Setup:
     naive: NaivePeer
     encoders: dict[str, object]
     setup_seconds: dict[str, float]
-    heads: dict[str, Head]
+    heads: dict[str, tuple[Head, bool]]  # spec -> (head, with_scores)
     classes: torch.Tensor  # [C, E]
     logit_scale: float
     skipped: dict[str, str]
@@ -329,8 +343,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Setup:
     patches = naive.tokens_to_embeddings(probe[:1]).reshape(1, naive.grid, naive.grid, -1)  # [1, h, w, E]
     for name in args.heads:
         try:
-            heads[name] = Head(name)
-            run_head(heads[name], patches, classes, args.output_size, logit_scale)
+            head, with_scores = heads[name] = parse_head(name)
+            run_head(head, patches, classes, args.output_size, logit_scale, with_scores)
         except Exception as error:  # noqa: BLE001 - a head that cannot run here is reported, not fatal
             heads.pop(name, None)
             skipped[f"head {name}"] = f"{type(error).__name__}: {error}"
@@ -350,8 +364,10 @@ def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dic
     }
     for label, encoder in setup.encoders.items():
         jobs[f"encoder/{label}"] = lambda encoder=encoder: encoder.encode_image(pixels)
-    for name, head in setup.heads.items():
-        jobs[f"head/{name}"] = lambda head=head: run_head(head, fp32_patches, classes, out_size, setup.logit_scale)
+    for name, (head, with_scores) in setup.heads.items():
+        jobs[f"head/{name}"] = lambda head=head, with_scores=with_scores: run_head(
+            head, fp32_patches, classes, out_size, setup.logit_scale, with_scores
+        )
     for dtype_name in ceiling_dtypes(device):
         jobs[f"matmul/{dtype_name}"] = matmul_seconds(matmul_size(device), DTYPES[dtype_name], device)
     timings = {label: Timings() for label in jobs}
