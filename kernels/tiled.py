@@ -55,7 +55,8 @@ def segment_tiled(
             classes that can win in it, usually 1-3 even where the scores would need dozens.
         out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
     Returns:
-        labels ``[B, H, W]`` int16 (ties: the lowest class index) and scores ``[B, H, W]`` float32.
+        labels ``[B, H, W]`` int16 (ties: the lowest class index) and scores ``[B, H, W]`` float32
+        (None without scores).
     """
     (height, width), (extent_h, extent_w) = cells.check_segment_inputs(
         logits, out_size, grid_extent, logit_scale, background_threshold, with_scores

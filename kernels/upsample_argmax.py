@@ -150,7 +150,7 @@ def segment_triton(
         with_scores: False computes labels only (scores None), from the classes that can win.
         out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
     Returns:
-        labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32.
+        labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32 (None without scores).
     """
     (height, width), (extent_h, extent_w) = cells.check_segment_inputs(
         logits, out_size, grid_extent, logit_scale, background_threshold, with_scores
