@@ -88,9 +88,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle with custom classes, or not a torch file at all
+            refusal = "torch.load(weights_only=True) refused it"
             raise ValueError(
-                f"cannot read CLIP checkpoint {path}: it is not a safetensors file and torch.load("
-                f"weights_only=True) refused it ({error}). Convert it to safetensors."
+                f"cannot read CLIP checkpoint {path}: it is not a safetensors file and {refusal} ({error}). "
+                "Convert it to safetensors."
             ) from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
