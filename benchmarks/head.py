@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -45,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize
 from kernels import cells
 from kernels.reference import segment_reference
 from kernels.tiled import segment_tiled
-from pacl_fast.profiling import TensorMemoryTracker
 
 GRID = (32, 32)
 LOGIT_SCALE = 100.0
@@ -75,31 +73,6 @@ def random_logits(classes: int, grid: tuple[int, int] = GRID, *, seed: int = 0) 
     return 0.041 * torch.randn(1, *grid, classes, generator=generator)
 
 
-def machine_line(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (
-        f"{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}){gpu}, "
-        f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}"
-    )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     run()  # warm-up (compilation, allocator)
     times = []
@@ -110,20 +83,6 @@ def median_seconds(run: Callable[[], object], device: torch.device, repeats: int
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
-    """Peak of live tensor bytes allocated by ``run`` (above what existed before)."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with TensorMemoryTracker() as tracker:
-        run()
-    return tracker.peak_bytes
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
@@ -171,15 +130,17 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float,
         # Labels only (with_scores=False, against the reference's upsample + argmax) at the
         # issue's headline size: the job the public re-implementations' heads do.
         modes = [True, False] if (classes, out_size) == (150, (512, 512)) else [True]
+        floors = {mode: logits.numel() * 4 + height * width * (6 if mode else 2) for mode in modes}
+        kept_per_mode = {mode: classes_per_pixel(logits, out_size, mode) for mode in modes}
         for with_scores, (name, segment) in itertools.product(modes, head_backends(device).items()):
-            floor = logits.numel() * 4 + height * width * (6 if with_scores else 2)
-            kept = classes_per_pixel(logits, out_size, with_scores)
+            floor = floors[with_scores]
+            kept = classes if name == "reference" else kept_per_mode[with_scores]
             run = partial(segment, logits, out_size, logit_scale=LOGIT_SCALE, with_scores=with_scores)
             seconds = median_seconds(run, device, args.repeats)
             peak = peak_bytes(run, device)
             if name == "reference":
                 reference_time, reference_peak = seconds, peak
-            exp_count = (classes if name == "reference" else kept) * height * width
+            exp_count = kept * height * width
             rows.append(
                 {
                     "device": device.type,
@@ -192,7 +153,7 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float,
                     "speedup": reference_time / seconds,
                     "peak_mib": peak / MIB,
                     "memory_ratio": reference_peak / max(peak, 1),
-                    "classes_per_pixel": classes if name == "reference" else kept,
+                    "classes_per_pixel": kept,
                     "floor_mb": floor / 1e6,
                     "times_floor": seconds / (floor / bandwidth),
                     # exps are the score's cost; labels only, none are needed
@@ -284,11 +245,6 @@ def similarity_table(rows: list[dict]) -> str:
             f"| {r['tflops']:.1f} | {r['fraction_of_matmul']:.0%} |"
         )
     return "\n".join(lines)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    height, width = text.lower().split("x")
-    return int(height), int(width)
 
 
 def main(argv: list[str] | None = None) -> dict:

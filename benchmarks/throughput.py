@@ -47,7 +47,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -59,54 +58,17 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, versions  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder  # noqa: E402
 from pacl_fast.encoders.graph import ImageTower  # noqa: E402
 from pacl_fast.head import BACKENDS, Head  # noqa: E402
 from pacl_fast.model import PACL  # noqa: E402
-from pacl_fast.profiling import TensorMemoryTracker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32"
 CUDA_BACKENDS = "torch:fp16,compile:fp16,onnxruntime:fp16,tensorrt:fp16"
-
-
-# --- the machine ------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for module in ("triton", "open_clip", "onnxruntime", "tensorrt"):
-        try:
-            found[module] = __import__(module).__version__
-        except ImportError:
-            found[module] = "absent"
-    return found
-
-
-def machine_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        chip = f"GPU {torch.cuda.get_device_name(device)}"
-    else:
-        wait_policy = os.environ.get("OMP_WAIT_POLICY")
-        chip = f"CPU {cpu_name()} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={wait_policy})"
-    return f"{chip}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_seconds(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
@@ -217,20 +179,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - start, result
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak live tensor bytes above the start while ``fn`` runs."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    with TensorMemoryTracker() as tracker:
-        fn()
-    return tracker.peak_bytes
-
-
 def parse_backends(text: str) -> list[tuple[str, str, bool]]:
     """``name:dtype[:cl]`` items -> (encoder name, dtype name, channels_last)."""
     specs = []
@@ -241,11 +189,6 @@ def parse_backends(text: str) -> list[tuple[str, str, bool]]:
             raise argparse.ArgumentTypeError(f"--backends items are {expected}, got {item!r}")
         specs.append((parts[0], parts[1], len(parts) == 3))
     return specs
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    height, _, width = text.partition("x")
-    return int(height), int(width or height)
 
 
 def parse_batches(text: str) -> list[int]:
