@@ -78,6 +78,31 @@ class EmbedderWeights:
 
 
 @triton.jit
+def _accumulate_tokens_times_weight(
+    acc,  # [BM, BN] float32
+    token_rows,  # [BM, 1] pointers to the rows' first token element
+    row_inside,  # [BM]
+    weight_ptr,  # [N, D]: acc += x @ W[n]^T over the columns n of this block
+    n,  # [BN] int
+    n_inside,  # [BN]
+    token_dim,
+    BLOCK_K: tl.constexpr,
+    DOT_TYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + x @ W^T`` for a block of token rows and a block of W's rows, over all of D."""
+    for k0 in range(0, token_dim, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_inside = k < token_dim
+        x = tl.load(token_rows + k[None, :], mask=row_inside[:, None] & k_inside[None, :], other=0.0)
+        w = tl.load(
+            weight_ptr + n[None, :] * token_dim + k[:, None], mask=k_inside[:, None] & n_inside[None, :], other=0.0
+        )
+        acc = tl.dot(x.to(DOT_TYPE), w.to(DOT_TYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _embed_similarity(
     tokens_ptr,  # [M, D]
     linear_ptr,  # [E, D]
@@ -108,28 +133,18 @@ def _embed_similarity(
     embedding = tl.full((BLOCK_M, BLOCK_E), 0.0, tl.float32)
 
     # Linear path: x @ W_lin^T
-    for k0 in range(0, token_dim, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_inside = k < token_dim
-        x = tl.load(token_rows + k[None, :], mask=row_inside[:, None] & k_inside[None, :], other=0.0)
-        w = tl.load(
-            linear_ptr + e[None, :] * token_dim + k[:, None], mask=k_inside[:, None] & e_inside[None, :], other=0.0
-        )
-        embedding = tl.dot(x.to(DOT_TYPE), w.to(DOT_TYPE), embedding, input_precision=PRECISION)
+    embedding = _accumulate_tokens_times_weight(
+        embedding, token_rows, row_inside, linear_ptr, e, e_inside, token_dim, BLOCK_K, DOT_TYPE, PRECISION
+    )
 
     # MLP path, one block of hidden units at a time: GELU(x @ W_1^T + b_1) @ W_2^T
     for h0 in range(0, hidden_dim, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         h_inside = h < hidden_dim
         hidden = tl.full((BLOCK_M, BLOCK_H), 0.0, tl.float32)
-        for k0 in range(0, token_dim, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_inside = k < token_dim
-            x = tl.load(token_rows + k[None, :], mask=row_inside[:, None] & k_inside[None, :], other=0.0)
-            w1 = tl.load(
-                fc1_ptr + h[None, :] * token_dim + k[:, None], mask=k_inside[:, None] & h_inside[None, :], other=0.0
-            )
-            hidden = tl.dot(x.to(DOT_TYPE), w1.to(DOT_TYPE), hidden, input_precision=PRECISION)
+        hidden = _accumulate_tokens_times_weight(
+            hidden, token_rows, row_inside, fc1_ptr, h, h_inside, token_dim, BLOCK_K, DOT_TYPE, PRECISION
+        )
         hidden += tl.load(fc1_bias_ptr + h, mask=h_inside, other=0.0).to(tl.float32)[None, :]
         gelu = 0.5 * hidden * (1.0 + tl.math.erf(hidden * 0.7071067811865476))  # exact GELU, as F.gelu
         w2 = tl.load(

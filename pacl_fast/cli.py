@@ -30,13 +30,18 @@ def _sliding_window(text: str) -> SlidingWindow:
         raise argparse.ArgumentTypeError(f"--sliding-window expects CROP,STRIDE[,SHORT_SIDE], got {text!r}") from error
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the CLIP, PACL weights and runtime (shared by subcommands)."""
-    group = parser.add_argument_group("model")
+def add_weights_arguments(group: argparse._ArgumentGroup) -> None:
+    """Options that choose the CLIP, the PACL weights and the device."""
     group.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:PATH (default ViT-B-16)")
     group.add_argument("--clip-weights", default=None, help="pretrained tag (hub) or local checkpoint file")
     group.add_argument("--pacl-weights", default=None, help="PACL weights (.safetensors)")
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the CLIP, PACL weights and runtime (shared by subcommands)."""
+    group = parser.add_argument_group("model")
+    add_weights_arguments(group)
     group.add_argument(
         "--dtype",
         default=None,
@@ -421,10 +426,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--max-batch", type=int, default=32, help="TensorRT profile: batches 1..N (default 32)")
     group = export.add_argument_group("model")
-    group.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:PATH (default ViT-B-16)")
-    group.add_argument("--clip-weights", default=None, help="pretrained tag (hub) or local checkpoint file")
-    group.add_argument("--pacl-weights", default=None, help="PACL weights (.safetensors)")
-    group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    add_weights_arguments(group)
     group.add_argument(
         "--dtype", default=None, choices=["float32", "float16"], help="graph precision (default: float16 for tensorrt)"
     )

@@ -273,6 +273,12 @@ class FolderDataset(SegmentationDataset):
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
         raise NotImplementedError
 
+    def require_folders(self, *folders: Path) -> None:
+        """Name the first of ``folders`` that does not exist, with the layout expected."""
+        for folder in folders:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{self.name}: {folder} is missing; expected {self.layout}")
+
     def read_split_file(self, relative: str) -> list[str]:
         path = self.root / relative
         if not path.is_file():
@@ -385,8 +391,7 @@ class CocoStuff171(FolderDataset):
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
         folder = f"{self.split}2017"
         images_dir, masks_dir = self.root / "images" / folder, self.root / "annotations" / folder
-        if not images_dir.is_dir() or not masks_dir.is_dir():
-            raise FileNotFoundError(f"{self.name}: {images_dir} or {masks_dir} is missing; expected {self.layout}")
+        self.require_folders(images_dir, masks_dir)
         samples = []
         for image in sorted(images_dir.glob("*.jpg")):
             converted = masks_dir / f"{image.stem}_labelTrainIds.png"
@@ -413,8 +418,7 @@ class ADE20K(FolderDataset):
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
         folder = self._split_folders.get(self.split, self.split)
         images_dir, masks_dir = self.root / "images" / folder, self.root / "annotations" / folder
-        if not images_dir.is_dir():
-            raise FileNotFoundError(f"{self.name}: {images_dir} is missing; expected {self.layout}")
+        self.require_folders(images_dir)
         return [(p.stem, p, masks_dir / f"{p.stem}.png", None) for p in sorted(images_dir.glob("*.jpg"))]
 
 
@@ -430,8 +434,7 @@ class Cityscapes(FolderDataset):
 
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
         images_dir = self.root / "leftImg8bit" / self.split
-        if not images_dir.is_dir():
-            raise FileNotFoundError(f"{self.name}: {images_dir} is missing; expected {self.layout}")
+        self.require_folders(images_dir)
         samples = []
         for image in sorted(images_dir.glob("*/*_leftImg8bit.png")):
             stem = image.name[: -len("_leftImg8bit.png")]
