@@ -34,6 +34,24 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LOCAL_DIR_PREFIX = "local-dir:"
+POSITIONAL_RESIZES = ("size", "scale_factor")
+
+
+def resize_positional_scale_factor(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[1, D, g0, g1] -> [1, D, h, w]`` as SCLIP, ClearCLIP and NACLIP resize positional embeddings.
+
+    Their ``interpolate_pos_encoding`` (SCLIP ``clip/model.py``, NACLIP ``clip/model.py``, ClearCLIP's
+    open_clip ``transformer.py``, after DINO) calls ``F.interpolate(..., scale_factor=((h + 0.1) / g0,
+    (w + 0.1) / g1), mode="bicubic")``: the output has ``floor`` of those sizes, i.e. ``(h, w)``, but
+    the sampling positions follow the scale factor given, not ``g / h``, so the values differ
+    slightly from ``F.interpolate(size=(h, w))``.
+    """
+    g0, g1 = patch_pos.shape[-2:]
+    scale = ((grid[0] + 0.1) / g0, (grid[1] + 0.1) / g1)
+    resized = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(resized.shape[-2:]) != tuple(grid):
+        raise RuntimeError(f"scale-factor resize of a {g0}x{g1} grid gave {tuple(resized.shape[-2:])}, not {grid}")
+    return resized
 
 
 class RandomWeightsWarning(UserWarning):
@@ -131,7 +149,7 @@ class ClipBackbone(nn.Module):
         self.model_cfg = copy.deepcopy(model_cfg)
         self.clip.requires_grad_(False)
         self.clip.eval()
-        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device, str], torch.Tensor] = {}
 
     # Frozen: train() never puts the CLIP in training mode (dropout, patch dropout stay off).
     def train(self, mode: bool = True) -> ClipBackbone:
@@ -169,9 +187,18 @@ class ClipBackbone(nn.Module):
         cfg = getattr(self.visual, "preprocess_cfg", None) or {}
         return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
 
-    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Class + patch positional embeddings for a grid ``(h, w)``: ``[1 + h*w, D]``."""
-        key = (grid[0], grid[1], dtype, device)
+    def positional_embedding(
+        self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device, resize: str = "size"
+    ) -> torch.Tensor:
+        """Class + patch positional embeddings for a grid ``(h, w)``: ``[1 + h*w, D]``.
+
+        ``resize`` picks how the native grid is resized (bicubic, both): ``"size"`` (exactly ``(h, w)``,
+        what PACL trains and evaluates with) or ``"scale_factor"`` (the training-free papers' way, see
+        :func:`resize_positional_scale_factor`). Cached per (grid, dtype, device, resize).
+        """
+        if resize not in POSITIONAL_RESIZES:
+            raise ValueError(f"resize must be one of {POSITIONAL_RESIZES}, got {resize!r}")
+        key = (grid[0], grid[1], dtype, device, resize)
         cached = self._pos_cache.get(key)
         if cached is not None:
             return cached
@@ -182,7 +209,10 @@ class ClipBackbone(nn.Module):
         else:
             cls_pos, patch_pos = pos[:1], pos[1:]
             patch_pos = patch_pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2).float()  # [1, D, g0, g1]
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            if resize == "size":
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            else:
+                patch_pos = resize_positional_scale_factor(patch_pos, grid)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             resized = torch.cat([cls_pos, patch_pos], dim=0)
         resized = resized.to(device=device, dtype=dtype)
@@ -194,8 +224,9 @@ class ClipBackbone(nn.Module):
         self._pos_cache = {}
         return super()._apply(fn, recurse)
 
-    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``[B, 3, H, W]`` (sides multiples of the patch size) -> ``[B, h, w, D]``."""
+    def embed_patches(self, pixels: torch.Tensor, resize: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalised pixels ``[B, 3, H, W]`` (sides multiples of the patch size) -> the tower's input
+        ``[B, 1 + h*w, D]`` (class token first, positional embeddings added, ``ln_pre``) and the grid ``(h, w)``."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
         p = self.patch_size
@@ -208,11 +239,24 @@ class ClipBackbone(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, D]
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)  # [B, 1 + h*w, D]
-        x = x + self.positional_embedding(grid, x.dtype, x.device)
-        x = visual.ln_pre(x)
-        x = visual.transformer(x)
-        x = visual.ln_post(x[:, 1:])  # [B, h*w, D]
+        x = x + self.positional_embedding(grid, x.dtype, x.device, resize)
+        return visual.ln_pre(x), grid
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The image tower's residual attention blocks (batch first)."""
+        return self.visual.transformer.resblocks
+
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, H, W]`` (sides multiples of the patch size) -> ``[B, h, w, D]``."""
+        x, grid = self.embed_patches(pixels)
+        x = self.visual.transformer(x)
+        x = self.visual.ln_post(x[:, 1:])  # [B, h*w, D]
         return x.reshape(x.shape[0], grid[0], grid[1], -1)
+
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, S, S]`` at the native size -> CLIP's unit image embeddings ``[B, E]``."""
+        return self.clip.encode_image(pixels.to(self.visual.conv1.weight.dtype), normalize=True)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[T, L]`` -> L2-normalised CLIP text embeddings ``[T, E]``."""

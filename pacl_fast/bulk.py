@@ -29,9 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pacl_fast.data.segmentation import IMAGE_SUFFIXES
 from pacl_fast.distributed import DistInfo, gather_objects
-from pacl_fast.images import SlidingWindow, load_image
+from pacl_fast.images import IMAGE_SUFFIXES, SlidingWindow, load_image
 from pacl_fast.results import ImageError, Segmentation
 from pacl_fast.segmenter import Segmenter
 

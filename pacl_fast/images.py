@@ -1,10 +1,18 @@
-"""Image decoding and the geometry between an original image and the model's input.
+"""The one place for images: decoding, geometry, resizing, crops and normalisation.
 
 Decoding (:func:`load_image`) accepts a path, PIL image, ``HWC uint8`` array, ``CHW float``
 tensor in 0..1, and turns each into an RGB tensor ``[3, H, W]`` (uint8, or float32 for float
-input). Preprocessing (:func:`fit_to_model`) resizes the short side to the model size keeping the
-aspect, pads to the patch multiple and normalises with CLIP's mean/std; the returned
-:class:`Geometry` says how the patch grid maps back to the original pixels.
+input). Every model input is then made by the same three steps, whatever reads it:
+
+* :func:`resize` (bicubic, antialiased, clamped to 0..1), to a size planned by
+  :func:`plan_resize` (short side to the model's size, aspect kept);
+* for segmentation, zero padding to the patch multiple (:func:`fit_to_model`,
+  :class:`SegmentationPreprocess`), with a :class:`Geometry` that maps the patch grid back to
+  the original pixels; for classification and training, a centre crop with torchvision's
+  rounding (:func:`center_crop`; :class:`ClipPreprocess`, :func:`square_crop`);
+* :func:`normalize` with the CLIP's mean/std.
+
+:data:`IMAGE_SUFFIXES` is the one list of file suffixes read as images (folders, shards).
 """
 
 from __future__ import annotations
@@ -21,7 +29,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit, made an explicit argument
+#: Refuse images over this many pixels. A decoded image costs ~40 bytes a pixel through segmentation
+#: (uint8 copy, float resize, int16 labels, float32 scores, overlay), so 40 MP is ~1.6 GB per image in
+#: flight: several workers fit a 24 GiB machine. PIL's own bomb limit (179 MP) would allow ~7 GB.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: File suffixes read as images (folders of images, WebDataset fields without the dot).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def describe(image: object) -> str:
@@ -160,6 +174,31 @@ def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int
     return Geometry(original_size, resized, canvas, patch_size)
 
 
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """RGB ``[3, H, W]`` (uint8, or float in 0..1) -> float32 ``[3, h, w]`` in 0..1: bicubic, antialiased."""
+    pixels = image.float() / 255.0 if not image.is_floating_point() else image.float()
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    resized = F.interpolate(pixels[None], size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return resized[0].clamp_(0.0, 1.0)
+
+
+def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(pixels - mean) / std`` per channel, for ``[3, H, W]`` or ``[B, 3, H, W]`` float pixels in 0..1."""
+    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
+def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size x size`` of ``[..., H, W]`` (both sides >= size), offsets rounded as torchvision's."""
+    height, width = pixels.shape[-2:]
+    if height < size or width < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} out of {height}x{width}")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return pixels[..., top : top + size, left : left + size]
+
+
 def fit_to_model(
     image: torch.Tensor,
     geometry: Geometry,
@@ -168,20 +207,41 @@ def fit_to_model(
 ) -> torch.Tensor:
     """RGB ``[3, H, W]`` -> normalised model input ``[3, canvas_h, canvas_w]`` float32.
 
-    Bicubic, antialiased resize to ``geometry.resized_size``; zero padding (the mean colour after
-    normalisation) to the canvas.
+    :func:`resize` to ``geometry.resized_size``, :func:`normalize`, zero padding (the mean colour
+    after normalisation) bottom and right to the canvas.
     """
-    pixels = image.float() / 255.0 if not image.is_floating_point() else image.float()
-    if tuple(pixels.shape[-2:]) != geometry.resized_size:
-        pixels = F.interpolate(
-            pixels[None], size=geometry.resized_size, mode="bicubic", antialias=True, align_corners=False
-        )[0].clamp_(0.0, 1.0)
-    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    pixels = (pixels - mean_t) / std_t
+    pixels = normalize(resize(image, geometry.resized_size), mean, std)
     pad_h = geometry.canvas_size[0] - geometry.resized_size[0]
     pad_w = geometry.canvas_size[1] - geometry.resized_size[1]
     return F.pad(pixels, (0, pad_w, 0, pad_h))
+
+
+def _short_side_then_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Short side to ``size`` (aspect kept), then the centre square: float ``[3, size, size]`` in 0..1."""
+    geometry = plan_resize(tuple(image.shape[-2:]), size, 1)  # patch 1: no padding
+    return center_crop(resize(image, geometry.resized_size), size)
+
+
+def square_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's training crop, stored compactly: ``[3, H, W]`` -> ``[3, size, size]`` uint8 (short side, centre)."""
+    return (_short_side_then_crop(image, size) * 255.0).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """CLIP's classification preprocessing as a picklable callable (for DataLoader workers).
+
+    image -> ``[3, size, size]`` float32: short side to ``size``, centre crop, normalised.
+    """
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        pixels = _short_side_then_crop(load_image(image, max_pixels=self.max_pixels), self.size)
+        return normalize(pixels, self.mean, self.std)
 
 
 @dataclass(frozen=True)

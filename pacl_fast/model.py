@@ -162,9 +162,13 @@ def contrastive_loss(
 class PACL(nn.Module):
     """Frozen CLIP + trainable :class:`VisionEmbedder`, logit scale and patch temperature.
 
-    ``state_dict()`` holds only what PACL trains (the CLIP stays open_clip's own weights):
-    ``embedder.*``, ``log_logit_scale``, ``log_patch_logit_scale``.
+    The CLIP is a registered submodule (``backbone``) whose parameters never require grad;
+    :meth:`trainable_state_dict` holds only what PACL trains (``embedder.*``,
+    ``log_logit_scale``, ``log_patch_logit_scale``), which is what weight files and
+    checkpoints store: the CLIP stays open_clip's own weights.
     """
+
+    method = "pacl"
 
     def __init__(self, backbone: ClipBackbone, config: PACLConfig | None = None):
         super().__init__()
@@ -176,8 +180,7 @@ class PACL(nn.Module):
                 f"{backbone.identity.arch} (token_dim={backbone.token_dim}, embed_dim={backbone.embed_dim})"
             )
         self.config = config
-        # Kept outside the module tree so state_dict / parameters are PACL's own; moved in _apply.
-        self.__dict__["backbone"] = backbone
+        self.backbone = backbone
         self.embedder = VisionEmbedder(config.token_dim, config.embed_dim, config.hidden_dim)
         if config.init_from_clip_proj and backbone.visual.proj is not None:
             with torch.no_grad():
@@ -187,11 +190,21 @@ class PACL(nn.Module):
             torch.tensor(-math.log(config.patch_temperature)), requires_grad=config.learn_patch_temperature
         )
 
-    backbone: ClipBackbone
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What PACL trains, by name: the embedder and the two temperatures (never the CLIP)."""
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("backbone.")}
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - keep the frozen CLIP on the same device/dtype
-        self.backbone._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`trainable_state_dict` tensors; every name must be there, nothing else."""
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ValueError(f"PACL tensors do not match: missing {missing}, unexpected {unexpected}")
+        self.load_state_dict(tensors, strict=False)
+
+    def describe(self) -> dict:
+        """What, besides the weights, defines this model's outputs (keys caches and exports)."""
+        return {"method": self.method, "pacl_config": self.config.to_dict()}
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -216,6 +229,11 @@ class PACL(nn.Module):
         """Token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (frozen)."""
         with torch.no_grad():
             return self.backbone.encode_text(tokens)
+
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, S, S]`` (native size) -> CLIP's own unit image embeddings ``[B, E]``."""
+        with torch.no_grad():
+            return self.backbone.encode_global(pixels)
 
     def forward(
         self, pixels: torch.Tensor, tokens: torch.Tensor

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pacl_fast.backbone import ClipBackbone, ClipIdentity
+from pacl_fast.files import atomic_write
 from pacl_fast.model import PACL, PACLConfig
 
 FORMAT = "pacl-fast/pacl-weights"
@@ -95,12 +96,8 @@ def save_pacl_weights(model: PACL, path: str | os.PathLike, metadata: PACLMetada
     """Write ``model``'s trained tensors and metadata atomically (temp file, then rename)."""
     path = Path(path)
     metadata = metadata or metadata_for(model)
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata.to_header())
-    os.replace(tmp, path)
-    return path
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.trainable_state_dict().items()}
+    return atomic_write(path, save(tensors, metadata=metadata.to_header()))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -208,5 +205,5 @@ def load_pacl(
     if strict_clip:
         check_clip_pairing(metadata, backbone.identity, path)
     model = PACL(backbone, config)
-    model.load_state_dict(tensors)
+    model.load_trainable_state_dict(tensors)
     return model.to(next(backbone.parameters()).device), metadata

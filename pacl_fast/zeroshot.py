@@ -13,38 +13,15 @@ A class asked for with several names (synonyms) scores the best of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from pacl_fast.data.names import ClassQueries
-from pacl_fast.images import DEFAULT_MAX_PIXELS, ImageInput, fit_to_model, load_image, plan_resize
+from pacl_fast.images import ClipPreprocess, ImageInput
 from pacl_fast.model import compatibility
 from pacl_fast.segmenter import Segmenter
 
 METHODS = ("pacl", "clip")
-
-
-@dataclass(frozen=True)
-class ClipPreprocess:
-    """CLIP's classification preprocessing as a picklable callable (for DataLoader workers).
-
-    image -> ``[3, size, size]`` float32: short side resized to ``size`` (bicubic, antialiased),
-    centre crop (torchvision's rounding), normalised with ``mean``/``std``.
-    """
-
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def __call__(self, image: ImageInput) -> torch.Tensor:
-        decoded = load_image(image, max_pixels=self.max_pixels)
-        geometry = plan_resize(tuple(decoded.shape[-2:]), self.size, 1)  # patch 1: no padding
-        pixels = fit_to_model(decoded, geometry, self.mean, self.std)  # [3, h, w], short side = size
-        height, width = geometry.resized_size
-        top, left = int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0))
-        return pixels[:, top : top + self.size, left : left + self.size].contiguous()
 
 
 class ZeroShotClassifier:

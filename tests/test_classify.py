@@ -14,7 +14,8 @@ from pacl_fast.cli import main
 from pacl_fast.data.classification import ImageFolder
 from pacl_fast.data.names import ClassQueries
 from pacl_fast.evaluate import evaluate_classification
-from pacl_fast.zeroshot import ClipPreprocess, ZeroShotClassifier
+from pacl_fast.images import ClipPreprocess
+from pacl_fast.zeroshot import ZeroShotClassifier
 
 
 @pytest.fixture(scope="module")

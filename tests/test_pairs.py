@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pacl_fast.data.pairs import CsvPairs, WebDatasetPairs, square_crop
+from pacl_fast.data.pairs import CsvPairs, WebDatasetPairs
 from pacl_fast.data.stream import PairStream, collate_pairs
+from pacl_fast.images import square_crop
 
 
 def png_bytes(seed, size=(40, 30)):

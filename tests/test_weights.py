@@ -29,8 +29,8 @@ def rewrite(path, tensors=None, metadata=None):
 
 def test_roundtrip_keeps_tensors_and_metadata(weights_file, tiny_pacl, tiny_backbone):
     model, metadata = load_pacl(tiny_backbone, weights_file)
-    for name, tensor in tiny_pacl.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor)
+    for name, tensor in tiny_pacl.trainable_state_dict().items():
+        torch.testing.assert_close(model.trainable_state_dict()[name], tensor)
     assert metadata.steps == 7 and metadata.clip_identity == tiny_backbone.identity
     assert metadata.clip_config == tiny_backbone.model_cfg and metadata.patch_size == 8
     pixels = torch.randn(1, 3, 64, 64)
@@ -49,7 +49,7 @@ def test_truncated_file(weights_file):
 
 def test_not_safetensors(tmp_path, tiny_pacl):
     pickled = tmp_path / "pacl.pt"
-    torch.save(tiny_pacl.state_dict(), pickled)
+    torch.save(tiny_pacl.trainable_state_dict(), pickled)
     with pytest.raises(ValueError, match="not a safetensors file.*zip"):
         read_pacl_weights(pickled)
     junk = tmp_path / "junk.safetensors"

@@ -286,9 +286,21 @@ def run_signature(args: argparse.Namespace, info: DistInfo) -> dict:
     }
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: PACL's trainable tensors (never the frozen CLIP), or the CLIP."""
+    return model.trainable_state_dict() if isinstance(model, PACL) else model.state_dict()
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(model, PACL):
+        model.load_trainable_state_dict(tensors)
+    else:
+        model.load_state_dict(tensors)
+
+
 def parameters_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(trainable_state(model).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"cannot resume from {resume_from}: it was made by {state['signature']}, this run is "
                 f"{run_signature(args, info)}; use another --out or --resume none"
             )
-        model.load_state_dict(state["model"])
+        load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_path(args.out, done),
                     {
                         "step": done,
-                        "model": model.state_dict(),
+                        "model": trainable_state(model),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from pacl_fast.data.names import read_class_names
-from pacl_fast.data.segmentation import IMAGE_SUFFIXES
+from pacl_fast.images import IMAGE_SUFFIXES
 
 
 class ImageFolder:

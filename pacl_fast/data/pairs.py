@@ -20,26 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pacl_fast.data.stream import SampleError
-from pacl_fast.images import load_image
+from pacl_fast.images import IMAGE_SUFFIXES, load_image, square_crop
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def square_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``[3, H, W]`` uint8 (or float 0..1) -> ``[3, size, size]`` uint8: short side to ``size``, centre crop."""
-    height, width = image.shape[-2:]
-    scale = size / min(height, width)
-    resized = (max(size, round(height * scale)), max(size, round(width * scale)))
-    pixels = image.float() / 255.0 if not image.is_floating_point() else image.float()
-    if resized != (height, width):
-        pixels = F.interpolate(pixels[None], size=resized, mode="bicubic", antialias=True, align_corners=False)[0]
-    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-    pixels = pixels[:, top : top + size, left : left + size]
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+#: WebDataset fields holding the image, in order of preference.
+IMAGE_EXTENSIONS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)
 
 
 class CsvPairs:

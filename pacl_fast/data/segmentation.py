@@ -151,7 +151,6 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
     28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _lookup_table(mapping: dict[int, int]) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Interchangeable image/text encoders (DESIGN §5).
 
-Every encoder has the same two methods:
+Every encoder runs a model of ``pacl_fast.methods`` (PACL, or a training-free method) and has
+the same methods (:class:`~pacl_fast.encoders.base.Encoder`):
 
-* ``encode_image(pixels)``: normalised pixels ``[B, 3, H, W]`` -> unit PACL patch embeddings
-  ``[B, h, w, E]`` (backbone and embedder as one graph);
-* ``encode_text(tokens)``: token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (float32).
+* ``encode_image(pixels)``: normalised pixels ``[B, 3, H, W]`` -> the method's unit patch
+  embeddings ``[B, h, w, E]`` (CLIP and the method's last step as one graph);
+* ``encode_text(tokens)``: token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (float32);
+* ``encode_global(pixels)``: CLIP's own unit image embedding ``[B, E]`` (zero-shot classification).
 
 Backends (:func:`make_encoder`):
 
@@ -21,13 +23,12 @@ tensorrt   engine built from the ONNX export          float16, float32          
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 import torch
+from torch import nn
 
-from pacl_fast.encoders.export import EncoderUnavailableError
+from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, resolve_dtype
 from pacl_fast.encoders.torch_encoder import TorchEncoder
-from pacl_fast.model import PACL
 
 ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt")
 DEFAULT_DTYPES = {
@@ -38,18 +39,10 @@ DEFAULT_DTYPES = {
 }
 
 
-class Encoder(Protocol):
-    dtype: torch.dtype
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
 def make_encoder(
     name: str,
-    model: PACL,
-    dtype: torch.dtype | None = None,
+    model: nn.Module,
+    dtype: str | torch.dtype | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
     **options,
@@ -66,7 +59,7 @@ def make_encoder(
     """
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")
-    dtype = DEFAULT_DTYPES[name] if dtype is None else dtype
+    dtype = DEFAULT_DTYPES[name] if dtype is None else resolve_dtype(dtype)
     if name in ("torch", "compile"):
         return TorchEncoder(model, dtype, compile=name == "compile", **options)
     if name == "onnxruntime":
@@ -78,4 +71,12 @@ def make_encoder(
     return TensorRTEncoder(model, dtype, cache_dir=cache_dir, **options)
 
 
-__all__ = ["DEFAULT_DTYPES", "ENCODERS", "Encoder", "EncoderUnavailableError", "TorchEncoder", "make_encoder"]
+__all__ = [
+    "DEFAULT_DTYPES",
+    "ENCODERS",
+    "Encoder",
+    "EncoderUnavailableError",
+    "TorchEncoder",
+    "make_encoder",
+    "resolve_dtype",
+]

@@ -1,9 +1,9 @@
-"""PACL's two towers as plain modules that trace well: what torch.compile and ONNX export see.
+"""A model's two towers as plain modules that trace well: what torch.compile and ONNX export see.
 
-:class:`ImageTower` is ``PACL.encode_image`` (backbone + embedder as one graph) and
-:class:`TextTower` is ``PACL.encode_text``, both calling the model's own code on a *view* of the
-model whose ``nn.MultiheadAttention`` blocks run as one batch-first SDPA call. Parameters are
-shared with the model, never copied.
+:class:`ImageTower` is the model's ``encode_image`` (CLIP and the method's last step as one graph:
+PACL's embedder, or a training-free last block) and :class:`TextTower` its ``encode_text``, both
+calling the model's own code on a *view* of the model whose ``nn.MultiheadAttention`` blocks run
+as one batch-first SDPA call. Parameters are shared with the model, never copied.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacl_fast.backbone import ClipBackbone
-from pacl_fast.model import PACL
 
 
 class SelfAttention(nn.Module):
@@ -94,29 +93,31 @@ def replace_modules(root: nn.Module, make: Callable[[nn.Module], nn.Module | Non
     return view
 
 
-def traceable_view(model: PACL) -> PACL:
+def traceable_view(model: nn.Module) -> nn.Module:
     """``model`` with its CLIP's self-attention blocks as :class:`SelfAttention`; weights shared."""
-    backbone = replace_modules(model.backbone, lambda m: SelfAttention(m) if supports_sdpa(m) else None)
-    view = copy.copy(model)
-    view.__dict__["backbone"] = backbone  # PACL keeps its CLIP outside the module tree
-    return view
+    return replace_modules(model, lambda m: SelfAttention(m) if supports_sdpa(m) else None)
 
 
-def model_dtype(model: PACL) -> torch.dtype:
-    return model.embedder.linear.weight.dtype
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The precision the model runs in: its CLIP's (every method casts with it)."""
+    return model.backbone.visual.conv1.weight.dtype
 
 
-def model_device(model: PACL) -> torch.device:
-    return model.embedder.linear.weight.device
+def model_device(model: nn.Module) -> torch.device:
+    return model.backbone.visual.conv1.weight.device
 
 
 class ImageTower(nn.Module):
-    """Normalised pixels ``[B, 3, H, W]`` -> unit PACL patch embeddings ``[B, h, w, E]``."""
+    """Normalised pixels ``[B, 3, H, W]`` -> the model's unit patch embeddings ``[B, h, w, E]``."""
 
-    def __init__(self, model: PACL):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.pacl = traceable_view(model)
-        self.backbone: ClipBackbone = self.pacl.backbone  # registered, so its weights belong to this module
+        self.model = traceable_view(model)
+        self._primed: set[tuple[int, int, torch.dtype, torch.device]] = set()
+
+    @property
+    def backbone(self) -> ClipBackbone:
+        return self.model.backbone
 
     def prime(self, image_size: tuple[int, int]) -> None:
         """Fill the backbone's positional-embedding cache for this input size, eagerly.
@@ -128,21 +129,33 @@ class ImageTower(nn.Module):
         if image_size[0] % patch or image_size[1] % patch:
             raise ValueError(f"image size {image_size} must be a multiple of the patch size {patch}")
         weight = self.backbone.visual.conv1.weight
-        grid = (image_size[0] // patch, image_size[1] // patch)
-        with torch.no_grad():
-            self.backbone.positional_embedding(grid, weight.dtype, weight.device)
+        key = (image_size[0], image_size[1], weight.dtype, weight.device)
+        if key not in self._primed:  # one eager pass fills every cache the model's method reads
+            with torch.no_grad():
+                self.model.encode_image(torch.zeros(1, 3, *image_size, dtype=weight.dtype, device=weight.device))
+            self._primed.add(key)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.pacl.encode_image(pixels)
+        return self.model.encode_image(pixels)
 
 
 class TextTower(nn.Module):
     """Token ids ``[T, L]`` (int64) -> unit CLIP text embeddings ``[T, E]``."""
 
-    def __init__(self, model: PACL):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.pacl = traceable_view(model)
-        self.backbone: ClipBackbone = self.pacl.backbone
+        self.model = traceable_view(model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.pacl.encode_text(tokens)
+        return self.model.encode_text(tokens)
+
+
+class GlobalTower(nn.Module):
+    """Normalised pixels at the CLIP's native size ``[B, 3, S, S]`` -> CLIP's own unit image embeddings ``[B, E]``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = traceable_view(model)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_global(pixels)

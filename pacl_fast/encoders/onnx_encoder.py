@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
 from pacl_fast.encoders.export import (
+    GLOBAL_OUTPUT,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
     TEXT_INPUT,
     TEXT_OUTPUT,
-    EncoderUnavailableError,
     OnnxCache,
     require_onnx,
 )
 from pacl_fast.encoders.graph import model_device
-from pacl_fast.model import PACL
 
 _NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -33,29 +35,16 @@ def import_onnxruntime():  # noqa: ANN201 - the module
     return onnxruntime
 
 
-def check_out(
-    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``out`` if it fits ``shape``/``dtype``/``device`` and is contiguous, a new tensor if None; else ValueError."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous {shape} {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} "
-            f"on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
-        )
-    return out
-
-
 class OnnxRuntimeEncoder:
-    """Runs a :class:`PACL` as ONNX graphs in onnxruntime, on torch tensors without copies (I/O binding).
+    """Runs a model (PACL or a training-free method) as ONNX graphs in onnxruntime, on torch tensors
+    without copies (I/O binding).
 
     The image graph is exported once per input size ``(H, W)`` (its positional embeddings are
     interpolated for one grid) and cached on disk (see :mod:`pacl_fast.encoders.export`); the
     first call with a new size exports it (seconds for ViT-B-16). Batches of any size share it.
 
     Args:
-        model: the PACL model (not modified). Its device picks the execution provider: CPU, or
+        model: the model (not modified). Its device picks the execution provider: CPU, or
             CUDA (needs the ``onnxruntime-gpu`` package).
         dtype: float32 or float16. (float16 on CPU runs, slowly: it checks the half-precision graph
             that TensorRT builds from on machines without a GPU.)
@@ -67,7 +56,7 @@ class OnnxRuntimeEncoder:
 
     def __init__(
         self,
-        model: PACL,
+        model: nn.Module,
         dtype: torch.dtype = torch.float32,
         *,
         cache_dir: str | os.PathLike | None = None,
@@ -92,10 +81,9 @@ class OnnxRuntimeEncoder:
         self.dtype = dtype
         self.threads = threads or torch.get_num_threads()
         self.patch_size = model.backbone.patch_size
-        self.embed_dim = model.config.embed_dim
+        self.embed_dim = model.backbone.embed_dim
         self.cache = OnnxCache(model, dtype, cache_dir)
-        self._image_sessions: dict[tuple[int, int], object] = {}
-        self._text_session = None
+        self._sessions: dict[object, object] = {}
 
     def _session(self, path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
         options = self.ort.SessionOptions()
@@ -107,17 +95,27 @@ class OnnxRuntimeEncoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return self.ort.InferenceSession(str(path), options, providers=self.providers)
 
+    def _cached_session(self, key: object, artifact: Callable[..., Path]):  # noqa: ANN202
+        """The session of one cached graph; a graph onnxruntime cannot load is exported again, once."""
+        if key not in self._sessions:
+            try:
+                session = self._session(artifact())
+            except Exception:  # noqa: BLE001 - onnxruntime's own types (Fail, InvalidProtobuf, InvalidGraph...)
+                # A cache entry broken in a way the cache's checks missed: export it again, once.
+                session = self._session(artifact(rebuild=True))
+            self._sessions[key] = session
+        return self._sessions[key]
+
     def image_session(self, image_size: tuple[int, int]):  # noqa: ANN201
         """The session for inputs of this size, exporting its graph on first use."""
         image_size = (int(image_size[0]), int(image_size[1]))
-        if image_size not in self._image_sessions:
-            self._image_sessions[image_size] = self._session(self.cache.image(image_size))
-        return self._image_sessions[image_size]
+        return self._cached_session(image_size, lambda **kw: self.cache.image(image_size, **kw))
 
     def text_session(self):  # noqa: ANN201
-        if self._text_session is None:
-            self._text_session = self._session(self.cache.text())
-        return self._text_session
+        return self._cached_session("text", self.cache.text)
+
+    def global_session(self):  # noqa: ANN201
+        return self._cached_session("global", self.cache.global_image)
 
     def _run(self, session, names: tuple[str, str], inputs: torch.Tensor, outputs: torch.Tensor) -> None:  # noqa: ANN001
         """One call of ``session`` reading ``inputs`` and writing ``outputs`` in place (both torch tensors)."""
@@ -141,16 +139,10 @@ class OnnxRuntimeEncoder:
 
         ``out``: an optional contiguous ``[B, h, w, E]`` tensor (``dtype``, on the device) to write into.
         """
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
-        height, width = pixels.shape[-2:]
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image sides must be multiples of the patch size {p}, got {height}x{width}")
+        grid = check_pixels(pixels, self.patch_size)
         pixels = pixels.to(self.device, self.dtype).contiguous()
-        shape = (pixels.shape[0], height // p, width // p, self.embed_dim)
-        patches = check_out(out, shape, self.dtype, self.device)
-        self._run(self.image_session((height, width)), (IMAGE_INPUT, IMAGE_OUTPUT), pixels, patches)
+        patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), self.dtype, self.device)
+        self._run(self.image_session(tuple(pixels.shape[-2:])), (IMAGE_INPUT, IMAGE_OUTPUT), pixels, patches)
         return patches
 
     @torch.inference_mode()
@@ -162,3 +154,12 @@ class OnnxRuntimeEncoder:
         texts = torch.empty(tokens.shape[0], self.embed_dim, dtype=self.dtype, device=self.device)
         self._run(self.text_session(), (TEXT_INPUT, TEXT_OUTPUT), tokens, texts)
         return texts.float()
+
+    @torch.inference_mode()
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` normalised pixels (native size) -> ``[B, E]`` CLIP's unit image embeddings (float32)."""
+        check_pixels(pixels, self.patch_size)
+        pixels = pixels.to(self.device, self.dtype).contiguous()
+        images = torch.empty(pixels.shape[0], self.embed_dim, dtype=self.dtype, device=self.device)
+        self._run(self.global_session(), (IMAGE_INPUT, GLOBAL_OUTPUT), pixels, images)
+        return images.float()

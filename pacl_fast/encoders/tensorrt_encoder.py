@@ -28,11 +28,12 @@ import threading
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, EncoderUnavailableError, OnnxCache, default_cache_dir
+from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, default_cache_dir
 from pacl_fast.encoders.graph import model_device
-from pacl_fast.encoders.onnx_encoder import check_out
-from pacl_fast.model import PACL
+from pacl_fast.files import atomic_write
 
 MIN_TENSORRT = (10, 1)  # set_device_memory / device_memory_size_v2
 ALIGNMENT = 256  # bytes TensorRT asks of tensor addresses
@@ -147,12 +148,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (its log above says why)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))
-    os.replace(tmp, engine_path)
-    return engine_path
+    return atomic_write(engine_path, memoryview(serialized))
 
 
 class _Engine:
@@ -178,7 +174,7 @@ class TensorRTEncoder:
     model's own (eager, on the same GPU).
 
     Args:
-        model: the PACL model, on a CUDA device (not modified).
+        model: the model (PACL or a training-free method), on a CUDA device (not modified).
         dtype: engine precision: float16 (default) or float32.
         max_batch: the optimisation profile covers batches 1..max_batch (tuned for max_batch);
             larger batches run in chunks.
@@ -191,7 +187,7 @@ class TensorRTEncoder:
 
     def __init__(
         self,
-        model: PACL,
+        model: nn.Module,
         dtype: torch.dtype = torch.float16,
         *,
         max_batch: int = 32,
@@ -212,7 +208,7 @@ class TensorRTEncoder:
         self.workspace_bytes = int(workspace_gib * (1 << 30))
         self.progress = progress
         self.patch_size = model.backbone.patch_size
-        self.embed_dim = model.config.embed_dim
+        self.embed_dim = model.backbone.embed_dim
         self.onnx = OnnxCache(model, dtype, cache_dir)
         cache_root = Path(cache_dir or default_cache_dir())
         self.root = cache_root / "tensorrt" / f"{self.onnx.key}-trt{self.trt.__version__}-{gpu_slug(self.device)}"
@@ -282,16 +278,10 @@ class TensorRTEncoder:
 
         ``out``: an optional contiguous ``[B, h, w, E]`` tensor (engine precision, on the GPU) to write into.
         """
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
-        height, width = pixels.shape[-2:]
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image sides must be multiples of the patch size {p}, got {height}x{width}")
-        engine = self.engine((height, width))
+        grid = check_pixels(pixels, self.patch_size)
+        engine = self.engine(tuple(pixels.shape[-2:]))
         pixels = pixels.to(self.device, engine.input_dtype).contiguous()
-        shape = (pixels.shape[0], height // p, width // p, self.embed_dim)
-        patches = check_out(out, shape, engine.output_dtype, self.device)
+        patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), engine.output_dtype, self.device)
         for start in range(0, pixels.shape[0], self.max_batch):
             chunk = pixels[start : start + self.max_batch]
             out = patches[start : start + self.max_batch]
@@ -309,3 +299,10 @@ class TensorRTEncoder:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings (float32), by the PyTorch model."""
         return self.model.encode_text(tokens.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> ``[B, E]`` CLIP's unit image embeddings (float32), by the PyTorch model
+        (classification only: not worth an engine of its own)."""
+        weight = self.model.backbone.visual.conv1.weight
+        return self.model.encode_global(pixels.to(weight.device, weight.dtype)).float()

@@ -1,0 +1,92 @@
+"""What every encoder backend shares: the protocol, the error for a missing backend, dtypes and checks.
+
+An encoder runs a segmentation model's towers (``pacl_fast.methods``: PACL or a training-free
+method) and never changes the model it is given: a backend that needs another precision than
+the model's works on a cast copy (:func:`cast_copy`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import torch
+from torch import nn
+
+#: Precision names users and the CLI give, to torch dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+#: Short names, for cache keys and file names.
+SHORT_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class EncoderUnavailableError(RuntimeError):
+    """An encoder backend cannot run here: its library or device is missing. The message says what to install."""
+
+
+class Encoder(Protocol):
+    """``encode_image``: normalised pixels ``[B, 3, H, W]`` -> unit patch embeddings ``[B, h, w, E]``;
+    ``encode_text``: token ids ``[T, L]`` -> unit text embeddings ``[T, E]`` (float32);
+    ``encode_global``: pixels at the CLIP's native size -> CLIP's own unit image embeddings ``[B, E]``."""
+
+    name: str
+    dtype: torch.dtype
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a dtype or one of the names in :data:`DTYPES`; ValueError otherwise."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in SHORT_NAMES:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16``."""
+    return SHORT_NAMES[dtype]
+
+
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` in ``dtype``: the model itself when it already is, else a cast deep copy (never in place)."""
+    if model.backbone.visual.conv1.weight.dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def check_pixels(pixels: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """``[B, 3, H, W]`` with sides multiples of the patch size; returns the grid ``(H/p, W/p)``."""
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
+    height, width = pixels.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image sides must be multiples of the patch size {patch_size}, got {height}x{width}")
+    return height // patch_size, width // patch_size
+
+
+def check_out(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``out`` if it fits ``shape``/``dtype``/``device`` and is contiguous, a new tensor if None; else ValueError."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {shape} {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} "
+            f"on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}"
+        )
+    return out

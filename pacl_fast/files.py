@@ -1,0 +1,79 @@
+"""Writing files safely: atomically, and only inside the folder they belong to.
+
+Every file pacl-fast writes that a later run reads back (weights, checkpoints, caches, run state,
+label maps) goes through :func:`atomic_write`: a temporary file in the same folder, then
+``os.replace``, so a killed process leaves the old file or the new one, never half of one.
+Names that come from data (shard keys, file names) go through :func:`output_path`, which refuses
+anything that would land outside the output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+#: Longest output key (characters) and path segment (bytes) accepted; most file systems stop at 255 bytes.
+MAX_KEY_LENGTH = 200
+MAX_SEGMENT_BYTES = 200
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path`` atomically.
+
+    The folder is created if needed. The temporary file has a unique name, so processes writing
+    the same path concurrently each publish a whole file (the last one wins).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            if isinstance(data, str):
+                f.write(data.encode("utf-8"))
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                data(f)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_key(key: str) -> str:
+    """``key`` if it is a safe relative output name (``a/b/c``), else ValueError saying why.
+
+    Refused: empty keys or segments, absolute paths, ``.`` and ``..`` segments, backslashes,
+    NUL and other control characters, keys over :data:`MAX_KEY_LENGTH` characters and segments
+    over :data:`MAX_SEGMENT_BYTES` bytes (the file system's name limit, with room for suffixes).
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("empty output name")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"output name is {len(key)} characters long, over the limit of {MAX_KEY_LENGTH}")
+    if any(ord(c) < 32 or c == "\x7f" for c in key):
+        raise ValueError(f"output name {key!r} has control characters")
+    if "\\" in key:
+        raise ValueError(f"output name {key!r} has a backslash")
+    if key.startswith("/"):
+        raise ValueError(f"output name {key!r} is an absolute path")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"output name {key!r} has an empty, '.' or '..' segment")
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise ValueError(f"output name {key!r} has a segment over {MAX_SEGMENT_BYTES} bytes")
+    return key
+
+
+def output_path(directory: str | os.PathLike, key: str, suffix: str = "") -> Path:
+    """``directory/<key><suffix>``, proven to resolve inside ``directory`` (links included), else ValueError."""
+    root = Path(directory).resolve()
+    path = root / f"{safe_key(key)}{suffix}"
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"output name {key!r} resolves outside {root} (through a link)")
+    return path
