@@ -1,18 +1,50 @@
-"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval``, ``classify`` and ``export``."""
+"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval``, ``classify`` and ``export``.
+
+Nothing heavy is imported until a command runs, so ``--help`` is instant. Errors a user can fix
+(a missing file, a bad option value, a backend that is not installed) end the command with one
+line on stderr and exit code 2; ``PACL_FAST_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacl_fast.images import SlidingWindow
-
 if TYPE_CHECKING:
     from pacl_fast.distributed import DistInfo
+    from pacl_fast.images import SlidingWindow
     from pacl_fast.segmenter import Segmenter
+
+#: ``pacl_fast.methods.METHODS`` (spelled out so that --help imports nothing; a test holds them equal)
+METHOD_CHOICES = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
+ENCODER_CHOICES = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
+#: ``pacl_fast.data.segmentation.DATASETS`` (spelled out for the same reason; a test holds them equal)
+DATASET_CHOICES = (
+    "ade20k", "cityscapes", "cocoobject", "cocostuff", "context59", "context60", "synthetic", "voc20", "voc21",
+)  # fmt: skip
+
+
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+WEIGHTS_HELP = (
+    "PACL weights (.safetensors): train them with train/train.py (see the README's Training section), or use "
+    "--clip demo for the synthetic-world demo weights; without them a training-free method runs on the CLIP"
+)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, exit code 2."""
 
 
 def _labels(text: str) -> list[str]:
@@ -23,6 +55,8 @@ def _labels(text: str) -> list[str]:
 
 
 def _sliding_window(text: str) -> SlidingWindow:
+    from pacl_fast.images import SlidingWindow
+
     try:
         parts = [int(v) for v in text.split(",")]
         return SlidingWindow(*parts)
@@ -30,16 +64,50 @@ def _sliding_window(text: str) -> SlidingWindow:
         raise argparse.ArgumentTypeError(f"--sliding-window expects CROP,STRIDE[,SHORT_SIDE], got {text!r}") from error
 
 
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--background-threshold must be a probability in [0, 1], got {text!r}")
+    return value
+
+
 def add_weights_arguments(group: argparse._ArgumentGroup) -> None:
-    """Options that choose the CLIP, the PACL weights and the device."""
-    group.add_argument("--clip", default="ViT-B-16", help="open_clip model name or local-dir:PATH (default ViT-B-16)")
-    group.add_argument("--clip-weights", default=None, help="pretrained tag (hub) or local checkpoint file")
-    group.add_argument("--pacl-weights", default=None, help="PACL weights (.safetensors)")
+    """Options that choose the CLIP, the method, the PACL weights and the device."""
+    group.add_argument(
+        "--clip",
+        default="ViT-B-16",
+        help="open_clip model name, local-dir:PATH, or 'demo' (the shipped synthetic-world CLIP + PACL weights)",
+    )
+    group.add_argument("--clip-weights", default=None, help="open_clip pretrained tag (hub) or local checkpoint file")
+    group.add_argument("--pacl-weights", default=None, type=Path, help=WEIGHTS_HELP)
+    group.add_argument(
+        "--method",
+        default=None,
+        choices=METHOD_CHOICES,
+        help="pacl (needs --pacl-weights), or a training-free method on the CLIP alone; default: pacl with "
+        "--pacl-weights, else naclip",
+    )
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the CLIP, PACL weights and runtime (shared by subcommands)."""
+    """Options that choose the CLIP, the method and the runtime (shared by subcommands)."""
     group = parser.add_argument_group("model")
     add_weights_arguments(group)
     group.add_argument(
@@ -48,20 +116,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="encoder precision (default: float16 for tensorrt, else float32)",
     )
-    group.add_argument("--image-size", type=int, default=None, help="short side the model sees (default: CLIP's)")
+    group.add_argument(
+        "--image-size",
+        type=_positive_int("--image-size"),
+        default=None,
+        help="short side the model sees (default: the CLIP's own)",
+    )
     group.add_argument(
         "--backend",
         default="fast",
         choices=["fast", "reference", "tiled", "triton"],
-        help="head backend: fast (Triton on CUDA, tiled on CPU; default), reference, tiled, triton",
+        help="head backend: fast (Triton on CUDA, tiled on CPU), reference, tiled, triton",
     )
-    group.add_argument("--batch-size", type=int, default=8)
-    group.add_argument(
-        "--encoder",
-        default="torch",
-        choices=["torch", "compile", "onnxruntime", "tensorrt"],
-        help="image/text encoder backend (default: torch, eager)",
-    )
+    group.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="images per encoder call")
+    group.add_argument("--encoder", default="torch", choices=ENCODER_CHOICES, help="image/text encoder backend")
     group.add_argument(
         "--encoder-cache", type=Path, default=None, help="exported graphs / engines (default ~/.cache/pacl-fast)"
     )
@@ -69,7 +137,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pacl-fast", description="Open-vocabulary semantic segmentation with PACL on open_clip."
+        prog="pacl-fast",
+        description="Open-vocabulary semantic segmentation on open_clip: PACL, or a training-free method "
+        "(NACLIP, SCLIP, ClearCLIP, MaskCLIP) on stock CLIP weights.",
+        formatter_class=HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -79,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment generated scenes with the embedded default model",
         description="Segment fresh synthetic scenes with the demo weights shipped in the package, write overlays "
         "and ground truth, print the mIoU.",
+        formatter_class=HELP,
     )
-    demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder (default ./pacl-demo)")
-    demo.add_argument("--num-images", type=int, default=8, help="scenes to segment (default 8)")
+    demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder")
+    demo.add_argument("--num-images", type=_positive_int("--num-images"), default=8, help="scenes to segment")
     demo.add_argument("--seed", type=int, default=100, help="world seed of the scenes (training used 0)")
     add_eval_parser(sub)
     add_classify_parser(sub)
@@ -103,26 +175,41 @@ def _distributed(args: argparse.Namespace) -> tuple[DistInfo, str]:
     return dist, device
 
 
+def check_weights_files(args: argparse.Namespace) -> None:
+    """Fail fast on weight files that do not exist, before minutes of model loading."""
+    if args.pacl_weights is not None and not args.pacl_weights.is_file():
+        raise UsageError(f"--pacl-weights {args.pacl_weights}: no such file. {WEIGHTS_HELP}")
+    if args.clip_weights is not None and (os.sep in args.clip_weights or args.clip_weights.endswith(
+        (".safetensors", ".bin", ".pt", ".pth"))) and not Path(args.clip_weights).is_file():  # fmt: skip
+        raise UsageError(f"--clip-weights {args.clip_weights}: no such file (give a local checkpoint or a tag)")
+    if args.pacl_weights is not None and args.method not in (None, "pacl"):
+        raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
+
+
 def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
     from pacl_fast.segmenter import Segmenter
 
-    return Segmenter(
+    segmenter = Segmenter(
         args.clip,
         args.clip_weights,
         args.pacl_weights,
+        method=args.method,
         device=device,
         dtype=args.dtype,
         image_size=args.image_size,
         backend=args.backend,
         batch_size=args.batch_size,
         encoder=args.encoder,
-        encoder_options={"cache_dir": args.encoder_cache} if args.encoder in ("onnxruntime", "tensorrt") else None,
+        encoder_options={"cache_dir": args.encoder_cache} if args.encoder_cache is not None else None,
     )
+    print(f"pacl-fast: {segmenter!r}", file=sys.stderr)  # which method runs, on what
+    return segmenter
 
 
 def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     segment = sub.add_parser(
         "segment",
+        formatter_class=HELP,
         help="segment images, folders, file lists or WebDataset shards into the given classes",
         description="Segment images; writes OUT/<key>_labels.png (palette PNG, background 255) and "
         "OUT/<key>_overlay.png per image (key: a file's stem; below a folder, its relative path; in a "
@@ -137,7 +224,7 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     segment.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
     segment.add_argument(
         "--background-threshold",
-        type=float,
+        type=_probability,
         default=None,
         help="winner probability under which a pixel is background (label 255 in PNGs)",
     )
@@ -150,7 +237,7 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
     segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
-    segment.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank (default 0)")
+    segment.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")
     segment.add_argument("--quiet", action="store_true", help="no line per image, only progress and the summary")
     add_model_arguments(segment)
 
@@ -159,8 +246,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from pacl_fast.bulk import collect_inputs, segment_bulk
 
     if not args.images and not args.file_list:
-        print("pacl-fast segment: give images, folders, shards or --file-list", file=sys.stderr)
-        return 2
+        raise UsageError("give images, folders, shards or --file-list")
+    check_weights_files(args)
     inputs = collect_inputs(args.images, args.file_list)
     dist, device = _distributed(args)
     segmenter = _make_segmenter(args, device)
@@ -207,8 +294,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser, default_save_every: int)
         "removed when the run completes",
     )
     group.add_argument("--restart", action="store_true", help="discard saved partial results and start over")
-    group.add_argument("--save-every", type=int, default=default_save_every, help="images between state saves")
-    group.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank (default 2)")
+    group.add_argument(
+        "--save-every",
+        type=_positive_int("--save-every"),
+        default=default_save_every,
+        help="images between state saves",
+    )
+    group.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
 
 
 def _state_dir(args: argparse.Namespace, task: str) -> Path:
@@ -230,16 +322,15 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    from pacl_fast.data.segmentation import DATASETS
-
     parser = sub.add_parser(
         "eval",
+        formatter_class=HELP,
         help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes, synthetic)",
         description="Evaluate on a benchmark in mmsegmentation's layout; prints a per-class IoU table and "
         "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
         "Under torchrun the ranks share the images and the numbers equal a single process's.",
     )
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
+    parser.add_argument("--dataset", required=True, choices=DATASET_CHOICES, help="benchmark")
     parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
     parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
     parser.add_argument(
@@ -263,7 +354,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--background-threshold",
-        type=float,
+        type=_probability,
         default=None,
         help="pixels whose winning probability is under this are background (voc21, context60)",
     )
@@ -276,12 +367,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from pacl_fast.data.segmentation import open_dataset
     from pacl_fast.evaluate import clear_state, evaluate_segmentation
 
-    try:
-        dataset = open_dataset(args.dataset, args.root, args.split)
-        names = read_class_names(args.class_names) if args.class_names else None
-    except (FileNotFoundError, ValueError) as error:
-        print(f"pacl-fast eval: {error}", file=sys.stderr)
-        return 2
+    check_weights_files(args)
+    dataset = open_dataset(args.dataset, args.root, args.split)
+    names = read_class_names(args.class_names) if args.class_names else None
     dist, device = _distributed(args)
     state_dir = _state_dir(args, f"eval-{args.dataset}")
     if args.restart:
@@ -316,6 +404,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_classify_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "classify",
+        formatter_class=HELP,
         help="zero-shot classification with PACL's compatibility and with plain CLIP, side by side",
         description="Classify images into the given classes, or evaluate top-1 / top-5 on an ImageFolder "
         "(ROOT/CLASS/IMAGE) with --image-folder. Both scorers see the same pixels and prompts.",
@@ -340,17 +429,16 @@ def run_classify(args: argparse.Namespace) -> int:
     from pacl_fast.zeroshot import METHODS, ZeroShotClassifier
 
     if (args.image_folder is None) == (not args.images):
-        print("pacl-fast classify: give image files, or --image-folder ROOT (not both)", file=sys.stderr)
-        return 2
+        raise UsageError("give image files, or --image-folder ROOT (not both)")
+    if args.method not in (None, "pacl"):
+        raise UsageError("classify compares PACL's compatibility with CLIP: it runs --method pacl only")
+    args.method = "pacl"
+    check_weights_files(args)
     if args.image_folder is not None:
         from pacl_fast.data.classification import ImageFolder
         from pacl_fast.evaluate import clear_state, evaluate_classification
 
-        try:
-            folder = ImageFolder(args.image_folder, args.class_names)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"pacl-fast classify: {error}", file=sys.stderr)
-            return 2
+        folder = ImageFolder(args.image_folder, args.class_names)
         dist, device = _distributed(args)
         classifier = ZeroShotClassifier(_make_segmenter(args, device))
         state_dir = _state_dir(args, "classify")
@@ -377,8 +465,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from pacl_fast.data.names import read_class_names
 
     if (args.labels is None) == (args.class_names is None):
-        print("pacl-fast classify: give --labels a,b,c or --class-names FILE", file=sys.stderr)
-        return 2
+        raise UsageError("give --labels a,b,c or --class-names FILE")
     labels = args.labels if args.labels is not None else read_class_names(args.class_names)
     dist, device = _distributed(args)
     classifier = ZeroShotClassifier(_make_segmenter(args, device))
@@ -409,13 +496,15 @@ def _image_sizes(text: str) -> list[tuple[int, int]]:
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
+        formatter_class=HELP,
         help="export the encoders to ONNX or build TensorRT engines",
-        description="Export PACL's image tower (one graph per input size, dynamic batch) and text tower to ONNX, "
-        "or build TensorRT image engines from those graphs. OUT is a cache folder: point an encoder at it "
-        "(--encoder-cache OUT, or encoder_options={'cache_dir': OUT}) and it finds what was exported. "
-        "Artifacts already there are reused, so an interrupted export resumes. Writes OUT/manifest.json.",
+        description="Export the method's image tower (CLIP + PACL's embedder or a training-free last block; one "
+        "graph per input size, dynamic batch) and the text tower to ONNX, or build TensorRT image engines from "
+        "those graphs. OUT is a cache folder: point an encoder at it (--encoder-cache OUT, or "
+        "encoder_options={'cache_dir': OUT}) and it finds what was exported. Artifacts already there are reused, "
+        "so an interrupted export resumes. Writes OUT/manifest.json.",
     )
-    export.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
+    export.add_argument("--format", required=True, choices=["onnx", "tensorrt"], help="what to export")
     export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
     export.add_argument(
         "--image-sizes",
@@ -424,7 +513,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         metavar="HxW,...",
         help="input sizes to export, e.g. 224,448x336 (default: the CLIP's native size)",
     )
-    export.add_argument("--max-batch", type=int, default=32, help="TensorRT profile: batches 1..N (default 32)")
+    export.add_argument(
+        "--max-batch", type=_positive_int("--max-batch"), default=32, help="TensorRT profile: batches 1..N"
+    )
     group = export.add_argument_group("model")
     add_weights_arguments(group)
     group.add_argument(
@@ -433,75 +524,59 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import json
+    from pacl_fast.build import build_model
+    from pacl_fast.encoders import DEFAULT_DTYPES, resolve_dtype
+    from pacl_fast.encoders.export import export_artifacts
 
-    from tqdm.auto import tqdm
-
-    from pacl_fast.encoders import DEFAULT_DTYPES, EncoderUnavailableError
-    from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, OnnxCache
-    from pacl_fast.segmenter import Segmenter, resolve_dtype
-
-    backend = "onnxruntime" if args.format == "onnx" else "tensorrt"
-    dtype = resolve_dtype(args.dtype) if args.dtype else DEFAULT_DTYPES[backend]
-    segmenter = Segmenter(args.clip, args.clip_weights, args.pacl_weights, device=args.device, dtype="float32")
-    model = segmenter.model
-    sizes = args.image_sizes or [(segmenter.image_size, segmenter.image_size)]
-    try:
-        onnx = OnnxCache(model, dtype, args.out)
-        if args.format == "tensorrt":
-            from pacl_fast.encoders.tensorrt_encoder import TensorRTEncoder
-
-            trt_encoder = TensorRTEncoder(model, dtype, max_batch=args.max_batch, cache_dir=args.out)
-    except EncoderUnavailableError as error:
-        print(f"pacl-fast export: {error}", file=sys.stderr)
-        return 2
-    dtype_name = str(dtype).removeprefix("torch.")
-    manifest = {"format": args.format, "dtype": dtype_name, "key": onnx.key, "artifacts": []}
-    steps = [("image", size) for size in sizes] + ([("text", None)] if args.format == "onnx" else [])
-    embed_dim = model.config.embed_dim
-    for tower, size in tqdm(steps, desc=f"export {args.format}", unit="graph"):
-        if tower == "text":
-            path = onnx.text()
-            entry = {
-                "input": {"name": TEXT_INPUT, "shape": ["T", model.backbone.context_length], "dtype": "int64"},
-                "output": {"name": TEXT_OUTPUT, "shape": ["T", embed_dim], "dtype": dtype_name},
-            }
-        else:
-            if args.format == "tensorrt":
-                path = trt_encoder.engine_path(size)
-                if not path.is_file():
-                    trt_encoder.build(size)
-            else:
-                path = onnx.image(size)
-            grid = [size[0] // segmenter.patch_size, size[1] // segmenter.patch_size]
-            entry = {
-                "input": {"name": IMAGE_INPUT, "shape": ["B", 3, *size], "dtype": dtype_name},
-                "output": {"name": IMAGE_OUTPUT, "shape": ["B", *grid, embed_dim], "dtype": dtype_name},
-            }
-            if args.format == "tensorrt":
-                entry["batch_range"] = [1, args.max_batch]
-        manifest["artifacts"].append({"tower": tower, "path": str(path.relative_to(args.out)), **entry})
-        tqdm.write(f"{tower}{' ' + 'x'.join(map(str, size)) if size else ''}: {path}")
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    check_weights_files(args)
+    dtype = (
+        resolve_dtype(args.dtype)
+        if args.dtype
+        else DEFAULT_DTYPES["onnxruntime" if args.format == "onnx" else "tensorrt"]
+    )
+    model, _ = build_model(args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device)
+    size = model.backbone.image_size
+    export_artifacts(model, args.format, args.out, dtype, args.image_sizes or [(size, size)], max_batch=args.max_batch)
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "segment": run_segment,
+    "eval": run_eval,
+    "classify": run_classify,
+    "export": run_export,
+}
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from pacl_fast.demo import run_demo
+
+    run_demo(args.out, num_images=args.num_images, seed=args.seed)
+    return 0
+
+
+COMMANDS["demo"] = run_demo_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "segment":
-        return run_segment(args)
-    if args.command == "eval":
-        return run_eval(args)
-    if args.command == "classify":
-        return run_classify(args)
-    if args.command == "demo":
-        from pacl_fast.demo import run_demo
+    import logging
 
-        run_demo(args.out, num_images=args.num_images, seed=args.seed)
-        return 0
-    if args.command == "export":
-        return run_export(args)
-    raise AssertionError(args.command)
+    logging.basicConfig(level=logging.INFO, format="pacl-fast: %(message)s", stream=sys.stderr)
+    if os.environ.get("PACL_FAST_DEBUG"):
+        return COMMANDS[args.command](args)
+    from pacl_fast.encoders.base import EncoderUnavailableError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"pacl-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError,
+            EncoderUnavailableError) as error:  # fmt: skip
+        print(f"pacl-fast {args.command}: error: {error}", file=sys.stderr)
+        print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

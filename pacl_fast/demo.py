@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pacl_fast.build import DEMO
 from pacl_fast.data.synthetic import CLASS_NAMES, IGNORE_INDEX, SYNTHETIC_TEMPLATES, WorldConfig, render_scene
 from pacl_fast.results import palette
 from pacl_fast.segmenter import Segmenter
 
-ASSETS = Path(__file__).parent / "assets" / "demo"
-DEMO_CLIP = ASSETS / "clip"
-DEMO_PACL = ASSETS / "pacl.safetensors"
 DEMO_SEED = 100  # training uses world seed 0, validation 1, the probes 2
 
 #: A tiny ViT CLIP (patch 8, 64 px) for tests.
@@ -31,12 +29,8 @@ TINY_CLIP_CONFIG = {
 
 
 def demo_segmenter(device: str = "cpu") -> Segmenter:
-    """The shipped synthetic-world CLIP + PACL."""
-    if not (DEMO_CLIP / "open_clip_config.json").is_file() or not DEMO_PACL.is_file():
-        raise FileNotFoundError(
-            f"demo weights are missing from {ASSETS}: reinstall pacl-fast or run train/make_demo_weights.sh"
-        )
-    return Segmenter(f"local-dir:{DEMO_CLIP}", pacl_weights=DEMO_PACL, device=device)
+    """The shipped synthetic-world CLIP + PACL (``clip="demo"``)."""
+    return Segmenter(DEMO, device=device)
 
 
 def _truth_image(mask: np.ndarray) -> np.ndarray:

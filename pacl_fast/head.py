@@ -11,27 +11,47 @@ The fast backends are held to the reference by ``tests/test_head_kernels.py``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import reference
+from kernels.reference import BACKGROUND
 
 BACKENDS = ("reference", "fast", "tiled", "triton")
+#: The fused PACL embedder kernel's two variants (kernels/patch_similarity.py): one Triton kernel, or
+#: cuBLAS GEMMs + a Triton epilogue. Which is faster is for benchmarks/gpu_check.sh to measure on a
+#: GPU; until then both stay, behind this one switch (env PACL_FAST_EMBEDDER_VARIANT).
+EMBEDDER_VARIANTS = ("fused", "cublas")
+
+__all__ = ["BACKENDS", "BACKGROUND", "EMBEDDER_VARIANTS", "Head"]
 
 
 class Head:
-    """Turns unit patch embeddings and class embeddings into labels and scores."""
+    """Turns unit patch embeddings and class embeddings into labels and scores.
 
-    def __init__(self, backend: str = "fast"):
+    Args:
+        backend: see the module docstring.
+        embedder_variant: ``"fused"`` or ``"cublas"`` for :meth:`embed_similarity` on Triton (default
+            ``$PACL_FAST_EMBEDDER_VARIANT`` or ``"fused"``).
+    """
+
+    def __init__(self, backend: str = "fast", embedder_variant: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        embedder_variant = embedder_variant or os.environ.get("PACL_FAST_EMBEDDER_VARIANT", "fused")
+        if embedder_variant not in EMBEDDER_VARIANTS:
+            raise ValueError(f"embedder_variant must be one of {EMBEDDER_VARIANTS}, got {embedder_variant!r}")
         self.backend = backend
+        self.embedder_variant = embedder_variant
 
-    def _uses_triton(self, device: torch.device) -> bool:
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether this head runs the Triton kernels for tensors on ``device``."""
         return self.backend == "triton" or (self.backend == "fast" and device.type == "cuda")
 
     def similarity(self, patch_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """``[B, h, w, E] x [C, E] -> [B, h, w, C]`` cosine logits (float32)."""
-        if self._uses_triton(patch_embeddings.device):
+        if self.uses_triton(patch_embeddings.device):
             from kernels.patch_similarity import cosine_similarity
 
             return cosine_similarity(patch_embeddings, class_embeddings)
@@ -45,10 +65,11 @@ class Head:
 
         One fused kernel on the Triton backends (``kernels.patch_similarity``); torch elsewhere.
         """
-        if self._uses_triton(tokens.device):
+        if self.uses_triton(tokens.device):
             from kernels.patch_similarity import EmbedderWeights, patch_similarity
 
-            return patch_similarity(tokens, EmbedderWeights.from_module(embedder), class_embeddings)
+            weights = EmbedderWeights.from_module(embedder)
+            return patch_similarity(tokens, weights, class_embeddings, variant=self.embedder_variant)
         return reference.embedder_logits(
             tokens,
             embedder.linear.weight,
@@ -79,7 +100,7 @@ class Head:
         """
         if self.backend == "reference":
             segment = reference.segment_reference
-        elif self._uses_triton(logits.device):
+        elif self.uses_triton(logits.device):
             from kernels.upsample_argmax import segment_triton as segment
         else:
             from kernels.tiled import segment_tiled as segment

@@ -244,6 +244,37 @@ class ClipPreprocess:
         return normalize(pixels, self.mean, self.std)
 
 
+@dataclass
+class Prepared:
+    """One image made ready for the model: what :class:`SegmentationPreprocess` returns."""
+
+    pixels: torch.Tensor  # [3, canvas_h, canvas_w] float32, normalised, zero-padded
+    geometry: Geometry
+    image: torch.Tensor | None = None  # the decoded RGB [3, H, W], kept for overlays
+
+
+@dataclass(frozen=True)
+class SegmentationPreprocess:
+    """Decode + resize + normalise + pad one image, as a picklable callable (DataLoader workers run it).
+
+    The short side goes to ``short_side`` (the model's image size, or a sliding window's); the
+    canvas is padded to a multiple of ``patch_size``.
+    """
+
+    short_side: int
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_image: bool = False
+
+    def __call__(self, image: ImageInput) -> Prepared:
+        decoded = load_image(image, max_pixels=self.max_pixels)
+        geometry = plan_resize(tuple(decoded.shape[-2:]), self.short_side, self.patch_size)
+        pixels = fit_to_model(decoded, geometry, self.mean, self.std)
+        return Prepared(pixels, geometry, decoded if self.keep_image else None)
+
+
 @dataclass(frozen=True)
 class SlidingWindow:
     """Sliding-window inference: the image's short side is resized to ``short_side`` (None: the

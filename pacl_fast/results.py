@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kernels.reference import BACKGROUND
+from pacl_fast.head import BACKGROUND
 
 #: Palette index and 16-bit value that label PNGs use for background pixels.
 PNG_BACKGROUND_8BIT = 255

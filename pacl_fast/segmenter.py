@@ -1,139 +1,176 @@
-"""``Segmenter``: images + class names -> per-pixel labels, the way users ask for it."""
+"""``Segmenter``: images + class names -> per-pixel labels, the way users ask for it.
+
+Where a pixel's label is decided, in one hop from :meth:`Segmenter.predict`: ``predict`` decodes
+and prepares each image (``images.SegmentationPreprocess``), :meth:`Segmenter.segment_prepared`
+batches images of one canvas size, and :meth:`Segmenter.predict_torch` runs the encoder (patch
+embeddings), :meth:`Segmenter.patch_logits` (cosine with the class embeddings, in the head) and
+``Head.segment`` (bilinear upsampling to the original pixels, argmax, winner score).
+"""
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from torch import nn
 
-from pacl_fast.backbone import RandomWeightsWarning, load_clip
-from pacl_fast.encoders import make_encoder
+from pacl_fast.encoders import Encoder, make_encoder
 from pacl_fast.head import Head
 from pacl_fast.images import (
     DEFAULT_MAX_PIXELS,
-    Geometry,
     ImageInput,
+    Prepared,
+    SegmentationPreprocess,
     SlidingWindow,
     describe,
-    fit_to_model,
-    load_image,
-    plan_resize,
     to_uint8_hwc,
 )
-from pacl_fast.model import PACL
 from pacl_fast.prompts import TextEmbeddingCache, ensemble_text_embeddings, resolve_templates, validate_labels
 from pacl_fast.results import BatchError, ImageError, Segmentation
-from pacl_fast.weights import PACLMetadata, load_pacl
+from pacl_fast.weights import PACLMetadata
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+#: What one image's segmentation is at the tensor level: labels [H, W] int16, scores [H, W] float32 or None.
+Masks = tuple[torch.Tensor, torch.Tensor | None]
 
 
 class Segmenter:
-    """Open-vocabulary semantic segmentation with PACL.
+    """Open-vocabulary semantic segmentation: PACL, or a training-free method on stock CLIP weights.
 
     Example::
 
-        segmenter = Segmenter("ViT-B-16", "laion2b_s34b_b88k", pacl_weights="pacl.safetensors")
+        segmenter = Segmenter("ViT-B-16", "laion2b_s34b_b88k")  # NACLIP: no training needed
+        segmenter = Segmenter("ViT-B-16", "laion2b_s34b_b88k", pacl_weights="pacl.safetensors")  # PACL
         result = segmenter.predict("street.jpg", ["road", "car", "tree", "sky"])
         result.labels      # [H, W] int16 indices into result.classes (-1: background)
         result.scores      # [H, W] float32 winner probabilities
         result.overlay()   # PIL image
         result.save("out/")
 
+    Two ways to make one, as segment-anything has ``build_sam`` then ``SamPredictor(model)``:
+    from names (this signature; :func:`pacl_fast.build.build` makes the parts), or from parts
+    already built: ``Segmenter(model, encoder=encoder, head=head)``.
+
     Args:
-        clip: open_clip model name (``"ViT-B-16"``), ``"local-dir:PATH"``, or a model config dict.
+        clip: open_clip model name (``"ViT-B-16"``), ``"local-dir:PATH"``, a model config dict,
+            ``"demo"`` (the shipped synthetic-world CLIP + PACL), or a built model
+            (``pacl_fast.build.build_model``; then ``clip_weights``/``pacl_weights``/``method``
+            must be left out).
         clip_weights: pretrained tag (fetched by open_clip), local checkpoint file, or None (random
             init, with a warning; for tests and benchmarks).
-        pacl_weights: PACL safetensors file (see ``pacl_fast.weights``), or None for an untrained
-            embedder (with a warning).
+        pacl_weights: PACL safetensors file (see ``pacl_fast.weights``); only with ``method="pacl"``.
+        method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip"``; None: ``"pacl"`` when
+            PACL weights are given, else ``"naclip"``.
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names);
             None: the encoder's default (float16 for tensorrt, else float32).
         image_size: short side the model sees; default the CLIP's native size (224 for ViT-B-16).
         backend: head backend (``pacl_fast.head``): ``"fast"`` (Triton on CUDA, tiled PyTorch on
             CPU), ``"reference"`` (plain PyTorch), ``"tiled"`` or ``"triton"``.
-        encoder: ``"torch"`` (eager), ``"compile"`` (torch.compile), ``"onnxruntime"`` or
-            ``"tensorrt"`` (see :mod:`pacl_fast.encoders`). A missing library or device raises
+        encoder: a backend name, ``"torch"`` (eager), ``"compile"`` (torch.compile),
+            ``"onnxruntime"``, ``"tensorrt"`` or ``"openvino"`` (see :mod:`pacl_fast.encoders`), or an
+            encoder already built. A missing library or device raises
             :class:`~pacl_fast.encoders.EncoderUnavailableError` naming what to install.
+        head: a :class:`~pacl_fast.head.Head` already built (default ``Head(backend)``).
         encoder_options: backend arguments, e.g. ``{"cache_dir": ..., "max_batch": 32}``.
         strict_clip: refuse PACL weights recorded for another CLIP (default True).
         max_pixels: refuse decoded images larger than this.
-        batch_size: images per encoder call.
+        batch_size: images (or sliding windows) per encoder call.
+        logit_scale: the scale turning cosines into softmax logits for scores and the background
+            threshold; default the model's (PACL's trained one, CLIP's for training-free methods).
+        text_cache: where class-name embeddings are kept (default: a new in-memory cache).
     """
 
     def __init__(
         self,
-        clip: str | dict = "ViT-B-16",
+        clip: str | dict | nn.Module = "ViT-B-16",
         clip_weights: str | os.PathLike | None = None,
         pacl_weights: str | os.PathLike | None = None,
         *,
+        method: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         image_size: int | None = None,
         backend: str = "fast",
-        encoder: str = "torch",
+        encoder: str | Encoder = "torch",
+        head: Head | None = None,
         encoder_options: dict | None = None,
         strict_clip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
+        logit_scale: float | None = None,
+        text_cache: TextEmbeddingCache | None = None,
     ):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        backbone = load_clip(clip, clip_weights, device=device)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.metadata: PACLMetadata | None = None
-        if pacl_weights is None:
-            warnings.warn(
-                "pacl_weights=None: the PACL embedder is untrained (CLIP's projection plus a silent MLP); "
-                "segmentation will be poor. Pass trained PACL weights.",
-                RandomWeightsWarning,
-                stacklevel=2,
-            )
-            model = PACL(backbone)
+        if isinstance(clip, nn.Module):
+            given = [name for name, value in (("clip_weights", clip_weights), ("pacl_weights", pacl_weights),
+                                              ("method", method)) if value is not None]  # fmt: skip
+            if given:
+                raise TypeError(f"{', '.join(given)} build a model: pass them with a CLIP name, not with a built model")
+            model = clip
+            if isinstance(encoder, str):
+                encoder = make_encoder(encoder, model, dtype, **(encoder_options or {}))
+            head = head or Head(backend)
         else:
-            model, self.metadata = load_pacl(backbone, pacl_weights, strict_clip=strict_clip)
-        self.model = model.to(device)
-        self.device = device
-        self.encoder = make_encoder(
-            encoder, self.model, None if dtype is None else resolve_dtype(dtype), **(encoder_options or {})
-        )
-        self.dtype = self.encoder.dtype
-        self.head = Head(backend)
+            if not isinstance(encoder, str):
+                raise TypeError("encoder must be a backend name when the model is built from names")
+            from pacl_fast.build import build
+
+            parts = build(
+                clip,
+                clip_weights,
+                pacl_weights,
+                method=method,
+                device=device,
+                dtype=dtype,
+                encoder=encoder,
+                encoder_options=encoder_options,
+                backend=backend,
+                strict_clip=strict_clip,
+            )
+            model, encoder, head, self.metadata = parts.model, parts.encoder, head or parts.head, parts.metadata
+        self.model, self.encoder, self.head = model, encoder, head
+        backbone = model.backbone
+        self.device = backbone.visual.conv1.weight.device
+        self.dtype = encoder.dtype
         self.image_size = image_size or backbone.image_size
+        if self.image_size < backbone.patch_size:
+            raise ValueError(f"image_size={self.image_size} is smaller than the patch size {backbone.patch_size}")
         self.patch_size = backbone.patch_size
         self.mean, self.std = backbone.mean_std
         self.max_pixels = max_pixels
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.text_cache = TextEmbeddingCache()
+        self._logit_scale = logit_scale
+        self.text_cache = text_cache if text_cache is not None else TextEmbeddingCache()
+        # PACL through the eager torch encoder on a Triton head: the encoder stops at the CLIP's
+        # patch tokens and one fused kernel applies the embedder, the L2 norm and the similarity
+        # (kernels/patch_similarity.py). Compiled encoders already fuse the embedder into their graph.
+        self.fused_embedder = (
+            model.method == "pacl" and getattr(encoder, "name", None) == "torch" and head.uses_triton(self.device)
+        )
+
+    @property
+    def method(self) -> str:
+        return self.model.method
 
     @property
     def model_id(self) -> str:
-        """Identifies CLIP + PACL weights (keys the text-embedding cache)."""
-        pacl = f"{self.metadata.date}/{self.metadata.steps}" if self.metadata else "untrained"
-        return f"{self.model.backbone.identity}|{pacl}|{self.dtype}"
+        """Identifies CLIP + method (+ PACL weights) + precision (keys the text-embedding cache)."""
+        if self.method == "pacl":
+            detail = f"{self.metadata.date}/{self.metadata.steps}" if self.metadata else "untrained"
+        else:
+            detail = ""
+        return f"{self.model.backbone.identity}|{self.method}{':' if detail else ''}{detail}|{self.dtype}"
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach())
+        return self._logit_scale if self._logit_scale is not None else float(self.model.logit_scale.detach())
 
     def encode_labels(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Class names -> unit text embeddings ``[C, E]`` (template ensemble, cached)."""
@@ -148,57 +185,134 @@ class Segmenter:
 
         return self.text_cache.get_or_compute(self.model_id, labels, templates, compute)
 
+    # ----------------------------------------------------------------------------- tensor level
+
+    def patch_logits(self, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, H, W]`` -> cosine logits on the patch grid ``[B, H/p, W/p, C]`` (float32)."""
+        class_embeddings = class_embeddings.to(self.device)
+        if self.fused_embedder:
+            tokens = self.encoder.encode_tokens(pixels)  # [B, h, w, D]
+            return self.head.embed_similarity(tokens, self.encoder.model.embedder, class_embeddings)
+        return self.head.similarity(self.encoder.encode_image(pixels), class_embeddings)
+
+    def _window_logits(
+        self, pixels: torch.Tensor, class_embeddings: torch.Tensor, window: SlidingWindow
+    ) -> torch.Tensor:
+        """Grid logits ``[B, h, w, C]`` of canvases ``[B, 3, H, W]``, averaged over overlapping windows.
+
+        All windows of the batch go through the encoder ``batch_size`` at a time; a grid cell's
+        logits are the mean over the windows that cover it.
+        """
+        p = self.patch_size
+        batch, _, height, width = pixels.shape
+        windows = window.origins((height, width), p)
+        count = torch.zeros(height // p, width // p, 1, device=self.device)
+        for y, x, h, w in windows:
+            count[y // p : (y + h) // p, x // p : (x + w) // p] += 1
+        total = None
+        crops = [(b, origin) for b in range(batch) for origin in windows]
+        for start in range(0, len(crops), self.batch_size):
+            chunk = crops[start : start + self.batch_size]
+            stacked = torch.stack([pixels[b, :, y : y + h, x : x + w] for b, (y, x, h, w) in chunk])
+            logits = self.patch_logits(stacked, class_embeddings)  # [n, h', w', C]
+            if total is None:
+                total = torch.zeros(batch, height // p, width // p, logits.shape[-1], device=logits.device)
+            for (b, (y, x, h, w)), window_logits in zip(chunk, logits):
+                total[b, y // p : (y + h) // p, x // p : (x + w) // p] += window_logits
+        return total / count
+
     def predict_torch(
         self,
         pixels: torch.Tensor,
         class_embeddings: torch.Tensor,
-        out_size: tuple[int, int],
+        out_size: tuple[int, int] | Sequence[tuple[int, int]],
         *,
-        grid_extent: tuple[float, float] | None = None,
+        grid_extent: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
+        sliding_window: SlidingWindow | None = None,
         background_threshold: float | None = None,
         with_scores: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The batched tensor-level entry: no decoding, no per-image Python.
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | list[Masks]:
+        """The batched tensor-level entry: no decoding, no per-image Python on the hot path.
 
         Args:
-            pixels: normalised model inputs ``[B, 3, h*p, w*p]`` (see ``images.fit_to_model``).
+            pixels: normalised model inputs ``[B, 3, h*p, w*p]`` (``images.SegmentationPreprocess``).
             class_embeddings: unit ``[C, E]`` (from :meth:`encode_labels`).
-            out_size: ``(H, W)`` of the outputs (all images alike).
-            grid_extent: grid cells the original covers (see ``images.Geometry``); None: all.
+            out_size: ``(H, W)`` of every output, or one ``(H, W)`` per image.
+            grid_extent: grid cells each original covers (``images.Geometry.grid_extent``), one for
+                all or one per image; None: the whole grid.
+            sliding_window: average the logits of overlapping windows cut from each canvas.
+            background_threshold: pixels whose winning probability is under it get label -1.
             with_scores: False skips the winner scores (labels only, faster; scores None).
         Returns:
-            labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32, on the model's device.
+            With one ``out_size``: labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32 (or
+            None), on the model's device. With one size per image: a list of ``(labels [H, W],
+            scores [H, W] or None)``.
         """
-        logits = self.head.similarity(self.encoder.encode_image(pixels), class_embeddings.to(self.device))
-        return self.head.segment(
-            logits,
-            out_size,
-            grid_extent=grid_extent,
-            logit_scale=self.logit_scale,
-            background_threshold=background_threshold,
-            with_scores=with_scores,
-        )
+        if sliding_window is None:
+            logits = self.patch_logits(pixels, class_embeddings)  # [B, h, w, C]
+        else:
+            logits = self._window_logits(pixels, class_embeddings, sliding_window)
+        options = dict(logit_scale=self.logit_scale, background_threshold=background_threshold, with_scores=with_scores)
+        if isinstance(out_size[0], int):
+            return self.head.segment(logits, tuple(out_size), grid_extent=grid_extent, **options)
+        extents = grid_extent if grid_extent is not None else [None] * len(out_size)
+        if len(out_size) != len(logits) or len(extents) != len(logits):
+            raise ValueError(f"{len(logits)} images need {len(logits)} out sizes and grid extents")
+        masks = []
+        for image_logits, size, extent in zip(logits, out_size, extents):
+            labels, scores = self.head.segment(image_logits[None], tuple(size), grid_extent=extent, **options)
+            masks.append((labels[0], None if scores is None else scores[0]))
+        return masks
 
-    def _window_logits(
-        self, image: torch.Tensor, sliding_window: SlidingWindow, class_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, Geometry]:
-        """Grid logits ``[1, h, w, C]`` averaged over overlapping windows."""
-        short_side = sliding_window.short_side or self.image_size
-        geometry = plan_resize(tuple(image.shape[-2:]), short_side, self.patch_size)
-        canvas = fit_to_model(image, geometry, self.mean, self.std).to(self.device)  # [3, ch, cw]
-        grid_h, grid_w = geometry.grid_size
-        total = torch.zeros(1, grid_h, grid_w, class_embeddings.shape[0], device=self.device)
-        count = torch.zeros(1, grid_h, grid_w, 1, device=self.device)
-        windows = sliding_window.origins(geometry.canvas_size, self.patch_size)
-        p = self.patch_size
-        for start in range(0, len(windows), self.batch_size):
-            batch = windows[start : start + self.batch_size]
-            crops = torch.stack([canvas[:, y : y + h, x : x + w] for y, x, h, w in batch])
-            logits = self.head.similarity(self.encoder.encode_image(crops), class_embeddings)  # [n, h', w', C]
-            for (y, x, h, w), window_logits in zip(batch, logits):
-                total[0, y // p : (y + h) // p, x // p : (x + w) // p] += window_logits
-                count[0, y // p : (y + h) // p, x // p : (x + w) // p] += 1
-        return total / count, geometry
+    def preprocessor(
+        self, sliding_window: SlidingWindow | None = None, keep_images: bool = False
+    ) -> SegmentationPreprocess:
+        """The picklable image -> :class:`~pacl_fast.images.Prepared` step (run it in DataLoader workers)."""
+        short_side = (sliding_window.short_side if sliding_window else None) or self.image_size
+        return SegmentationPreprocess(short_side, self.patch_size, self.mean, self.std, self.max_pixels, keep_images)
+
+    def segment_prepared(
+        self,
+        items: Sequence[Prepared],
+        class_embeddings: torch.Tensor,
+        *,
+        sliding_window: SlidingWindow | None = None,
+        background_threshold: float | None = None,
+        with_scores: bool = True,
+    ) -> list[Masks | Exception]:
+        """Segment prepared images, batching those of one canvas size through :meth:`predict_torch`.
+
+        Returns per item, in order, ``(labels [H, W] int16, scores [H, W] float32 or None)`` on the
+        CPU, or the exception that stopped its batch (every other batch still runs).
+        """
+        results: list[Masks | Exception | None] = [None] * len(items)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[tuple(item.pixels.shape)].append(index)
+        # Sliding windows multiply each image into many crops: batch windows, one image at a time.
+        per_call = 1 if sliding_window is not None else self.batch_size
+        for members in groups.values():
+            for start in range(0, len(members), per_call):
+                batch = members[start : start + per_call]
+                try:
+                    masks = self.predict_torch(
+                        torch.stack([items[i].pixels for i in batch]),
+                        class_embeddings,
+                        [items[i].geometry.original_size for i in batch],
+                        grid_extent=[items[i].geometry.grid_extent for i in batch],
+                        sliding_window=sliding_window,
+                        background_threshold=background_threshold,
+                        with_scores=with_scores,
+                    )
+                except (ValueError, RuntimeError) as error:
+                    for index in batch:
+                        results[index] = error
+                    continue
+                for index, (labels, scores) in zip(batch, masks):
+                    results[index] = (labels.cpu(), None if scores is None else scores.cpu())
+        return results
+
+    # ----------------------------------------------------------------------------- user level
 
     def predict(
         self,
@@ -242,71 +356,41 @@ class Segmenter:
         class_embeddings = self.encode_labels(class_names, templates)
         results: list[Segmentation | ImageError | None] = [None] * len(items)
 
-        decoded: dict[int, torch.Tensor] = {}
+        preprocess = self.preprocessor(sliding_window, keep_images=keep_images)
+        prepared: dict[int, Prepared] = {}
         for index, item in enumerate(items):
             try:
-                decoded[index] = load_image(item, max_pixels=self.max_pixels)
+                prepared[index] = preprocess(item)
             except (FileNotFoundError, ValueError, TypeError) as error:
                 results[index] = ImageError(index, describe(item), error)
-
-        def finish(index: int, labels_map: torch.Tensor, scores: torch.Tensor) -> None:
-            image = decoded.pop(index)
+        order = list(prepared)
+        masks = self.segment_prepared(
+            [prepared[i] for i in order],
+            class_embeddings,
+            sliding_window=sliding_window,
+            background_threshold=background_threshold,
+        )
+        for index, outcome in zip(order, masks):
+            if isinstance(outcome, Exception):
+                results[index] = ImageError(index, describe(items[index]), outcome)
+                continue
+            labels_map, scores = outcome
+            image = prepared[index].image
             results[index] = Segmentation(
-                labels=labels_map.cpu().numpy(),
-                scores=scores.cpu().numpy(),
+                labels=labels_map.numpy(),
+                scores=scores.numpy(),
                 classes=class_names,
                 source=describe(items[index]),
-                image=to_uint8_hwc(image) if keep_images else None,
+                image=to_uint8_hwc(image) if image is not None else None,
             )
-
-        if sliding_window is not None:
-            for index in list(decoded):
-                try:
-                    logits, geometry = self._window_logits(decoded[index], sliding_window, class_embeddings)
-                    labels_map, scores = self.head.segment(
-                        logits,
-                        geometry.original_size,
-                        grid_extent=geometry.grid_extent,
-                        logit_scale=self.logit_scale,
-                        background_threshold=background_threshold,
-                    )
-                    finish(index, labels_map[0], scores[0])
-                except (ValueError, RuntimeError) as error:
-                    results[index] = ImageError(index, describe(items[index]), error)
-        else:
-            # Images whose canvases match share encoder batches; the head then runs per image
-            # because each maps back to its own original size.
-            groups: dict[tuple[int, int], list[tuple[int, Geometry]]] = defaultdict(list)
-            for index, image in decoded.items():
-                geometry = plan_resize(tuple(image.shape[-2:]), self.image_size, self.patch_size)
-                groups[geometry.canvas_size].append((index, geometry))
-            for members in groups.values():
-                for start in range(0, len(members), self.batch_size):
-                    batch = members[start : start + self.batch_size]
-                    try:
-                        pixels = torch.stack([fit_to_model(decoded[i], g, self.mean, self.std) for i, g in batch])
-                        logits = self.head.similarity(self.encoder.encode_image(pixels), class_embeddings)
-                    except (ValueError, RuntimeError) as error:
-                        for index, _ in batch:
-                            results[index] = ImageError(index, describe(items[index]), error)
-                        continue
-                    for (index, geometry), image_logits in zip(batch, logits):
-                        labels_map, scores = self.head.segment(
-                            image_logits[None],
-                            geometry.original_size,
-                            grid_extent=geometry.grid_extent,
-                            logit_scale=self.logit_scale,
-                            background_threshold=background_threshold,
-                        )
-                        finish(index, labels_map[0], scores[0])
-
         if errors == "raise" and any(isinstance(r, ImageError) for r in results):
             raise BatchError(results)
         return results[0] if single else results
 
     def __repr__(self) -> str:
+        pacl = f", pacl={'trained' if self.metadata else 'untrained'}" if self.method == "pacl" else ""
         return (
-            f"Segmenter(clip={self.model.backbone.identity}, pacl={'trained' if self.metadata else 'untrained'}, "
-            f"device={self.device}, encoder={self.encoder.name}, dtype={self.dtype}, image_size={self.image_size}, "
+            f"Segmenter(method={self.method}, clip={self.model.backbone.identity}{pacl}, device={self.device}, "
+            f"encoder={self.encoder.name}, dtype={self.dtype}, image_size={self.image_size}, "
             f"backend={self.head.backend})"
         )

@@ -191,11 +191,15 @@ def check_clip_pairing(metadata: PACLMetadata, identity: ClipIdentity, path: str
         )
 
 
-def load_pacl(
-    backbone: ClipBackbone, path: str | os.PathLike, *, strict_clip: bool = True
-) -> tuple[PACL, PACLMetadata]:
-    """A PACL on ``backbone`` with the weights in ``path``, after checking them and the CLIP pairing."""
-    tensors, metadata = read_pacl_weights(path)
+def pacl_from_tensors(
+    backbone: ClipBackbone,
+    tensors: dict[str, torch.Tensor],
+    metadata: PACLMetadata,
+    path: str | os.PathLike,
+    *,
+    strict_clip: bool = True,
+) -> PACL:
+    """A PACL on ``backbone`` from tensors :func:`read_pacl_weights` checked, after checking the CLIP pairing."""
     config = PACLConfig(**metadata.config)
     if (config.token_dim, config.embed_dim) != (backbone.token_dim, backbone.embed_dim):
         raise ValueError(
@@ -206,4 +210,12 @@ def load_pacl(
         check_clip_pairing(metadata, backbone.identity, path)
     model = PACL(backbone, config)
     model.load_trainable_state_dict(tensors)
-    return model.to(next(backbone.parameters()).device), metadata
+    return model.to(next(backbone.parameters()).device)
+
+
+def load_pacl(
+    backbone: ClipBackbone, path: str | os.PathLike, *, strict_clip: bool = True
+) -> tuple[PACL, PACLMetadata]:
+    """A PACL on ``backbone`` with the weights in ``path``, after checking them and the CLIP pairing."""
+    tensors, metadata = read_pacl_weights(path)
+    return pacl_from_tensors(backbone, tensors, metadata, path, strict_clip=strict_clip), metadata

@@ -35,6 +35,11 @@ class ZeroShotClassifier:
     """
 
     def __init__(self, segmenter: Segmenter):
+        if segmenter.method != "pacl":
+            raise ValueError(
+                f"zero-shot classification scores PACL's compatibility beside CLIP; this segmenter runs "
+                f"{segmenter.method!r}: build it with method='pacl' and PACL weights"
+            )
         self.segmenter = segmenter
         self.model = segmenter.model
         backbone = self.model.backbone
@@ -50,11 +55,11 @@ class ZeroShotClassifier:
         self, pixels: torch.Tensor, class_embeddings: torch.Tensor, classes: ClassQueries
     ) -> dict[str, torch.Tensor]:
         """``[B, 3, S, S]`` preprocessed pixels -> ``{"pacl": [B, C], "clip": [B, C]}`` float32 scores in [-1, 1]."""
-        device, dtype = self.segmenter.device, self.segmenter.dtype
-        texts = class_embeddings.to(device).float()  # [Q, E]
-        patches = self.segmenter.encoder.encode_image(pixels).flatten(1, 2).float()  # [B, N, E]
+        encoder = self.segmenter.encoder
+        texts = class_embeddings.to(self.segmenter.device).float()  # [Q, E]
+        patches = encoder.encode_image(pixels).flatten(1, 2).float()  # [B, N, E]
         pacl = compatibility(patches, texts, float(self.model.patch_logit_scale))  # [B, Q]
-        image = self.model.backbone.clip.encode_image(pixels.to(device, dtype), normalize=True).float()  # [B, E]
+        image = encoder.encode_global(pixels).to(texts.device)  # [B, E]
         clip = image @ texts.T  # [B, Q]
         return {"pacl": classes.scores_to_classes(pacl), "clip": classes.scores_to_classes(clip)}
 

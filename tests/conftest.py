@@ -52,4 +52,5 @@ def make_segmenter(config, pacl_weights=None, **kwargs):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
+        kwargs.setdefault("method", "pacl")  # most tests exercise PACL; training-free methods ask for theirs
         return Segmenter(config, pacl_weights=pacl_weights, device="cpu", **kwargs)

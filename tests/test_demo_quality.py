@@ -11,8 +11,9 @@ import warnings
 import pytest
 
 from pacl_fast.backbone import RandomWeightsWarning
+from pacl_fast.build import DEMO_CLIP
 from pacl_fast.data.segmentation import open_dataset
-from pacl_fast.demo import DEMO_CLIP, demo_segmenter
+from pacl_fast.demo import demo_segmenter
 from pacl_fast.evaluate import evaluate_segmentation
 from pacl_fast.segmenter import Segmenter
 
@@ -34,6 +35,6 @@ def test_shipped_pacl_beats_the_clip_projection_baseline(validation):
     pacl = evaluate_segmentation(demo_segmenter(), validation, limit=SCENES, progress=False).metrics.miou
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        baseline_segmenter = Segmenter(f"local-dir:{DEMO_CLIP}", pacl_weights=None, device="cpu")
+        baseline_segmenter = Segmenter(f"local-dir:{DEMO_CLIP}", method="pacl", device="cpu")
     baseline = evaluate_segmentation(baseline_segmenter, validation, limit=SCENES, progress=False).metrics.miou
     assert pacl >= 2.0 * baseline, (pacl, baseline)
