@@ -97,9 +97,110 @@ def test_sliding_window_with_one_window_equals_plain(segmenter):
     plain = segmenter.predict(image, LABELS, templates="single")
     windowed = segmenter.predict(image, LABELS, templates="single", sliding_window=SlidingWindow(64, 64))
     assert np.array_equal(plain.labels, windowed.labels)
-    tall = np.random.default_rng(4).integers(0, 255, (200, 70, 3), dtype=np.uint8)
+
+
+def test_overlapping_windows_average_their_logits(segmenter):
+    """Three windows across a 64x128 canvas (crop 64, stride 32): every grid cell's logits must be the
+    mean of the windows covering it, computed here window by window through the plain reference head."""
+    from kernels.reference import patch_logits, segment_reference
+
+    image = np.random.default_rng(4).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    window = SlidingWindow(64, 32, short_side=64)
+    classes = segmenter.encode_labels(LABELS, "single")
+    prepared = segmenter.preprocessor(window)(image)
+    canvas = prepared.pixels  # [3, 64, 128]: grid 8 x 16
+    assert tuple(canvas.shape) == (3, 64, 128)
+    total = torch.zeros(8, 16, len(LABELS))
+    count = torch.zeros(8, 16, 1)
+    for x in (0, 32, 64):  # the windows, written out
+        patches = segmenter.encoder.encode_image(canvas[None, :, :, x : x + 64])  # [1, 8, 8, E]
+        total[:, x // 8 : x // 8 + 8] += patch_logits(patches, classes)[0]
+        count[:, x // 8 : x // 8 + 8] += 1
+    assert count.min() == 1 and count.max() == 2  # some cells are covered twice, some once
+    expected_labels, expected_scores = segment_reference(
+        (total / count)[None], (64, 128), logit_scale=segmenter.logit_scale
+    )
+    result = segmenter.predict(image, LABELS, templates="single", sliding_window=window)
+    np.testing.assert_allclose(result.scores, expected_scores[0].numpy(), atol=1e-5)
+    assert (result.labels != expected_labels[0].numpy()).mean() < 1e-3  # ties within 1e-4 may differ
+    tall = np.random.default_rng(5).integers(0, 255, (200, 70, 3), dtype=np.uint8)
     result = segmenter.predict(tall, LABELS, templates="single", sliding_window=SlidingWindow(64, 32, short_side=96))
     assert result.labels.shape == (200, 70)
+
+
+def test_fused_embedder_path_gives_the_default_labels(tiny_config, tiny_pacl, tmp_path):
+    """On a Triton head the encoder stops at the CLIP's tokens and one kernel applies PACL's embedder,
+    the L2 norm and the similarity (the CUDA path); on the CPU it runs in the Triton interpreter."""
+    path = save_pacl_weights(tiny_pacl, tmp_path / "pacl.safetensors")
+    default = make_segmenter(tiny_config, pacl_weights=path)
+    fused = make_segmenter(tiny_config, pacl_weights=path, backend="triton")
+    assert fused.fused_embedder and not default.fused_embedder
+    pixels = torch.randn(2, 3, 40, 64)
+    classes = default.encode_labels(LABELS, "single")
+    torch.testing.assert_close(
+        fused.patch_logits(pixels, classes), default.patch_logits(pixels, classes), atol=1e-5, rtol=0
+    )
+    image = np.random.default_rng(8).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    a = default.predict(image, LABELS, templates="single")
+    b = fused.predict(image, LABELS, templates="single")
+    assert (a.labels != b.labels).mean() < 1e-3
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def test_parts_built_once_run_in_several_segmenters(tiny_config):
+    from pacl_fast.build import build
+    from pacl_fast.head import Head
+
+    torch.manual_seed(0)
+    with pytest.warns(pacl_fast.RandomWeightsWarning):
+        parts = build(tiny_config, method="pacl", device="cpu")
+    one = pacl_fast.Segmenter(parts.model, encoder=parts.encoder, head=parts.head)
+    two = pacl_fast.Segmenter(parts.model, encoder=parts.encoder, head=Head("reference"))
+    image = np.random.default_rng(9).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    assert np.array_equal(one.predict(image, LABELS).labels, two.predict(image, LABELS).labels)
+    with pytest.raises(TypeError, match="pacl_weights build a model"):
+        pacl_fast.Segmenter(parts.model, pacl_weights="x.safetensors")
+
+
+def test_a_failing_encoder_batch_fails_its_images_only(segmenter, monkeypatch):
+    """Images of one canvas size share an encoder batch; if that batch fails, each of its images
+    becomes an ImageError naming the cause, and images of other sizes are still segmented."""
+    original = segmenter.encoder.encode_image
+
+    def fail_on_wide(pixels):
+        if pixels.shape[-1] > pixels.shape[-2]:
+            raise RuntimeError("out of memory (simulated)")
+        return original(pixels)
+
+    monkeypatch.setattr(segmenter.encoder, "encode_image", fail_on_wide)
+    square = np.zeros((32, 32, 3), np.uint8)
+    wide = np.zeros((32, 64, 3), np.uint8)
+    results = segmenter.predict([wide, square, wide], LABELS, templates="single", errors="return")
+    assert isinstance(results[1], Segmentation)
+    for index in (0, 2):
+        assert isinstance(results[index], ImageError) and results[index].index == index
+        assert "out of memory (simulated)" in str(results[index])
+
+
+def test_construction_errors_name_the_argument(tiny_config):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        make_segmenter(tiny_config, dtype="float8")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        make_segmenter(tiny_config, batch_size=0)
+    with pytest.raises(ValueError, match="image_size=4 is smaller than the patch size 8"):
+        make_segmenter(tiny_config, image_size=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_segmenter(tiny_config, backend="cuda")
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        make_segmenter(tiny_config, encoder="jax")
+    with pytest.raises(ValueError, match="unknown method 'segformer': choose one of pacl, maskclip"):
+        make_segmenter(tiny_config, method="segformer")
+
+
+def test_pacl_weights_with_a_training_free_method_is_refused_before_loading(tiny_config, tiny_pacl, tmp_path):
+    path = save_pacl_weights(tiny_pacl, tmp_path / "pacl.safetensors")
+    with pytest.raises(ValueError, match="used only by method='pacl'.*Pick one"):
+        make_segmenter(tiny_config, pacl_weights=path, method="naclip")
 
 
 def test_overlay_and_save(tmp_path, segmenter):
