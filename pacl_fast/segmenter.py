@@ -252,6 +252,37 @@ class Segmenter:
             logits = self.patch_logits(pixels, class_embeddings)  # [B, h, w, C]
         else:
             logits = self._window_logits(pixels, class_embeddings, sliding_window)
+        return self.segment_logits(
+            logits,
+            out_size,
+            grid_extent=grid_extent,
+            background_threshold=background_threshold,
+            with_scores=with_scores,
+        )
+
+    def segment_patches(
+        self,
+        patch_embeddings: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        out_size: tuple[int, int] | Sequence[tuple[int, int]],
+        **options,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | list[Masks]:
+        """The head's half of :meth:`predict_torch`, for embeddings an encoder already made
+        (``[B, h, w, E]``): similarity, then :meth:`segment_logits` (``options`` as there)."""
+        return self.segment_logits(
+            self.head.similarity(patch_embeddings, class_embeddings.to(self.device)), out_size, **options
+        )
+
+    def segment_logits(
+        self,
+        logits: torch.Tensor,
+        out_size: tuple[int, int] | Sequence[tuple[int, int]],
+        *,
+        grid_extent: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
+        background_threshold: float | None = None,
+        with_scores: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | list[Masks]:
+        """Grid logits ``[B, h, w, C]`` -> labels and scores at each original size (see :meth:`predict_torch`)."""
         options = dict(logit_scale=self.logit_scale, background_threshold=background_threshold, with_scores=with_scores)
         if isinstance(out_size[0], int):
             return self.head.segment(logits, tuple(out_size), grid_extent=grid_extent, **options)
