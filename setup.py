@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=["pacl_fast", "pacl_fast.encoders", "pacl_fast.data", "kernels"],
     # the demo weights: a synthetic-world CLIP (open_clip local-dir) and PACL weights on it
-    package_data={"pacl_fast": ["assets/demo/*.safetensors", "assets/demo/clip/*"]},
+    package_data={"pacl_fast": ["assets/demo/*.safetensors", "assets/demo/clip/*", "assets/class_names/*/*.txt"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -119,3 +119,15 @@ def write_tiny_pacl(clip_folder: Path, path: Path, seed: int = 1) -> Path:
     model = PACL(quiet_load_clip(f"local-dir:{clip_folder}"))
     torch.nn.init.normal_(model.embedder.fc2.weight, std=0.05)
     return save_pacl_weights(model, path)
+
+
+def write_coco_object(
+    root: Path, masks: dict[str, np.ndarray], *, converted: bool, folder: str = "coco_object", split: str = "val2017"
+) -> Path:
+    """``root/<folder>``: images/SPLIT, annotations/SPLIT with ``ID_instanceTrainIds.png`` or the raw ``ID.png``."""
+    coco = root / folder
+    for seed, (name, mask) in enumerate(masks.items()):
+        save_image(random_image(mask.shape, seed), coco / "images" / split / f"{name}.jpg")
+        suffix = "_instanceTrainIds.png" if converted else ".png"
+        save_grey_png(mask, coco / "annotations" / split / f"{name}{suffix}")
+    return coco

@@ -28,6 +28,7 @@ def test_registry_lists_every_benchmark_with_its_class_count():
         "cocostuff": 171,
         "ade20k": 150,
         "cityscapes": 19,
+        "cocoobject": 81,
         "synthetic": 6,
     }
     for cls in DATASETS.values():
@@ -160,3 +161,78 @@ def test_synthetic_world_is_a_dataset_made_not_read():
     assert other.sample_id(0) == "seed5/0"
     with pytest.raises(ValueError, match="split must be 'val' or 'seedN'"):
         open_dataset("synthetic", None, "train")
+
+
+def test_coco_object_converted_maps(tmp_path):
+    from layouts import write_coco_object
+
+    # cvt_coco_object.py output: 0 background, 1..80 the things (1 person, 80 toothbrush)
+    converted = np.array([[0, 1, 80], [37, 255, 12]], np.uint8)
+    write_coco_object(tmp_path, {"000000000139": converted, "000000000285": np.zeros((2, 3), np.uint8)}, converted=True)
+    coco = open_dataset("cocoobject", tmp_path)  # found below coco_object/
+    image, mask = coco[0]
+    assert len(coco) == 2 and coco.sample_id(0) == "000000000139" and coco.split == "val"
+    assert image.shape == (2, 3, 3) and image.dtype == np.uint8 and mask.dtype == np.int64
+    np.testing.assert_array_equal(mask, converted.astype(np.int64))
+    np.testing.assert_array_equal(coco[1][1], np.zeros((2, 3)))
+    assert coco.num_classes == 81 and coco.background_index == 0 and coco.ignore_index == 255
+    assert coco.classes[0] == "background" and coco.classes[1] == "person" and coco.classes[37] == "skateboard"
+    assert coco.classes[12] == "stop sign" and coco.classes[80] == "toothbrush"
+    assert not coco.reduce_zero_label
+    from layouts import save_grey_png as save
+
+    save(
+        np.full((2, 3), 81, np.uint8),
+        tmp_path / "coco_object" / "annotations" / "val2017" / "000000000285_instanceTrainIds.png",
+    )
+    with pytest.raises(ValueError, match=r"000000000285_instanceTrainIds\.png has label values \[81\] outside 0\.\.80"):
+        coco[1]
+
+
+def test_coco_object_from_raw_stuffthingmaps(tmp_path):
+    from layouts import write_coco_object
+
+    # Raw values are COCO id - 1. Things become 1..80 in COCO order: raw 0 (person, id 1) -> 1; raw 10
+    # (fire hydrant, id 11) -> 11; raw 12 (stop sign, id 13) -> 12 since id 12 was retired; raw 89
+    # (toothbrush, id 90) -> 80. Stuff (raw 91 banner .. 181 wood) and unlabeled 255 become background 0,
+    # as cvt_coco_object.py maps them. Retired ids (raw 11, 90) name nothing and are ignored.
+    raw = np.array([[0, 10, 12], [89, 91, 255], [181, 11, 90]], np.uint8)
+    write_coco_object(tmp_path, {"000000000632": raw}, converted=False, folder="coco_stuff164k")
+    coco = open_dataset("cocoobject", tmp_path / "coco_stuff164k")
+    np.testing.assert_array_equal(coco[0][1], [[1, 11, 12], [80, 0, 0], [0, 255, 255]])
+    assert coco.classes[11] == "fire hydrant"
+    # the converter writes its maps next to the raw ones (and mmseg's COCO-Stuff _labelTrainIds): its maps win
+    converted = np.array([[5, 5, 5], [0, 0, 0], [9, 9, 9]], np.uint8)
+    write_coco_object(tmp_path, {"000000000632": converted}, converted=True, folder="coco_stuff164k")
+    from layouts import save_grey_png as save
+
+    save(
+        np.full((3, 3), 170, np.uint8),
+        tmp_path / "coco_stuff164k" / "annotations" / "val2017" / "000000000632_labelTrainIds.png",
+    )
+    coco = open_dataset("cocoobject", tmp_path)  # found below coco_stuff164k/
+    assert len(coco) == 1
+    np.testing.assert_array_equal(coco[0][1], converted)
+
+
+def test_coco_object_missing_folders_name_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is not a cocoobject folder.*ID_instanceTrainIds\.png"):
+        open_dataset("cocoobject", tmp_path)
+    (tmp_path / "coco_object" / "images" / "val2017").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"annotations/val2017 is missing; expected coco_object/"):
+        open_dataset("cocoobject", tmp_path)
+    from layouts import save_image
+
+    save_image(np.zeros((2, 2, 3), np.uint8), tmp_path / "coco_object" / "images" / "val2017" / "a.jpg")
+    (tmp_path / "coco_object" / "annotations" / "val2017").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"(?s)1 files of split 'val' are missing.*val2017/a\.png"):
+        open_dataset("cocoobject", tmp_path)
+
+
+def test_coco_object_is_registered_with_prompts_the_engine_accepts():
+    coco = DATASETS["cocoobject"]
+    assert len(coco.classes) == 81 and len(set(coco.classes)) == 81
+    names = ClassQueries(coco.prompt_names(coco))  # synonyms unique, one line per class
+    assert names.num_classes == 81
+    assert names.names[0][:3] == ("sky", "wall", "tree") and "bed" not in names.names[0]
+    assert names.names[60] == ("bed",) and names.names[1][-1] == "body"
