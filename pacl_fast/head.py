@@ -80,6 +80,13 @@ class Head:
             class_embeddings,
         )
 
+    def upsample(
+        self, logits: torch.Tensor, out_size: tuple[int, int], grid_extent: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, h, w, C]`` -> ``[B, C, H, W]`` float32 at the original size (bilinear, the head's
+        sampling): the dense form refinements need. Materialises what :meth:`segment` never does."""
+        return reference.upsample_logits(logits, out_size, grid_extent)
+
     def segment(
         self,
         logits: torch.Tensor,

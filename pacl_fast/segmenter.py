@@ -295,6 +295,21 @@ class Segmenter:
             masks.append((labels[0], None if scores is None else scores[0]))
         return masks
 
+    def image_logits(
+        self, item: Prepared, class_embeddings: torch.Tensor, sliding_window: SlidingWindow | None = None
+    ) -> torch.Tensor:
+        """One prepared image's cosine logits at its original size ``[C, H, W]`` (float32, bilinear).
+
+        The dense form that refinements need (PAMR, SCLIP's area threshold: ``pacl_fast.protocols``);
+        it costs ``4 * C * H * W`` bytes, which the fused head never allocates.
+        """
+        pixels = item.pixels[None].to(self.device)
+        if sliding_window is None:
+            logits = self.patch_logits(pixels, class_embeddings)  # [1, h, w, C]
+        else:
+            logits = self._window_logits(pixels, class_embeddings, sliding_window)
+        return self.head.upsample(logits, item.geometry.original_size, item.geometry.grid_extent)[0]
+
     def preprocessor(
         self, sliding_window: SlidingWindow | None = None, keep_images: bool = False
     ) -> SegmentationPreprocess:
