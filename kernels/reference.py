@@ -125,3 +125,138 @@ def check_scores_request(with_scores: bool, background_threshold: float | None) 
     """The background threshold compares scores, so it cannot go without them."""
     if not with_scores and background_threshold is not None:
         raise ValueError("background_threshold needs the scores: pass with_scores=True or no threshold")
+
+
+# --- Training-free last blocks (MaskCLIP, SCLIP, ClearCLIP, NACLIP), written from their equations ---
+
+TRAINING_FREE_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
+
+
+def gaussian_neighbourhood(grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    """NACLIP's attention addition for a patch grid ``(h, w)``, float64 ``[1 + h*w, 1 + h*w]``.
+
+    Token ``1 + p`` is patch ``p = r * w + c`` (row-major); ``G[1+p, 1+q] = exp(-((r_p - r_q)^2 +
+    (c_p - c_q)^2) / (2 sigma^2))`` (patch units, 1 on the diagonal, not normalised); the class
+    token's row and column (index 0) are 0. Filled one row at a time.
+    """
+    h, w = grid
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # [h*w]: r_q
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)  # [h*w]: c_q
+    out = torch.zeros(1 + h * w, 1 + h * w, dtype=torch.float64)
+    for p in range(h * w):
+        r_p, c_p = divmod(p, w)
+        out[1 + p, 1:] = torch.exp(-((rows - r_p) ** 2 + (cols - c_p) ** 2) / (2.0 * sigma**2))
+    return out
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + eps) * weight + bias
+
+
+def _activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x / 2.0**0.5))
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"activation must be 'gelu' or 'quick_gelu', got {name!r}")
+
+
+def last_block_reference(
+    x: torch.Tensor, weights: dict, method: str, grid: tuple[int, int], sigma: float = 5.0
+) -> torch.Tensor:
+    """A CLIP ViT's last block as a training-free method computes it, in float64, head by head.
+
+    Args:
+        x: the output of block ``L-1``, ``[B, 1 + h*w, D]`` (class token first).
+        weights: the block's tensors: ``num_heads`` (int); ``ln_1_weight``, ``ln_1_bias``,
+            ``ln_1_eps``; ``in_proj_weight`` ``[3D, D]`` and ``in_proj_bias`` ``[3D]`` (q, k, v
+            rows in that order); ``out_proj_weight``, ``out_proj_bias``; ``ls_1``, ``ls_2``
+            (LayerScale ``[D]`` or None); ``ln_2_weight``, ``ln_2_bias``, ``ln_2_eps``,
+            ``fc_weight``, ``fc_bias``, ``proj_weight``, ``proj_bias`` and ``activation``
+            (``"gelu"`` | ``"quick_gelu"``) of the FFN. A bias may be None.
+        method: ``"maskclip" | "sclip" | "clearclip" | "naclip"``.
+        grid: the patch grid ``(h, w)``.
+        sigma: NACLIP's Gaussian width, in patches.
+    Returns:
+        ``[B, 1 + h*w, D]`` float64. Per head, with ``s = d**-0.5`` and row softmaxes, the
+        attention matrix ``A`` is: maskclip ``I`` (each token its own value); sclip
+        ``softmax(QQ^T s) + softmax(KK^T s)``; clearclip ``softmax(QQ^T s)``; naclip
+        ``softmax(KK^T s + G)`` (:func:`gaussian_neighbourhood`). ``a = out_proj(concat_h(A V))``,
+        times ``ls_1``. maskclip and sclip keep the block's residual and FFN
+        (``x' = x + a; x' + ls_2 * mlp(ln_2(x'))``); clearclip and naclip return ``a``.
+    """
+    if method not in TRAINING_FREE_METHODS:
+        raise ValueError(f"method must be one of {TRAINING_FREE_METHODS}, got {method!r}")
+
+    def get(name: str) -> torch.Tensor | None:
+        value = weights.get(name)
+        return None if value is None else value.detach().double()
+
+    def linear(t: torch.Tensor, weight: str, bias: str) -> torch.Tensor:
+        out = t @ get(weight).T
+        return out if get(bias) is None else out + get(bias)
+
+    x = x.double()
+    batch, length, width = x.shape
+    if length != 1 + grid[0] * grid[1]:
+        raise ValueError(f"x has {length} tokens, a {grid[0]}x{grid[1]} grid needs {1 + grid[0] * grid[1]}")
+    heads = int(weights["num_heads"])
+    head_dim = width // heads
+    scale = head_dim**-0.5
+    y = _layer_norm(x, get("ln_1_weight"), get("ln_1_bias"), weights["ln_1_eps"])
+    qkv = linear(y, "in_proj_weight", "in_proj_bias")  # [B, N, 3D]
+    q, k, v = qkv[..., :width], qkv[..., width : 2 * width], qkv[..., 2 * width :]  # [B, N, D] each
+    gauss = gaussian_neighbourhood(grid, sigma) if method == "naclip" else None  # [N, N]
+    outputs = []
+    for head in range(heads):
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        q_h, k_h, v_h = q[..., cols], k[..., cols], v[..., cols]  # [B, N, d]
+        if method == "maskclip":
+            attention = torch.eye(length, dtype=torch.float64).expand(batch, length, length)
+        elif method == "sclip":
+            attention = torch.softmax(q_h @ q_h.transpose(1, 2) * scale, dim=-1) + torch.softmax(
+                k_h @ k_h.transpose(1, 2) * scale, dim=-1
+            )
+        elif method == "clearclip":
+            attention = torch.softmax(q_h @ q_h.transpose(1, 2) * scale, dim=-1)
+        else:
+            attention = torch.softmax(k_h @ k_h.transpose(1, 2) * scale + gauss, dim=-1)
+        outputs.append(attention @ v_h)  # [B, N, d]
+    attended = linear(torch.cat(outputs, dim=-1), "out_proj_weight", "out_proj_bias")  # [B, N, D]
+    if get("ls_1") is not None:
+        attended = attended * get("ls_1")
+    if method in ("clearclip", "naclip"):
+        return attended
+    x = x + attended
+    hidden = _activation(
+        linear(_layer_norm(x, get("ln_2_weight"), get("ln_2_bias"), weights["ln_2_eps"]), "fc_weight", "fc_bias"),
+        weights["activation"],
+    )
+    ffn = linear(hidden, "proj_weight", "proj_bias")
+    if get("ls_2") is not None:
+        ffn = ffn * get("ls_2")
+    return x + ffn
+
+
+def training_free_embeddings_reference(
+    x: torch.Tensor,
+    weights: dict,
+    method: str,
+    grid: tuple[int, int],
+    ln_post: tuple[torch.Tensor, torch.Tensor, float],
+    proj: torch.Tensor,
+    sigma: float = 5.0,
+) -> torch.Tensor:
+    """Block ``L-1``'s output ``[B, 1 + h*w, D]`` -> a method's unit patch embeddings ``[B, h, w, E]`` (float64).
+
+    :func:`last_block_reference`, then ``ln_post`` (weight, bias, eps) and ``proj`` ``[D, E]`` on
+    every token, the class token dropped, each patch divided by its L2 norm.
+    """
+    out = last_block_reference(x, weights, method, grid, sigma)
+    weight, bias, eps = ln_post
+    embeddings = _layer_norm(out, weight.detach().double(), bias.detach().double(), eps) @ proj.detach().double()
+    patches = embeddings[:, 1:]  # [B, h*w, E]
+    patches = patches / patches.norm(dim=-1, keepdim=True)
+    return patches.reshape(x.shape[0], grid[0], grid[1], -1)

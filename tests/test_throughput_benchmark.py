@@ -19,12 +19,13 @@ def test_throughput_benchmark_tiny(tmp_path, capsys):
     assert printed.startswith("CPU ") and "torch 2." in printed.splitlines()[0]
     assert "| batch | pipeline | images/s | vs naive |" in printed
     result = json.loads(out.read_text())
-    assert result["encoder_flops_per_image"] > 1e7  # tiny ViT: ~22 MFLOP
+    assert result["encoder_flops_per_image"]["pacl"] > 1e7  # tiny ViT: ~22 MFLOP
     assert "tensorrt:fp16" in result["skipped"] or "tensorrt:fp16" in result["setup_s"]
     for batch_result in result["results"]:
         rows = {row["pipeline"]: row for row in batch_result["rows"]}
         assert rows["naive peer"]["speedup"] == pytest.approx(1.0)
         assert {"torch:fp32 + reference", "torch:bf16 + reference", "torch:bf16 + fast:labels"} <= set(rows)
+        assert "torch:fp32 + fast:labels (scene-like logits)" in rows
         for row in rows.values():
             assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
             assert row["encoder_pct_of_bf16_ceiling"] > 0
@@ -44,3 +45,19 @@ def test_head_specs_are_checked():
     assert parse_head("reference")[1]
     with pytest.raises(ValueError, match="optionally with ':labels'"):
         parse_head("fast:scores")
+
+
+def test_training_free_towers_are_timed_beside_pacl(tmp_path):
+    out = tmp_path / "methods.json"
+    argv = ["--model", "tiny", "--image-size", "64", "--batch", "2", "--methods", "pacl,naclip,sclip"]
+    argv += ["--backends", "torch:fp32", "--heads", "none", "--iters", "2", "--warmup", "0", "--device", "cpu"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["pipeline"]: row for row in result["results"][0]["rows"]}
+    assert {"torch:fp32 (encoder only)", "naclip/torch:fp32 (encoder only)", "sclip/torch:fp32 (encoder only)"} <= set(
+        rows
+    )
+    flops = result["encoder_flops_per_image"]
+    assert flops["sclip"] > flops["naclip"] > 0  # SCLIP's last block keeps the FFN and runs two attention maps
+    for row in rows.values():
+        assert row["encoder_vs_clip_tower"] > 0
