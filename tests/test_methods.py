@@ -447,3 +447,29 @@ def test_bad_arguments(tiny):
         LastBlock(tiny.blocks[-1], "pacl")
     with pytest.raises(ValueError, match="a 3x4 grid needs 13"):
         LastBlock(tiny.blocks[-1], "naclip")(torch.randn(1, 12, tiny.token_dim), (3, 4))
+
+
+# --- CUDA: the training-free towers through every GPU backend present (run by benchmarks/gpu_check.sh) -------
+
+GPU_BACKENDS = [("torch", torch.float16), ("compile", torch.float16), ("tensorrt", torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("method", TRAINING_FREE)
+@pytest.mark.parametrize("backend,dtype", GPU_BACKENDS)
+def test_training_free_tower_on_cuda_matches_fp32(method, backend, dtype, tmp_path):
+    from pacl_fast.encoders import EncoderUnavailableError, make_encoder
+
+    torch.manual_seed(0)
+    model = TrainingFreeCLIP(quiet_load_clip("ViT-B-16", device="cuda"), method)
+    pixels = torch.randn(2, 3, 224, 160, device="cuda")
+    with torch.no_grad():
+        reference = model.encode_image(pixels).float()
+    options = {"cache_dir": tmp_path} if backend == "tensorrt" else {}
+    try:
+        encoder = make_encoder(backend, model, dtype, **options)
+    except EncoderUnavailableError as error:
+        pytest.skip(f"needs TensorRT: {error}")
+    got = encoder.encode_image(pixels).float()
+    assert torch.nn.functional.cosine_similarity(got, reference, dim=-1).min() >= 0.99
