@@ -190,13 +190,23 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (pixels - mean_t) / std_t
 
 
-def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre ``size x size`` of ``[..., H, W]`` (both sides >= size), offsets rounded as torchvision's."""
+def center_crop(pixels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """The centre ``size`` (``S`` or ``(H, W)``) of ``[..., h, w]``, offsets rounded as torchvision's."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
     height, width = pixels.shape[-2:]
-    if height < size or width < size:
-        raise ValueError(f"cannot centre-crop {size}x{size} out of {height}x{width}")
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return pixels[..., top : top + size, left : left + size]
+    if height < crop_h or width < crop_w:
+        raise ValueError(f"cannot centre-crop {crop_h}x{crop_w} out of {height}x{width}")
+    top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+    return pixels[..., top : top + crop_h, left : left + crop_w]
+
+
+def cover_crop(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """RGB ``[3, h, w]`` -> float32 ``[3, H, W]`` in 0..1: :func:`resize` (aspect kept) until it just
+    covers ``H x W``, then :func:`center_crop`. For a square ``size``: CLIP's short side + centre crop."""
+    height, width = image.shape[-2:]
+    scale = max(size[0] / height, size[1] / width)
+    resized = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+    return center_crop(resize(image, resized), size)
 
 
 def fit_to_model(
@@ -216,15 +226,9 @@ def fit_to_model(
     return F.pad(pixels, (0, pad_w, 0, pad_h))
 
 
-def _short_side_then_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Short side to ``size`` (aspect kept), then the centre square: float ``[3, size, size]`` in 0..1."""
-    geometry = plan_resize(tuple(image.shape[-2:]), size, 1)  # patch 1: no padding
-    return center_crop(resize(image, geometry.resized_size), size)
-
-
 def square_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """CLIP's training crop, stored compactly: ``[3, H, W]`` -> ``[3, size, size]`` uint8 (short side, centre)."""
-    return (_short_side_then_crop(image, size) * 255.0).round().to(torch.uint8)
+    return (cover_crop(image, (size, size)) * 255.0).round().to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,7 @@ class ClipPreprocess:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        pixels = _short_side_then_crop(load_image(image, max_pixels=self.max_pixels), self.size)
+        pixels = cover_crop(load_image(image, max_pixels=self.max_pixels), (self.size, self.size))
         return normalize(pixels, self.mean, self.std)
 
 

@@ -47,6 +47,15 @@ def is_shard(path: str | os.PathLike) -> bool:
 
 def _members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[dict]:
     """``{"fname", "data", "__url__"}`` per regular member, as webdataset's expander yields them, then ``{}``."""
+    try:
+        yield from _read_members(fileobj, url, max_member_bytes)
+    except (OSError, EOFError, tarfile.TarError):
+        yield {}  # end the sample being grouped, so the last whole one before the damage is kept
+        raise
+    yield {}  # webdataset's end-of-shard marker: never group across shards
+
+
+def _read_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[dict]:
     with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
         for member in archive:
             if not member.isreg():
@@ -59,7 +68,6 @@ def _members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[di
                     raise tarfile.ReadError(f"member {member.name} is cut short ({len(data)} of {member.size} bytes)")
             yield {"fname": member.name, "data": data, "__url__": url}
             archive.members = []  # streaming: keep no list of every member seen
-    yield {}  # webdataset's end-of-shard marker: never group across shards
 
 
 def iterate_samples(

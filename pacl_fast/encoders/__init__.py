@@ -10,14 +10,19 @@ the same methods (:class:`~pacl_fast.encoders.base.Encoder`):
 
 Backends (:func:`make_encoder`):
 
-========== ========================================== ========================== ===============
-name       what runs                                  precisions                 needs
-========== ========================================== ========================== ===============
-torch      the model, eager (the reference)           float32, bfloat16, float16 -
-compile    ``torch.compile`` (Inductor)               float32, bfloat16, float16 a C++ compiler on CPU
-onnxruntime ONNX export, onnxruntime (CPU or CUDA EP) float32, float16           ``pacl-fast[onnx]``
-tensorrt   engine built from the ONNX export          float16, float32           ``pacl-fast[trt]``, CUDA
-========== ========================================== ========================== ===============
+=========== ========================================== ========================== ======================
+name        what runs                                  precisions                 needs
+=========== ========================================== ========================== ======================
+torch       the model, eager (the reference)           float32, bfloat16, float16 -
+compile     ``torch.compile`` (Inductor)               float32, bfloat16, float16 a C++ compiler on CPU
+onnxruntime ONNX export, onnxruntime (CPU or CUDA EP)  float32, float16           ``pacl-fast[onnx]``
+tensorrt    engine built from the ONNX export          float16, float32           ``pacl-fast[trt]``, CUDA
+openvino    ONNX export, OpenVINO CPU plugin; int8 by  fp32, bf16, int8           ``pacl-fast[openvino]``
+            NNCF post-training quantization            (bf16: AVX512-BF16/AMX)
+=========== ========================================== ========================== ======================
+
+``openvino`` takes its precision from ``dtype`` (float32 -> fp32, bfloat16 -> bf16) or from the
+option ``precision="fp32" | "bf16" | "int8"``; int8 is only an option (its outputs are float32).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from torch import nn
 from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, resolve_dtype
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 
-ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt")
+ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
 DEFAULT_DTYPES = {
     "torch": torch.float32,
     "compile": torch.float32,
     "onnxruntime": torch.float32,
     "tensorrt": torch.float16,
+    "openvino": torch.float32,
 }
 
 
@@ -50,16 +56,29 @@ def make_encoder(
     """Build the encoder backend ``name`` for ``model`` (see the table above).
 
     Args:
-        name: ``"torch"``, ``"compile"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        name: ``"torch"``, ``"compile"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"openvino"``.
         dtype: precision; None picks the backend's default (float16 for tensorrt, else float32).
-        cache_dir: where onnxruntime and tensorrt keep exported graphs and engines.
-        options: backend arguments (``channels_last``; ``threads``; ``max_batch``, ``workspace_gib``...).
+            For openvino float32 means fp32 and bfloat16 bf16; int8 is ``precision="int8"``.
+        cache_dir: where onnxruntime, tensorrt and openvino keep exported graphs, engines and models.
+        options: backend arguments (``channels_last``; ``threads``; ``max_batch``, ``workspace_gib``; openvino's
+            ``precision``, ``calibration``, ``calibration_size``, ``hint``...).
     Raises:
         EncoderUnavailableError: the backend's library or device is missing (the message names the extra).
     """
     if name not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")
+    given = dtype is not None
     dtype = DEFAULT_DTYPES[name] if dtype is None else resolve_dtype(dtype)
+    if name == "openvino":
+        from pacl_fast.encoders.openvino_encoder import OpenVINOEncoder
+
+        precisions = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+        if dtype not in precisions:
+            raise ValueError(f"encoder='openvino' runs fp32, bf16 or int8 (precision='int8'), not dtype={dtype}")
+        precision = options.pop("precision", None) or precisions[dtype]
+        if given and dtype != torch.float32 and precision != precisions[dtype]:
+            raise ValueError(f"encoder='openvino': dtype={dtype} and precision={precision!r} disagree; give one")
+        return OpenVINOEncoder(model, precision, cache_dir=cache_dir, **options)
     if name in ("torch", "compile"):
         return TorchEncoder(model, dtype, compile=name == "compile", **options)
     if name == "onnxruntime":

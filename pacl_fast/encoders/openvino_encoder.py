@@ -1,0 +1,633 @@
+"""OpenVINO encoder: the image graph through OpenVINO's CPU plugin in fp32, bf16, or int8 quantized by NNCF.
+
+The image graph is the ONNX export of :mod:`pacl_fast.encoders.export` (one graph per input size,
+dynamic batch), converted with ``openvino.convert_model``; int8 graphs are then quantized by
+NNCF's post-training quantization (``nncf.quantize``, transformer preset) on calibration images.
+Converted and quantized models are saved as OpenVINO IR (``model.xml`` + ``model.bin``) in a
+cache folder keyed by everything that changes them::
+
+    <cache>/openvino/<export key>-<hash>/image-224x224-fp32/model.xml              (fp32 and bf16)
+    <cache>/openvino/<export key>-<hash>/image-224x224-int8-synthetic300-<hash>/model.xml
+    <cache>/openvino/<export key>-<hash>/image-224x224-int8-images300-<hash>/model.xml
+
+The export key covers the weights, the CLIP config and the method (:func:`~.export.export_key`);
+the first hash the OpenVINO version and the CPU model (``/proc/cpuinfo``); an int8 folder names
+its calibration source and image count, and its hash covers NNCF's version and the calibration
+set (for a folder: the chosen files' paths, sizes and times). bf16 is a compile-time setting of
+the CPU plugin (``INFERENCE_PRECISION_HINT``) over the fp32 graph, so it shares the fp32 folder.
+Each folder is written to a temporary folder and renamed into place, with an ``entry.json`` that
+records what it is and the sizes of its files: a folder whose files are missing, truncated or
+unloadable is named in a warning and built again, once.
+
+Calibration images are preprocessed as the segmenter's inputs are (:mod:`pacl_fast.images`):
+resized (bicubic, antialiased, aspect kept) so that the image just covers the graph's ``H x W``,
+centre-cropped to it, normalised with the CLIP's mean/std. For an image whose aspect matches the
+graph's (a square scene at the native size; a 4:3 photo and a 4:3 canvas) that is exactly the
+segmenter's :func:`~pacl_fast.images.fit_to_model` input; other aspects are cropped, not padded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, default_cache_dir
+from pacl_fast.encoders.graph import model_device
+from pacl_fast.encoders.torch_encoder import TorchEncoder
+from pacl_fast.files import atomic_write
+from pacl_fast.images import IMAGE_SUFFIXES, cover_crop, load_image, normalize
+
+logger = logging.getLogger(__name__)
+
+OPENVINO_FORMAT = 1  # bump when what is saved in a cache folder changes for the same inputs
+PRECISIONS = ("fp32", "bf16", "int8")
+HINTS = ("LATENCY", "THROUGHPUT")
+MODEL_XML, MODEL_BIN, ENTRY_JSON = "model.xml", "model.bin", "entry.json"
+DEFAULT_CALIBRATION_SIZE = 300
+#: The synthetic world's training seed: calibration scenes are training scenes, never the held-out ones (seed 1).
+SYNTHETIC_CALIBRATION_SEED = 0
+#: NNCF settings; part of the int8 cache key.
+QUANTIZE_SETTINGS = {"model_type": "transformer", "preset": "default (mixed for transformers)", "batch": 1}
+EXTRA = "pip install pacl-fast[openvino]"
+
+
+def import_openvino():  # noqa: ANN201 - the module
+    """``openvino``, or :class:`EncoderUnavailableError` naming the extra to install."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise EncoderUnavailableError(f"encoder='openvino' needs OpenVINO, which is not installed: {EXTRA}") from error
+    return openvino
+
+
+def import_nncf():  # noqa: ANN201 - the module
+    """``nncf`` (int8 quantization), or :class:`EncoderUnavailableError` naming the extra to install."""
+    try:
+        import nncf
+    except ImportError as error:
+        raise EncoderUnavailableError(
+            f"encoder='openvino' with precision='int8' needs NNCF to quantize, which is not installed: {EXTRA}"
+        ) from error
+    return nncf
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s ``model name``; the platform's processor name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def require_bf16(capabilities: Sequence[str], cpu: str) -> None:
+    """Raise :class:`EncoderUnavailableError` unless the CPU plugin lists ``BF16`` (AVX512-BF16 or AMX).
+
+    Without it OpenVINO would quietly run the graph in fp32: asking for bf16 there is an error.
+    """
+    if "BF16" not in capabilities:
+        raise EncoderUnavailableError(
+            f"precision='bf16' needs a CPU with bf16 instructions (AVX512-BF16 or AMX); OpenVINO's CPU plugin "
+            f"reports {sorted(capabilities)} on this CPU ({cpu}). Use precision='fp32' or 'int8'"
+        )
+
+
+def _digest(description: object) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --- calibration -------------------------------------------------------------------------------------
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, :data:`~pacl_fast.images.IMAGE_SUFFIXES`, hidden ones skipped), sorted.
+
+    Raises FileNotFoundError / ValueError naming the folder when it is missing, not a folder or unreadable.
+    """
+    if not folder.exists():
+        raise FileNotFoundError(f"calibration folder not found: {folder}")
+    if not folder.is_dir():
+        raise ValueError(f"calibration must be 'synthetic' or a folder of images; {folder} is not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise ValueError(f"calibration folder {folder} is not readable")
+
+    def fail(error: OSError) -> None:
+        raise ValueError(f"calibration folder {folder} cannot be read: {error}") from error
+
+    found = []
+    for directory, subdirectories, files in os.walk(folder, onerror=fail):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        found += [
+            Path(directory, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where int8 calibration images come from: ``"synthetic"`` scenes or a folder, and how many.
+
+    ``files`` (folders only) are the images used: ``count`` spread evenly over the sorted listing,
+    so a folder of class subfolders contributes from each. ``slug`` names the cache folder.
+    """
+
+    source: str  # "synthetic" or the folder's path
+    count: int
+    files: tuple[Path, ...] = ()
+
+    @classmethod
+    def resolve(cls, calibration: str | os.PathLike, count: int) -> Calibration:
+        """Check ``calibration`` (``"synthetic"`` or a folder) and pick its ``count`` images."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"calibration_size must be a positive integer, got {count!r}")
+        if isinstance(calibration, str) and calibration == "synthetic":
+            return cls("synthetic", count)
+        if not isinstance(calibration, (str, os.PathLike)):
+            raise TypeError(f"calibration must be 'synthetic' or a folder path, got {type(calibration).__name__}")
+        folder = Path(calibration)
+        files = list_images(folder)
+        if not files:
+            raise ValueError(
+                f"calibration folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)"
+            )
+        if len(files) < count:
+            logger.warning(
+                "calibration folder %s holds %d images, fewer than calibration_size=%d: using them all",
+                folder,
+                len(files),
+                count,
+            )
+        chosen = [files[i * len(files) // count] for i in range(count)] if len(files) > count else files
+        return cls(str(folder), len(chosen), tuple(chosen))
+
+    @property
+    def kind(self) -> str:
+        return "synthetic" if self.source == "synthetic" else "images"
+
+    def describe(self) -> dict:
+        """What defines the calibration set (keys the cache); folders by their files' names, sizes and times."""
+        if self.kind == "synthetic":
+            return {"source": "synthetic", "seed": SYNTHETIC_CALIBRATION_SEED, "count": self.count}
+        root = Path(self.source)
+        files = []
+        for path in self.files:
+            stat = path.stat()
+            files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+        return {"source": "images", "count": self.count, "files": files}
+
+    def slug(self, nncf_version: str) -> str:
+        """``synthetic300-<hash>`` / ``images300-<hash>``: the int8 cache folder's suffix."""
+        digest = _digest({**self.describe(), "nncf": nncf_version, "settings": QUANTIZE_SETTINGS})
+        return f"{self.kind}{self.count}-{digest}"
+
+
+class CalibrationImages:
+    """The calibration set for one input size: model inputs ``[1, 3, H, W]`` float32 numpy arrays, made on demand.
+
+    NNCF iterates over it more than once (statistics, SmoothQuant, bias correction), so images
+    are decoded per pass instead of holding hundreds of them in memory. Folder images that
+    cannot be decoded are dropped (each named in a warning) when the set is made; none left is an error.
+    """
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        size: tuple[int, int],
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        progress: bool = True,
+    ):
+        from tqdm.auto import tqdm
+
+        self.calibration, self.size, self.image_size, self.mean, self.std = calibration, size, image_size, mean, std
+        self.items: list[int | Path] = list(range(calibration.count))
+        if calibration.kind == "images":
+            self.items = []
+            for path in tqdm(calibration.files, desc="calibration images", unit="image", disable=not progress):
+                try:
+                    load_image(path)
+                except (FileNotFoundError, ValueError, TypeError, OSError) as error:
+                    logger.warning("calibration: skipping %s: %s", path, error)
+                    continue
+                self.items.append(path)
+            if not self.items:
+                raise ValueError(
+                    f"calibration folder {calibration.source}: none of its {calibration.count} chosen images could be "
+                    f"decoded (first: {calibration.files[0]})"
+                )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, item: int | Path) -> torch.Tensor:
+        """RGB ``[3, h, w]`` uint8 of one item: a decoded file, or a training scene at the CLIP's native size."""
+        if isinstance(item, Path):
+            return load_image(item)
+        from pacl_fast.data.synthetic import WorldConfig, render_scene
+
+        scene = render_scene(item, SYNTHETIC_CALIBRATION_SEED, WorldConfig(image_size=self.image_size))
+        return torch.from_numpy(scene.image).permute(2, 0, 1)
+
+    def input(self, item: int | Path) -> np.ndarray:
+        """The model input ``[1, 3, H, W]`` float32 of one item (see the module docstring)."""
+        pixels = normalize(cover_crop(self.image(item), self.size), self.mean, self.std)
+        return pixels[None].contiguous().numpy()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for item in self.items:
+            yield self.input(item)
+
+
+# --- the cache ---------------------------------------------------------------------------------------
+
+
+def entry_problem(folder: Path) -> str | None:
+    """Why the cache folder cannot be used, or None if it looks whole (files present, sizes as recorded)."""
+    try:
+        entry = json.loads((folder / ENTRY_JSON).read_text())
+        files = entry["files"]
+        if not isinstance(files, dict) or set(files) != {MODEL_XML, MODEL_BIN}:
+            raise ValueError("unexpected files")
+    except FileNotFoundError:
+        return f"{ENTRY_JSON} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{ENTRY_JSON} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {ENTRY_JSON} recorded {size}"
+    return None
+
+
+@dataclass
+class _Compiled:
+    """One compiled image model and its infer requests (one per stream the plugin chose)."""
+
+    folder: Path
+    compiled: object  # openvino.CompiledModel
+    requests: list
+    lock: threading.Lock
+
+
+class OpenVINOEncoder:
+    """Runs a model's image tower (PACL or a training-free method) through OpenVINO's CPU plugin.
+
+    Precisions: ``fp32``; ``bf16`` (the CPU plugin's inference precision over the fp32 graph;
+    only on CPUs with AVX512-BF16 or AMX, elsewhere an error rather than a quiet fp32 run);
+    ``int8`` (NNCF post-training quantization of the fp32 graph; the operations NNCF leaves
+    unquantized run in fp32). Outputs are float32 whatever the precision.
+
+    The text tower and CLIP's global image embedding are not converted: ``encode_text`` and
+    ``encode_global`` run the model itself in PyTorch fp32 (as the TensorRT encoder does). The
+    text tower runs once per vocabulary and the segmenter caches its output.
+
+    The first call with an input size converts (and for int8 quantizes) its graph and caches it
+    (see the module docstring); later encoders load it from the cache.
+
+    Args:
+        model: the model, on the CPU (not modified).
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        cache_dir: root of the ONNX and OpenVINO caches (default ``$PACL_FAST_CACHE`` or ``~/.cache/pacl-fast``).
+        calibration: int8 only: ``"synthetic"`` (scenes of the synthetic world's training seed,
+            rendered at the CLIP's native size) or a folder of images (searched recursively).
+            None: an int8 model of this model and size already in the cache (the newest, e.g.
+            one made by ``pacl-fast export --format openvino``), else ``"synthetic"`` with a
+            warning: the synthetic world calibrates the demo CLIP; a CLIP trained on photos
+            should be calibrated on images like the ones it will segment.
+        calibration_size: calibration images (default 300; all of a folder that has fewer).
+        threads: CPU threads for inference (default: torch's).
+        hint: the CPU plugin's performance hint. ``"LATENCY"`` (default): one stream runs each
+            batch on every thread. ``"THROUGHPUT"``: several streams, a batch split among them
+            (issue 15's trial ran one request per call under THROUGHPUT and measured it slower
+            on 2 cores; split, ViT-B-16 int8 ran about as fast as LATENCY here).
+        progress: show a progress bar while calibration images are checked (NNCF draws its own for its passes).
+    Raises:
+        EncoderUnavailableError: OpenVINO (or NNCF, for int8) is not installed; bf16 on a CPU without it.
+    """
+
+    name = "openvino"
+    dtype = torch.float32
+
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: str = "fp32",
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        calibration: str | os.PathLike | None = None,
+        calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+        threads: int | None = None,
+        hint: str = "LATENCY",
+        progress: bool = True,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"encoder='openvino': precision must be one of {PRECISIONS}, got {precision!r}")
+        if hint not in HINTS:
+            raise ValueError(f"encoder='openvino': hint must be one of {HINTS}, got {hint!r}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"encoder='openvino': threads must be a positive integer or None, got {threads!r}")
+        if precision != "int8" and calibration is not None:
+            raise ValueError(f"calibration is used only with precision='int8', not {precision!r}")
+        self.device = model_device(model)
+        if self.device.type != "cpu":
+            raise ValueError(f"encoder='openvino' runs on the CPU; the model is on {self.device} (pass device='cpu')")
+        self.ov = import_openvino()
+        self.nncf = import_nncf() if precision == "int8" else None
+        self.core = self.ov.Core()
+        self.cpu = cpu_name()
+        if precision == "bf16":
+            require_bf16(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), self.cpu)
+        self.precision = precision
+        self.threads = threads or torch.get_num_threads()
+        self.hint = hint
+        self.progress = progress
+        self.calibration_size = calibration_size
+        self.calibration = None if calibration is None else Calibration.resolve(calibration, calibration_size)
+        if calibration is None:
+            Calibration.resolve("synthetic", calibration_size)  # checks calibration_size now
+        backbone = model.backbone
+        self.patch_size, self.embed_dim = backbone.patch_size, backbone.embed_dim
+        self.image_size, (self.mean, self.std) = backbone.image_size, backbone.mean_std
+        self.onnx = OnnxCache(model, torch.float32, cache_dir)
+        description = {"format": OPENVINO_FORMAT, "openvino": self.ov.__version__, "cpu": self.cpu}
+        self.root = Path(cache_dir or default_cache_dir()) / "openvino" / f"{self.onnx.key}-{_digest(description)}"
+        self.torch = TorchEncoder(model, torch.float32)  # text and global image embeddings
+        self._compiled: dict[tuple[int, int], _Compiled] = {}
+        self._lock = threading.Lock()
+
+    # --- where models live ---------------------------------------------------------------------------
+
+    def model_folder(self, image_size: tuple[int, int]) -> Path:
+        """The cache folder of this precision's model for inputs ``(H, W)`` (it may not exist yet)."""
+        return self._plan(self._size(image_size))[0]
+
+    def _plan(self, image_size: tuple[int, int]) -> tuple[Path, Calibration | None]:
+        """The cache folder for this size and the calibration that builds it (None: fp32, or a cached int8 model)."""
+        stem = f"image-{image_size[0]}x{image_size[1]}"
+        if self.precision != "int8":
+            return self.root / f"{stem}-fp32", None  # bf16 is a compile setting over the fp32 graph
+        calibration = self.calibration
+        if calibration is None:
+            cached = self._cached_int8(stem)
+            if cached is not None:
+                return cached, None
+            logger.warning(
+                "precision='int8' without calibration: calibrating on %d scenes of the synthetic world. That suits "
+                "the demo CLIP; for a CLIP trained on photos pass calibration=<a folder of such images>",
+                self.calibration_size,
+            )
+            calibration = Calibration.resolve("synthetic", self.calibration_size)
+        return self.root / f"{stem}-int8-{calibration.slug(self.nncf.__version__)}", calibration
+
+    def _cached_int8(self, stem: str) -> Path | None:
+        """The newest whole int8 folder for this size, whatever its calibration, or None."""
+        whole = [f for f in self.root.glob(f"{stem}-int8-*") if f.is_dir() and entry_problem(f) is None]
+        if not whole:
+            return None
+        newest = max(whole, key=lambda f: (f / ENTRY_JSON).stat().st_mtime_ns)
+        logger.info("precision='int8' without calibration: using the cached int8 model %s", newest)
+        return newest
+
+    def model_path(self, image_size: tuple[int, int]) -> Path:
+        """Path of the IR (``model.xml``) for inputs ``(H, W)``, building it now if missing or broken."""
+        return self._prepare(self._size(image_size)).folder / MODEL_XML
+
+    @staticmethod
+    def _size(image_size: tuple[int, int]) -> tuple[int, int]:
+        return int(image_size[0]), int(image_size[1])
+
+    # --- building ------------------------------------------------------------------------------------
+
+    def _convert(self, image_size: tuple[int, int]):  # noqa: ANN202 - openvino.Model
+        """The fp32 OpenVINO model from the cached ONNX export; an export OpenVINO cannot read is redone, once."""
+        try:
+            return self.ov.convert_model(str(self.onnx.image(image_size)))
+        except Exception:  # noqa: BLE001 - OpenVINO's frontends raise their own types (OpConversionFailure...)
+            return self.ov.convert_model(str(self.onnx.image(image_size, rebuild=True)))
+
+    def _quantize(self, ov_model, image_size: tuple[int, int], calibration: Calibration):  # noqa: ANN001, ANN202
+        """NNCF post-training quantization of an ``openvino.Model`` on the calibration images (transformer preset)."""
+        nncf = self.nncf
+        images = CalibrationImages(
+            calibration, image_size, self.image_size, self.mean, self.std, progress=self.progress
+        )
+        logger.info("calibrating on %d %s images", len(images), calibration.kind)
+        return nncf.quantize(
+            ov_model,
+            nncf.Dataset(images),
+            subset_size=len(images),
+            model_type=nncf.ModelType.TRANSFORMER,
+        )
+
+    def _build(self, image_size: tuple[int, int], folder: Path, calibration: Calibration | None) -> None:
+        """Convert (and with a calibration, quantize) the model for this size into ``folder`` atomically
+        (a temporary folder, then rename)."""
+        start = time.perf_counter()
+        ov_model = self._convert(image_size)
+        if calibration is not None:
+            ov_model = self._quantize(ov_model, image_size, calibration)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            self.ov.save_model(ov_model, str(tmp / MODEL_XML), compress_to_fp16=False)
+            entry = {
+                "format": OPENVINO_FORMAT,
+                "onnx_key": self.onnx.key,
+                "image_size": list(image_size),
+                "graph": "fp32" if calibration is None else "int8",
+                "openvino": self.ov.__version__,
+                "cpu": self.cpu,
+                "calibration": None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": round(time.perf_counter() - start, 1),
+                "files": {name: (tmp / name).stat().st_size for name in (MODEL_XML, MODEL_BIN)},
+            }
+            if calibration is not None:
+                entry["calibration"] = {**calibration.describe(), "nncf": self.nncf.__version__}
+                entry["quantize"] = QUANTIZE_SETTINGS
+            atomic_write(tmp / ENTRY_JSON, json.dumps(entry, indent=2))
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process finished the same model first: keep theirs if it is whole
+                if entry_problem(folder) is not None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _config(self) -> dict:
+        precision = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[self.precision]
+        # The hint is explicit for fp32 too: on bf16-capable CPUs the plugin's default is bf16.
+        return {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": self.hint,
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
+
+    def _load(self, folder: Path) -> _Compiled:
+        compiled = self.core.compile_model(self.core.read_model(str(folder / MODEL_XML)), "CPU", self._config())
+        streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return _Compiled(folder, compiled, [compiled.create_infer_request() for _ in range(streams)], threading.Lock())
+
+    def _prepare(self, image_size: tuple[int, int]) -> _Compiled:
+        """The compiled model for this size: from the cache when whole, else built; a broken folder is rebuilt once."""
+        with self._lock:
+            if image_size in self._compiled:
+                return self._compiled[image_size]
+            for attempt in range(2):
+                folder, calibration = self._plan(image_size)
+                problem = entry_problem(folder) if folder.exists() else None
+                if problem is not None:
+                    logger.warning("OpenVINO cache entry %s is broken (%s); building it again", folder, problem)
+                    shutil.rmtree(folder, ignore_errors=True)
+                built = not folder.exists()
+                if built:
+                    what = "converting" if calibration is None else "quantizing to int8"
+                    logger.info("%s the %dx%d image model for OpenVINO (once; cached in %s)", what, *image_size, folder)
+                    self._build(image_size, folder, calibration)
+                try:
+                    compiled = self._load(folder)
+                    break
+                except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+                    if built or attempt:
+                        raise RuntimeError(f"OpenVINO cannot load the model it built in {folder}: {error}") from error
+                    reason = (str(error).splitlines() or [type(error).__name__])[0]
+                    logger.warning(
+                        "OpenVINO cache entry %s is broken (it failed to load: %s); building it again", folder, reason
+                    )
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._compiled[image_size] = compiled
+            return compiled
+
+    def compiled_model(self, image_size: tuple[int, int]):  # noqa: ANN201 - openvino.CompiledModel
+        """OpenVINO's compiled model for inputs ``(H, W)`` (built or loaded now): its properties and runtime graph."""
+        return self._prepare(self._size(image_size)).compiled
+
+    def prepare(self, image_size: tuple[int, int]) -> Path:
+        """Build or load the model for inputs ``(H, W)`` now (not on the first batch); returns its ``model.xml``."""
+        return self.model_path(image_size)
+
+    # --- running -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, h, w, E]`` unit embeddings (float32, CPU).
+
+        ``out``: an optional contiguous ``[B, h, w, E]`` float32 CPU tensor to write into.
+        """
+        grid = check_pixels(pixels, self.patch_size)
+        pixels = pixels.to("cpu", torch.float32).contiguous()
+        patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), torch.float32, torch.device("cpu"))
+        model = self._prepare(self._size(pixels.shape[-2:]))
+        # A batch is split among the plugin's streams (one with the LATENCY hint); each request reads
+        # and writes its slice of the torch tensors in place.
+        chunks = min(len(model.requests), pixels.shape[0])
+        with model.lock:
+            used = []
+            for request, inputs, outputs in zip(model.requests, pixels.chunk(chunks), patches.chunk(chunks)):
+                request.set_input_tensor(self.ov.Tensor(inputs.numpy(), shared_memory=True))
+                request.set_output_tensor(self.ov.Tensor(outputs.numpy(), shared_memory=True))
+                request.start_async()
+                used.append(request)
+            for request in used:
+                request.wait()
+        return patches
+
+    @torch.inference_mode()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings (float32): the model's own, in PyTorch fp32."""
+        return self.torch.encode_text(tokens)
+
+    @torch.inference_mode()
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` (native size) -> ``[B, E]`` CLIP's unit image embeddings: the model's own, PyTorch fp32."""
+        return self.torch.encode_global(pixels)
+
+    def __repr__(self) -> str:
+        return f"OpenVINOEncoder(precision={self.precision!r}, hint={self.hint!r}, threads={self.threads})"
+
+
+def export_openvino(
+    model: nn.Module,
+    out: str | os.PathLike,
+    image_sizes: Sequence[tuple[int, int]],
+    precision: str = "fp32",
+    calibration: str | os.PathLike | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    *,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build ``model``'s OpenVINO image models for ``image_sizes`` into ``out`` (an encoder cache folder)
+    and write ``out/manifest.json`` describing them; returns the manifest.
+
+    Models already in ``out`` are reused, so an interrupted export resumes. Point an encoder at
+    ``out`` (``cache_dir=out``; for int8 with ``calibration=None`` it finds the quantized model).
+    Arguments as :class:`OpenVINOEncoder`'s; ``calibration`` defaults to ``"synthetic"`` for int8.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if precision == "int8" and calibration is None:
+        calibration = "synthetic"
+    encoder = OpenVINOEncoder(
+        model,
+        precision,
+        cache_dir=out,
+        calibration=calibration,
+        calibration_size=calibration_size,
+        threads=threads,
+        progress=progress,
+    )
+    patch, embed_dim = encoder.patch_size, encoder.embed_dim
+    manifest = {
+        "format": "openvino",
+        "method": model.method,
+        "precision": precision,
+        "key": encoder.root.name,
+        "openvino": encoder.ov.__version__,
+        "cpu": encoder.cpu,
+        "artifacts": [],
+    }
+    for size in tqdm(
+        [encoder._size(s) for s in image_sizes], desc="export openvino", unit="model", disable=not progress
+    ):
+        path = encoder.prepare(size)
+        entry = json.loads((path.parent / ENTRY_JSON).read_text())
+        manifest["artifacts"].append(
+            {
+                "tower": "image",
+                "path": path.relative_to(out).as_posix(),
+                "precision": precision,
+                "calibration": entry.get("calibration"),
+                "input": {"name": IMAGE_INPUT, "shape": ["B", 3, *size], "dtype": "float32"},
+                "output": {
+                    "name": IMAGE_OUTPUT,
+                    "shape": ["B", size[0] // patch, size[1] // patch, embed_dim],
+                    "dtype": "float32",
+                },
+            }
+        )
+        logger.info("image %dx%d (%s): %s", *size, precision, path)
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
