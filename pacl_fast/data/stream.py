@@ -24,8 +24,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 MAX_SUBSTITUTES = 64
 
 
+#: How many failures :class:`DataError` quotes.
+QUOTED_FAILURES = 3
+
+
 class SampleError(Exception):
     """An item of a pair source cannot be used (it is skipped and counted)."""
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training at all (every item tried failed); the message quotes the first failures."""
 
 
 class PairSource(Protocol):
@@ -80,16 +88,22 @@ class PairStream(IterableDataset):
     def resolve(self, position: int) -> tuple[torch.Tensor, str, int]:
         """The pair at ``position``, or a deterministic substitute if that item is bad."""
         rng = None
+        failures: list[str] = []
         index = self._item_at(position)
         for skipped in range(MAX_SUBSTITUTES):
             try:
                 image, caption = self.source.load(index)
                 return image, caption, skipped
-            except SampleError:
+            except SampleError as error:
+                if len(failures) < QUOTED_FAILURES and str(error) not in failures:
+                    failures.append(str(error))
                 rng = rng or np.random.default_rng([self.seed, position, 1])
                 size = self.source.size
                 index = int(rng.integers(size)) if size else position + skipped + 1
-        raise RuntimeError(f"{MAX_SUBSTITUTES} items in a row failed near position {position}: is the data readable?")
+        raise DataError(
+            f"{MAX_SUBSTITUTES} items in a row failed near position {position}, e.g. {'; '.join(failures)}: "
+            "is the data readable?"
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str, int]]:
         info = get_worker_info()
