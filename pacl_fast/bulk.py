@@ -3,40 +3,75 @@
 Every input image gets an output name (its *key*): a file given by path is its stem; a file found
 in a folder is its path below the folder without the suffix; a file from a list is its path below
 the list's common folder; a WebDataset sample is its ``__key__``. Outputs are
-``OUT/<key>_labels.png`` (and ``OUT/<key>_overlay.png``), each written to a temporary name and
-renamed, labels last, so an image is done exactly when its labels file exists.
+``OUT/<key>_labels.png`` (and ``OUT/<key>_overlay.png``), each written atomically, labels last,
+so an image is done exactly when its labels file exists.
 
 Sharing across ranks is by position in the deterministic input order (files) and by shard
 (``shards[rank::world_size]``), decided before looking at what exists, so two ranks never
 take the same image even while others are writing. A re-run skips every image whose outputs
 exist: a killed job resumes. ``OUT/.pacl-segment.json`` records the settings (model, labels,
-prompts, protocol), and a run with other settings refuses to add to that folder rather than
-skip images made differently. A bad image is reported and the rest still complete.
+prompts, protocol), written once every setting is validated; a run with other settings refuses
+to add to that folder rather than skip images made differently.
+
+Inputs are hostile until proven otherwise, and one sample never stops the job:
+
+* keys go through :func:`pacl_fast.files.output_path` (no absolute paths, ``..``, empty segments,
+  control characters or over-long names; every output proven inside ``OUT``, links included); a
+  bad key fails its sample, reported with its source;
+* shards are read only by :func:`pacl_fast.data.shards.iterate_samples`: a member over
+  ``max_member_bytes`` is never read and fails its sample; a damaged shard fails the rest of that
+  shard with one report, and the other shards go on;
+* any exception while naming, decoding (a decompression bomb, a truncated file) or writing one
+  sample fails that sample alone;
+* two inputs with one key would write the same files: between files they are refused up front;
+  a shard sample whose key is a file's, or a key already seen in this rank's shards, fails and
+  names the first source. Shards are split across ranks, so the same key on two ranks is found
+  only at the end of the run, after both wrote: it is reported as a failure naming both sources
+  (the files hold one of the two). Detection costs about 150 bytes per shard sample on each rank.
+* outputs of an earlier run found among the inputs (``--out`` inside an input folder) are left
+  out, so a rerun never segments its own label maps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
-import tarfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from tqdm import tqdm
 
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, is_shard, iterate_samples
 from pacl_fast.distributed import DistInfo, gather_objects
+from pacl_fast.files import atomic_write, safe_key
 from pacl_fast.images import IMAGE_SUFFIXES, SlidingWindow, load_image
-from pacl_fast.results import ImageError, Segmentation
+from pacl_fast.results import ImageError, Segmentation, output_files
+from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share
 from pacl_fast.segmenter import Segmenter
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+logger = logging.getLogger(__name__)
+
 #: WebDataset fields holding the image, in order of preference.
 IMAGE_FIELDS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)
+#: What a run writes next to each key; such files under OUT are never read back as inputs.
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
+
+
+def printable(text: str) -> str:
+    """``text``, or its ``repr`` when it holds control characters (names from data must not drive a terminal)."""
+    return text if text.isprintable() else repr(text)
+
+
+def _error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +89,6 @@ class Inputs:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (source, why)
 
 
-def _is_shard(path: Path) -> bool:
-    return any(path.name.endswith(suffix) for suffix in SHARD_SUFFIXES)
-
-
 def _key(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
@@ -65,7 +96,8 @@ def _key(path: Path, base: Path) -> str:
 def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str | os.PathLike] = ()) -> Inputs:
     """Expand folders (recursively, image suffixes), file lists (one path a line) and shards, in order.
 
-    Two inputs with the same key would write the same files: the later one is refused, named.
+    An input whose key is not a safe output name (too long, control characters...) is refused,
+    and so is the later of two inputs with the same key (they would write the same files).
     """
     inputs = Inputs()
     candidates: list[FileItem] = []
@@ -74,9 +106,9 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                inputs.refused.append((str(path), f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
+                inputs.refused.append((printable(str(path)), f"folder has no images ({', '.join(IMAGE_SUFFIXES)})"))
             candidates.extend(FileItem(_key(p, path), p) for p in found)
-        elif _is_shard(path):
+        elif is_shard(path):
             inputs.shards.append(path)
         else:
             candidates.append(FileItem(path.stem, path))
@@ -86,16 +118,22 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
             raise FileNotFoundError(f"file list not found: {list_path}")
         listed = [Path(line.strip()) for line in list_path.read_text().splitlines() if line.strip()]
         if not listed:
-            inputs.refused.append((str(list_path), "file list is empty"))
+            inputs.refused.append((printable(str(list_path)), "file list is empty"))
             continue
         base = Path(os.path.commonpath([p.parent.absolute() for p in listed]))
         candidates.extend(FileItem(_key(p.absolute(), base), p) for p in listed)
     owner: dict[str, str] = {}
     for item in candidates:
-        if item.key in owner:
-            inputs.refused.append((str(item.path), f"output name {item.key!r} is already taken by {owner[item.key]}"))
+        source = printable(str(item.path))
+        try:
+            safe_key(item.key)
+        except ValueError as error:
+            inputs.refused.append((source, f"cannot name its outputs: {error}"))
             continue
-        owner[item.key] = str(item.path)
+        if item.key in owner:
+            inputs.refused.append((source, f"output name {item.key!r} is already taken by {owner[item.key]}"))
+            continue
+        owner[item.key] = source
         inputs.files.append(item)
     return inputs
 
@@ -116,45 +154,38 @@ class Outputs:
         ``write``: record the settings (one rank does; the others only check).
         """
         manifest = self.directory / self.MANIFEST
-        settings = json.loads(json.dumps(settings))
-        if manifest.is_file() and not overwrite:
-            old = json.loads(manifest.read_text())
-            if old != settings:
-                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-                raise ValueError(
-                    f"{self.directory} holds label maps made with other settings (differs in: {', '.join(changed)}); "
-                    "images already there would be skipped as done. Use another --out, or --overwrite"
-                )
+        settings = fingerprint(settings)
+        remedy = "images already there would be skipped as done; use another --out, or --overwrite"
+        if not overwrite and (manifest.exists() or manifest.is_symlink()):
+            try:
+                saved = json.loads(manifest.read_bytes())
+            except (OSError, ValueError) as error:
+                raise ValueError(f"cannot read the settings file {manifest} ({_error(error)}); {remedy}") from None
+            check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
         if write:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = manifest.with_name(manifest.name + f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(settings, indent=1))
-            os.replace(temporary, manifest)
+            atomic_write(manifest, json.dumps(settings, indent=1))
 
     def paths(self, key: str) -> dict[str, Path]:
-        paths = {"labels": self.directory / f"{key}_labels.png"}
-        if self.overlays:
-            paths["overlay"] = self.directory / f"{key}_overlay.png"
-        return paths
+        """The key's output files, proven inside the folder (ValueError for an unsafe key)."""
+        return output_files(self.directory, key, self.overlays)
 
     def done(self, key: str) -> bool:
         return all(p.is_file() for p in self.paths(key).values())
 
     def write(self, key: str, result: Segmentation) -> dict[str, Path]:
-        paths = self.paths(key)
-        paths["labels"].parent.mkdir(parents=True, exist_ok=True)
-        images = {"labels": result.label_image()}
-        if self.overlays:
-            images = {"overlay": result.overlay(), **images}  # labels last: they mark the image done
-        for name, image in images.items():
-            temporary = paths[name].with_name(paths[name].name + f".{os.getpid()}.tmp")
-            image.save(temporary, format="PNG")
-            os.replace(temporary, paths[name])
-        return paths
+        return result.save(self.directory, key, overwrite=True)
 
 
-# (key, source, image [3, H, W] or None, error or None, already done)
-Loaded = tuple[str, str, torch.Tensor | None, str | None, bool]
+@dataclass
+class _Sample:
+    """One input as loaded: an image to segment, a failure, or outputs already there."""
+
+    key: str | None  # None: no usable output name
+    source: str
+    image: torch.Tensor | None = None  # [3, H, W] uint8
+    error: str | None = None
+    done: bool = False
+    shard: int | None = None  # index of its shard in this rank's list; None for files
 
 
 class _FileImages(Dataset):
@@ -165,82 +196,183 @@ class _FileImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Loaded:
+    def __getitem__(self, index: int) -> _Sample:
         item = self.items[index]
+        source = printable(str(item.path))
         try:
-            return item.key, str(item.path), load_image(item.path, max_pixels=self.max_pixels), None, False
-        except (FileNotFoundError, ValueError, TypeError) as error:
-            return item.key, str(item.path), None, f"{type(error).__name__}: {error}", False
+            return _Sample(item.key, source, image=load_image(item.path, max_pixels=self.max_pixels))
+        except Exception as error:  # this file fails alone
+            return _Sample(item.key, source, error=_error(error))
 
 
-def iterate_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """WebDataset samples of a tar shard: ``(key, {extension: bytes})``, members grouped by key."""
-    key, fields = None, {}
-    with tarfile.open(path, "r|*") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            folder, _, name = member.name.rpartition("/")
-            stem, dot, extension = name.partition(".")
-            if not dot or stem.startswith("."):
-                continue
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = member_key, {}
-            fields[extension.lower()] = archive.extractfile(member).read()
-    if key is not None:
-        yield key, fields
+def _decode(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Encoded image bytes -> ``[3, H, W]`` uint8; the size is checked before the pixels are decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return load_image(Image.open(io.BytesIO(data)), max_pixels=max_pixels)
 
 
 class _ShardImages(IterableDataset):
     """This rank's shards, split again across DataLoader workers; done samples are not decoded."""
 
-    def __init__(self, shards: Sequence[Path], outputs: Outputs, max_pixels: int, overwrite: bool):
-        self.shards = list(shards)
+    def __init__(
+        self, shards: Sequence[Path], outputs: Outputs, max_pixels: int, max_member_bytes: int, overwrite: bool
+    ):
+        self.shards = list(enumerate(shards))
         self.outputs = outputs
         self.max_pixels = max_pixels
+        self.max_member_bytes = max_member_bytes
         self.overwrite = overwrite
 
-    def __iter__(self) -> Iterator[Loaded]:
+    def __iter__(self) -> Iterator[_Sample]:
         worker = get_worker_info()
         shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
-        for shard in shards:
+        for index, shard in shards:
+            read = 0
             try:
-                for key, fields in iterate_shard(shard):
-                    source = f"{shard}:{key}"
-                    if not self.overwrite and self.outputs.done(key):
-                        yield key, source, None, None, True
-                        continue
-                    field_name = next((f for f in IMAGE_FIELDS if f in fields), None)
-                    if field_name is None:
-                        yield key, source, None, f"ValueError: sample has no image field ({sorted(fields)})", False
-                        continue
-                    try:
-                        image = load_image(Image.open(io.BytesIO(fields[field_name])), max_pixels=self.max_pixels)
-                        yield key, source, image, None, False
-                    except (ValueError, TypeError, OSError) as error:
-                        yield key, source, None, f"{type(error).__name__}: cannot decode {field_name}: {error}", False
-            except (OSError, tarfile.TarError) as error:
-                yield "", str(shard), None, f"{type(error).__name__}: cannot read shard: {error}", False
+                for sample in iterate_samples(shard, max_member_bytes=self.max_member_bytes):
+                    read += 1
+                    yield self._load(index, shard, sample)
+            except (ShardError, OSError) as error:
+                why = str(error) if isinstance(error, ShardError) else f"cannot read shard {shard}: {_error(error)}"
+                yield _Sample(
+                    None, printable(str(shard)), error=f"{why}; the rest of the shard is skipped ({read} read)"
+                )
 
-
-def _as_list(batch: list) -> list:
-    return batch
+    def _load(self, index: int, shard: Path, sample: dict) -> _Sample:
+        key = sample.get("__key__")
+        source = printable(f"{shard}:{key}")
+        try:
+            self.outputs.paths(key)  # a safe name, inside OUT
+        except Exception as error:
+            return _Sample(None, source, error=f"cannot name its outputs: {_error(error)}", shard=index)
+        try:
+            if "__error__" in sample:
+                raise ValueError(f"malformed sample: {sample['__error__']}")
+            too_large = next((v for v in sample.values() if isinstance(v, MemberTooLarge)), None)
+            if too_large is not None:
+                raise ValueError(str(too_large))
+            if not self.overwrite and self.outputs.done(key):
+                return _Sample(key, source, done=True, shard=index)
+            name = next((f for f in IMAGE_FIELDS if f in sample), None)
+            if name is None:
+                fields = sorted(k for k in sample if not k.startswith("__"))
+                raise ValueError(f"sample has no image field ({fields})")
+            try:
+                image = _decode(sample[name], self.max_pixels)
+            except Exception as error:
+                raise ValueError(f"cannot decode {name}: {_error(error)}") from error
+            return _Sample(key, source, image=image, shard=index)
+        except Exception as error:  # this sample fails alone
+            return _Sample(key, source, error=_error(error), shard=index)
 
 
 @dataclass
 class BulkSummary:
-    """Counts over every rank; ``failures`` are ``(source, error)``."""
+    """Counts over every rank; ``failures`` are ``(source, error)``; ``left_out``: earlier outputs among the inputs."""
 
     written: int
     skipped: int
     failures: list[tuple[str, str]]
+    left_out: int = 0
 
     @property
     def total(self) -> int:
         return self.written + self.skipped + len(self.failures)
+
+
+def _check_settings(
+    segmenter: Segmenter,
+    labels: Sequence[str],
+    templates: str | Sequence[str],
+    background_threshold: float | None,
+    sliding_window: SlidingWindow | None,
+    max_member_bytes: int,
+) -> None:
+    """Every setting, validated before anything is written (a typo must not leave a settings file behind)."""
+    if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
+        raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
+    if max_member_bytes < 1:
+        raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
+    short_side = (sliding_window.short_side if sliding_window else None) or segmenter.image_size
+    if short_side < segmenter.patch_size:
+        raise ValueError(f"image size {short_side} is smaller than the model's patch size {segmenter.patch_size}")
+    if sliding_window is not None:
+        sliding_window.origins((sliding_window.crop, sliding_window.crop), segmenter.patch_size)
+    segmenter.encode_labels(labels, templates)  # checks labels and templates (and caches their embeddings)
+
+
+def _leave_out_outputs(files: list[FileItem], out: Path) -> tuple[list[FileItem], int]:
+    """Files minus those that are outputs under ``out`` (``*_labels.png`` / ``*_overlay.png``)."""
+    root = out.resolve()
+    kept = [f for f in files if not (f.path.name.endswith(OUTPUT_SUFFIXES) and f.path.resolve().is_relative_to(root))]
+    return kept, len(files) - len(kept)
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+class _Tally:
+    """One rank's account: counts, failures, and the shard keys it has seen (to catch duplicates)."""
+
+    def __init__(self, file_keys: dict[str, str], shards: Sequence[Path], failures: list[tuple[str, str]]):
+        self.file_keys = file_keys  # every rank's file keys -> their source
+        self.shards = shards
+        self.failures = failures
+        self.written = self.skipped = 0
+        self.first_shard: dict[str, int] = {}  # shard key -> index of the shard that used it first here
+        self.claimed: dict[str, tuple[str, bool]] = {}  # shard key -> (source, written) where outputs exist
+
+    def take(self, sample: _Sample) -> bool:
+        """Count a loaded sample; True when it is to be segmented."""
+        if sample.shard is not None and sample.key is not None:
+            owner = self.file_keys.get(sample.key)
+            if owner is None and sample.key in self.first_shard:
+                owner = printable(f"{self.shards[self.first_shard[sample.key]]}:{sample.key}")
+            if owner is not None:
+                self.failures.append((sample.source, f"output name {sample.key!r} is already taken by {owner}"))
+                return False
+            self.first_shard[sample.key] = sample.shard
+        if sample.error is not None:
+            self.failures.append((sample.source, sample.error))
+        elif sample.done:
+            self.skipped += 1
+            if sample.shard is not None:
+                self.claimed[sample.key] = (sample.source, False)
+        return sample.error is None and not sample.done
+
+    def wrote(self, sample: _Sample) -> None:
+        self.written += 1
+        if sample.shard is not None:
+            self.claimed[sample.key] = (sample.source, True)
+
+    def cross_rank_duplicates(self, dist: DistInfo) -> None:
+        """Fail shard samples whose key a lower rank also wrote (or found done).
+
+        Shards are split by rank, so only the end of the run sees these: every rank gathers 8-byte
+        hashes of its keys with outputs, then the keys behind hashes that several ranks hold.
+        """
+        if not dist.enabled:
+            return
+        hashes = np.array(sorted({_key_hash(k) for k in self.claimed}), dtype=np.uint64)
+        values, counts = np.unique(np.concatenate(gather_objects(hashes)), return_counts=True)
+        shared = set(values[counts > 1].tolist())
+        named = gather_objects({k: source for k, (source, _) in self.claimed.items() if _key_hash(k) in shared})
+        for key, source in named[dist.rank].items():
+            first = next(((r, part[key]) for r, part in enumerate(named[: dist.rank]) if key in part), None)
+            if first is None:
+                continue
+            why = f"output name {key!r} is also used by {first[1]} on rank {first[0]}; its files hold one of the two"
+            self.failures.append((source, why))
+            if self.claimed[key][1]:
+                self.written -= 1
+            else:
+                self.skipped -= 1
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=as_list)
 
 
 def segment_bulk(
@@ -254,6 +386,7 @@ def segment_bulk(
     sliding_window: SlidingWindow | None = None,
     overlays: bool = True,
     overwrite: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     dist: DistInfo | None = None,
     workers: int = 0,
     progress: bool = True,
@@ -261,9 +394,12 @@ def segment_bulk(
 ) -> BulkSummary:
     """Segment this rank's share of ``inputs`` into ``out_dir``; return the summary of all ranks.
 
-    ``on_result(key, source, segmentation)`` is called after each image is written.
+    Args:
+        max_member_bytes: a shard member larger than this is not read; its sample fails.
+        on_result: ``on_result(key, source, segmentation)``, called after each image is written.
     """
     dist = dist or DistInfo()
+    _check_settings(segmenter, labels, templates, background_threshold, sliding_window, max_member_bytes)
     outputs = Outputs(out_dir, overlays)
     settings = {
         "model": segmenter.model_id,
@@ -274,78 +410,66 @@ def segment_bulk(
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
     }
     outputs.claim(settings, overwrite=overwrite, write=dist.is_main)
-    files = inputs.files[dist.rank :: dist.world_size]
-    skipped = 0
-    if not overwrite:
-        todo = [item for item in files if not outputs.done(item.key)]
-        skipped = len(files) - len(todo)
-        files = todo
-    shards = inputs.shards[dist.rank :: dist.world_size]
-    refused = inputs.refused if dist.is_main else []
-    failures: list[tuple[str, str]] = list(refused)
-    written = 0
-    segmenter.encode_labels(labels, templates)
-    bar = tqdm(
-        total=len(files) if not shards else None,
-        disable=not (progress and dist.is_main),
-        desc="segment" + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
-        unit="img",
-        dynamic_ncols=True,
-    )
-    loaders = [
-        DataLoader(
-            _FileImages(files, segmenter.max_pixels),
-            batch_size=segmenter.batch_size,
-            num_workers=workers,
-            collate_fn=_as_list,
-        )
-    ]
+    all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)
+    if left_out:
+        logger.info("left out %d earlier outputs (*_labels.png, *_overlay.png) found under %s", left_out, out_dir)
+    file_keys = {item.key: printable(str(item.path)) for item in all_files}  # every rank's files
+    shards = list(rank_share(inputs.shards, dist))
+    tally = _Tally(file_keys, shards, list(inputs.refused) if dist.is_main else [])
+    files = []
+    for item in rank_share(all_files, dist):
+        try:
+            if not overwrite and outputs.done(item.key):
+                tally.skipped += 1
+                continue
+        except (ValueError, OSError) as error:
+            tally.failures.append((file_keys[item.key], f"cannot name its outputs: {_error(error)}"))
+            continue
+        files.append(item)
+    bar = progress_bar("segment", dist, total=len(files) if not shards else None, enabled=progress)
+    loaders = [_loader(_FileImages(files, segmenter.max_pixels), segmenter.batch_size, workers)]
     if shards:
-        loaders.append(
-            DataLoader(
-                _ShardImages(shards, outputs, segmenter.max_pixels, overwrite),
-                batch_size=segmenter.batch_size,
-                num_workers=min(workers, len(shards)),
-                collate_fn=_as_list,
+        dataset = _ShardImages(shards, outputs, segmenter.max_pixels, max_member_bytes, overwrite)
+        loaders.append(_loader(dataset, segmenter.batch_size, min(workers, len(shards))))
+
+    def segment(ready: list[_Sample]) -> list[Segmentation | ImageError]:
+        if not ready:
+            return []
+        try:
+            return segmenter.predict(
+                [sample.image for sample in ready],
+                labels,
+                templates=templates,
+                background_threshold=background_threshold,
+                sliding_window=sliding_window,
+                errors="return",
+                keep_images=overlays,
             )
-        )
+        except Exception as error:  # the batch fails, the run goes on
+            return [ImageError(i, sample.source, error) for i, sample in enumerate(ready)]
+
     for loader in loaders:
         for batch in loader:
-            ready = []
-            for key, source, image, error, done in batch:
-                if done:
-                    skipped += 1
-                elif error is not None:
-                    failures.append((source, error))
-                else:
-                    ready.append((key, source, image))
-            if ready:
-                results = segmenter.predict(
-                    [image for _, _, image in ready],
-                    labels,
-                    templates=templates,
-                    background_threshold=background_threshold,
-                    sliding_window=sliding_window,
-                    errors="return",
-                    keep_images=overlays,
-                )
-                for (key, source, _), result in zip(ready, results):
-                    if isinstance(result, ImageError):
-                        failures.append((source, f"{type(result.error).__name__}: {result.error}"))
-                        continue
-                    try:
-                        outputs.write(key, result)
-                    except OSError as error:
-                        failures.append((source, f"cannot write outputs: {error}"))
-                        continue
-                    written += 1
-                    if on_result is not None:
-                        on_result(key, source, result)
+            ready = [sample for sample in batch if tally.take(sample)]
+            for sample, result in zip(ready, segment(ready)):
+                if isinstance(result, ImageError):
+                    tally.failures.append((sample.source, _error(result.error)))
+                    continue
+                try:
+                    outputs.write(sample.key, result)
+                except Exception as error:
+                    tally.failures.append((sample.source, f"cannot write outputs: {_error(error)}"))
+                    continue
+                tally.wrote(sample)
+                if on_result is not None:
+                    on_result(sample.key, sample.source, result)
             bar.update(len(batch))
     bar.close()
-    parts = gather_objects((written, skipped, failures))
+    tally.cross_rank_duplicates(dist)
+    parts = gather_objects((tally.written, tally.skipped, tally.failures))
     return BulkSummary(
         written=sum(p[0] for p in parts),
         skipped=sum(p[1] for p in parts),
         failures=[f for p in parts for f in p[2]],
+        left_out=left_out,
     )

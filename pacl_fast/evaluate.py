@@ -1,300 +1,40 @@
-"""Evaluation: segmentation mIoU on the benchmark layouts, zero-shot classification top-1/top-5.
+"""Evaluation loops: segmentation mIoU on the benchmark layouts, zero-shot classification top-1/top-5.
 
-Metrics are mmsegmentation's: a confusion matrix over pixels whose ground truth is not the
-ignore index (bincount of ``C * truth + prediction``); per class
-``IoU = TP / (truth + predicted - TP)`` and ``Acc = TP / truth``; mIoU and mAcc average the
-classes that are defined (a class absent from both truth and prediction has no IoU); aAcc is
-all true positives over all scored pixels.
+The metrics are in :mod:`pacl_fast.metrics`; running, resuming and sharing the work across
+``torchrun`` ranks is :mod:`pacl_fast.runs` (each rank a strided share of the images, integer sums
+all-reduced at the end, so the numbers are exactly those of one process; with a state directory a
+killed run started again with the same settings skips what it had done and ends with identical
+numbers). What is here: what each task asks the model, and what it adds up.
 
-Runs are single process or ``torchrun`` (each rank a strided share of the images, the integer
-sums all-reduced at the end, so the numbers are exactly those of one process). With a state
-directory, each rank rewrites its partial sums there atomically every few images; a killed run
-started again with the same settings skips what it had done and ends with identical numbers.
+A run's fingerprint holds every setting the numbers depend on, the dataset's length and a hash
+of its sample ids, so a resumed run never mixes images of an old split list with a new one.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from pacl_fast.data.classification import ImageFolder
 from pacl_fast.data.names import ClassQueries
 from pacl_fast.data.segmentation import SegmentationDataset
-from pacl_fast.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from pacl_fast.distributed import DistInfo
 from pacl_fast.images import SlidingWindow
+from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
 from pacl_fast.results import ImageError
+from pacl_fast.runs import RunState, run_sharded, sample_ids_digest
 from pacl_fast.segmenter import Segmenter
 from pacl_fast.zeroshot import METHODS, ZeroShotClassifier
 
-STATE_VERSION = 1
 
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-
-
-def confusion_matrix(
-    prediction: np.ndarray | torch.Tensor,
-    truth: np.ndarray | torch.Tensor,
-    num_classes: int,
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """``[C, C]`` int64 pixel counts, rows ground truth, columns prediction; ignored pixels skipped.
-
-    Args:
-        prediction: ``[...]`` class indices in ``0..C-1`` wherever ``truth`` is scored.
-        truth: ``[...]`` class indices or ``ignore_index``, same shape.
-    """
-    prediction = torch.as_tensor(prediction).long().flatten()
-    truth = torch.as_tensor(truth).long().flatten()
-    if prediction.shape != truth.shape:
-        raise ValueError(f"prediction has {prediction.numel()} pixels, truth {truth.numel()}")
-    scored = truth != ignore_index
-    prediction, truth = prediction[scored], truth[scored]
-    for name, values in (("truth", truth), ("prediction", prediction)):
-        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"{name} has class values outside 0..{num_classes - 1} on scored pixels")
-    return torch.bincount(truth * num_classes + prediction, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
-
-
-@dataclass
-class SegmentationMetrics:
-    """Per-class IoU / accuracy (NaN where undefined) and their summaries, from a confusion matrix."""
-
-    classes: tuple[str, ...]
-    confusion: np.ndarray  # [C, C] int64, rows truth
-    iou: np.ndarray = field(init=False)  # [C]
-    accuracy: np.ndarray = field(init=False)  # [C]
-
-    def __post_init__(self) -> None:
-        confusion = np.asarray(self.confusion, dtype=np.int64)
-        self.confusion = confusion
-        true_positive = np.diag(confusion).astype(np.float64)
-        truth = confusion.sum(axis=1).astype(np.float64)
-        predicted = confusion.sum(axis=0).astype(np.float64)
-        union = truth + predicted - true_positive
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.iou = np.where(union > 0, true_positive / union, np.nan)
-            self.accuracy = np.where(truth > 0, true_positive / truth, np.nan)
-
-    @property
-    def miou(self) -> float:
-        return float(np.nanmean(self.iou)) if np.isfinite(self.iou).any() else float("nan")
-
-    @property
-    def macc(self) -> float:
-        return float(np.nanmean(self.accuracy)) if np.isfinite(self.accuracy).any() else float("nan")
-
-    @property
-    def aacc(self) -> float:
-        total = self.confusion.sum()
-        return float(np.trace(self.confusion) / total) if total else float("nan")
-
-    @property
-    def pixels(self) -> np.ndarray:
-        """``[C]`` scored ground-truth pixels per class."""
-        return self.confusion.sum(axis=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        def number(x: float) -> float | None:
-            return None if math.isnan(x) else float(x)
-
-        return {
-            "mIoU": number(self.miou),
-            "mAcc": number(self.macc),
-            "aAcc": number(self.aacc),
-            "per_class": [
-                {"class": name, "IoU": number(iou), "Acc": number(acc), "pixels": int(pixels)}
-                for name, iou, acc, pixels in zip(self.classes, self.iou, self.accuracy, self.pixels)
-            ],
-            "confusion": self.confusion.tolist(),
-        }
-
-    def table(self) -> str:
-        """A markdown table per class and a summary line (percentages)."""
-
-        def percent(x: float) -> str:
-            return "-" if math.isnan(x) else f"{100 * x:.2f}"
-
-        width = max(len("class"), *(len(c) for c in self.classes))
-        lines = [f"| {'class':<{width}} |    IoU |    Acc |", f"|{'-' * (width + 2)}|-------:|-------:|"]
-        for name, iou, acc in zip(self.classes, self.iou, self.accuracy):
-            lines.append(f"| {name:<{width}} | {percent(iou):>6} | {percent(acc):>6} |")
-        lines.append(f"\nmIoU {percent(self.miou)}  mAcc {percent(self.macc)}  aAcc {percent(self.aacc)}")
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Resumable, shardable accumulation of integer sums
-
-
-class RunState:
-    """One rank's partial sums on disk, so that a killed evaluation resumes where it stopped.
-
-    ``DIR/rank{r}-of-{w}.json`` holds the run's fingerprint (everything the numbers depend on),
-    how many items of this rank's share are done (in order), the integer sums and the failures.
-    It is rewritten atomically (temporary file, then rename), so a kill never leaves half a file.
-    ``directory=None`` keeps nothing.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None, fingerprint: dict[str, Any], dist: DistInfo):
-        self.directory = Path(directory) if directory is not None else None
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # what a reload will compare with
-        self.dist = dist
-        self.path = self.directory / f"rank{dist.rank:05d}-of-{dist.world_size:05d}.json" if self.directory else None
-
-    def load(self, sums: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
-        """``(done, sums, failures)`` saved by an earlier run, or a fresh start."""
-        if self.directory is None or not self.directory.exists():
-            return 0, sums, []
-        others = [
-            p.name
-            for p in self.directory.glob("rank*-of-*.json")
-            if not p.name.endswith(f"-of-{self.dist.world_size:05d}.json")
-        ]
-        if others:
-            raise ValueError(
-                f"state directory {self.directory} holds a run with another number of processes ({others[0]}); "
-                f"resume with the same number of processes, or delete the directory to start over"
-            )
-        if not self.path.exists():
-            return 0, sums, []
-        saved = json.loads(self.path.read_text())
-        if saved.get("version") != STATE_VERSION or saved.get("fingerprint") != self.fingerprint:
-            old = saved.get("fingerprint", {})
-            changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-            raise ValueError(
-                f"state in {self.path} is from a run with other settings (differs in: "
-                f"{', '.join(changed) or 'version'}); use the same settings to resume, or delete the directory "
-                "to start over"
-            )
-        loaded = {}
-        for name, template in sums.items():
-            entry = saved["sums"][name]
-            loaded[name] = torch.tensor(entry["values"], dtype=torch.int64).reshape(entry["shape"])
-            if loaded[name].shape != template.shape:
-                raise ValueError(
-                    f"state in {self.path}: sum {name!r} has shape {entry['shape']}, expected {list(template.shape)}"
-                )
-        return int(saved["done"]), loaded, list(saved["failures"])
-
-    def save(self, done: int, sums: dict[str, torch.Tensor], failures: list[dict]) -> None:
-        if self.path is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "version": STATE_VERSION,
-            "fingerprint": self.fingerprint,
-            "done": done,
-            "sums": {k: {"shape": list(v.shape), "values": v.flatten().tolist()} for k, v in sums.items()},
-            "failures": failures,
-        }
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(payload))
-        os.replace(temporary, self.path)
-
-
-def clear_state(directory: str | os.PathLike | None, dist: DistInfo) -> None:
-    """Remove a finished run's state directory (rank 0, once every rank is done with it)."""
-    barrier()
-    if directory is not None and dist.is_main:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class _Items(Dataset):
-    """``(index, item, error)`` for the given dataset indices; a failed load is reported, not raised."""
-
-    def __init__(self, load: Callable[[int], Any], indices: Sequence[int]):
-        self.load = load
-        self.indices = list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
-        index = self.indices[position]
-        try:
-            return index, self.load(index), None
-        except (FileNotFoundError, ValueError, TypeError, OSError) as error:
-            return index, None, f"{type(error).__name__}: {error}"
-
-
-def _as_list(batch: list) -> list:
-    return batch
-
-
-def run_sharded(
-    num_items: int,
-    load: Callable[[int], Any],
-    process: Callable[[list[tuple[int, Any]], dict[str, torch.Tensor]], list[tuple[int, str]]],
-    sums: dict[str, torch.Tensor],
-    *,
-    dist: DistInfo,
-    state: RunState,
-    describe: Callable[[int], str],
-    batch_size: int = 1,
-    workers: int = 0,
-    save_every: int = 20,
-    save_seconds: float = 60.0,
-    progress: bool = True,
-    desc: str = "",
-    postfix: Callable[[dict[str, torch.Tensor]], str] | None = None,
-) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Load and process this rank's share of ``num_items``, resumably; return global sums and failures.
-
-    ``load(index)`` runs in DataLoader workers; ``process(batch, sums)`` adds a batch of
-    ``(index, item)`` into ``sums`` (int64 tensors) and returns ``(index, error)`` for the items
-    it could not score. Items are shared by rank (``index % world_size``).
-    """
-    share = list(range(dist.rank, num_items, dist.world_size))
-    done, sums, failures = state.load(sums)
-    loader = DataLoader(_Items(load, share[done:]), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
-    bar = tqdm(
-        total=len(share),
-        initial=done,
-        disable=not (progress and dist.is_main),
-        desc=desc + (f" (rank 0 of {dist.world_size})" if dist.enabled else ""),
-        unit="img",
-        dynamic_ncols=True,
-    )
-    last_save, unsaved = time.monotonic(), 0
-    for batch in loader:
-        good = [(index, item) for index, item, error in batch if error is None]
-        errors = [(index, error) for index, _, error in batch if error is not None]
-        if good:
-            errors += process(good, sums)
-        failures.extend({"index": i, "id": describe(i), "error": e} for i, e in sorted(errors))
-        done += len(batch)
-        unsaved += len(batch)
-        bar.update(len(batch))
-        if unsaved >= save_every or time.monotonic() - last_save > save_seconds:
-            state.save(done, sums, failures)
-            last_save, unsaved = time.monotonic(), 0
-            if postfix is not None:
-                bar.set_postfix_str(postfix(sums))
-    state.save(done, sums, failures)
-    bar.close()
-    totals = {name: all_reduce_sum(value) for name, value in sums.items()}
-    all_failures = sorted((f for part in gather_objects(failures) for f in part), key=lambda f: f["index"])
-    return totals, all_failures
-
-
-# --------------------------------------------------------------------------------------------
-# Segmentation
+def _samples(length: int, sample_id: Callable[[int], str]) -> dict[str, Any]:
+    """The fingerprint entries that pin which images a run is over."""
+    return {"num_samples": length, "sample_ids_sha256": sample_ids_digest(sample_id(i) for i in range(length))}
 
 
 @dataclass
@@ -351,6 +91,8 @@ def evaluate_segmentation(
     queries = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
     if queries.num_classes != dataset.num_classes:
         raise ValueError(f"{len(queries.names)} class names given for {dataset.num_classes} classes of {dataset.name}")
+    if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
+        raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
     if background_threshold is not None and dataset.background_index is None:
         raise ValueError(
             f"{dataset.name} has no background class, so background_threshold has nothing to predict; "
@@ -368,7 +110,12 @@ def evaluate_segmentation(
         "background_threshold": background_threshold,
         "limit": limit,
     }
-    fingerprint = {"task": "segmentation", "dataset": dataset.name, **protocol}
+    fingerprint = {
+        "task": "segmentation",
+        "dataset": dataset.name,
+        **protocol,
+        **_samples(len(dataset), dataset.sample_id),  # pins the images
+    }
     state = RunState(state_dir, fingerprint, dist)
     background = dataset.background_index if dataset.background_index is not None else -1
     segmenter.encode_labels(queries.queries, templates)  # once, before any image
@@ -378,20 +125,24 @@ def evaluate_segmentation(
         for index, (image, mask) in batch:
             # One image per call: a prediction never depends on which images share its batch,
             # so any number of ranks gives the same pixels.
-            result = segmenter.predict(
-                [image],
-                queries.queries,
-                templates=templates,
-                sliding_window=sliding_window,
-                background_threshold=background_threshold,
-                errors="return",
-                keep_images=False,
-            )[0]
-            if isinstance(result, ImageError):
-                errors.append((index, str(result.error)))
+            try:
+                result = segmenter.predict(
+                    [image],
+                    queries.queries,
+                    templates=templates,
+                    sliding_window=sliding_window,
+                    background_threshold=background_threshold,
+                    errors="return",
+                    keep_images=False,
+                )[0]
+                if isinstance(result, ImageError):
+                    raise result.error
+                prediction = queries.labels_to_classes(result.labels, none_class=background)
+                counts = confusion_matrix(prediction, mask, dataset.num_classes, dataset.ignore_index)
+            except Exception as error:  # this image fails alone
+                errors.append((index, f"{type(error).__name__}: {error}"))
                 continue
-            prediction = queries.labels_to_classes(result.labels, none_class=background)
-            sums["confusion"] += confusion_matrix(prediction, mask, dataset.num_classes, dataset.ignore_index)
+            sums["confusion"] += counts
         return errors
 
     def running_miou(sums: dict[str, torch.Tensor]) -> str:
@@ -463,6 +214,18 @@ class ClassificationReport:
         return "\n".join(lines)
 
 
+def _classification_invariants(sums: dict[str, torch.Tensor], done: int, failures: list[dict]) -> str | None:
+    """What every saved classification state satisfies: each done image counted once or failed, hits <= count."""
+    counted = int(sums["count"].sum())
+    if counted + len(failures) != done:
+        return f"{counted} images counted and {len(failures)} failed, but done={done}"
+    for method in METHODS:
+        top1, top5 = sums[f"{method}_top1"], sums[f"{method}_top5"]
+        if (top1 > top5).any() or (top5 > sums["count"]).any():
+            return f"{method} hits exceed the images counted (top-1 <= top-5 <= count per class)"
+    return None
+
+
 @dataclass(frozen=True)
 class _PreprocessedFolder:
     """``index -> (pixels [3, S, S], label)``; a class, not a closure, so DataLoader workers can pickle it."""
@@ -500,7 +263,7 @@ def evaluate_classification(
         "image_size": classifier.preprocess.size,
         "limit": limit,
     }
-    fingerprint = {"task": "classification", **protocol}
+    fingerprint = {"task": "classification", **protocol, **_samples(len(folder), folder.sample_id)}
     state = RunState(state_dir, fingerprint, dist)
     embeddings = classifier.encode_classes(classes, templates)
     k = min(5, num_classes)
@@ -508,7 +271,10 @@ def evaluate_classification(
     def process(batch: list[tuple[int, Any]], sums: dict[str, torch.Tensor]) -> list[tuple[int, str]]:
         pixels = torch.stack([pixels for _, (pixels, _) in batch])
         labels = torch.tensor([label for _, (_, label) in batch])
-        scores = classifier.score(pixels, embeddings, classes)
+        try:
+            scores = classifier.score(pixels, embeddings, classes)
+        except Exception as error:  # the batch fails, the run goes on
+            return [(index, f"{type(error).__name__}: {error}") for index, _ in batch]
         sums["count"] += torch.bincount(labels, minlength=num_classes)
         for method in METHODS:
             top = scores[method].cpu().topk(k, dim=-1).indices  # [B, k]
@@ -530,6 +296,7 @@ def evaluate_classification(
         dist=dist,
         state=state,
         describe=folder.sample_id,
+        check=_classification_invariants,
         batch_size=classifier.segmenter.batch_size,
         workers=workers,
         save_every=save_every,

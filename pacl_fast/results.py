@@ -9,11 +9,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pacl_fast.files import atomic_write, output_path
 from pacl_fast.head import BACKGROUND
 
 #: Palette index and 16-bit value that label PNGs use for background pixels.
 PNG_BACKGROUND_8BIT = 255
 PNG_BACKGROUND_16BIT = 65535
+#: Overlays are blended this many pixels at a time, so their float temporaries stay small whatever the image size.
+OVERLAY_BAND_PIXELS = 1 << 20
+
+
+def image_name(image: object) -> str | None:
+    """A clean file stem for an input: a path's stem, a PIL image's file name stem, else None."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).stem or None
+    filename = getattr(image, "filename", None) if isinstance(image, Image.Image) else None
+    return Path(filename).stem or None if isinstance(filename, str) and filename else None
+
+
+def output_files(directory: str | os.PathLike, stem: str, overlay: bool = True) -> dict[str, Path]:
+    """``{"labels": DIR/<stem>_labels.png, "overlay": DIR/<stem>_overlay.png}``, both proven inside ``DIR``.
+
+    ``stem`` may hold ``/`` (sub-folders); an unsafe one (absolute, ``..``, too long) raises ValueError.
+    """
+    paths = {"labels": output_path(directory, stem, "_labels.png")}
+    if overlay:
+        paths["overlay"] = output_path(directory, stem, "_overlay.png")
+    return paths
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -41,6 +63,7 @@ class Segmentation:
         classes: the class names, in the order given to ``predict``.
         source: the input's name (a path, or a description).
         image: the decoded ``HWC uint8`` image, kept for :meth:`overlay` (None if not kept).
+        name: a clean file stem for :meth:`save` (:func:`image_name` of the input), None if it has none.
     """
 
     labels: np.ndarray
@@ -48,6 +71,7 @@ class Segmentation:
     classes: tuple[str, ...]
     source: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)
+    name: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -72,11 +96,15 @@ class Segmentation:
             colours[: len(self.classes)] = palette(len(self.classes))
             image.putpalette(colours.ravel().tolist())
             return image
-        values = np.where(self.labels == BACKGROUND, PNG_BACKGROUND_16BIT, self.labels).astype(np.uint16)
-        return Image.fromarray(values)
+        values = self.labels.astype(np.int32)  # [H, W]; int16 cannot hold 65535
+        values[values == BACKGROUND] = PNG_BACKGROUND_16BIT
+        return Image.fromarray(values.astype(np.uint16))
 
     def overlay(self, image: np.ndarray | Image.Image | None = None, alpha: float = 0.5) -> Image.Image:
-        """The image with class colours blended in (background left as is)."""
+        """The image with class colours blended in (background left as is).
+
+        Blended in bands of rows, so the cost is the output (3 bytes a pixel) plus a few MB.
+        """
         base = (
             self.image
             if image is None
@@ -86,22 +114,48 @@ class Segmentation:
             raise ValueError("no image to overlay: predict(..., keep_images=True) or pass image=")
         if base.shape[:2] != self.labels.shape:
             raise ValueError(f"overlay image is {base.shape[:2]}, labels are {self.labels.shape}")
-        colours = palette(len(self.classes))[np.clip(self.labels, 0, None)].astype(np.float32)
-        blend = base.astype(np.float32) * (1 - alpha) + colours * alpha
-        blend = np.where((self.labels == BACKGROUND)[..., None], base.astype(np.float32), blend)
-        return Image.fromarray(blend.round().astype(np.uint8))
+        colours = palette(len(self.classes)).astype(np.float32)  # [C, 3]
+        out = np.empty((*self.labels.shape, 3), dtype=np.uint8)  # [H, W, 3]
+        rows = max(1, OVERLAY_BAND_PIXELS // max(1, self.labels.shape[1]))
+        for top in range(0, self.labels.shape[0], rows):
+            labels = self.labels[top : top + rows]  # [h, W]
+            band = base[top : top + rows].astype(np.float32)  # [h, W, 3]
+            blend = band * (1 - alpha) + colours[np.clip(labels, 0, None)] * alpha
+            blend = np.where((labels == BACKGROUND)[..., None], band, blend)
+            out[top : top + rows] = blend.round().astype(np.uint8)
+        return Image.fromarray(out)
 
-    def save(self, directory: str | os.PathLike, stem: str | None = None) -> dict[str, Path]:
-        """Write ``<stem>_labels.png`` and (if the image was kept) ``<stem>_overlay.png``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = stem or (Path(self.source).stem if self.source else "image")
-        written = {"labels": directory / f"{stem}_labels.png"}
-        self.label_image().save(written["labels"])
-        if self.image is not None:
-            written["overlay"] = directory / f"{stem}_overlay.png"
-            self.overlay().save(written["overlay"])
-        return written
+    def save(
+        self,
+        directory: str | os.PathLike,
+        stem: str | None = None,
+        *,
+        index: int = 0,
+        overwrite: bool = False,
+    ) -> dict[str, Path]:
+        """Write ``<stem>_labels.png`` and (if the image was kept) ``<stem>_overlay.png``, each atomically.
+
+        Args:
+            stem: the file names' stem (may hold ``/`` for sub-folders, never ``..``); default
+                :attr:`name` (the input file's stem), else ``image{index}``.
+            index: the image's position in its batch, naming inputs that have no file name.
+            overwrite: replace existing files; without it an existing file raises FileExistsError.
+        Returns:
+            ``{"labels": path, "overlay": path}`` (overlay only with an image). The overlay is
+            written first, so an image is complete exactly when its labels file exists.
+        """
+        stem = stem or self.name or f"image{index}"
+        paths = output_files(directory, stem, overlay=self.image is not None)
+        if not overwrite:
+            existing = [str(p) for p in paths.values() if p.exists() or p.is_symlink()]
+            if existing:
+                raise FileExistsError(
+                    f"{existing[0]} already exists; pass overwrite=True to replace it, or another stem or folder"
+                )
+        if "overlay" in paths:
+            atomic_write(paths["overlay"], lambda f: self.overlay().save(f, format="PNG"))
+        atomic_write(paths["labels"], lambda f: self.label_image().save(f, format="PNG"))
+        return paths
 
 
 class ImageError(Exception):

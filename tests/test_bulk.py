@@ -3,9 +3,11 @@
 import io
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from conftest import make_segmenter
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
 
-from pacl_fast.bulk import collect_inputs, iterate_shard, segment_bulk
+from pacl_fast.bulk import collect_inputs, segment_bulk
+from pacl_fast.data.shards import iterate_samples
+from pacl_fast.images import SlidingWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["circle", "square", "sky"]
@@ -111,8 +115,8 @@ def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_p
     assert redone.written == 5 and redone.skipped == 0
 
 
-def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as archive:
+def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], mode: str = "w") -> None:
+    with tarfile.open(path, mode) as archive:
         for key, fields in samples:
             for extension, data in fields.items():
                 info = tarfile.TarInfo(f"{key}.{extension}")
@@ -144,7 +148,11 @@ def test_webdataset_shards(tmp_path, segmenter):
             ("s005", {"webp": _png_bytes(images["s004"], "WEBP")}),
         ],
     )
-    assert [key for key, _ in iterate_shard(tmp_path / "shard-000.tar")] == ["s000", "s001", "nested/s002"]
+    assert [sample["__key__"] for sample in iterate_samples(tmp_path / "shard-000.tar")] == [
+        "s000",
+        "s001",
+        "nested/s002",
+    ]
     inputs = collect_inputs([tmp_path / "shard-000.tar", tmp_path / "shard-001.tar", tmp_path / "gone.tar"])
     out = tmp_path / "out"
     summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, workers=2)
@@ -161,32 +169,237 @@ def test_webdataset_shards(tmp_path, segmenter):
     assert (again.written, again.skipped) == (0, 4)
 
 
+def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A 45-byte PNG that declares width x height pixels (a header and no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _files_outside(root: Path, out: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_relative_to(out)}
+
+
+def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter):
+    """Issue 10 item 1: ../x, sub/../../x, absolute and empty-segment keys wrote outside OUT."""
+    png = _png_bytes(random_image((20, 28), seed=1))
+    (tmp_path / "x_labels.png").write_bytes(b"precious")  # what ../x would have overwritten
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere")  # a link inside OUT pointing out of it
+    bad_keys = ["../x", "sub/../../y", f"{tmp_path}/abs/z", "a//b", "./c", "link/d", "e" * 230]
+    _write_shard(tmp_path / "evil.tar", [("ok", {"png": png}), *[(k, {"png": png}) for k in bad_keys]])
+    before = _files_outside(tmp_path, out)
+    summary = segment_bulk(
+        segmenter, collect_inputs([tmp_path / "evil.tar"]), LABELS, out, templates="single", progress=False
+    )
+    assert summary.written == 1 and (out / "ok_labels.png").is_file() and (out / "ok_overlay.png").is_file()
+    assert _files_outside(tmp_path, out) == before  # nothing made or changed outside OUT
+    assert (tmp_path / "x_labels.png").read_bytes() == b"precious" and not list((tmp_path / "elsewhere").iterdir())
+    failures = dict(summary.failures)
+    assert sorted(failures) == sorted(f"{tmp_path / 'evil.tar'}:{k}" for k in bad_keys)
+    assert all(why.startswith("cannot name its outputs: ValueError: output name") for why in failures.values())
+    assert "resolves outside" in failures[f"{tmp_path / 'evil.tar'}:link/d"]
+
+
+def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
+    """Issue 10 items 2 and 3: a decompression bomb, an oversized member, a damaged shard fail alone."""
+    images = {f"s{i}": random_image((20 + i, 30), seed=i) for i in range(6)}
+    _write_shard(
+        tmp_path / "a.tar",
+        [
+            ("s0", {"png": _png_bytes(images["s0"])}),
+            ("bomb", {"png": _bomb_png()}),  # over PIL's own limit: DecompressionBombError
+            ("big", {"png": _bomb_png(9000, 9000)}),  # 81 MP: over max_pixels
+            ("s1", {"png": _png_bytes(images["s1"])}),
+            ("huge", {"png": b"\0" * 5000, "txt": b"x"}),  # over max_member_bytes
+            ("s2", {"png": _png_bytes(images["s2"])}),
+        ],
+    )
+    _write_shard(tmp_path / "cut.tar", [(f"s{i}", {"png": _png_bytes(images[f"s{i}"])}) for i in (3, 4, 5)])
+    raw = (tmp_path / "cut.tar").read_bytes()
+    sizes = [512 + -(-len(_png_bytes(images[f"s{i}"])) // 512) * 512 for i in (3, 4)]
+    (tmp_path / "cut.tar").write_bytes(raw[: sum(sizes) + 600])  # breaks off inside s5's data
+    _write_shard(tmp_path / "c.tar", [("after", {"png": _png_bytes(images["s0"])})])
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "bomb-file.png").write_bytes(_bomb_png())
+    inputs = collect_inputs([tmp_path / "a.tar", tmp_path / "cut.tar", tmp_path / "c.tar", tmp_path / "files"])
+    out = tmp_path / "out"
+    largest = max(len(_png_bytes(image)) for image in images.values())
+    summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, max_member_bytes=largest)
+    written = sorted(p.name.removesuffix("_labels.png") for p in out.glob("*_labels.png"))
+    assert written == ["after", "s0", "s1", "s2", "s3", "s4"] and summary.written == 6
+    failures = dict(summary.failures)
+    shard = f"{tmp_path / 'a.tar'}:"
+    assert "DecompressionBombError" in failures[shard + "bomb"]
+    assert "over the limit max_pixels" in failures[shard + "big"]
+    assert f"is 5000 bytes, over the limit of {largest}" in failures[shard + "huge"]
+    assert "over PIL's pixel limit" in failures[str(tmp_path / "files" / "bomb-file.png")]
+    assert "rest of the shard is skipped" in failures[str(tmp_path / "cut.tar")]
+    assert "unexpected end of data" in failures[str(tmp_path / "cut.tar")]
+    assert len(summary.failures) == 5
+    with pytest.raises(ValueError, match="max_member_bytes must be >= 1"):
+        segment_bulk(segmenter, inputs, LABELS, tmp_path / "o2", max_member_bytes=0, progress=False)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
+    """Issue 10 item 4: the same key in two shards, twice in one shard, or in a shard and a file was merged."""
+    png = [_png_bytes(random_image((18, 22 + i), seed=i)) for i in range(4)]
+    _write_shard(tmp_path / "one.tar", [("k", {"png": png[0]}), ("other", {"png": png[1]}), ("k", {"jpg": png[2]})])
+    _write_shard(tmp_path / "two.tar", [("k", {"png": png[3]}), ("photo", {"png": png[1]})])
+    save_image(random_image((16, 16), 9), tmp_path / "photo.png")
+    inputs = collect_inputs([tmp_path / "photo.png", tmp_path / "one.tar", tmp_path / "two.tar"])
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False)
+    assert summary.written == 3  # photo, one.tar:k, one.tar:other
+    one, two = tmp_path / "one.tar", tmp_path / "two.tar"
+    assert sorted(summary.failures) == [
+        (f"{one}:k", f"output name 'k' is already taken by {one}:k"),
+        (f"{two}:k", f"output name 'k' is already taken by {one}:k"),
+        (f"{two}:photo", f"output name 'photo' is already taken by {tmp_path / 'photo.png'}"),
+    ]
+    expected = segmenter.predict(Image.open(io.BytesIO(png[0])), LABELS, templates="single").labels
+    np.testing.assert_array_equal(np.array(Image.open(out / "k_labels.png")), expected)  # the first one stands
+    again = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False)
+    assert (again.written, again.skipped, sorted(again.failures)) == (0, 3, sorted(summary.failures))
+
+
+def test_a_long_file_name_fails_alone(tmp_path, segmenter):
+    """Issue 10 item 5: a 245+ character name crashed a folder run before any image (ENAMETOOLONG)."""
+    paths = _folder(tmp_path / "in", 3)
+    long_path = tmp_path / "in" / ("n" * 246 + ".png")
+    save_image(random_image((16, 20), 3), long_path)
+    _write_shard(
+        tmp_path / "s.tar", [("m" * 246, {"png": b"x"}), ("fine", {"png": _png_bytes(random_image((9, 9), 0))})]
+    )
+    inputs = collect_inputs([tmp_path / "in", tmp_path / "s.tar"])
+    summary = segment_bulk(segmenter, inputs, LABELS, tmp_path / "out", templates="single", progress=False)
+    assert summary.written == len(paths) + 1
+    failures = dict(summary.failures)
+    assert "output name is 246 characters long, over the limit of 200" in failures[str(long_path)]
+    assert "246 characters long" in failures[f"{tmp_path / 's.tar'}:{'m' * 246}"] and len(failures) == 2
+
+
+@pytest.mark.parametrize("inside", ["in/out", "in"])
+def test_out_inside_an_input_folder_never_segments_its_own_outputs(tmp_path, segmenter, inside):
+    """Issue 10 item 6: each rerun segmented the previous outputs (2, 4, 8 new files...)."""
+    _folder(tmp_path / "in", 3)
+    out = tmp_path / inside
+    for run in range(3):
+        summary = segment_bulk(
+            segmenter, collect_inputs([tmp_path / "in"]), LABELS, out, templates="single", progress=False
+        )
+        assert (summary.written, summary.skipped) == ((3, 0) if run == 0 else (0, 3)), run
+        assert summary.left_out == (0 if run == 0 else 6) and not summary.failures
+    assert len(list(out.rglob("*_labels.png"))) == 3
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(labels=["circle", "circle"]), "duplicate"),
+        (dict(templates=["no placeholder"]), "{}"),
+        (dict(background_threshold=2.0), r"background_threshold must be a probability in \[0, 1\], got 2.0"),
+        (dict(sliding_window=SlidingWindow(12, 12)), "multiples of the patch size"),
+        (dict(sliding_window=SlidingWindow(8, 8, short_side=4)), "image size 4 is smaller than the model's patch"),
+    ],
+)
+def test_settings_are_validated_before_the_settings_file_is_written(tmp_path, segmenter, change, message):
+    """Issue 10 item 7: after a typo the settings file was written, and the corrected rerun was refused."""
+    _folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    arguments = dict(labels=LABELS, templates="single", background_threshold=None, sliding_window=None)
+    with pytest.raises(ValueError, match=message):
+        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **(arguments | change))
+    assert not out.exists()
+    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **arguments)
+    assert summary.written == 2
+
+
+def test_sliding_windows_and_background_threshold_through_bulk(tmp_path, segmenter):
+    """Issue 13 items 9 and 12: bulk's label PNGs hold predict's labels (background 255), overlays keep background."""
+    path = tmp_path / "in" / "wide.png"
+    save_image(random_image((40, 90), seed=4), path)
+    window = SlidingWindow(16, 8, short_side=32)
+    plain = segmenter.predict(path, LABELS, templates="single", sliding_window=window)
+    threshold = float(np.median(plain.scores))  # about half the pixels become background
+    expected = segmenter.predict(
+        path, LABELS, templates="single", sliding_window=window, background_threshold=threshold
+    )
+    background = expected.labels == -1
+    assert 0 < background.mean() < 1
+    out = tmp_path / "out"
+    segment_bulk(
+        segmenter,
+        collect_inputs([tmp_path / "in"]),
+        LABELS,
+        out,
+        templates="single",
+        sliding_window=window,
+        background_threshold=threshold,
+        progress=False,
+    )
+    labels = np.array(Image.open(out / "wide_labels.png"))
+    np.testing.assert_array_equal(labels, np.where(background, 255, expected.labels))
+    overlay = np.array(Image.open(out / "wide_overlay.png"))
+    original = np.array(Image.open(path))
+    np.testing.assert_array_equal(overlay[background], original[background])
+    assert (overlay[~background] != original[~background]).any(axis=-1).mean() > 0.9
+
+
 def test_two_ranks_write_every_image_once_and_resume(tmp_path, tiny_config):
+    """Files and shards (a .tar and a .tar.gz) over 2 gloo ranks; a key on both ranks is found at the end."""
     paths = _folder(tmp_path / "in", 9)
     (tmp_path / "in" / "zz-broken.png").write_bytes(b"nope")
+    png = [_png_bytes(random_image((20 + i, 26), seed=40 + i)) for i in range(5)]
+    shard0, shard1 = tmp_path / "shard-000.tar", tmp_path / "shard-001.tar.gz"
+    _write_shard(shard0, [("s0", {"png": png[0]}), ("s1", {"png": png[1]}), ("dup", {"png": png[2]})])
+    _write_shard(shard1, [("s2", {"png": png[3]}), ("dup", {"png": png[4]})], mode="w:gz")
     clip = write_tiny_clip(tmp_path / "clip", tiny_config)
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "pacl_fast", "segment", str(tmp_path / "in"), "--labels", ",".join(LABELS), "--out", str(out),
-        "--clip", f"local-dir:{clip}", "--templates", "single", "--device", "cpu", "--batch-size", "2",
+        "-m", "pacl_fast", "segment", str(tmp_path / "in"), str(shard0), str(shard1), "--labels", ",".join(LABELS),
+        "--out", str(out), "--clip", f"local-dir:{clip}", "--templates", "single", "--device", "cpu",
+        "--batch-size", "2",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode != 0  # the broken image fails the run, after everything else is written
-    lines = Counter(re.findall(r"^(\S+\.png): circle", first.stdout, flags=re.M))
-    assert lines == Counter({str(p): 1 for p in paths}), first.stdout  # each image by exactly one rank
-    assert "9 written, 0 skipped (already written), 1 failed" in first.stdout
-    assert f"1 of 10 images failed:\n  {tmp_path / 'in' / 'zz-broken.png'}" in first.stderr
-    assert len(list(out.rglob("*_labels.png"))) == 9 and len(list(out.rglob("*_overlay.png"))) == 9
+    lines = Counter(re.findall(r"^(\S+\.png|\S+\.tar(?:\.gz)?:\w+): circle", first.stdout, flags=re.M))
+    # The two "dup" samples race: the later one finds the other's outputs done and skips. Whichever way,
+    # shard-001's is the failure, and written + skipped counts every other image once.
+    dups = [lines.pop(f"{shard}:dup", 0) for shard in (shard0, shard1)]
+    assert 1 <= sum(dups) <= 2 and max(dups) == 1
+    samples = [f"{shard0}:s0", f"{shard0}:s1", f"{shard1}:s2"]
+    assert lines == Counter({str(p): 1 for p in [*paths, *samples]}), first.stdout  # each image by one rank
+    written, skipped = map(
+        int, re.search(r"(\d+) written, (\d+) skipped \(already written\), 2 failed", first.stdout).groups()
+    )
+    assert written + skipped == 13 and written >= 12
+    assert "2 of 15 images failed:" in first.stderr
+    assert f"  {tmp_path / 'in' / 'zz-broken.png'}: " in first.stderr
+    duplicate = (
+        f"  {shard1}:dup: output name 'dup' is also used by {shard0}:dup on rank 0; its files hold one of the two"
+    )
+    assert duplicate in first.stderr, first.stderr
+    assert len(list(out.rglob("*_labels.png"))) == 13 and len(list(out.rglob("*_overlay.png"))) == 13
+    expected = np.array(Image.open(io.BytesIO(png[3])))
+    assert np.array(Image.open(out / "s2_overlay.png")).shape == expected.shape  # the .tar.gz sample
 
-    for key in ("img00", "sub/img05", "img08"):  # as if the job had been killed before these
+    for key in ("img00", "sub/img05", "img08", "s2"):  # as if the job had been killed before these
         (out / f"{key}_labels.png").unlink()
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert "3 written, 6 skipped (already written), 1 failed" in second.stdout, second.stdout + second.stderr
-    redone = re.findall(r"^(\S+\.png): circle", second.stdout, flags=re.M)
-    assert sorted(Path(p).name for p in redone) == ["img00.png", "img05.png", "img08.png"]
+    assert "4 written, 9 skipped (already written), 2 failed" in second.stdout, second.stdout + second.stderr
+    redone = re.findall(r"^(\S+\.png|\S+\.tar(?:\.gz)?:\w+): circle", second.stdout, flags=re.M)
+    assert sorted(Path(p).name for p in redone) == ["img00.png", "img05.png", "img08.png", "shard-001.tar.gz:s2"]
+    assert duplicate in second.stderr
 
 
 def test_segment_command_with_a_file_list(tmp_path, tiny_config, capsys):

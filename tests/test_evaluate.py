@@ -1,5 +1,6 @@
 """Segmentation metrics and the evaluation loop: hand-computed numbers, ignore index, resume, ranks."""
 
+import hashlib
 import json
 import math
 import os
@@ -27,8 +28,11 @@ from PIL import Image
 
 from pacl_fast.cli import main
 from pacl_fast.data.segmentation import open_dataset
-from pacl_fast.evaluate import SegmentationMetrics, confusion_matrix, evaluate_segmentation
+from pacl_fast.distributed import DistInfo
+from pacl_fast.evaluate import evaluate_segmentation
 from pacl_fast.images import SlidingWindow
+from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
+from pacl_fast.runs import clear_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,6 +221,80 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path, segmenter)
     assert resumed.metrics.miou == whole.metrics.miou
     with pytest.raises(ValueError, match=r"other settings \(differs in: templates\)"):
         evaluate_segmentation(segmenter, dataset, templates="short", progress=False, state_dir=state)
+
+
+def _forge(path: Path, **fields) -> None:
+    """Edit a saved state as a forger who knows the format would (checksum recomputed, see test_runs)."""
+    data = json.loads(path.read_text())
+    data.update(fields)
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    data["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps(data))
+
+
+def test_forged_state_is_refused_and_restart_starts_over(tmp_path, segmenter):
+    """Issue 10 item 9: an edited partial state changed the reported mIoU; now it is refused, naming --restart."""
+    world = open_dataset("synthetic", None)
+    state = tmp_path / "state"
+    kwargs = dict(limit=4, templates="single", progress=False, state_dir=state, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_segmentation(segmenter, DiesAfter(world, 2), **kwargs)
+    path = state / "rank00000-of-00001.json"
+    saved = json.loads(path.read_text())
+    _forge(path, done=10**6)
+    with pytest.raises(ValueError, match=r"done=1000000 is not an item count in 0\.\.4.*--restart"):
+        evaluate_segmentation(segmenter, world, **kwargs)
+    confusion = np.array(saved["sums"]["confusion"]["values"])
+    confusion[0] += 10**6  # all of class 0 right: a better mIoU
+    forged = {"confusion": {"shape": saved["sums"]["confusion"]["shape"], "values": confusion.tolist()}}
+    _forge(path, done=saved["done"], sums=forged)
+    path.write_text(path.read_text().replace('"checksum": "', '"checksum": "0'))  # a hand edit, not re-hashed
+    with pytest.raises(ValueError, match="checksum does not match.*--restart"):
+        evaluate_segmentation(segmenter, world, **kwargs)
+    clear_state(state, DistInfo())  # what --restart does
+    restarted = evaluate_segmentation(segmenter, world, **kwargs)
+    fresh = evaluate_segmentation(segmenter, world, limit=4, templates="single", progress=False)
+    np.testing.assert_array_equal(restarted.metrics.confusion, fresh.metrics.confusion)
+
+
+def test_changed_split_list_or_process_count_is_not_resumed(tmp_path, segmenter):
+    """Issue 10 item 9: after the split list changed, a resumed run mixed old and new images."""
+    masks = _voc_masks(4)
+    voc = write_voc(tmp_path, masks)
+    state = tmp_path / "state"
+    kwargs = dict(templates="single", progress=False, state_dir=state, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_segmentation(segmenter, DiesAfter(open_dataset("voc21", tmp_path), 2), **kwargs)
+    split = voc / "ImageSets" / "Segmentation" / "val.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join([ids[1], ids[0], *ids[2:]]) + "\n")  # same images, other order
+    with pytest.raises(ValueError, match=r"differs in: sample_ids_sha256\).*--restart"):
+        evaluate_segmentation(segmenter, open_dataset("voc21", tmp_path), **kwargs)
+    split.write_text("\n".join(ids[:3]) + "\n")  # one image fewer
+    with pytest.raises(ValueError, match=r"differs in: num_samples, sample_ids_sha256\)"):
+        evaluate_segmentation(segmenter, open_dataset("voc21", tmp_path), **kwargs)
+    clear_state(state, DistInfo())
+    dataset = open_dataset("voc21", tmp_path)
+    # Rank 0 of 2 alone (no process group: it keeps its own share's sums), then one process on its state.
+    half = evaluate_segmentation(segmenter, dataset, dist=DistInfo(0, 2), **kwargs)
+    assert half.metrics.confusion.sum() == sum(int((masks[k] != 255).sum()) for k in ids[:3:2])
+    with pytest.raises(ValueError, match=r"another number of processes \(rank00000-of-00002.json\).*--restart"):
+        evaluate_segmentation(segmenter, dataset, **kwargs)
+
+
+def test_eval_command_restart_discards_a_bad_state(tmp_path, tiny_config, capsys):
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "rank00000-of-00001.json").write_text('{"done": 1000000}')
+    args = ["eval", "--dataset", "synthetic", "--limit", "2", "--workers", "0", "--state-dir", str(state)]
+    args += ["--clip", f"local-dir:{clip}", "--device", "cpu", "--templates", "single"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"cannot resume from {state / 'rank00000-of-00001.json'}: not a state file" in error
+    assert "start over with --restart" in error
+    assert main([*args, "--restart"]) == 0
+    assert "mIoU" in capsys.readouterr().out and not state.exists()
 
 
 def test_a_bad_image_is_reported_and_the_rest_scored(tmp_path, segmenter):
