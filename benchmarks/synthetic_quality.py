@@ -1,6 +1,7 @@
 """The paper's claim in miniature: on held-out synthetic scenes, how well do CLIP's frozen patch
-tokens segment through (i) PACL, (ii) CLIP's own projection (the MaskCLIP-style baseline),
-(iii) linear and MLP probes trained with the true masks (the upper bound), (iv) chance?
+tokens segment through (i) PACL, (ii) CLIP's own projection of the final tokens, (iii) the
+training-free last blocks (MaskCLIP, SCLIP, ClearCLIP, NACLIP: ``pacl_fast.methods``), (iv)
+linear and MLP probes trained with the true masks (the upper bound), (v) chance?
 
     python -m benchmarks.synthetic_quality --clip local-dir:pacl_fast/assets/demo/clip \\
         --pacl-weights pacl_fast/assets/demo/pacl.safetensors --json benchmarks/results/synthetic_quality.json
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kernels.reference import upsample_logits
-from pacl_fast.backbone import RandomWeightsWarning, load_clip
+from pacl_fast.backbone import RandomWeightsWarning
+from pacl_fast.build import build_model
 from pacl_fast.data.synthetic import (
     CLASS_NAMES,
     IGNORE_INDEX,
@@ -34,9 +36,10 @@ from pacl_fast.data.synthetic import (
     SyntheticSegmentation,
     WorldConfig,
 )
-from pacl_fast.evaluate import SegmentationMetrics, confusion_matrix
+from pacl_fast.images import normalize
+from pacl_fast.methods import TRAINING_FREE
+from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
 from pacl_fast.prompts import ensemble_text_embeddings
-from pacl_fast.weights import load_pacl
 
 VALIDATION_SEED = 1  # training uses seed 0
 PROBE_TRAIN_SEED = 2
@@ -44,31 +47,36 @@ PROBE_TRAIN_SEED = 2
 
 @dataclass
 class Tokens:
-    """Frozen CLIP patch tokens of a set of scenes, with their masks."""
+    """Frozen CLIP patch tokens of a set of scenes, with their masks (and the model inputs)."""
 
     tokens: torch.Tensor  # [M, h, w, D]
     masks: torch.Tensor  # [M, H, W] int64, IGNORE_INDEX on background
+    pixels: torch.Tensor | None = None  # [M, 3, S, S] normalised, kept for methods that change the tower
 
 
-def encode_scenes(backbone, dataset: SyntheticSegmentation, batch_size: int, desc: str) -> Tokens:
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in backbone.mean_std)
-    tokens, masks = [], []
+def encode_scenes(backbone, dataset: SyntheticSegmentation, batch_size: int, desc: str, keep_pixels: bool) -> Tokens:
+    """Scenes are rendered at the CLIP's size, so preprocessing is only ``images.normalize``."""
+    tokens, masks, kept = [], [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        pixels = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in items]).float() / 255
+        images = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in items]).float() / 255
+        pixels = normalize(images, *backbone.mean_std)  # [b, 3, S, S]
         with torch.no_grad():
-            tokens.append(backbone.patch_tokens((pixels - mean) / std))
+            tokens.append(backbone.patch_tokens(pixels))
         masks.append(torch.stack([torch.from_numpy(mask.astype(np.int64)) for _, mask in items]))
-    return Tokens(torch.cat(tokens), torch.cat(masks))
+        if keep_pixels:
+            kept.append(pixels)
+    return Tokens(torch.cat(tokens), torch.cat(masks), torch.cat(kept) if keep_pixels else None)
 
 
-def score(logits_fn, data: Tokens, batch_size: int = 100) -> SegmentationMetrics:
-    """Metrics over object pixels of the predictions ``argmax(upsample(logits_fn(tokens)))``."""
+def score(logits_fn, data: Tokens, batch_size: int = 100, on_pixels: bool = False) -> SegmentationMetrics:
+    """Metrics over object pixels of ``argmax(upsample(logits_fn(x)))``, x the tokens (or the pixels)."""
     confusion = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.int64)
     out_size = tuple(data.masks.shape[-2:])
-    for start in range(0, len(data.tokens), batch_size):
+    inputs = data.pixels if on_pixels else data.tokens
+    for start in range(0, len(inputs), batch_size):
         with torch.no_grad():
-            logits = logits_fn(data.tokens[start : start + batch_size])  # [b, h, w, C]
+            logits = logits_fn(inputs[start : start + batch_size])  # [b, h, w, C]
             predictions = upsample_logits(logits, out_size).argmax(1)
         confusion += confusion_matrix(
             predictions, data.masks[start : start + batch_size], len(CLASS_NAMES), IGNORE_INDEX
@@ -121,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        backbone = load_clip(args.clip)
-    model, metadata = load_pacl(backbone, args.pacl_weights)
+        model, metadata = build_model(args.clip, pacl_weights=args.pacl_weights, device="cpu")
     model.eval()
+    backbone = model.backbone
     config = WorldConfig(image_size=backbone.image_size)
     num_classes = len(CLASS_NAMES)
     classes = ensemble_text_embeddings(
@@ -136,12 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
         SyntheticSegmentation(args.num_images, seed=VALIDATION_SEED, config=config),
         args.batch_size,
         "validation scenes",
+        keep_pixels=True,
     )
     probe_data = encode_scenes(
         backbone,
         SyntheticSegmentation(args.probe_images, seed=PROBE_TRAIN_SEED, config=config),
         args.batch_size,
         "probe scenes",
+        keep_pixels=False,
     )
 
     def cosine(embeddings: torch.Tensor) -> torch.Tensor:
@@ -155,14 +165,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     methods = {
         "PACL": lambda tokens: cosine(model.embedder(tokens)),
-        "CLIP projection (MaskCLIP-style baseline)": lambda tokens: cosine(tokens @ backbone.visual.proj),
-        "linear probe (true masks)": linear,
-        "MLP probe (true masks)": mlp,
-        "chance": lambda tokens: torch.rand(*tokens.shape[:-1], num_classes, generator=chance_generator),
+        "CLIP projection of the final tokens": lambda tokens: cosine(tokens @ backbone.visual.proj),
     }
+    on_pixels = set()
+    for method in TRAINING_FREE:  # the same CLIP, its last block changed
+        tower = build_model(args.clip, method=method, device="cpu")[0].eval()
+        methods[f"{method} (training-free)"] = lambda pixels, tower=tower: cosine(tower.encode_image(pixels))
+        on_pixels.add(f"{method} (training-free)")
+    methods.update(
+        {
+            "linear probe (true masks)": linear,
+            "MLP probe (true masks)": mlp,
+            "chance": lambda tokens: torch.rand(*tokens.shape[:-1], num_classes, generator=chance_generator),
+        }
+    )
     results = {}
     for name, fn in methods.items():
-        metrics = score(fn, validation, args.batch_size)
+        metrics = score(fn, validation, args.batch_size, on_pixels=name in on_pixels)
         # background is ignored, so all-pixel accuracy is the foreground accuracy
         results[name] = {
             "mIoU": metrics.miou,
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     bound = max(results["linear probe (true masks)"]["mIoU"], results["MLP probe (true masks)"]["mIoU"])
-    pacl, baseline = results["PACL"]["mIoU"], results["CLIP projection (MaskCLIP-style baseline)"]["mIoU"]
+    pacl, baseline = results["PACL"]["mIoU"], results["CLIP projection of the final tokens"]["mIoU"]
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",

@@ -113,8 +113,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="encoder precision (default: float16 for tensorrt, else float32)",
+        choices=["float32", "bfloat16", "float16", "int8"],
+        help="encoder precision (default: float16 for tensorrt, else float32); int8: --encoder openvino only "
+        "(NNCF-quantised; calibrated by `pacl-fast export --format openvino`, else on synthetic scenes)",
     )
     group.add_argument(
         "--image-size",
@@ -186,21 +187,32 @@ def check_weights_files(args: argparse.Namespace) -> None:
         raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
 
 
+def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
+    """``--dtype`` and ``--encoder-cache`` as the encoder's dtype and options (int8 is an OpenVINO precision)."""
+    options = {"cache_dir": args.encoder_cache} if args.encoder_cache is not None else {}
+    if args.dtype != "int8":
+        return args.dtype, options
+    if args.encoder != "openvino":
+        raise UsageError(f"--dtype int8 runs on --encoder openvino only, not {args.encoder}")
+    return None, {**options, "precision": "int8"}
+
+
 def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
     from pacl_fast.segmenter import Segmenter
 
+    dtype, options = encoder_choice(args)
     segmenter = Segmenter(
         args.clip,
         args.clip_weights,
         args.pacl_weights,
         method=args.method,
         device=device,
-        dtype=args.dtype,
+        dtype=dtype,
         image_size=args.image_size,
         backend=args.backend,
         batch_size=args.batch_size,
         encoder=args.encoder,
-        encoder_options={"cache_dir": args.encoder_cache} if args.encoder_cache is not None else None,
+        encoder_options=options or None,
     )
     print(f"pacl-fast: {segmenter!r}", file=sys.stderr)  # which method runs, on what
     return segmenter
@@ -311,6 +323,10 @@ def _state_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(f"pacl-{task}.partial")
 
 
+def _path_text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def _write_json(path: Path | None, payload: dict) -> None:
     import json
 
@@ -365,7 +381,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from pacl_fast.data.names import read_class_names
     from pacl_fast.data.segmentation import open_dataset
-    from pacl_fast.evaluate import clear_state, evaluate_segmentation
+    from pacl_fast.evaluate import evaluate_segmentation
+    from pacl_fast.runs import clear_state
 
     check_weights_files(args)
     dataset = open_dataset(args.dataset, args.root, args.split)
@@ -391,7 +408,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
         _write_json(
-            args.json, {"model": {"clip": str(args.clip), "pacl_weights": args.pacl_weights}, **report.to_dict()}
+            args.json,
+            {"model": {"clip": str(args.clip), "pacl_weights": _path_text(args.pacl_weights)}, **report.to_dict()},
         )
         for failure in report.failures:
             print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
@@ -436,7 +454,8 @@ def run_classify(args: argparse.Namespace) -> int:
     check_weights_files(args)
     if args.image_folder is not None:
         from pacl_fast.data.classification import ImageFolder
-        from pacl_fast.evaluate import clear_state, evaluate_classification
+        from pacl_fast.evaluate import evaluate_classification
+        from pacl_fast.runs import clear_state
 
         folder = ImageFolder(args.image_folder, args.class_names)
         dist, device = _distributed(args)
@@ -456,7 +475,7 @@ def run_classify(args: argparse.Namespace) -> int:
         )
         if dist.is_main:
             print(report.table())
-            _write_json(args.json, {"pacl_weights": args.pacl_weights, **report.to_dict()})
+            _write_json(args.json, {"pacl_weights": _path_text(args.pacl_weights), **report.to_dict()})
             for failure in report.failures:
                 print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
         clear_state(state_dir, dist)
@@ -497,14 +516,15 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
         formatter_class=HELP,
-        help="export the encoders to ONNX or build TensorRT engines",
+        help="export the encoders to ONNX, build TensorRT engines or OpenVINO (int8) models",
         description="Export the method's image tower (CLIP + PACL's embedder or a training-free last block; one "
-        "graph per input size, dynamic batch) and the text tower to ONNX, or build TensorRT image engines from "
-        "those graphs. OUT is a cache folder: point an encoder at it (--encoder-cache OUT, or "
-        "encoder_options={'cache_dir': OUT}) and it finds what was exported. Artifacts already there are reused, "
-        "so an interrupted export resumes. Writes OUT/manifest.json.",
+        "graph per input size, dynamic batch) and the text tower to ONNX, or build TensorRT image engines or "
+        "OpenVINO image models (fp32, bf16, or int8 quantised on calibration images) from those graphs. OUT is a "
+        "cache folder: point an encoder at it (--encoder-cache OUT, or encoder_options={'cache_dir': OUT}) and it "
+        "finds what was exported. Artifacts already there are reused, so an interrupted export resumes. Writes "
+        "OUT/manifest.json.",
     )
-    export.add_argument("--format", required=True, choices=["onnx", "tensorrt"], help="what to export")
+    export.add_argument("--format", required=True, choices=["onnx", "tensorrt", "openvino"], help="what to export")
     export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
     export.add_argument(
         "--image-sizes",
@@ -516,27 +536,60 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--max-batch", type=_positive_int("--max-batch"), default=32, help="TensorRT profile: batches 1..N"
     )
+    export.add_argument(
+        "--precision",
+        "--dtype",
+        dest="precision",
+        default=None,
+        choices=["fp32", "fp16", "bf16", "int8", "float32", "float16", "bfloat16"],
+        help="onnx: fp32/fp16; tensorrt: fp16 (default)/fp32; openvino: fp32 (default)/bf16/int8",
+    )
+    calibration = export.add_mutually_exclusive_group()
+    calibration.add_argument(
+        "--calibration-images", type=Path, default=None, help="openvino int8: a folder of images like yours"
+    )
+    calibration.add_argument(
+        "--calibration",
+        choices=["synthetic"],
+        default=None,
+        help="openvino int8: calibrate on the synthetic world's scenes (the default for int8)",
+    )
+    export.add_argument(
+        "--calibration-size", type=_positive_int("--calibration-size"), default=300, help="openvino int8: images"
+    )
     group = export.add_argument_group("model")
     add_weights_arguments(group)
-    group.add_argument(
-        "--dtype", default=None, choices=["float32", "float16"], help="graph precision (default: float16 for tensorrt)"
-    )
+
+
+#: export format -> (precisions it builds, the default)
+EXPORT_PRECISIONS = {"onnx": (("fp32", "fp16"), "fp32"), "tensorrt": (("fp16", "fp32"), "fp16"),
+                     "openvino": (("fp32", "bf16", "int8"), "fp32")}  # fmt: skip
+PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def run_export(args: argparse.Namespace) -> int:
     from pacl_fast.build import build_model
-    from pacl_fast.encoders import DEFAULT_DTYPES, resolve_dtype
-    from pacl_fast.encoders.export import export_artifacts
+    from pacl_fast.encoders import resolve_dtype
 
+    allowed, default = EXPORT_PRECISIONS[args.format]
+    precision = PRECISION_NAMES.get(args.precision, args.precision) or default
+    if precision not in allowed:
+        raise UsageError(f"--format {args.format} builds {', '.join(allowed)}, not --precision {precision}")
+    calibration = args.calibration_images or args.calibration
+    if calibration is not None and precision != "int8":
+        raise UsageError("--calibration-images / --calibration go with --format openvino --precision int8")
     check_weights_files(args)
-    dtype = (
-        resolve_dtype(args.dtype)
-        if args.dtype
-        else DEFAULT_DTYPES["onnxruntime" if args.format == "onnx" else "tensorrt"]
-    )
     model, _ = build_model(args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device)
     size = model.backbone.image_size
-    export_artifacts(model, args.format, args.out, dtype, args.image_sizes or [(size, size)], max_batch=args.max_batch)
+    sizes = args.image_sizes or [(size, size)]
+    if args.format == "openvino":
+        from pacl_fast.encoders.openvino_encoder import export_openvino
+
+        export_openvino(model, args.out, sizes, precision, calibration, args.calibration_size)
+    else:
+        from pacl_fast.encoders.export import export_artifacts
+
+        export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
     return 0
 
 

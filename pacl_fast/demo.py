@@ -33,23 +33,64 @@ def demo_segmenter(device: str = "cpu") -> Segmenter:
     return Segmenter(DEMO, device=device)
 
 
-def _truth_image(mask: np.ndarray) -> np.ndarray:
-    colours = np.vstack([palette(len(CLASS_NAMES)), np.zeros((1, 3), np.uint8)])
-    return colours[np.where(mask == IGNORE_INDEX, len(CLASS_NAMES), mask)]
+#: Demo pictures are upscaled this much (nearest neighbour): scenes are 64 px, too small to read.
+DEMO_ZOOM = 4
+IGNORED_GREY = (110, 110, 110)
+
+
+def _colour_labels(labels: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """``[H, W]`` class indices -> ``HWC`` colours; pixels that are not scored are grey."""
+    colours = palette(len(CLASS_NAMES))[np.clip(labels, 0, len(CLASS_NAMES) - 1)]
+    colours[~scored] = IGNORED_GREY
+    return colours
+
+
+def demo_panel(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray, zoom: int = DEMO_ZOOM) -> Image.Image:
+    """Photo | prediction | ground truth, upscaled, with a legend of class names and colours.
+
+    Background pixels are not scored (ignore index in the ground truth), so both maps show them
+    grey, as the mIoU sees them.
+    """
+    from PIL import ImageDraw
+
+    scored = truth != IGNORE_INDEX
+    height, width = truth.shape
+    tiles = [image, _colour_labels(prediction, scored), _colour_labels(truth, scored)]
+    big = [Image.fromarray(t).resize((width * zoom, height * zoom), Image.NEAREST) for t in tiles]
+    gap, row = 8, 18
+    entries = [(name, tuple(int(c) for c in colour)) for name, colour in zip(CLASS_NAMES, palette(len(CLASS_NAMES)))]
+    entries.append(("background (not scored)", IGNORED_GREY))
+    title_height = row + 4
+    legend_height = row * ((len(entries) + 2) // 3) + gap
+    panel = Image.new("RGB", (3 * width * zoom + 4 * gap, title_height + height * zoom + legend_height + gap), "white")
+    draw = ImageDraw.Draw(panel)
+    for column, (tile, title) in enumerate(zip(big, ("photo", "prediction", "ground truth"))):
+        left = gap + column * (width * zoom + gap)
+        draw.text((left, 4), title, fill="black")
+        panel.paste(tile, (left, title_height))
+    top = title_height + height * zoom + gap
+    column_width = (panel.width - 2 * gap) // 3
+    for index, (name, colour) in enumerate(entries):
+        left, y = gap + (index % 3) * column_width, top + (index // 3) * row
+        draw.rectangle((left, y + 2, left + 12, y + 14), fill=colour, outline="black")
+        draw.text((left + 18, y + 2), name, fill="black")
+    return panel
 
 
 def run_demo(out_dir: str | Path = "pacl-demo", num_images: int = 8, seed: int = DEMO_SEED) -> dict:
-    """Segment ``num_images`` fresh scenes, write ``sceneN_overlay.png`` / ``sceneN_truth.png``, print mIoU."""
-    from pacl_fast.evaluate import SegmentationMetrics, confusion_matrix
+    """Segment ``num_images`` fresh scenes; write ``sceneN.png`` (photo | prediction | truth, with a
+    legend), ``sceneN_labels.png`` and ``sceneN_overlay.png``; print the mIoU."""
+    from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
 
     segmenter = demo_segmenter()
     scenes = [render_scene(i, seed, WorldConfig(image_size=segmenter.image_size)) for i in range(num_images)]
     results = segmenter.predict([s.image for s in scenes], CLASS_NAMES, templates=SYNTHETIC_TEMPLATES)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     confusion = 0
     for index, (scene, result) in enumerate(zip(scenes, results)):
-        result.save(out_dir, stem=f"scene{index}")
-        Image.fromarray(_truth_image(scene.mask)).save(out_dir / f"scene{index}_truth.png")
+        result.save(out_dir, stem=f"scene{index}", overwrite=True)
+        demo_panel(scene.image, result.labels, scene.mask).save(out_dir / f"scene{index}.png")
         scene_confusion = confusion_matrix(result.labels, scene.mask, len(CLASS_NAMES), IGNORE_INDEX)
         confusion = confusion + scene_confusion
         accuracy = SegmentationMetrics(CLASS_NAMES, scene_confusion.numpy()).aacc
@@ -57,5 +98,5 @@ def run_demo(out_dir: str | Path = "pacl-demo", num_images: int = 8, seed: int =
         print(f"scene{index} ({objects}): {accuracy:.0%} of object pixels right")
     metrics = SegmentationMetrics(CLASS_NAMES, confusion.numpy())
     print(metrics.table())
-    print(f"mIoU over {num_images} fresh scenes (seed {seed}): {metrics.miou:.3f}; overlays in {out_dir}/")
+    print(f"mIoU over {num_images} fresh scenes (seed {seed}): {metrics.miou:.3f}; pictures in {out_dir}/sceneN.png")
     return metrics.to_dict()

@@ -29,9 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-#: Refuse images over this many pixels. A decoded image costs ~40 bytes a pixel through segmentation
-#: (uint8 copy, float resize, int16 labels, float32 scores, overlay), so 40 MP is ~1.6 GB per image in
-#: flight: several workers fit a 24 GiB machine. PIL's own bomb limit (179 MP) would allow ~7 GB.
+#: Refuse images over this many pixels. Segmenting one image peaks at ~30 bytes a pixel (measured:
+#: decoded uint8, float copy, int16 labels, float32 scores; the overlay is blended in bands), so 40 MP
+#: is ~1.2 GB per image in flight, times the batch: batch 8 of 40 MP images is ~9.6 GB, which still
+#: fits a 24 GiB machine. PIL's own bomb limit (179 MP) would allow ~5 GB an image.
 DEFAULT_MAX_PIXELS = 40_000_000
 
 #: File suffixes read as images (folders of images, WebDataset fields without the dot).

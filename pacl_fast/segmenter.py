@@ -29,7 +29,7 @@ from pacl_fast.images import (
     to_uint8_hwc,
 )
 from pacl_fast.prompts import TextEmbeddingCache, ensemble_text_embeddings, resolve_templates, validate_labels
-from pacl_fast.results import BatchError, ImageError, Segmentation
+from pacl_fast.results import BatchError, ImageError, Segmentation, image_name
 from pacl_fast.weights import PACLMetadata
 
 #: What one image's segmentation is at the tensor level: labels [H, W] int16, scores [H, W] float32 or None.
@@ -428,6 +428,7 @@ class Segmenter:
                 classes=class_names,
                 source=describe(items[index]),
                 image=to_uint8_hwc(image) if image is not None else None,
+                name=image_name(items[index]),
             )
         if errors == "raise" and any(isinstance(r, ImageError) for r in results):
             raise BatchError(results)

@@ -84,5 +84,33 @@ def test_demo_runs_as_a_console_command(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "scene1" in result.stdout and "mIoU over 2 fresh scenes" in result.stdout
-    for name in ("scene0_overlay.png", "scene0_truth.png", "scene1_labels.png"):
+    for name in ("scene0_overlay.png", "scene0.png", "scene1_labels.png"):
         assert (tmp_path / name).is_file(), name
+    panel = Image.open(tmp_path / "scene0.png")  # photo | prediction | truth, upscaled, with a legend below
+    assert panel.width >= 3 * 4 * 64 and panel.height > 4 * 64
+
+
+def test_demo_panel_greys_out_what_is_not_scored_and_has_a_legend():
+    from pacl_fast.data.synthetic import CLASS_NAMES, IGNORE_INDEX, WorldConfig, render_scene
+    from pacl_fast.demo import DEMO_ZOOM, IGNORED_GREY, demo_panel
+    from pacl_fast.results import palette
+
+    scene = render_scene(0, 100, WorldConfig(image_size=64))
+    prediction = np.where(scene.mask == IGNORE_INDEX, 0, scene.mask).astype(np.int16)
+    panel = np.asarray(demo_panel(scene.image, prediction, scene.mask))
+    title = 22  # the row of titles above the tiles
+    tile = slice(title, title + 64 * DEMO_ZOOM)
+    truth_tile = panel[tile, 8 + 2 * (64 * DEMO_ZOOM + 8) :][:, : 64 * DEMO_ZOOM]
+    expected = (
+        np.where(
+            (scene.mask == IGNORE_INDEX)[..., None],
+            np.array(IGNORED_GREY, np.uint8),
+            palette(6)[np.clip(scene.mask, 0, 5)],
+        )
+        .repeat(DEMO_ZOOM, 0)
+        .repeat(DEMO_ZOOM, 1)
+    )
+    assert np.array_equal(truth_tile, expected)
+    legend = panel[title + 64 * DEMO_ZOOM :]
+    for colour in palette(len(CLASS_NAMES)):  # every class's colour appears in the legend
+        assert (legend == colour).all(-1).any()
