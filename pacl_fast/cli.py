@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 #: ``pacl_fast.methods.METHODS`` (spelled out so that --help imports nothing; a test holds them equal)
 METHOD_CHOICES = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
 ENCODER_CHOICES = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
+#: ``pacl_fast.protocols.PROTOCOLS`` (likewise)
+PROTOCOL_CHOICES = ("sclip", "naclip", "clearclip")
 #: ``pacl_fast.data.segmentation.DATASETS`` (spelled out for the same reason; a test holds them equal)
 DATASET_CHOICES = (
     "ade20k", "cityscapes", "cocoobject", "cocostuff", "context59", "context60", "synthetic", "voc20", "voc21",
@@ -197,7 +199,7 @@ def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
     return None, {**options, "precision": "int8"}
 
 
-def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
+def _make_segmenter(args: argparse.Namespace, device: str, logit_scale: float | None = None) -> Segmenter:
     from pacl_fast.segmenter import Segmenter
 
     dtype, options = encoder_choice(args)
@@ -213,6 +215,7 @@ def _make_segmenter(args: argparse.Namespace, device: str) -> Segmenter:
         batch_size=args.batch_size,
         encoder=args.encoder,
         encoder_options=options or None,
+        logit_scale=logit_scale,
     )
     print(f"pacl-fast: {segmenter!r}", file=sys.stderr)  # which method runs, on what
     return segmenter
@@ -246,6 +249,12 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="CROP,STRIDE[,SHORT]",
         help="sliding-window inference, e.g. 448,224,448",
+    )
+    segment.add_argument(
+        "--max-member-bytes",
+        type=_positive_int("--max-member-bytes"),
+        default=64 << 20,
+        help="a WebDataset shard member larger than this is not read; its sample fails",
     )
     segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
     segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
@@ -282,10 +291,13 @@ def run_segment(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dist=dist,
         workers=args.workers,
+        max_member_bytes=args.max_member_bytes,
         on_result=report,
     )
     if dist.is_main:
         print(f"{summary.written} written, {summary.skipped} skipped (already written), {len(summary.failures)} failed")
+        if summary.left_out:
+            print(f"left out {summary.left_out} earlier outputs (*_labels.png, *_overlay.png) found under --out")
         if summary.failures:
             print(f"{len(summary.failures)} of {summary.total} images failed:", file=sys.stderr)
             for source, error in summary.failures:
@@ -372,7 +384,15 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "--background-threshold",
         type=_probability,
         default=None,
-        help="pixels whose winning probability is under this are background (voc21, context60)",
+        help="pixels whose winning probability is under this are background (voc21, context60, cocoobject)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOL_CHOICES,
+        default=None,
+        help="a training-free paper's evaluation protocol for this dataset, exactly as its configs set it: class "
+        "names and background, templates, short side, sliding window, logit scale, thresholds, PAMR "
+        "(pacl_fast/protocols.py cites each value); then leave those options out",
     )
     _add_run_arguments(parser, default_save_every=20)
     add_model_arguments(parser)
@@ -385,6 +405,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from pacl_fast.runs import clear_state
 
     check_weights_files(args)
+    protocol = None
+    if args.protocol is not None:
+        from pacl_fast.protocols import get_protocol
+
+        set_by_protocol = ("class_names", "templates", "sliding_window", "background_threshold", "image_size")
+        given = [f"--{name.replace('_', '-')}" for name in set_by_protocol if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
+        protocol = get_protocol(args.protocol, args.dataset)
+        args.image_size = protocol.short_side
     dataset = open_dataset(args.dataset, args.root, args.split)
     names = read_class_names(args.class_names) if args.class_names else None
     dist, device = _distributed(args)
@@ -392,12 +422,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.restart:
         clear_state(state_dir, dist)
     report = evaluate_segmentation(
-        _make_segmenter(args, device),
+        _make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale),
         dataset,
         names=names,
         templates=args.templates,
         sliding_window=args.sliding_window,
         background_threshold=args.background_threshold,
+        protocol=protocol,
         limit=args.limit,
         dist=dist,
         state_dir=state_dir,

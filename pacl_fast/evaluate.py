@@ -24,9 +24,9 @@ from pacl_fast.data.classification import ImageFolder
 from pacl_fast.data.names import ClassQueries
 from pacl_fast.data.segmentation import SegmentationDataset
 from pacl_fast.distributed import DistInfo
-from pacl_fast.images import SlidingWindow
+from pacl_fast.images import Prepared, SegmentationPreprocess, SlidingWindow
 from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
-from pacl_fast.results import ImageError
+from pacl_fast.protocols import EvalProtocol
 from pacl_fast.runs import RunState, run_sharded, sample_ids_digest
 from pacl_fast.segmenter import Segmenter
 from pacl_fast.zeroshot import METHODS, ZeroShotClassifier
@@ -56,6 +56,26 @@ class SegmentationReport:
         }
 
 
+@dataclass(frozen=True)
+class _PreparedSamples:
+    """``index -> (Prepared, mask)``: decoding and preprocessing in DataLoader workers (picklable)."""
+
+    dataset: SegmentationDataset
+    preprocess: SegmentationPreprocess
+
+    def __call__(self, index: int) -> tuple[Prepared, np.ndarray]:
+        image, mask = self.dataset[index]
+        return self.preprocess(image), mask
+
+
+def _query_embeddings(segmenter: Segmenter, queries: Sequence[str], templates: str | Sequence[str]) -> torch.Tensor:
+    """``[Q, E]`` for every query in order; a query asked twice (a protocol's name files repeat some,
+    e.g. "bed" in COCO-Object) is embedded once and shares its row, so ties go to the first."""
+    unique = list(dict.fromkeys(queries))
+    rows = torch.tensor([unique.index(query) for query in queries])
+    return segmenter.encode_labels(unique, templates)[rows]
+
+
 def evaluate_segmentation(
     segmenter: Segmenter,
     dataset: SegmentationDataset,
@@ -64,6 +84,7 @@ def evaluate_segmentation(
     templates: str | Sequence[str] | None = None,
     sliding_window: SlidingWindow | None = None,
     background_threshold: float | None = None,
+    protocol: EvalProtocol | None = None,
     limit: int | None = None,
     dist: DistInfo | None = None,
     state_dir: str | os.PathLike | None = None,
@@ -73,6 +94,10 @@ def evaluate_segmentation(
 ) -> SegmentationReport:
     """mIoU of ``segmenter`` on ``dataset`` (the whole split, or its first ``limit`` images).
 
+    Images are decoded and prepared in DataLoader workers and go through the model
+    ``segmenter.batch_size`` at a time (``Segmenter.segment_prepared``: images of one canvas size
+    share an encoder batch).
+
     Args:
         names: per-class names to ask with (synonyms allowed); default ``dataset.prompt_names()``.
         templates: prompt templates (see ``Segmenter.predict``); default the dataset's own
@@ -81,65 +106,96 @@ def evaluate_segmentation(
             ``SlidingWindow(crop=224, stride=112, short_side=336)``; None: the whole image with its
             short side at the segmenter's ``image_size``.
         background_threshold: pixels whose winning probability is under it are predicted as the
-            dataset's background class (only datasets that have one: voc21, context60).
+            dataset's background class (only datasets that have one: voc21, context60, cocoobject).
+        protocol: a training-free paper's preset (``pacl_fast.protocols.get_protocol``); it sets the
+            names, templates, window and thresholds (so those must be left out), and the segmenter
+            must be built with its short side and logit scale (``pacl-fast eval --protocol`` does).
+            Protocols with PAMR or an area threshold post-process image-size logits
+            (``Segmenter.image_logits``), which costs ``4 * Q * H * W`` bytes an image.
         dist: this process's rank (``init_distributed()``); None: one process.
         state_dir: where partial sums are saved for resuming; None keeps nothing.
         workers: DataLoader processes decoding images ahead of the model.
     """
     dist = dist or DistInfo()
-    templates = templates if templates is not None else (dataset.templates or "imagenet")
-    queries = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
-    if queries.num_classes != dataset.num_classes:
-        raise ValueError(f"{len(queries.names)} class names given for {dataset.num_classes} classes of {dataset.name}")
+    dense = False
+    if protocol is not None:
+        _check_protocol(protocol, segmenter, dataset, names, templates, sliding_window, background_threshold)
+        queries, query_class = protocol.queries, protocol.query_class
+        templates = protocol.templates
+        if not protocol.whole_image:
+            sliding_window = SlidingWindow(protocol.slide_crop, protocol.slide_stride, protocol.short_side)
+        background_threshold = protocol.prob_threshold or None
+        dense = protocol.pamr is not None or protocol.area_threshold is not None
+    else:
+        asked = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
+        if asked.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"{len(asked.names)} class names given for {dataset.num_classes} classes of {dataset.name}"
+            )
+        queries, query_class = asked.queries, asked.query_class
+        templates = templates if templates is not None else (dataset.templates or "imagenet")
     if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
         raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
     if background_threshold is not None and dataset.background_index is None:
         raise ValueError(
             f"{dataset.name} has no background class, so background_threshold has nothing to predict; "
-            "use it with a dataset that has one (voc21, context60)"
+            "use it with a dataset that has one (voc21, context60, cocoobject)"
         )
     num_items = len(dataset) if limit is None else min(limit, len(dataset))
-    protocol = {
+    settings = {
         "model": segmenter.model_id,
         "split": getattr(dataset, "split", None),
         "root": str(getattr(dataset, "root", "")),
-        "names": [list(n) for n in queries.names],
+        "names": list(queries) if protocol is not None else [list(n) for n in asked.names],
         "templates": list(templates) if not isinstance(templates, str) else templates,
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
         "image_size": segmenter.image_size,
+        "logit_scale": segmenter.logit_scale,
         "background_threshold": background_threshold,
+        "eval_protocol": None if protocol is None else protocol.to_dict(),
         "limit": limit,
     }
     fingerprint = {
         "task": "segmentation",
         "dataset": dataset.name,
-        **protocol,
+        **settings,
         **_samples(len(dataset), dataset.sample_id),  # pins the images
     }
     state = RunState(state_dir, fingerprint, dist)
     background = dataset.background_index if dataset.background_index is not None else -1
-    segmenter.encode_labels(queries.queries, templates)  # once, before any image
+    to_class = np.append(np.asarray(query_class, dtype=np.int64), background)  # query label -> class; -1 -> last
+    embeddings = _query_embeddings(segmenter, queries, templates)  # once, before any image
+    preprocess = segmenter.preprocessor(sliding_window, keep_images=dense and protocol.pamr is not None)
+
+    def predict(batch: list[tuple[int, Any]]) -> list[np.ndarray | Exception]:
+        """Class labels ``[H, W]`` per image, or the error that stopped it."""
+        if not dense:
+            masks = segmenter.segment_prepared(
+                [prepared for _, (prepared, _) in batch],
+                embeddings,
+                sliding_window=sliding_window,
+                background_threshold=background_threshold,
+                with_scores=background_threshold is not None,
+            )
+            return [m if isinstance(m, Exception) else to_class[m[0].numpy().astype(np.int64)] for m in masks]
+        outcomes = []
+        for _, (prepared, _) in batch:
+            try:
+                logits = segmenter.image_logits(prepared, embeddings, sliding_window)  # [Q, H, W]
+                image = None if prepared.image is None else prepared.image.float().to(logits.device)
+                outcomes.append(protocol.postprocess(logits, image).cpu().numpy())
+            except (ValueError, RuntimeError) as error:
+                outcomes.append(error)
+        return outcomes
 
     def process(batch: list[tuple[int, Any]], sums: dict[str, torch.Tensor]) -> list[tuple[int, str]]:
         errors = []
-        for index, (image, mask) in batch:
-            # One image per call: a prediction never depends on which images share its batch,
-            # so any number of ranks gives the same pixels.
-            try:
-                result = segmenter.predict(
-                    [image],
-                    queries.queries,
-                    templates=templates,
-                    sliding_window=sliding_window,
-                    background_threshold=background_threshold,
-                    errors="return",
-                    keep_images=False,
-                )[0]
-                if isinstance(result, ImageError):
-                    raise result.error
-                prediction = queries.labels_to_classes(result.labels, none_class=background)
+        for (index, (_, mask)), prediction in zip(batch, predict(batch)):
+            try:  # this image fails alone
+                if isinstance(prediction, Exception):
+                    raise prediction
                 counts = confusion_matrix(prediction, mask, dataset.num_classes, dataset.ignore_index)
-            except Exception as error:  # this image fails alone
+            except Exception as error:
                 errors.append((index, f"{type(error).__name__}: {error}"))
                 continue
             sums["confusion"] += counts
@@ -150,12 +206,13 @@ def evaluate_segmentation(
 
     totals, failures = run_sharded(
         num_items,
-        dataset.__getitem__,
+        _PreparedSamples(dataset, preprocess),
         process,
         {"confusion": torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)},
         dist=dist,
         state=state,
         describe=dataset.sample_id,
+        batch_size=segmenter.batch_size,
         workers=workers,
         save_every=save_every,
         progress=progress,
@@ -163,7 +220,26 @@ def evaluate_segmentation(
         postfix=running_miou,
     )
     metrics = SegmentationMetrics(tuple(dataset.classes), totals["confusion"].numpy())
-    return SegmentationReport(dataset.name, num_items, metrics, failures, protocol)
+    return SegmentationReport(dataset.name, num_items, metrics, failures, settings)
+
+
+def _check_protocol(
+    protocol: EvalProtocol,
+    segmenter: Segmenter,
+    dataset: SegmentationDataset,
+    *overrides: object,
+) -> None:
+    """A protocol fixes the evaluation: refuse settings that would contradict it, naming them."""
+    if protocol.dataset != dataset.name:
+        raise ValueError(f"protocol {protocol.name} preset is for {protocol.dataset}, the dataset is {dataset.name}")
+    if any(value is not None for value in overrides):
+        raise ValueError("a protocol sets the class names, templates, sliding window and threshold: leave them out")
+    if segmenter.image_size != protocol.short_side or segmenter.logit_scale != protocol.logit_scale:
+        raise ValueError(
+            f"protocol {protocol.name} on {dataset.name} runs at short side {protocol.short_side} and logit scale "
+            f"{protocol.logit_scale}; build the segmenter with image_size={protocol.short_side}, "
+            f"logit_scale={protocol.logit_scale} (got {segmenter.image_size}, {segmenter.logit_scale})"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,3 +114,47 @@ def test_demo_panel_greys_out_what_is_not_scored_and_has_a_legend():
     legend = panel[title + 64 * DEMO_ZOOM :]
     for colour in palette(len(CLASS_NAMES)):  # every class's colour appears in the legend
         assert (legend == colour).all(-1).any()
+
+
+def test_static_choices_match_the_library():
+    """--help imports nothing heavy, so the CLI spells its choices out; they must stay the library's."""
+    from pacl_fast import cli
+    from pacl_fast.data.segmentation import DATASETS
+    from pacl_fast.encoders import ENCODERS
+    from pacl_fast.methods import METHODS
+    from pacl_fast.protocols import PROTOCOLS
+
+    assert cli.METHOD_CHOICES == METHODS
+    assert cli.ENCODER_CHOICES == ENCODERS
+    assert cli.PROTOCOL_CHOICES == PROTOCOLS
+    assert sorted(cli.DATASET_CHOICES) == sorted(DATASETS)
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = "import sys, pacl_fast.cli as c; c.build_parser(); sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    code = main(
+        ["segment", str(tmp_path), "--labels", "a", "--out", str(tmp_path / "o"), "--pacl-weights", str(missing)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"--pacl-weights {missing}: no such file" in err and "train/train.py" in err
+    assert "Traceback" not in err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    assert main(["segment", str(tmp_path), "--labels", "a", "--out", "o", "--pacl-weights", str(weights),
+                 "--method", "naclip"]) == 2  # fmt: skip
+    assert "--pacl-weights is used only by --method pacl" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path), "--labels", "a", "--out", "o", "--dtype", "int8"]) == 2
+    assert "--dtype int8 runs on --encoder openvino only" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "voc21", "--protocol", "naclip", "--templates", "single"]) == 2
+    assert "--protocol naclip sets --templates: leave them out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "a", "--out", "o", "--image-size", "0"])
+    assert "--image-size must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment", "x.png", "--labels", "a", "--out", "o", "--encoder", "jax"])
+    assert "invalid choice: 'jax'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_segmenter
 from layouts import (
     save_image,
@@ -78,7 +79,7 @@ def test_ignore_index_is_honoured_and_bad_values_refused():
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_config):
-    return make_segmenter(tiny_config)
+    return make_segmenter(tiny_config, batch_size=2)  # evaluation batches images: runs save per batch
 
 
 def _voc_masks(count: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -212,10 +213,10 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path, segmenter)
     with pytest.raises(KeyboardInterrupt):
         evaluate_segmentation(segmenter, DiesAfter(dataset, 3), **kwargs)
     saved = json.loads((state / "rank00000-of-00001.json").read_text())
-    assert saved["done"] == 3
+    assert saved["done"] == 2  # the whole batches done before the kill (batch size 2)
     resumed_reader = DiesAfter(dataset, None)
     resumed = evaluate_segmentation(segmenter, resumed_reader, **kwargs)
-    assert resumed_reader.reads == 2  # only what was left
+    assert resumed_reader.reads == 3  # only what was left
     whole = evaluate_segmentation(segmenter, dataset, templates="single", progress=False)
     np.testing.assert_array_equal(resumed.metrics.confusion, whole.metrics.confusion)
     assert resumed.metrics.miou == whole.metrics.miou
@@ -391,3 +392,57 @@ def test_killed_cli_evaluation_resumes_and_two_ranks_equal_one(tmp_path, tiny_co
     assert [f["id"] for f in double["failures"]] == ["2007_000005"]
     scored = sum(int((m != 255).sum()) for k, m in masks.items() if k != "2007_000005")
     assert np.sum(single["confusion"]) == scored
+
+
+def test_batched_evaluation_equals_one_image_at_a_time(tmp_path, tiny_config):
+    """Issue 15: evaluation decodes in workers and batches images of one canvas size through the model;
+    the numbers must be those of segmenting each image alone with Segmenter.predict."""
+    masks = _voc_masks(6)
+    masks.update({f"2008_{i:06d}": np.full((36, 52), i, np.uint8) for i in range(3)})  # equal sizes: shared batches
+    write_voc(tmp_path, masks)
+    dataset = open_dataset("voc21", tmp_path)
+    batched = evaluate_segmentation(make_segmenter(tiny_config, batch_size=4), dataset, templates="single",
+                                    progress=False, workers=2)  # fmt: skip
+    one = make_segmenter(tiny_config, batch_size=1)
+    expected = np.zeros((21, 21), np.int64)
+    queries = [name for synonyms in dataset.prompt_names() for name in synonyms]
+    query_class = np.repeat(np.arange(21), [len(s) for s in dataset.prompt_names()])
+    for index in range(len(dataset)):
+        image, truth = dataset[index]
+        labels = one.predict(image, queries, templates="single").labels
+        expected += confusion_matrix(query_class[labels], truth, 21).numpy()
+    np.testing.assert_array_equal(batched.metrics.confusion, expected)
+
+
+def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
+    """NACLIP's VOC21 preset: whole image at short side 336, 26 stuff names for background, logit scale 40,
+    probability threshold 0.1, PAMR on image-size cosine logits. Held to the same steps written out."""
+    from pacl_fast.protocols import get_protocol
+
+    protocol = get_protocol("naclip", "voc21")
+    masks = _voc_masks(2)
+    write_voc(tmp_path, masks)
+    dataset = open_dataset("voc21", tmp_path)
+    segmenter = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
+    report = evaluate_segmentation(segmenter, dataset, protocol=protocol, progress=False)
+    assert report.protocol["eval_protocol"]["name"] == "naclip" and report.protocol["logit_scale"] == 40
+    unique = list(dict.fromkeys(protocol.queries))
+    texts = segmenter.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
+    expected = np.zeros((21, 21), np.int64)
+    for index in range(len(dataset)):
+        image, truth = dataset[index]
+        prepared = segmenter.preprocessor()(image)
+        assert min(prepared.geometry.resized_size) == 336
+        patches = segmenter.encoder.encode_image(prepared.pixels[None])
+        logits = torch.nn.functional.normalize(patches.float(), dim=-1) @ texts.T  # [1, h, w, Q]
+        dense = segmenter.head.upsample(logits, truth.shape, prepared.geometry.grid_extent)[0]  # [Q, H, W]
+        image_float = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        labels = protocol.postprocess(dense, image_float).numpy()
+        expected += confusion_matrix(labels, truth, 21).numpy()
+    np.testing.assert_array_equal(report.metrics.confusion, expected)
+    with pytest.raises(ValueError, match="build the segmenter with image_size=336, logit_scale=40"):
+        evaluate_segmentation(make_segmenter(tiny_config), dataset, protocol=protocol, progress=False)
+    with pytest.raises(ValueError, match="a protocol sets the class names"):
+        evaluate_segmentation(segmenter, dataset, protocol=protocol, templates="single", progress=False)
+    with pytest.raises(ValueError, match="preset is for voc21, the dataset is synthetic"):
+        evaluate_segmentation(segmenter, open_dataset("synthetic", None), protocol=protocol, limit=1, progress=False)
