@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, is_shard, iterate_samples
 from pacl_fast.distributed import DistInfo, gather_objects
 from pacl_fast.files import atomic_write, safe_key
-from pacl_fast.images import IMAGE_SUFFIXES, SlidingWindow, load_image
+from pacl_fast.images import IMAGE_SUFFIXES, Prepared, SegmentationPreprocess, SlidingWindow, load_image
 from pacl_fast.results import ImageError, Segmentation, output_files
 from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share
 from pacl_fast.segmenter import Segmenter
@@ -182,16 +182,16 @@ class _Sample:
 
     key: str | None  # None: no usable output name
     source: str
-    image: torch.Tensor | None = None  # [3, H, W] uint8
+    prepared: Prepared | None = None  # decoded, resized, normalised (in a DataLoader worker)
     error: str | None = None
     done: bool = False
     shard: int | None = None  # index of its shard in this rank's list; None for files
 
 
 class _FileImages(Dataset):
-    def __init__(self, items: Sequence[FileItem], max_pixels: int):
+    def __init__(self, items: Sequence[FileItem], preprocess: SegmentationPreprocess):
         self.items = list(items)
-        self.max_pixels = max_pixels
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
@@ -200,7 +200,7 @@ class _FileImages(Dataset):
         item = self.items[index]
         source = printable(str(item.path))
         try:
-            return _Sample(item.key, source, image=load_image(item.path, max_pixels=self.max_pixels))
+            return _Sample(item.key, source, prepared=self.preprocess(item.path))
         except Exception as error:  # this file fails alone
             return _Sample(item.key, source, error=_error(error))
 
@@ -216,11 +216,16 @@ class _ShardImages(IterableDataset):
     """This rank's shards, split again across DataLoader workers; done samples are not decoded."""
 
     def __init__(
-        self, shards: Sequence[Path], outputs: Outputs, max_pixels: int, max_member_bytes: int, overwrite: bool
+        self,
+        shards: Sequence[Path],
+        outputs: Outputs,
+        preprocess: SegmentationPreprocess,
+        max_member_bytes: int,
+        overwrite: bool,
     ):
         self.shards = list(enumerate(shards))
         self.outputs = outputs
-        self.max_pixels = max_pixels
+        self.preprocess = preprocess
         self.max_member_bytes = max_member_bytes
         self.overwrite = overwrite
 
@@ -259,10 +264,10 @@ class _ShardImages(IterableDataset):
                 fields = sorted(k for k in sample if not k.startswith("__"))
                 raise ValueError(f"sample has no image field ({fields})")
             try:
-                image = _decode(sample[name], self.max_pixels)
+                image = _decode(sample[name], self.preprocess.max_pixels)
             except Exception as error:
                 raise ValueError(f"cannot decode {name}: {_error(error)}") from error
-            return _Sample(key, source, image=image, shard=index)
+            return _Sample(key, source, prepared=self.preprocess(image), shard=index)
         except Exception as error:  # this sample fails alone
             return _Sample(key, source, error=_error(error), shard=index)
 
@@ -427,23 +432,28 @@ def segment_bulk(
             continue
         files.append(item)
     bar = progress_bar("segment", dist, total=len(files) if not shards else None, enabled=progress)
-    loaders = [_loader(_FileImages(files, segmenter.max_pixels), segmenter.batch_size, workers)]
+    # Workers decode, resize and normalise; the main process only runs the model, batch_size images
+    # of one canvas size at a time (Segmenter.segment_images).
+    preprocess = segmenter.preprocessor(sliding_window, keep_images=overlays)
+    loaders = [_loader(_FileImages(files, preprocess), segmenter.batch_size, workers)]
     if shards:
-        dataset = _ShardImages(shards, outputs, segmenter.max_pixels, max_member_bytes, overwrite)
+        dataset = _ShardImages(shards, outputs, preprocess, max_member_bytes, overwrite)
         loaders.append(_loader(dataset, segmenter.batch_size, min(workers, len(shards))))
+    class_names = tuple(labels)
+    class_embeddings = segmenter.encode_labels(class_names, templates)
 
     def segment(ready: list[_Sample]) -> list[Segmentation | ImageError]:
         if not ready:
             return []
         try:
-            return segmenter.predict(
-                [sample.image for sample in ready],
-                labels,
-                templates=templates,
-                background_threshold=background_threshold,
+            return segmenter.segment_images(
+                [sample.prepared for sample in ready],
+                class_names,
+                class_embeddings,
+                sources=[sample.source for sample in ready],
+                names=[sample.key for sample in ready],
                 sliding_window=sliding_window,
-                errors="return",
-                keep_images=overlays,
+                background_threshold=background_threshold,
             )
         except Exception as error:  # the batch fails, the run goes on
             return [ImageError(i, sample.source, error) for i, sample in enumerate(ready)]

@@ -360,6 +360,41 @@ class Segmenter:
 
     # ----------------------------------------------------------------------------- user level
 
+    def segment_images(
+        self,
+        prepared: Sequence[Prepared],
+        class_names: Sequence[str],
+        class_embeddings: torch.Tensor,
+        *,
+        sources: Sequence[str],
+        names: Sequence[str | None],
+        sliding_window: SlidingWindow | None = None,
+        background_threshold: float | None = None,
+    ) -> list[Segmentation | ImageError]:
+        """Prepared images (decoded elsewhere, e.g. in DataLoader workers) -> :class:`Segmentation` per
+        image, or :class:`ImageError` (index: the position in ``prepared``) for those whose batch failed."""
+        masks = self.segment_prepared(
+            prepared, class_embeddings, sliding_window=sliding_window, background_threshold=background_threshold
+        )
+        results: list[Segmentation | ImageError] = []
+        for index, (item, outcome) in enumerate(zip(prepared, masks)):
+            if isinstance(outcome, Exception):
+                results.append(ImageError(index, sources[index], outcome))
+                continue
+            labels_map, scores = outcome
+            results.append(
+                Segmentation(
+                    labels=labels_map.numpy(),
+                    scores=scores.numpy(),
+                    classes=tuple(class_names),
+                    source=sources[index],
+                    image=to_uint8_hwc(item.image) if item.image is not None else None,
+                    name=names[index],
+                )
+            )
+        return results
+
+
     def predict(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -410,26 +445,19 @@ class Segmenter:
             except (FileNotFoundError, ValueError, TypeError) as error:
                 results[index] = ImageError(index, describe(item), error)
         order = list(prepared)
-        masks = self.segment_prepared(
+        segmented = self.segment_images(
             [prepared[i] for i in order],
+            class_names,
             class_embeddings,
+            sources=[describe(items[i]) for i in order],
+            names=[image_name(items[i]) for i in order],
             sliding_window=sliding_window,
             background_threshold=background_threshold,
         )
-        for index, outcome in zip(order, masks):
-            if isinstance(outcome, Exception):
-                results[index] = ImageError(index, describe(items[index]), outcome)
-                continue
-            labels_map, scores = outcome
-            image = prepared[index].image
-            results[index] = Segmentation(
-                labels=labels_map.numpy(),
-                scores=scores.numpy(),
-                classes=class_names,
-                source=describe(items[index]),
-                image=to_uint8_hwc(image) if image is not None else None,
-                name=image_name(items[index]),
-            )
+        for index, result in zip(order, segmented):
+            if isinstance(result, ImageError):  # its position in this list, not in the caller's
+                result = ImageError(index, result.source, result.error)
+            results[index] = result
         if errors == "raise" and any(isinstance(r, ImageError) for r in results):
             raise BatchError(results)
         return results[0] if single else results
