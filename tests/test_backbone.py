@@ -1,6 +1,7 @@
 import json
 import pickle
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -31,6 +32,76 @@ def test_patch_tokens_match_open_clip_output_tokens(tiny_backbone):
         visual.output_tokens = False
     assert ours.shape == (2, 8, 8, tiny_backbone.token_dim)
     torch.testing.assert_close(ours.reshape(2, 64, -1), tokens, atol=1e-5, rtol=1e-5)
+
+
+def keys_cubic(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75, as PyTorch's bicubic), at any distance."""
+    s = np.abs(distance)
+    near = ((a + 2) * s - (a + 3)) * s * s + 1
+    far = ((a * s - 5 * a) * s + 8 * a) * s - 4 * a
+    return np.where(s <= 1, near, np.where(s < 2, far, 0.0))
+
+
+def bicubic_matrix(source: int, target: int) -> np.ndarray:
+    """``[target, source]`` weights of a 1-D bicubic resize, ``align_corners=False``: output ``i`` samples
+    the source at ``(i + 0.5) * source / target - 0.5`` from its 4 nearest taps, taps past the border
+    clamped to it. Written from the definition (no torch), so that it can stand as the reference."""
+    matrix = np.zeros((target, source))
+    for i in range(target):
+        position = (i + 0.5) * source / target - 0.5
+        first = int(np.floor(position)) - 1
+        for tap in range(first, first + 4):
+            matrix[i, min(max(tap, 0), source - 1)] += keys_cubic(position - tap)
+    return matrix
+
+
+def pattern_backbone(tiny_config):
+    """A tiny CLIP whose positional grid is hand-built and asymmetric: channel 0 is the grid row, channel 1
+    the grid column, channel 2 their product, the rest random; the class position is its own random row."""
+    backbone = quiet_load_clip(tiny_config)
+    g0, g1 = backbone.visual.grid_size
+    rows, cols = np.meshgrid(np.arange(g0), np.arange(g1), indexing="ij")
+    pos = np.random.default_rng(4).normal(size=(1 + g0 * g1, backbone.token_dim))
+    pos[1:, 0], pos[1:, 1], pos[1:, 2] = rows.ravel(), cols.ravel(), (rows * (cols + 1)).ravel() / g1
+    with torch.no_grad():
+        backbone.visual.positional_embedding.copy_(torch.from_numpy(pos))
+    return backbone, pos
+
+
+@pytest.mark.parametrize("grid", [(6, 10), (11, 5), (13, 8)])
+def test_positional_embedding_is_an_independent_bicubic_resize(tiny_config, grid):
+    """``resize="size"`` at non-square grids equals the bicubic resize written out in numpy: rows stay rows
+    (swapped h/w, a transposed grid, bilinear or align_corners=True all fail)."""
+    backbone, pos = pattern_backbone(tiny_config)
+    g0, g1 = backbone.visual.grid_size
+    got = backbone.positional_embedding(grid, torch.float32, torch.device("cpu"), resize="size")
+    assert got.shape == (1 + grid[0] * grid[1], backbone.token_dim)
+    patches = pos[1:].reshape(g0, g1, -1)  # [g0, g1, D]
+    want = np.einsum("ia,jb,abd->ijd", bicubic_matrix(g0, grid[0]), bicubic_matrix(g1, grid[1]), patches)
+    np.testing.assert_allclose(got[0].numpy(), pos[0], atol=1e-6, rtol=0)  # the class position is not resized
+    np.testing.assert_allclose(got[1:].numpy(), want.reshape(grid[0] * grid[1], -1), atol=1e-5, rtol=0)
+    resized = got[1:].reshape(*grid, -1).numpy()  # [h, w, D]
+    # The row channel does not change along a row, the column channel not along a column.
+    np.testing.assert_allclose(resized[..., 0], resized[:, :1, 0].repeat(grid[1], 1), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(resized[..., 1], resized[:1, :, 1].repeat(grid[0], 0), atol=1e-5, rtol=0)
+    assert resized[-1, 0, 0] > resized[0, 0, 0] and resized[0, -1, 1] > resized[0, 0, 1]
+
+
+def test_tokens_at_another_grid_use_the_resized_positions(tiny_config):
+    """A 48x80 input (grid 6x10) adds the 6x10 resize, class position first, before ``ln_pre``."""
+    backbone, pos = pattern_backbone(tiny_config)
+    g0, g1 = backbone.visual.grid_size
+    pixels = torch.randn(2, 3, 48, 80)
+    want_pos = np.einsum("ia,jb,abd->ijd", bicubic_matrix(g0, 6), bicubic_matrix(g1, 10), pos[1:].reshape(g0, g1, -1))
+    want_pos = torch.from_numpy(np.concatenate([pos[:1], want_pos.reshape(60, -1)])).float()  # [61, D]
+    visual = backbone.visual
+    with torch.no_grad():
+        patches = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [2, 60, D]
+        cls = visual.class_embedding.expand(2, 1, -1)
+        want = visual.ln_pre(torch.cat([cls, patches], dim=1) + want_pos)
+        got, grid = backbone.embed_patches(pixels)
+    assert grid == (6, 10)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_any_grid_and_positional_cache(tiny_backbone):

@@ -234,6 +234,53 @@ def test_labels_only_matches_reference(backend, index, kind):
     assert_labels_match(labels, want_labels, logits.float(), out_size, kwargs["grid_extent"])
 
 
+# Cells larger than one Triton tile (the interpreter's tiles are at most 32 rows x 64 columns): every case
+# has cells over 32 rows and over 64 columns, so pixel tiles start inside a cell and the last one is ragged.
+# (B, h, w, C, H, W, grid_extent, dtype): 2x2 -> 80x150 (cells of 60x112 at the border); a 2x3 grid whose
+# middle column of cells is 65 wide (a 64 + 1 split); a padded input (the crop maps through the cells); a
+# 3x3 grid at the cell size of a 480x640 photo on ViT-B/16 (14x14 grid: 34 x 46 pixels a cell, 51 x 69 at
+# the border), and one at that of a 7x9 grid on 480x640 (68 x 71, 103 x 107 at the border: 4 x 2 tiles).
+# The whole photos are in the slow test_photo_sized_outputs (the interpreter takes 15-30 s on each).
+LARGE_CELL_CASES = [
+    (1, 2, 2, 7, 80, 150, None, torch.float32),
+    (2, 2, 3, 4, 70, 195, None, torch.float16),
+    (2, 3, 4, 9, 101, 203, (2.6, 3.3), torch.bfloat16),
+    (1, 3, 3, 40, 103, 137, None, torch.float32),
+    (1, 3, 3, 5, 206, 213, None, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("case", LARGE_CELL_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cells_larger_than_a_tile(backend, case):
+    """Labels and scores (with a background threshold), and labels alone, where cells span several tiles."""
+    batch, h, w, classes, height, width, extent, dtype = case
+    generator = torch.Generator().manual_seed(h * 100 + w)
+    logits = make_logits(generator, batch, h, w, classes, "scene", dtype)
+    axes = zip((h, w), (height, width), extent or (h, w))
+    spans = [cells.axis_sampling(n, out, e).largest_span for n, out, e in axes]
+    assert spans[0] > 32 and spans[1] > 64, spans  # the case crosses tile boundaries in both directions
+    kwargs = {"grid_extent": extent, "logit_scale": 100.0, "background_threshold": 0.6}
+    labels, scores = run_segment(backend, logits, (height, width), **kwargs)
+    assert_matches_reference(labels, scores, logits, (height, width), **kwargs)
+    assert (labels == BACKGROUND).any() and (labels >= 0).any()  # the threshold splits the pixels
+    labels = run_labels_only(backend, logits, (height, width), grid_extent=extent)
+    want_labels, _ = segment_reference(logits, (height, width), grid_extent=extent, with_scores=False)
+    assert_labels_match(labels, want_labels, logits.float(), (height, width), extent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("grid", [(14, 14), (7, 9)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_photo_sized_outputs(backend, grid):
+    """A 480x640 photo on ViT-B/16's 14x14 grid at 224 px (cells of 34-51 rows, 46-69 columns), and on a 7x9 grid
+    (68-103 x 71-107)."""
+    generator = torch.Generator().manual_seed(14)
+    logits = make_logits(generator, 1, *grid, 21, "scene", torch.float16)
+    labels, scores = run_segment(backend, logits, (480, 640), logit_scale=100.0)
+    assert_matches_reference(labels, scores, logits, (480, 640), None, 100.0, None)
+
+
 @pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
 def test_many_bands_match_one_band(backend, monkeypatch):
     """Bands of cell rows are an implementation detail: a budget forcing 3-4 rows per band gives

@@ -8,6 +8,7 @@ from pacl_fast.data.stream import collate_pairs
 from pacl_fast.data.synthetic import (
     CLASS_NAMES,
     COLOUR_NAMES,
+    COLOURS,
     IGNORE_INDEX,
     SyntheticScenes,
     SyntheticSegmentation,
@@ -17,8 +18,15 @@ from pacl_fast.data.synthetic import (
 )
 
 
-def test_world_has_six_shapes_and_six_colours():
-    assert len(CLASS_NAMES) >= 6 and len(COLOUR_NAMES) >= 6
+def test_world_draws_six_shapes_in_six_colours():
+    """Scenes use every shape class and every colour, at least six of each (DESIGN §7), colours distinct."""
+    kinds, colours = set(), set()
+    for index in range(60):
+        scene = render_scene(index, seed=5)
+        kinds |= {kind for kind, _ in scene.objects}
+        colours |= {colour for _, colour in scene.objects}
+    assert kinds == set(range(len(CLASS_NAMES))) and len(kinds) >= 6
+    assert colours == set(COLOUR_NAMES) and len(set(COLOURS.values())) == len(colours) >= 6
 
 
 def test_deterministic_by_seed_and_index():
@@ -53,14 +61,41 @@ def test_scenes_objects_masks_and_partial_captions():
     assert partial > 40 and coloured > 0 and bare > 0  # captions name some objects, colours only sometimes
 
 
+def colour_fits(pixels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Which noise-free pixels ``[N, 3]`` could have been painted in ``colour``: objects are painted
+    ``colour * shade * (0.45 or 1.0)`` with ``shade`` in ``[0.85, 1.1]``, then clipped to 255 and rounded.
+    So a pixel fits when one factor ``m`` in ``[0.85 * 0.45, 1.1]`` explains all three channels (each
+    within rounding, or clipped at 255)."""
+    base = np.asarray(colour, dtype=np.float64)  # [3]
+    low = np.where(pixels >= 255, 254.5, pixels - 0.5) / base  # [N, 3]: bounds on m from each channel
+    high = np.where(pixels >= 255, np.inf, pixels + 0.5) / base
+    low = np.maximum(low.max(axis=1), 0.85 * 0.45)
+    high = np.minimum(high.min(axis=1), 1.1)
+    return low <= high + 1e-9
+
+
 def test_masks_are_exact_topmost_object():
-    """With no noise, every pixel the mask gives to class k has the colour of a class-k object."""
+    """With no noise, every pixel the mask gives to class k has the colour of a class-k object (so a mask
+    that kept an occluded object's label, or labelled the wrong class, fails), and the topmost object shows."""
     config = WorldConfig(noise=0.0)
-    for index in range(30):
+    checked, seen = 0, set()
+    for index in range(40):
         scene = render_scene(index, seed=9, config=config)
-        top_kind = scene.objects[-1][0]
-        topmost_pixels = scene.mask == top_kind
-        assert topmost_pixels.any() or top_kind in [k for k, _ in scene.objects[:-1]]
+        assert set(np.unique(scene.mask)) - {IGNORE_INDEX} <= {kind for kind, _ in scene.objects}
+        for kind in set(np.unique(scene.mask)) - {IGNORE_INDEX}:
+            pixels = scene.image[scene.mask == kind].astype(np.float64)  # [N, 3]
+            fits = np.zeros(len(pixels), dtype=bool)
+            for object_kind, colour in scene.objects:
+                if object_kind == kind:
+                    fits |= colour_fits(pixels, COLOURS[colour])
+            wrong = int((~fits).sum())
+            assert not wrong, f"scene {index}: {wrong} of {len(pixels)} class-{kind} pixels lack a class-{kind} colour"
+            checked += len(pixels)
+            seen.add(kind)
+        # The topmost object is drawn last and nothing hides it: its label and colour are in the scene.
+        top_kind, top_colour = scene.objects[-1]
+        assert colour_fits(scene.image[scene.mask == top_kind].astype(np.float64), COLOURS[top_colour]).any()
+    assert checked > 20_000 and seen == set(range(len(CLASS_NAMES)))
 
 
 def test_shape_areas_are_right():

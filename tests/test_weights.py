@@ -6,7 +6,14 @@ import torch
 from safetensors.torch import save_file
 
 from pacl_fast.backbone import ClipIdentity
-from pacl_fast.weights import PACLMetadata, load_pacl, metadata_for, read_pacl_weights, save_pacl_weights
+from pacl_fast.weights import (
+    PACLMetadata,
+    load_pacl,
+    metadata_for,
+    read_header,
+    read_pacl_weights,
+    save_pacl_weights,
+)
 
 
 @pytest.fixture()
@@ -122,9 +129,38 @@ def test_weights_for_another_width(weights_file, tiny_backbone):
         load_pacl(tiny_backbone, weights_file)
 
 
-def test_header_describes_identity():
-    meta = PACLMetadata(clip_model="ViT-B-16", clip_weights="openai", config={}, image_size=224, patch_size=16)
+def test_header_describes_identity(tmp_path):
+    meta = PACLMetadata(
+        clip_model="ViT-B-16",
+        clip_weights="openai",
+        config={"token_dim": 768, "embed_dim": 512},
+        image_size=224,
+        patch_size=16,
+        training_data="synthetic seed 0",
+        steps=1200,
+        clip_config={"embed_dim": 512},
+        extra={"tau_p": 0.05},
+    )
     header = meta.to_header()
     assert header["format"] == "pacl-fast/pacl-weights" and header["clip_weights"] == "openai"
     assert meta.clip_identity == ClipIdentity("ViT-B-16", "openai")
-    assert struct.calcsize("<Q") == 8
+    assert PACLMetadata.from_header(header, tmp_path / "pacl.safetensors") == meta  # every field survives
+
+
+def test_file_is_plain_safetensors_with_the_metadata_in_its_header(weights_file, tiny_pacl):
+    """Read by hand as the safetensors format defines it (a little-endian u64 header length, a JSON header,
+    then the data), the file holds the trained tensors as float32 and the metadata as strings."""
+    raw = weights_file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    stored = header.pop("__metadata__")
+    expected = metadata_for(tiny_pacl, steps=7).to_header()
+    assert stored == {**expected, "date": stored["date"]} and stored["date"]  # the date is when it was saved
+    state = tiny_pacl.trainable_state_dict()
+    assert set(header) == set(state)
+    for name, entry in header.items():
+        assert entry["dtype"] == "F32" and entry["shape"] == list(state[name].shape), name
+        start, end = entry["data_offsets"]
+        data = torch.frombuffer(bytearray(raw[8 + length + start : 8 + length + end]), dtype=torch.float32)
+        torch.testing.assert_close(data.view(state[name].shape), state[name].float(), atol=0, rtol=0)
+    assert read_header(weights_file) == ({**header, "__metadata__": stored}, len(raw) - 8 - length)
