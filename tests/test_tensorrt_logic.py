@@ -157,3 +157,32 @@ def test_build_progress_draws_one_bar_per_phase_and_never_cancels(tensorrt):
     monitor.phase_finish("Building")
     monitor.phase_finish("Building")  # finishing twice is harmless
     assert monitor.bars == {}
+
+
+def test_engine_cache_paths_separate_every_key():
+    """Engines are specific to the weights/method/precision (export key), TensorRT version, GPU, size and profile."""
+    from pathlib import Path
+
+    root = Path("/cache")
+    folders = {
+        trt_encoder.engine_folder(root, f"{method}-{dtype}-{weights}", version, gpu)
+        for method in ("pacl", "naclip")
+        for dtype in ("fp16", "fp32")
+        for weights in ("0123abcd", "4567ef01")
+        for version in ("10.1.0", "10.9.0")
+        for gpu in ("NVIDIA-H200-sm90", "NVIDIA-A100-SXM4-80GB-sm80")
+    }
+    assert len(folders) == 32 and all(folder.parent == root / "tensorrt" for folder in folders)
+    names = {trt_encoder.engine_name(size, batch) for size in ((224, 288), (288, 224), (448, 448)) for batch in (1, 32)}
+    assert len(names) == 6 and all(name.endswith(".engine") for name in names)
+
+
+def test_bad_arguments_are_reported_before_tensorrt_is_needed(monkeypatch, cpu_model):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # TensorRT absent: the argument errors still come first
+    model = cpu_model
+    with pytest.raises(ValueError, match="builds float16 or float32 engines"):
+        trt_encoder.TensorRTEncoder(model, torch.bfloat16)
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        trt_encoder.TensorRTEncoder(model, torch.float16, max_batch=0)
+    with pytest.raises(EncoderUnavailableError, match="pip install pacl-fast\\[trt\\]"):
+        trt_encoder.TensorRTEncoder(model, torch.float16)

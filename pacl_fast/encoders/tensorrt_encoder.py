@@ -70,6 +70,16 @@ def gpu_slug(device: torch.device) -> str:
     return f"{name}-sm{major}{minor}"
 
 
+def engine_folder(cache_root: Path, export_key: str, trt_version: str, gpu: str) -> Path:
+    """Where one model's engines live: one folder per (export key, TensorRT version, GPU)."""
+    return cache_root / "tensorrt" / f"{export_key}-trt{trt_version}-{gpu}"
+
+
+def engine_name(image_size: tuple[int, int], max_batch: int) -> str:
+    """One engine per input size and batch profile."""
+    return f"image-{image_size[0]}x{image_size[1]}-b{max_batch}.engine"
+
+
 def _torch_dtype(trt, trt_dtype) -> torch.dtype:  # noqa: ANN001 - tensorrt module and DataType
     table = {
         trt.DataType.FLOAT: torch.float32,
@@ -195,13 +205,14 @@ class TensorRTEncoder:
         workspace_gib: float = 4.0,
         progress: bool = True,
     ):
-        self.trt = import_tensorrt()
-        self.device = model_device(model)
-        require_cuda(self.device)
+        # Arguments first: a bad one is reported on any machine, with or without TensorRT and a GPU.
         if dtype not in (torch.float16, torch.float32):
             raise ValueError(f"encoder='tensorrt' builds float16 or float32 engines, got dtype={dtype}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.trt = import_tensorrt()
+        self.device = model_device(model)
+        require_cuda(self.device)
         self.model = model
         self.dtype = dtype
         self.max_batch = max_batch
@@ -211,7 +222,7 @@ class TensorRTEncoder:
         self.embed_dim = model.backbone.embed_dim
         self.onnx = OnnxCache(model, dtype, cache_dir)
         cache_root = Path(cache_dir or default_cache_dir())
-        self.root = cache_root / "tensorrt" / f"{self.onnx.key}-trt{self.trt.__version__}-{gpu_slug(self.device)}"
+        self.root = engine_folder(cache_root, self.onnx.key, self.trt.__version__, gpu_slug(self.device))
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)  # must outlive its engines
         self._engines: dict[tuple[int, int], _Engine] = {}
@@ -219,7 +230,7 @@ class TensorRTEncoder:
         self._pending = False
 
     def engine_path(self, image_size: tuple[int, int]) -> Path:
-        return self.root / f"image-{image_size[0]}x{image_size[1]}-b{self.max_batch}.engine"
+        return self.root / engine_name(image_size, self.max_batch)
 
     def engine(self, image_size: tuple[int, int]) -> _Engine:
         """The engine for inputs of this size, built (from the cached ONNX export) on first use."""
