@@ -136,6 +136,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--encoder-cache", type=Path, default=None, help="exported graphs / engines (default ~/.cache/pacl-fast)"
     )
+    group.add_argument(
+        "--text-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="precision of the text tower (torch/compile encoders; default float32: it runs once per vocabulary)",
+    )
+    group.add_argument(
+        "--no-text-cache",
+        action="store_true",
+        help="do not keep class-name embeddings on disk ($PACL_FAST_CACHE/text; also PACL_FAST_NO_TEXT_CACHE=1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +203,10 @@ def check_weights_files(args: argparse.Namespace) -> None:
 def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
     """``--dtype`` and ``--encoder-cache`` as the encoder's dtype and options (int8 is an OpenVINO precision)."""
     options = {"cache_dir": args.encoder_cache} if args.encoder_cache is not None else {}
+    if args.text_dtype is not None:
+        if args.encoder not in ("torch", "compile"):
+            raise UsageError(f"--text-dtype applies to the torch and compile encoders, not {args.encoder}")
+        options["text_dtype"] = args.text_dtype
     if args.dtype != "int8":
         return args.dtype, options
     if args.encoder != "openvino":
@@ -216,6 +231,7 @@ def _make_segmenter(args: argparse.Namespace, device: str, logit_scale: float | 
         encoder=args.encoder,
         encoder_options=options or None,
         logit_scale=logit_scale,
+        text_cache=False if args.no_text_cache else None,
     )
     print(f"pacl-fast: {segmenter!r}", file=sys.stderr)  # which method runs, on what
     return segmenter

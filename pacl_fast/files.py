@@ -20,6 +20,12 @@ MAX_KEY_LENGTH = 200
 MAX_SEGMENT_BYTES = 200
 
 
+def default_cache_dir() -> Path:
+    """Where pacl-fast keeps what it can rebuild (exported graphs, engines, text embeddings):
+    ``$PACL_FAST_CACHE``, else ``~/.cache/pacl-fast``."""
+    return Path(os.environ.get("PACL_FAST_CACHE") or Path.home() / ".cache" / "pacl-fast")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
     """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path`` atomically.
 

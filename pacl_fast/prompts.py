@@ -1,17 +1,29 @@
 """Prompt templates and class-name text embeddings (DESIGN §2, step 3).
 
 A label's embedding is the mean of its unit prompt embeddings over the templates, renormalised
-(CLIP's prompt ensembling). Results are cached by (model id, labels, templates).
+(CLIP's prompt ensembling). :class:`TextEmbedder` is the one way to get them: it runs the text
+tower on the prompts no cache holds (template by template, so that the prompts of one call share
+their prefix; the encoders run each prompt only up to its end-of-text token, see
+``ClipBackbone.encode_text``) and keeps the results in memory and on disk
+(:mod:`pacl_fast.text_cache`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+from pacl_fast.backbone import PromptTruncatedWarning
+from pacl_fast.text_cache import DEFAULT_MAX_BYTES, TextCache, templates_key, text_model_key
 
 #: CLIP's 80 ImageNet prompt templates (Radford et al. 2021), as format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
@@ -77,29 +89,197 @@ def ensemble_text_embeddings(
     embeddings = torch.cat(
         [encode(prompts[i : i + batch_size]).float() for i in range(0, len(prompts), batch_size)]
     )  # [C*T, E]
-    embeddings = F.normalize(embeddings, dim=-1).reshape(len(labels), len(templates), -1)
-    return F.normalize(embeddings.mean(dim=1), dim=-1)  # [C, E]
+    return ensemble(embeddings.reshape(len(labels), len(templates), -1))
 
 
-class TextEmbeddingCache:
-    """An LRU cache of label embeddings keyed by (model id, labels, templates)."""
+def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings ``[C, T, E]`` -> ``[C, E]``: each normalised, the mean over templates normalised."""
+    return F.normalize(F.normalize(embeddings, dim=-1).mean(dim=1), dim=-1)
 
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def get_or_compute(
-        self, model_id: str, labels: tuple[str, ...], templates: tuple[str, ...], compute: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        key = (model_id, labels, templates)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        value = compute()
-        self._entries[key] = value
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return value
+#: Show progress when more prompts than this are to be encoded (ADE20K with CLIP's templates: 12,000).
+PROGRESS_MIN_PROMPTS = 300
 
-    def __len__(self) -> int:
-        return len(self._entries)
+
+class TextEmbedder:
+    """Class names x templates -> unit class embeddings ``[C, E]`` (float32), cached in memory and on disk.
+
+    Each label's embedding is the template ensemble (each prompt's embedding normalised, the mean
+    over templates normalised again, as :func:`ensemble_text_embeddings`). Labels that neither cache
+    holds are encoded in chunks of at most ``batch_size`` labels (balanced), one ``encode_text`` call
+    per template and chunk (so the prompts of a call share their prefix, run once), with tqdm
+    progress past :data:`PROGRESS_MIN_PROMPTS` prompts; each chunk's entries are written as it
+    finishes, so an interrupted run resumes from them.
+
+    Build it with :meth:`for_model` for a CLIP and an encoder; the arguments below are the parts.
+
+    Args:
+        encode_text: token ids ``[T, context]`` -> text embeddings ``[T, E]`` (an encoder's
+            ``encode_text``; the encoders trim each prompt to its end-of-text token).
+        tokenize: prompts -> token ids ``[T, context]``.
+        model_key: everything that defines the embeddings (see :func:`pacl_fast.text_cache.text_model_key`):
+            cache entries are only shared between equal keys. A function is called once, on first use
+            (a key may need a hash of the weights, which a run that never embeds text should not pay).
+        find_cut: ``(prompts, tokens) -> indices`` of prompts the tokenizer cut; such labels are
+            named in a :class:`~pacl_fast.backbone.PromptTruncatedWarning`, also when read from a cache.
+        embed_dim: E, checked on every cache read (None: any length).
+        context_length: the tokenizer's context, for the warning.
+        cache_dir: the disk cache's folder (default ``$PACL_FAST_CACHE/text`` or ``~/.cache/pacl-fast/text``).
+        use_disk_cache: False keeps embeddings in memory only.
+        max_cache_bytes: the disk cache's size cap (least recently used entries are removed past it).
+        batch_size: most prompts per ``encode_text`` call, and labels per chunk.
+        progress: show a progress bar (None: when more than :data:`PROGRESS_MIN_PROMPTS` prompts are encoded).
+        memory_entries: labels kept in memory (least recently used dropped first).
+        device: where returned embeddings live.
+    """
+
+    def __init__(
+        self,
+        encode_text: Callable[[torch.Tensor], torch.Tensor],
+        tokenize: Callable[[list[str]], torch.Tensor],
+        model_key: str | Callable[[], str],
+        *,
+        find_cut: Callable[[list[str], torch.Tensor], list[int]] | None = None,
+        embed_dim: int | None = None,
+        context_length: int | None = None,
+        cache_dir: str | Path | None = None,
+        use_disk_cache: bool = True,
+        max_cache_bytes: int = DEFAULT_MAX_BYTES,
+        batch_size: int = 256,
+        progress: bool | None = None,
+        memory_entries: int = 8192,
+        device: str | torch.device = "cpu",
+    ):
+        if not callable(model_key) and (not isinstance(model_key, str) or not model_key):
+            raise ValueError(f"model_key must be a non-empty string or a function giving one, got {model_key!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.encode_text = encode_text
+        self.tokenize = tokenize
+        self._model_key = model_key
+        self.find_cut = find_cut
+        self.embed_dim = embed_dim
+        self.context_length = context_length
+        self.disk = TextCache(cache_dir, max_cache_bytes) if use_disk_cache else None
+        self.batch_size = batch_size
+        self.progress = progress
+        self.memory_entries = memory_entries
+        self.device = torch.device(device)
+        self._memory: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._lock = threading.Lock()
+        self.encoded_prompts = 0  # prompts run through the text tower so far (cache misses x templates)
+
+    @classmethod
+    def for_model(
+        cls,
+        backbone,  # noqa: ANN001 - pacl_fast.backbone.ClipBackbone
+        encoder,  # noqa: ANN001 - pacl_fast.encoders.Encoder
+        *,
+        hash_weights: bool | None = None,
+        **options,
+    ) -> TextEmbedder:
+        """The embedder of a CLIP's text through an encoder, keyed by the text tower's identity, the
+        encoder's name and its text precision (``encoder.text_dtype``, else ``encoder.dtype``).
+
+        ``hash_weights`` (see :func:`~pacl_fast.text_cache.text_model_key`): True for weights edited in
+        memory; ``options``: the constructor's keywords (``cache_dir``, ``use_disk_cache``, ...).
+        """
+        text_dtype = getattr(encoder, "text_dtype", encoder.dtype)
+        model_key = functools.partial(
+            text_model_key, backbone, backend=encoder.name, dtype=text_dtype, hash_weights=hash_weights
+        )
+        options.setdefault("device", backbone.visual.conv1.weight.device)
+        return cls(
+            encoder.encode_text,
+            functools.partial(backbone.tokenize, warn=False),  # the embedder names the labels instead
+            model_key,
+            find_cut=backbone.cut_texts,
+            embed_dim=backbone.embed_dim,
+            context_length=backbone.context_length,
+            **options,
+        )
+
+    @property
+    def model_key(self) -> str:
+        """The cache key of the model (computed on first use when given as a function)."""
+        if callable(self._model_key):
+            key = self._model_key()
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"model_key() must give a non-empty string, got {key!r}")
+            self._model_key = key
+        return self._model_key
+
+    def __call__(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
+        """Class names (and a template set name or list) -> unit embeddings ``[C, E]`` float32."""
+        labels = validate_labels(labels)
+        templates = resolve_templates(templates)
+        key = templates_key(templates)
+        with self._lock:
+            entries = {label: self._cached(key, label) for label in labels}
+            missing = [label for label, entry in entries.items() if entry is None]
+            if missing:
+                entries.update(self._compute(missing, templates, key))
+                if self.disk is not None:
+                    self.disk.evict()
+        cut = [label for label in labels if entries[label]["cut"]]
+        if cut:
+            shown = ", ".join(repr(label) for label in cut[:10]) + (", ..." if len(cut) > 10 else "")
+            context = f"{self.context_length}-token " if self.context_length else ""
+            message = (
+                f"{len(cut)} of {len(labels)} labels make prompts longer than the text tower's {context}context, "
+                f"which the tokenizer cut (labels that differ only after the cut embed identically): {shown}"
+            )
+            warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
+        return torch.stack([entries[label]["embedding"] for label in labels]).to(self.device)  # [C, E]
+
+    def _cached(self, key: str, label: str) -> dict | None:
+        """The entry from memory, else from disk (then kept in memory), else None."""
+        entry = self._memory.get((key, label))
+        if entry is not None:
+            self._memory.move_to_end((key, label))
+            return entry
+        if self.disk is not None:
+            entry = self.disk.load(self.model_key, key, label, self.embed_dim)
+            if entry is not None:
+                self._remember(key, label, entry)
+        return entry
+
+    def _remember(self, key: str, label: str, entry: dict) -> None:
+        self._memory[(key, label)] = entry
+        self._memory.move_to_end((key, label))
+        while len(self._memory) > self.memory_entries:
+            self._memory.popitem(last=False)
+
+    def _compute(self, labels: list[str], templates: tuple[str, ...], key: str) -> dict[str, dict]:
+        """Encode every prompt of ``labels``; store each label's entry as its chunk finishes."""
+        from tqdm.auto import tqdm
+
+        count = len(templates)
+        total = len(labels) * count
+        show = self.progress if self.progress is not None else total > PROGRESS_MIN_PROMPTS
+        per_chunk = math.ceil(len(labels) / math.ceil(len(labels) / self.batch_size))  # balanced chunks
+        computed = {}
+        with tqdm(total=total, desc="text embeddings", unit="prompt", disable=not show) as bar:
+            for start in range(0, len(labels), per_chunk):
+                chunk = labels[start : start + per_chunk]
+                n = len(chunk)
+                prompts = [template.format(label) for template in templates for label in chunk]  # template-major
+                tokens = self.tokenize(prompts)  # [count * n, context]
+                cut_rows = set(self.find_cut(prompts, tokens)) if self.find_cut is not None else set()
+                tokens = tokens.reshape(count, n, -1)
+                units = []  # per template: [n, E]
+                for batch in tokens:  # [n, context]: one template, so one shared prefix
+                    units.append(F.normalize(self.encode_text(batch).float().cpu(), dim=-1))
+                    bar.update(n)
+                self.encoded_prompts += count * n
+                embeddings = ensemble(torch.cat(units).reshape(count, n, -1).transpose(0, 1))  # [n, E]
+                for j, label in enumerate(chunk):
+                    entry = {
+                        "embedding": embeddings[j].clone(),
+                        "cut": any(t * n + j in cut_rows for t in range(count)),
+                    }
+                    computed[label] = entry
+                    self._remember(key, label, entry)
+                    if self.disk is not None:
+                        self.disk.store(self.model_key, key, label, entry["embedding"], entry["cut"])
+        return computed

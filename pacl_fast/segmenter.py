@@ -28,7 +28,7 @@ from pacl_fast.images import (
     describe,
     to_uint8_hwc,
 )
-from pacl_fast.prompts import TextEmbeddingCache, ensemble_text_embeddings, resolve_templates, validate_labels
+from pacl_fast.prompts import TextEmbedder, validate_labels
 from pacl_fast.results import BatchError, ImageError, Segmentation, image_name
 from pacl_fast.weights import PACLMetadata
 
@@ -80,7 +80,9 @@ class Segmenter:
         batch_size: images (or sliding windows) per encoder call.
         logit_scale: the scale turning cosines into softmax logits for scores and the background
             threshold; default the model's (PACL's trained one, CLIP's for training-free methods).
-        text_cache: where class-name embeddings are kept (default: a new in-memory cache).
+        text_cache: keep class-name embeddings on disk too (``$PACL_FAST_CACHE/text``), so that every
+            process and rank after the first skips the text tower (:class:`pacl_fast.prompts.TextEmbedder`);
+            None: yes unless ``$PACL_FAST_NO_TEXT_CACHE`` is set. They are always kept in memory.
     """
 
     def __init__(
@@ -101,7 +103,7 @@ class Segmenter:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
         logit_scale: float | None = None,
-        text_cache: TextEmbeddingCache | None = None,
+        text_cache: bool | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -147,7 +149,9 @@ class Segmenter:
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self._logit_scale = logit_scale
-        self.text_cache = text_cache if text_cache is not None else TextEmbeddingCache()
+        if text_cache is None:
+            text_cache = not os.environ.get("PACL_FAST_NO_TEXT_CACHE")
+        self.text_embedder = TextEmbedder.for_model(backbone, encoder, use_disk_cache=text_cache)
         # PACL through the eager torch encoder on a Triton head: the encoder stops at the CLIP's
         # patch tokens and one fused kernel applies the embedder, the L2 norm and the similarity
         # (kernels/patch_similarity.py). Compiled encoders already fuse the embedder into their graph.
@@ -161,7 +165,7 @@ class Segmenter:
 
     @property
     def model_id(self) -> str:
-        """Identifies CLIP + method (+ PACL weights) + precision (keys the text-embedding cache)."""
+        """Identifies CLIP + method (+ PACL weights) + precision: what run settings record."""
         if self.method == "pacl":
             detail = f"{self.metadata.date}/{self.metadata.steps}" if self.metadata else "untrained"
         else:
@@ -173,17 +177,9 @@ class Segmenter:
         return self._logit_scale if self._logit_scale is not None else float(self.model.logit_scale.detach())
 
     def encode_labels(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
-        """Class names -> unit text embeddings ``[C, E]`` (template ensemble, cached)."""
-        labels = validate_labels(labels)
-        templates = resolve_templates(templates)
-        backbone = self.model.backbone
-
-        def compute() -> torch.Tensor:
-            return ensemble_text_embeddings(
-                lambda prompts: self.encoder.encode_text(backbone.tokenize(prompts)), labels, templates
-            )
-
-        return self.text_cache.get_or_compute(self.model_id, labels, templates, compute)
+        """Class names -> unit text embeddings ``[C, E]``: each template filled with each name, the text
+        tower run at the prompts' own lengths, per-label averages cached in memory and on disk."""
+        return self.text_embedder(labels, templates)
 
     # ----------------------------------------------------------------------------- tensor level
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Exported graphs and cached text embeddings of the tests' random models go to a throwaway folder,
+# never to the user's ~/.cache/pacl-fast.
+os.environ.setdefault("PACL_FAST_CACHE", tempfile.mkdtemp(prefix="pacl-fast-test-cache-"))
 # Without CUDA the Triton kernels are tested in the interpreter. Triton reads TRITON_INTERPRET when
 # it is first imported (open_clip imports it), so this must come before any other import.
 if not torch.cuda.is_available():

@@ -402,8 +402,9 @@ def test_export_command_writes_graphs_that_run(tiny_clip_dir, tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [(a["tower"], a["input"]["shape"]) for a in manifest["artifacts"]] == [
         ("image", ["B", 3, 48, 80]),
-        ("text", ["T", 16]),
+        ("text", ["T", "L"]),  # prompts run at their own length (length_range 1..16)
     ]
+    assert manifest["artifacts"][1]["length_range"] == [1, 16]
     image = manifest["artifacts"][0]
     assert image["output"]["shape"] == ["B", 6, 10, 64]
     session = onnxruntime.InferenceSession(str(tmp_path / image["path"]), providers=["CPUExecutionProvider"])

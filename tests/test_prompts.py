@@ -1,15 +1,29 @@
+import copy
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_load_clip
+from safetensors.torch import save
 
+from pacl_fast.backbone import ClipIdentity, PromptTruncatedWarning
+from pacl_fast.encoders import TorchEncoder
+from pacl_fast.model import PACL
 from pacl_fast.prompts import (
     IMAGENET_TEMPLATES,
     SHORT_TEMPLATES,
-    TextEmbeddingCache,
+    TextEmbedder,
     ensemble_text_embeddings,
     resolve_templates,
     validate_labels,
 )
+from pacl_fast.text_cache import TextCache, templates_key, text_model_key
 
 
 def test_template_sets():
@@ -39,22 +53,6 @@ def test_ensemble_is_mean_of_unit_embeddings_renormalised():
     assert got.shape == (2, 6)
 
 
-def test_cache_keys_model_labels_templates():
-    cache = TextEmbeddingCache(max_entries=2)
-    calls = []
-
-    def compute(tag):
-        return lambda: calls.append(tag) or torch.tensor([float(len(calls))])
-
-    a = cache.get_or_compute("m1", ("cat",), ("{}",), compute("a"))
-    assert cache.get_or_compute("m1", ("cat",), ("{}",), compute("again")) is a
-    cache.get_or_compute("m2", ("cat",), ("{}",), compute("other model"))
-    cache.get_or_compute("m1", ("cat",), ("a {}",), compute("other templates"))
-    assert calls == ["a", "other model", "other templates"] and len(cache) == 2
-    cache.get_or_compute("m1", ("cat",), ("{}",), compute("evicted"))
-    assert calls[-1] == "evicted"
-
-
 @pytest.mark.parametrize(
     "labels,message",
     [([], "empty"), (["cat", "dog", "cat"], "duplicates"), (["cat", " "], "non-empty"), ("cat,dog", "not one string")],
@@ -62,3 +60,235 @@ def test_cache_keys_model_labels_templates():
 def test_bad_labels(labels, message):
     with pytest.raises((ValueError, TypeError), match=message):
         validate_labels(labels)
+
+
+# --- TextEmbedder: the template ensemble through the text tower, cached in memory and on disk ---------
+
+CLASSES = ["cat", "traffic light", "sky", "chest of drawers", "grass", "person", "swimming pool"]  # 7: odd
+TEMPLATES = ("a photo of a {}.", "itap of the {}", "{}", "a blurry photo of my {}, seen from far away.", "the {}!")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return PACL(quiet_load_clip(tiny_config)).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return TorchEncoder(tiny_model)
+
+
+def embedder(tiny_model, encoder, cache_dir, **options) -> TextEmbedder:
+    return TextEmbedder.for_model(tiny_model.backbone, encoder, cache_dir=cache_dir, progress=False, **options)
+
+
+def reference_embeddings(backbone, labels, templates) -> torch.Tensor:
+    """Today's path: open_clip's own full-length tower, one prompt list, the plain ensemble."""
+    clip, tokenizer = backbone.clip, backbone.tokenizer
+    with torch.no_grad():
+        return ensemble_text_embeddings(lambda p: clip.encode_text(tokenizer(p), normalize=True), labels, templates)
+
+
+def test_embedder_equals_the_full_tower_ensemble(tiny_model, encoder, tmp_path):
+    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # chunks of 3, 3 and 1 labels
+    got = text(CLASSES, TEMPLATES)
+    expected = reference_embeddings(tiny_model.backbone, CLASSES, TEMPLATES)
+    assert got.shape == (7, 64) and got.dtype == torch.float32
+    assert F.cosine_similarity(got, expected, dim=-1).min() >= 0.99999
+    assert text.encoded_prompts == 35
+    # Any order and subset of labels: the same rows, from memory.
+    torch.testing.assert_close(text(CLASSES[::-2], TEMPLATES), got.flip(0)[::2].contiguous())
+    assert text.encoded_prompts == 35
+
+
+def test_disk_cache_serves_a_fresh_embedder_and_keys_what_matters(tiny_model, encoder, tmp_path):
+    first = embedder(tiny_model, encoder, tmp_path)(CLASSES, TEMPLATES)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 7
+    fresh = embedder(tiny_model, encoder, tmp_path)
+    assert torch.equal(fresh(CLASSES, TEMPLATES), first) and fresh.encoded_prompts == 0
+    other_templates = embedder(tiny_model, encoder, tmp_path)
+    other_templates(CLASSES[:2], TEMPLATES[:4])
+    assert other_templates.encoded_prompts == 8
+    bf16 = embedder(tiny_model, TorchEncoder(tiny_model, text_dtype=torch.bfloat16), tmp_path)
+    bf16(CLASSES[:2], TEMPLATES)
+    assert bf16.encoded_prompts == 10  # another text precision: another key
+    torch.manual_seed(5)
+    other_weights = PACL(quiet_load_clip(tiny_model.backbone.model_cfg)).eval()
+    other = embedder(other_weights, TorchEncoder(other_weights), tmp_path)
+    other(CLASSES[:3], TEMPLATES)
+    assert other.encoded_prompts == 15  # other random weights: another key
+    off = embedder(tiny_model, encoder, tmp_path / "off", use_disk_cache=False)
+    torch.testing.assert_close(off(CLASSES, TEMPLATES), first)
+    assert off.encoded_prompts == 35 and not (tmp_path / "off").exists()
+
+
+def test_model_key_names_weights_or_hashes_them(tiny_model):
+    backbone = tiny_model.backbone
+    key = text_model_key(backbone, backend="torch", dtype=torch.float32)
+    assert key == text_model_key(backbone, backend="torch", dtype=torch.float32)
+    assert key != text_model_key(backbone, backend="onnxruntime", dtype=torch.float32)
+    original = backbone.clip.ln_final.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            backbone.clip.ln_final.weight.mul_(1.5)  # edited in place: the digest follows
+        edited = text_model_key(backbone, backend="torch", dtype=torch.float32)
+        assert edited != key
+        with torch.no_grad():
+            backbone.clip.visual.ln_post.weight.add_(1.0)  # the image tower does not define text embeddings
+        assert text_model_key(backbone, backend="torch", dtype=torch.float32) == edited
+    finally:
+        with torch.no_grad():
+            backbone.clip.ln_final.weight.copy_(original)
+            backbone.clip.visual.ln_post.weight.sub_(1.0)
+    named = copy.copy(backbone)
+    named.identity = ClipIdentity("ViT-tiny", "laion2b_s34b_b88k")  # a pretrained tag names the weights
+    assert "laion2b_s34b_b88k" in text_model_key(named, backend="torch", dtype=torch.float32)
+    assert "tensors-sha256" in text_model_key(named, backend="torch", dtype=torch.float32, hash_weights=True)
+
+
+def test_model_key_is_computed_on_first_use(tiny_config, tmp_path):
+    """Random weights are hashed for the key: only when text is embedded, once."""
+    torch.manual_seed(3)
+    model = PACL(quiet_load_clip(tiny_config)).eval()
+    text = embedder(model, TorchEncoder(model), tmp_path)
+    assert "_text_digest" not in model.backbone.__dict__
+    text(CLASSES[:1], TEMPLATES)
+    assert "_text_digest" in model.backbone.__dict__
+    assert text.model_key == text_model_key(model.backbone, backend="torch", dtype=torch.float32)
+
+
+def entry_paths(text: TextEmbedder, labels) -> list[Path]:
+    key = templates_key(TEMPLATES)
+    return [text.disk.path(text.model_key, key, label) for label in labels]
+
+
+def rewrite_entry(path: Path, tensors: dict, **metadata) -> None:
+    meta = {"format": "1", "cut": "0", **metadata}
+    path.write_bytes(save(tensors, metadata=meta))
+
+
+def test_broken_entries_are_recomputed_and_rewritten(tiny_model, encoder, tmp_path, caplog):
+    text = embedder(tiny_model, encoder, tmp_path)
+    expected = text(CLASSES, TEMPLATES)
+    paths = entry_paths(text, CLASSES)
+    good = {"model": text.model_key, "templates": templates_key(TEMPLATES)}
+    unit = F.normalize(torch.randn(64), dim=0)
+    paths[0].write_bytes(paths[0].read_bytes()[:50])  # truncated
+    paths[1].write_bytes(b"\x00garbage" * 20)  # not safetensors
+    rewrite_entry(paths[2], {"embedding": F.normalize(torch.randn(65), dim=0)}, label=CLASSES[2], **good)
+    rewrite_entry(paths[3], {"embedding": torch.full((64,), float("nan"))}, label=CLASSES[3], **good)
+    rewrite_entry(paths[4], {"embedding": unit.half()}, label=CLASSES[4], **good)
+    rewrite_entry(paths[5], {"embedding": unit}, label=CLASSES[0], **good)  # another label's entry
+    rewrite_entry(paths[6], {"embedding": unit * 2}, label=CLASSES[6], **good)  # not unit length
+    fresh = embedder(tiny_model, encoder, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pacl_fast.text_cache"):
+        got = fresh(CLASSES, TEMPLATES)
+    assert fresh.encoded_prompts == 35  # all seven recomputed, none trusted
+    torch.testing.assert_close(got, expected)
+    named = [record.getMessage() for record in caplog.records]
+    assert all(any(str(path) in message for message in named) for path in paths), named
+    again = embedder(tiny_model, encoder, tmp_path)  # rewritten whole
+    torch.testing.assert_close(again(CLASSES, TEMPLATES), expected)
+    assert again.encoded_prompts == 0
+
+
+def test_size_cap_evicts_least_recently_used(tiny_model, encoder, tmp_path):
+    text = embedder(tiny_model, encoder, tmp_path)
+    text(CLASSES, TEMPLATES)
+    paths = entry_paths(text, CLASSES)
+    size = paths[0].stat().st_size
+    now = time.time()
+    for age, path in enumerate(reversed(paths)):  # CLASSES[0] is the oldest
+        os.utime(path, (now - 100 * (age + 1), now - 100 * (age + 1)))
+    cache = TextCache(tmp_path, max_bytes=4 * size + size // 2)
+    assert cache.load(text.model_key, templates_key(TEMPLATES), CLASSES[1], 64) is not None  # read: now recent
+    (tmp_path / "x" / ".stale.safetensors.tmp").parent.mkdir()
+    stale = tmp_path / "x" / ".stale.safetensors.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (now - 7200, now - 7200))
+    assert cache.evict() == 3
+    left = {path for path in paths if path.exists()}
+    assert left == {paths[1], paths[4], paths[5], paths[6]} and not stale.exists()
+    assert cache.size() <= cache.max_bytes
+    fresh = embedder(tiny_model, encoder, tmp_path, max_cache_bytes=4 * size + size // 2)
+    fresh(CLASSES, TEMPLATES)
+    assert fresh.encoded_prompts == 15  # the three evicted
+    assert sum(path.exists() for path in paths) == 4  # the cap holds after writing them back
+
+
+def test_concurrent_writers_and_readers_see_whole_entries(tmp_path, caplog):
+    """Writers publishing the same entries while readers read: every read is whole (no broken-entry
+    warning), and what is left is valid, with no temporary files."""
+    labels = [f"label {i}" for i in range(20)]
+    vectors = {label: F.normalize(torch.randn(512), dim=0) for label in labels}
+    errors = []
+
+    def write():
+        cache = TextCache(tmp_path)
+        for _ in range(10):
+            for label in labels:
+                cache.store("model", "templates", label, vectors[label])
+
+    def read():
+        cache = TextCache(tmp_path)
+        for _ in range(30):
+            for label in labels:
+                entry = cache.load("model", "templates", label, 512)
+                if entry is not None and not torch.equal(entry["embedding"], vectors[label]):
+                    errors.append(label)
+
+    threads = [threading.Thread(target=write) for _ in range(3)] + [threading.Thread(target=read) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="pacl_fast.text_cache"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and not caplog.records
+    cache = TextCache(tmp_path)
+    assert all(
+        torch.equal(cache.load("model", "templates", label, 512)["embedding"], vectors[label]) for label in labels
+    )
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cut_labels_are_named_cold_and_warm(tiny_model, encoder, tmp_path):
+    long_label = "very " * 20 + "long name"
+    labels = ["cat", long_label]
+    with pytest.warns(PromptTruncatedWarning, match=r"1 of 2 labels .*16-token .*'very very") as record:
+        embedder(tiny_model, encoder, tmp_path)(labels, TEMPLATES)
+    assert "'cat'" not in str(record[0].message)
+    warm = embedder(tiny_model, encoder, tmp_path)
+    with pytest.warns(PromptTruncatedWarning, match="very very"):
+        warm(labels, TEMPLATES)
+    assert warm.encoded_prompts == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warm(["cat"], TEMPLATES)
+
+
+def test_progress_bar_past_a_few_hundred_prompts(tiny_model, encoder, tmp_path, capsys):
+    text = TextEmbedder.for_model(tiny_model.backbone, encoder, cache_dir=tmp_path)
+    text(CLASSES[:2], TEMPLATES)  # 10 prompts: quiet
+    assert "text embeddings" not in capsys.readouterr().err
+    text([f"thing {i}" for i in range(61)], TEMPLATES)  # 305 prompts
+    assert "text embeddings" in capsys.readouterr().err
+
+
+def test_memory_lru_falls_back_to_disk(tiny_model, encoder, tmp_path):
+    text = embedder(tiny_model, encoder, tmp_path, memory_entries=2)
+    first = text(CLASSES[:3], TEMPLATES)
+    assert len(text._memory) == 2
+    torch.testing.assert_close(text(CLASSES[:3], TEMPLATES), first)
+    assert text.encoded_prompts == 15
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"batch_size": 0}, "batch_size"), ({"max_cache_bytes": -1}, "max_bytes")],
+)
+def test_bad_embedder_options(tiny_model, encoder, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        embedder(tiny_model, encoder, tmp_path, **options)
+    with pytest.raises(ValueError, match="model_key"):
+        TextEmbedder(encoder.encode_text, tiny_model.backbone.tokenize, "")

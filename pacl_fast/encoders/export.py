@@ -34,7 +34,7 @@ from torch import nn
 
 from pacl_fast.encoders.base import EncoderUnavailableError, cast_copy, dtype_name
 from pacl_fast.encoders.graph import GlobalTower, ImageTower, TextTower, model_device
-from pacl_fast.files import atomic_write
+from pacl_fast.files import atomic_write, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ def _missing(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is None
-
-
-def default_cache_dir() -> Path:
-    """``$PACL_FAST_CACHE`` or ``~/.cache/pacl-fast``."""
-    return Path(os.environ.get("PACL_FAST_CACHE") or Path.home() / ".cache" / "pacl-fast")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -103,16 +98,25 @@ def image_artifact(size: tuple[int, int]) -> str:
     return f"image-{size[0]}x{size[1]}"
 
 
-TEXT_ARTIFACT = "text"
+TEXT_ARTIFACT = "text-v2"  # v2: any token length (graphs named "text" took the full context only)
 GLOBAL_ARTIFACT = "global"
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, names: tuple[str, str], folder: Path) -> Path:
-    """``torch.onnx.export`` into ``folder/model.onnx`` atomically (temp folder, then rename)."""
+def _export(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    names: tuple[str, str],
+    folder: Path,
+    dynamic: dict[int, object] | None = None,
+) -> Path:
+    """``torch.onnx.export`` into ``folder/model.onnx`` atomically (temp folder, then rename).
+
+    ``dynamic``: the input's dynamic axes (``torch.export.Dim`` by axis); default the batch axis.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+        dynamic = dynamic or {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}
         input_name, output_name = names
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
@@ -123,7 +127,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, names: tuple[str, st
                 dynamo=True,
                 input_names=[input_name],
                 output_names=[output_name],
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=(dynamic,),
                 external_data=True,
                 verbose=False,
             )
@@ -153,12 +157,27 @@ def export_image_onnx(
 
 
 def export_text_onnx(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype) -> Path:
-    """Export the text tower: ``tokens`` ``[T, L]`` int64 -> ``texts`` ``[T, E]`` (``dtype``), unit rows."""
+    """Export the text tower: ``tokens`` ``[T, L]`` int64 -> ``texts`` ``[T, E]`` (``dtype``), unit rows.
+
+    On truncatable towers (``ClipBackbone.text_truncatable``) ``L`` is a dynamic axis too (``length``,
+    1 to the context length), so that onnxruntime runs prompts cut after their end-of-text token, as
+    the eager tower does; other towers take ``L`` = the context length only.
+    """
     require_onnx()
     model = cast_copy(model, dtype)
+    backbone = model.backbone
     tower = TextTower(model).eval()
-    example = model.backbone.tokenize(["a photo of a cat.", "a photo of a dog."]).to(model_device(model))
-    return _export(tower, example, (TEXT_INPUT, TEXT_OUTPUT), Path(folder))
+    example = backbone.tokenize(["a photo of a cat.", "a photo of a dog."], warn=False).to(model_device(model))
+    if not backbone.text_truncatable:
+        return _export(tower, example, (TEXT_INPUT, TEXT_OUTPUT), Path(folder))
+    context = backbone.context_length
+    # An example length of neither 1 nor the context, so that the exporter keeps the axis symbolic.
+    length = min(max(int(backbone.text_lengths(example).max()), 2), context - 1)
+    dynamic = {
+        0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH),
+        1: torch.export.Dim("length", min=1, max=context),
+    }
+    return _export(tower, example[:, :length], (TEXT_INPUT, TEXT_OUTPUT), Path(folder), dynamic)
 
 
 def export_global_onnx(model: nn.Module, folder: str | os.PathLike, dtype: torch.dtype) -> Path:
@@ -293,13 +312,17 @@ def export_artifacts(
     patch, embed_dim = model.backbone.patch_size, model.backbone.embed_dim
     manifest = {"format": fmt, "method": model.method, "dtype": name, "key": onnx.key, "artifacts": []}
     steps = [("image", size) for size in image_sizes] + ([("text", None)] if fmt == "onnx" else [])
+    context = model.backbone.context_length
+    truncatable = model.backbone.text_truncatable
     for tower, size in tqdm(steps, desc=f"export {fmt}", unit="graph", disable=not progress):
         if tower == "text":
             path = onnx.text()
             entry = {
-                "input": {"name": TEXT_INPUT, "shape": ["T", model.backbone.context_length], "dtype": "int64"},
+                "input": {"name": TEXT_INPUT, "shape": ["T", "L" if truncatable else context], "dtype": "int64"},
                 "output": {"name": TEXT_OUTPUT, "shape": ["T", embed_dim], "dtype": name},
             }
+            if truncatable:  # prompts run at their own length: up to their end-of-text token
+                entry["length_range"] = [1, context]
         else:
             if trt_encoder is not None:
                 path = trt_encoder.engine_path(size)

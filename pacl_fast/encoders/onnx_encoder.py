@@ -147,13 +147,29 @@ class OnnxRuntimeEncoder:
 
     @torch.inference_mode()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings (float32)."""
+        """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings (float32).
+
+        The text graph takes any token length on truncatable towers: prompts run grouped by the
+        length up to their end-of-text token (``ClipBackbone.encode_text_by_length``), as the eager
+        tower runs them. A fixed-length graph (other towers) takes ``[T, context]``.
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [T, L], got {tuple(tokens.shape)}")
-        tokens = tokens.to(self.device, torch.int64).contiguous()
-        texts = torch.empty(tokens.shape[0], self.embed_dim, dtype=self.dtype, device=self.device)
-        self._run(self.text_session(), (TEXT_INPUT, TEXT_OUTPUT), tokens, texts)
-        return texts.float()
+        tokens = tokens.to(self.device, torch.int64)
+        session = self.text_session()
+
+        def run(group: torch.Tensor) -> torch.Tensor:
+            group = group.contiguous()
+            texts = torch.empty(group.shape[0], self.embed_dim, dtype=self.dtype, device=self.device)
+            self._run(session, (TEXT_INPUT, TEXT_OUTPUT), group, texts)
+            return texts
+
+        length = session.get_inputs()[0].shape[1]
+        if isinstance(length, int):  # a fixed-length graph
+            if tokens.shape[1] != length:
+                raise ValueError(f"tokens must be [T, {length}] for this text graph, got {tuple(tokens.shape)}")
+            return run(tokens).float()
+        return self.cache.model.backbone.encode_text_by_length(tokens, run).float()
 
     @torch.inference_mode()
     def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:

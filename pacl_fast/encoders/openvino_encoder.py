@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, default_cache_dir
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache
 from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
-from pacl_fast.files import atomic_write
+from pacl_fast.files import atomic_write, default_cache_dir
 from pacl_fast.images import IMAGE_SUFFIXES, cover_crop, load_image, normalize
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, default_cache_dir
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache
 from pacl_fast.encoders.graph import model_device
-from pacl_fast.files import atomic_write
+from pacl_fast.files import atomic_write, default_cache_dir
 
 MIN_TENSORRT = (10, 1)  # set_device_memory / device_memory_size_v2
 ALIGNMENT = 256  # bytes TensorRT asks of tensor addresses
