@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_check.sh            # logs under $OUT/gpu_check when OUT is set
 #
 # Sections run in order; each writes its full log to $LOG_DIR/<section>.log and prints PASS/FAIL.
-# Budget: under 8 minutes on one H200 (the section timeouts below add up to 7.7 minutes). The
+# Budget: under 8 minutes on one H200 (the section timeouts below add up to 7.8 minutes). The
 # tables come last. Exit status: 0 when every section passed. TensorRT runs only if it is
 # installed, onnxruntime's CUDA provider only if onnxruntime-gpu is; absent ones skip with the reason.
 #
@@ -72,30 +72,37 @@ fi
 # tests marked `gpu`: the compiled upsample+argmax kernel (and the tiled path on CUDA tensors) on
 # every random case of the CPU suite plus the 512x512 / 1024x2048 benchmark scale; the fused
 # embedder + cosine kernels in fp32/fp16/bf16 (bf16 on tensor cores), both variants.
-run_section head_parity 130 "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider \
+run_section head_parity 100 "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider \
     tests/test_head_kernels.py tests/test_patch_similarity.py
 if grep -qE "[0-9]+ skipped" "$LOG_DIR/head_parity.log"; then
     STATUS=1
     echo "FAIL head_parity: GPU tests were skipped on a GPU machine (reasons above / in the log)"
 fi
 
-# ---- 2. encoders: CUDA parity of every backend present (issue 5) ---------------------------------
+# ---- 2. encoders: CUDA parity of every backend present (issues 5, 12) -----------------------------
 # torch fp16/bf16, torch.compile fp16, onnxruntime (CUDA EP) fp32/fp16, TensorRT fp16/fp32 against
-# the torch fp32 reference, tiny config and ViT-B-16 at 224 px (random init).
-run_section encoder_parity 100 "$PYTHON" -m pytest -q -rs -m "gpu and not slow" -p no:cacheprovider \
-    tests/test_encoders.py
+# the torch fp32 reference, tiny config and ViT-B-16 at 224 px (random init); then the four
+# training-free last blocks (MaskCLIP, SCLIP, ClearCLIP, NACLIP) through torch / compile / TensorRT fp16.
+run_section encoder_parity 130 "$PYTHON" -m pytest -q -rs -m "gpu and not slow" -p no:cacheprovider \
+    tests/test_encoders.py tests/test_methods.py
 
 # ---- 3. head benchmark on CUDA (issue 4) ---------------------------------------------------------
 # reference vs tiled vs Triton for C in {21, 150, 171}, 512x512 and 1024x2048; then the embedder +
-# cosine kernels (torch unfused vs fused vs cuBLAS + Triton epilogue).
-run_section head_benchmark 80 "$PYTHON" -m benchmarks.head --device cuda --json "$LOG_DIR/head_cuda.json"
+# cosine kernels (torch unfused vs fused vs cuBLAS + Triton epilogue), and which variant wins (the
+# `embedder variant:` line: the Head's PACL_FAST_EMBEDDER_VARIANT switch waits for it).
+run_section head_benchmark 70 "$PYTHON" -m benchmarks.head --device cuda --json "$LOG_DIR/head_cuda.json"
 TABLE_LOGS+=("$LOG_DIR/head_benchmark.log")
 
-# ---- 4. end-to-end throughput: ViT-B-16 at 448 px, batch 1/32/128, 150 classes (issue 5) ----------
-# The naive peer against every encoder backend present x every head backend, in one process so that
-# compiles and the TensorRT engine (profile 1..128) are built once for the three batch sizes.
-run_section throughput 150 "$PYTHON" -m benchmarks.throughput --device cuda --image-size 448 \
-    --batch 1,32,128 --classes 150 --output-size 512x512 --warmup 2 --iters 10 --json "$LOG_DIR/throughput_448.json"
+# ---- 3b. text tower: full 77-token fp32 vs truncated, cold and warm disk cache (issue 15) ----------
+run_section text 40 "$PYTHON" -m benchmarks.text --device cuda --json "$LOG_DIR/text_cuda.json"
+TABLE_LOGS+=("$LOG_DIR/text.log")
+
+# ---- 4. end-to-end throughput: ViT-B-16 at 448 px, batch 1/32/128, 150 classes (issues 5, 15) ------
+# The naive peer against every encoder backend present x every head backend (random-init logits, and
+# the scene-like logits rows), in one process so that compiles and the TensorRT engine (profile
+# 1..128) are built once for the three batch sizes.
+run_section throughput 130 "$PYTHON" -m benchmarks.throughput --device cuda --image-size 448 \
+    --batch 1,32,128 --classes 150 --output-size 512x512 --warmup 2 --iters 8 --json "$LOG_DIR/throughput_448.json"
 TABLE_LOGS+=("$LOG_DIR/throughput.log")
 
 # ---- tables (last) -------------------------------------------------------------------------------
@@ -103,7 +110,7 @@ echo
 echo "=== tables ==="
 for log in "${TABLE_LOGS[@]}"; do
     echo "--- $(basename "$log" .log)"
-    grep -E '^(machine|config|patch similarity|\|)' "$log" || echo "(no table: see $log)"
+    grep -E '^(machine|config|patch similarity|embedder variant|\|)' "$log" || echo "(no table: see $log)"
 done
 echo
 echo "gpu_check: $([ $STATUS -eq 0 ] && echo PASSED || echo FAILED) in $(($(date +%s) - START))s; logs in $LOG_DIR"

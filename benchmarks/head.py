@@ -221,6 +221,23 @@ def bench_patch_similarity(args: argparse.Namespace, device: torch.device) -> tu
     return rows, matmul_flops
 
 
+def variant_verdict(rows: list[dict]) -> str:
+    """Which embedder variant (``pacl_fast.head.EMBEDDER_VARIANTS``) won how many (dtype, batch) cases:
+    the measurement the Head's ``embedder_variant`` switch waits for (the loser should then go)."""
+    wins = {"fused": 0, "cublas": 0}
+    cases = {(r["dtype"], r["batch"]) for r in rows}
+    for case in sorted(cases):
+        times = {
+            r["backend"]: r["median_us"] for r in rows if (r["dtype"], r["batch"]) == case and r["backend"] in wins
+        }
+        wins[min(times, key=times.get)] += 1
+    winner = max(wins, key=wins.get)
+    return (
+        f"embedder variant: {winner} wins {wins[winner]} of {len(cases)} cases (fused {wins['fused']}, cublas "
+        f"{wins['cublas']}); set PACL_FAST_EMBEDDER_VARIANT={winner}, or make it the default"
+    )
+
+
 def head_table(rows: list[dict]) -> str:
     header = "device | C | output | data | backend | median ms | speed-up | peak MiB | memory ÷ | classes/px | floor MB"
     lines = [f"| {header} | x floor | x exp floor |", "|---" * 13 + "|"]
@@ -286,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         ceiling = summary["matmul_flops"] / 1e12
         print(f"\npatch similarity (B x 196 tokens, D=768, E=512, C=150); fp16 matmul ceiling {ceiling:.0f} TFLOP/s")
         print(similarity_table(summary["patch_similarity"]))
+        print(variant_verdict(summary["patch_similarity"]))
     print()
     print(head_table(summary["head"]))
     path = args.json or Path("benchmarks/results") / f"head_{device.type}.json"
