@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import replace
@@ -418,21 +417,27 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(pacl_run, tin
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_pacl_run(pacl_run, tiny_clip_dir, tmp_path):
+    """A real Ctrl-C (SIGINT to a training process): one line, exit 130, and the same command resumes.
+
+    In a subprocess: SIGINT sent to pytest's own main thread, after other tests loaded OpenVINO, crashed
+    numpy's RNG in the scene renderer (a segfault in random_standard_normal), so the signal goes where a
+    user's would, to a process of its own."""
     out, _ = pacl_run
     interrupted = tmp_path / "interrupted"
     first = interrupted / "checkpoints" / f"step_{PACL_SAVE:08d}.pt"
-
-    def press_ctrl_c():
-        deadline = time.time() + 300
-        while not first.exists() and time.time() < deadline:
-            time.sleep(0.002)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    watcher = threading.Thread(target=press_ctrl_c, daemon=True)
-    watcher.start()
-    code, err = train(*pacl_args(tiny_clip_dir, interrupted))
-    watcher.join()
-    assert code == 130, "the run ended before Ctrl-C arrived" if code == 0 else err[-2000:]
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *map(str, pacl_args(tiny_clip_dir, interrupted))],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 130, "the run ended before Ctrl-C arrived" if process.returncode == 0 else err[-2000:]
     line = [ln for ln in err.splitlines() if ln.startswith("interrupted at step")]
     assert line and line[0].endswith("; run the same command to resume") and "Traceback" not in err
     stopped = int(line[0].split()[3].rstrip(";"))
@@ -441,8 +446,12 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_pacl_run(pacl_run, tiny_clip
     code, err = train(*pacl_args(tiny_clip_dir, interrupted))
     assert code == 0, err[-2000:]
     assert [r["step"] for r in log_of(interrupted)] == list(range(1, PACL_STEPS + 1))  # no step twice
-    assert [r["loss"] for r in log_of(interrupted)] == [r["loss"] for r in log_of(out)]
-    assert_same_weights(exported(interrupted), exported(out))
+    # (another process made the first steps: equal to rounding, where another batch would change the loss by ~0.1)
+    expected = [r["loss"] for r in log_of(out)]
+    assert [r["loss"] for r in log_of(interrupted)] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    resumed, straight = exported(interrupted), exported(out)
+    assert resumed.keys() == straight.keys()
+    assert max(float((resumed[k] - straight[k]).abs().max()) for k in resumed) <= 1e-6
 
 
 def write_scene_shards(folder: Path, shards: int = 6, per_shard: int = 6) -> str:
