@@ -1,4 +1,4 @@
-"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval``, ``classify`` and ``export``.
+"""The ``pacl-fast`` command line: ``segment``, ``demo``, ``eval``, ``classify``, ``export`` and ``serve``.
 
 Nothing heavy is imported until a command runs, so ``--help`` is instant. Errors a user can fix
 (a missing file, a bad option value, a backend that is not installed) end the command with one
@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_classify_parser(sub)
     add_export_parser(sub)
+    from pacl_fast.serve.cli import add_serve_parser, run_serve  # here: serve.cli imports this module
+
+    add_serve_parser(sub)
+    COMMANDS["serve"] = run_serve
     return parser
 
 

@@ -336,12 +336,15 @@ class Segmenter:
         for members in groups.values():
             for start in range(0, len(members), per_call):
                 batch = members[start : start + per_call]
+                sizes = [items[i].geometry.original_size for i in batch]
+                extents = [items[i].geometry.grid_extent for i in batch]
+                same = len(set(sizes)) == 1 and len(set(extents)) == 1  # then the head runs once for the batch
                 try:
                     masks = self.predict_torch(
                         torch.stack([items[i].pixels for i in batch]),
                         class_embeddings,
-                        [items[i].geometry.original_size for i in batch],
-                        grid_extent=[items[i].geometry.grid_extent for i in batch],
+                        sizes[0] if same else sizes,
+                        grid_extent=extents[0] if same else extents,
                         sliding_window=sliding_window,
                         background_threshold=background_threshold,
                         with_scores=with_scores,
@@ -350,6 +353,9 @@ class Segmenter:
                     for index in batch:
                         results[index] = error
                     continue
+                if same:
+                    labels, scores = masks
+                    masks = [(labels[k], None if scores is None else scores[k]) for k in range(len(batch))]
                 for index, (labels, scores) in zip(batch, masks):
                     results[index] = (labels.cpu(), None if scores is None else scores.cpu())
         return results

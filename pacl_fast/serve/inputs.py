@@ -1,0 +1,311 @@
+"""What a client sends, made safe: bounded bodies, in-memory multipart, image bytes, request options.
+
+Everything here treats the request as hostile. The body is read with a byte bound before anything
+is parsed; multipart is parsed in memory (no temporary files); image bytes are opened from memory
+only (a client never names a path), in an allow-list of formats, and their pixel count is checked
+from the header before a single pixel is decoded. Problems become :class:`ApiError` (a 4xx with a
+sentence naming the problem), never a 500.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from pacl_fast.serve.settings import TEMPLATE_PRESETS, ServeSettings
+
+#: PIL formats decoded from uploads (``images.IMAGE_SUFFIXES``' formats). Others are refused: some
+#: PIL plugins hand data to external programs (EPS runs Ghostscript) or parse rarely-audited formats.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+
+#: Bytes a multipart body may carry beyond the image: boundaries, part headers and the option fields.
+MULTIPART_OVERHEAD = 64 * 1024
+
+#: The options ``POST /v1/segment`` understands (query parameters or multipart fields).
+SEGMENT_OPTIONS = ("labels", "templates", "background_threshold", "sliding_window", "with_scores")
+#: The multipart field that carries the image.
+FILE_FIELD = "file"
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP ``status``, a short ``kind`` and a sentence for people."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+        self.headers = dict(headers or {})
+
+
+# ----------------------------------------------------------------------------- the body
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
+    """The whole body, refused (413) past ``limit`` bytes: at once from ``Content-Length``, else as it streams."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"Content-Length must be a number, got {content_length!r}") from None
+        if declared > limit:
+            message = f"request body has {declared} bytes, over the limit of {limit}"
+            raise ApiError(413, "too_many_bytes", message, {"Connection": "close"})
+    body = bytearray()
+    async for chunk in chunks:
+        body.extend(chunk)
+        if len(body) > limit:
+            message = f"request body is over the limit of {limit} bytes"
+            raise ApiError(413, "too_many_bytes", message, {"Connection": "close"})
+    return bytes(body)
+
+
+@dataclass
+class Upload:
+    """A parsed ``POST /v1/segment`` request: the image bytes and the option fields (name -> values)."""
+
+    image: bytes
+    fields: dict[str, list[str]]
+
+
+def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> Upload:
+    """``multipart/form-data`` in memory: exactly one ``file`` part (the image), option fields as text."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary in its Content-Type")
+
+    parts: list[dict] = []
+    header: dict[str, bytes] = {"field": b"", "value": b""}
+
+    def on_part_begin() -> None:
+        if len(parts) >= max_fields:
+            raise ApiError(400, "bad_multipart", f"more than {max_fields} multipart fields")
+        parts.append({"headers": {}, "data": bytearray()})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][header["field"].lower()] = header["value"]
+        header["field"], header["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].extend(data[start:end])
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except Exception as error:  # python_multipart raises its own error types for malformed input
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {error}") from None
+
+    image: bytes | None = None
+    fields: dict[str, list[str]] = {}
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = disposition.get(b"name")
+        if name is None:
+            raise ApiError(400, "bad_multipart", "a multipart part has no name in its Content-Disposition")
+        name = name.decode("utf-8", "replace")
+        if name == FILE_FIELD:
+            if image is not None:
+                raise ApiError(400, "bad_multipart", f"send one image: the {FILE_FIELD!r} field appears twice")
+            image = bytes(part["data"])
+            continue
+        try:
+            fields.setdefault(name, []).append(part["data"].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(422, "bad_option", f"field {name!r} is not UTF-8 text") from None
+    if image is None:
+        raise ApiError(422, "missing_image", f"no image: send it in a multipart field named {FILE_FIELD!r}")
+    return Upload(image, fields)
+
+
+# ----------------------------------------------------------------------------- the image
+
+
+def open_image(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
+    """Encoded image bytes -> a decoded PIL image, refusing too many bytes (413), too many pixels
+    (413, from the header, before decoding) and anything that is not a whole image (422)."""
+    if len(data) > max_bytes:
+        raise ApiError(413, "too_many_bytes", f"image has {len(data)} bytes, over the limit of {max_bytes}")
+    if not data:
+        raise ApiError(422, "not_an_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, "too_many_pixels", f"decompression bomb refused: {error}") from None
+    except UnidentifiedImageError:
+        raise ApiError(
+            422, "not_an_image", f"the upload is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ApiError(422, "not_an_image", f"cannot read the image header: {error}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ApiError(422, "not_an_image", f"the image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "too_many_pixels",
+            f"image has {width * height} pixels ({width}x{height}), over the limit of {max_pixels}",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+    except Image.DecompressionBombError as error:  # e.g. a TIFF whose frames disagree with the first header
+        raise ApiError(413, "too_many_pixels", f"decompression bomb refused: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        kind = "truncated" if "truncated" in str(error).lower() else "undecodable"
+        raise ApiError(422, "not_an_image", f"cannot decode the image ({image.format}, {kind}): {error}") from None
+    return image
+
+
+# ----------------------------------------------------------------------------- the options
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What a segmentation request asks for beyond the image; requests with equal options batch together."""
+
+    labels: tuple[str, ...]
+    templates: str
+    background_threshold: float | None = None
+    sliding_window: tuple[int, int, int] | None = None  # (crop, stride, short side)
+    with_scores: bool = False
+
+
+def parse_labels(value: str | list, settings: ServeSettings) -> tuple[str, ...]:
+    """``"a, b, c"`` or a JSON list of strings -> class names, validated (count, length, blanks, duplicates)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ApiError(422, "bad_labels", f"labels look like JSON but are not: {error}") from None
+        else:
+            value = [name.strip() for name in text.split(",")] if text else []
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise ApiError(422, "bad_labels", "labels must be comma-separated names or a JSON list of strings")
+    names = [name.strip() for name in value]
+    if not names:
+        raise ApiError(422, "bad_labels", "labels is empty: give at least one class name, e.g. labels=cat,dog")
+    if any(not name for name in names):
+        raise ApiError(422, "bad_labels", f"labels has an empty name in {value!r}")
+    if len(names) > settings.max_labels:
+        raise ApiError(422, "too_many_labels", f"{len(names)} labels, over the limit of {settings.max_labels}")
+    long = [name[:40] + "..." for name in names if len(name) > settings.max_label_chars]
+    if long:
+        raise ApiError(422, "bad_labels", f"labels over {settings.max_label_chars} characters: {long}")
+    seen: set[str] = set()
+    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+    if duplicates:
+        raise ApiError(422, "bad_labels", f"labels has duplicates: {duplicates}")
+    return tuple(names)
+
+
+def _boolean(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ApiError(422, "bad_option", f"{name} must be true or false, got {value!r}")
+
+
+def default_sliding_window(image_size: int, patch_size: int) -> tuple[int, int, int]:
+    """``(crop, stride, short side)`` for ``sliding_window=true``: model-size crops, half overlap, 2x short side."""
+    crop = max(patch_size, image_size // patch_size * patch_size)
+    stride = max(patch_size, crop // 2 // patch_size * patch_size)
+    return crop, stride, 2 * image_size
+
+
+def parse_sliding_window(value: str, image_size: int, patch_size: int) -> tuple[int, int, int] | None:
+    """``true`` (the default window), ``false``, or ``CROP,STRIDE[,SHORT]`` pixels, at most 4x the model's size."""
+    text = value.strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return default_sliding_window(image_size, patch_size)
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3):
+        raise ApiError(422, "bad_option", f"sliding_window must be true, false or CROP,STRIDE[,SHORT], got {value!r}")
+    crop, stride = numbers[:2]
+    short = numbers[2] if len(numbers) == 3 else image_size
+    limit = 4 * image_size
+    if not (0 < stride <= crop <= limit and patch_size <= short <= limit):
+        raise ApiError(
+            422,
+            "bad_option",
+            f"sliding_window {value!r}: need 0 < STRIDE <= CROP <= {limit} and {patch_size} <= SHORT <= {limit}",
+        )
+    if crop % patch_size or stride % patch_size:
+        raise ApiError(
+            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the patch size {patch_size}"
+        )
+    return crop, stride, short
+
+
+def parse_threshold(value: str) -> float | None:
+    if not value.strip():
+        return None
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:
+        raise ApiError(422, "bad_option", f"background_threshold must be a probability in [0, 1], got {value!r}")
+    return threshold
+
+
+def parse_segment_options(
+    fields: Mapping[str, list[str]], settings: ServeSettings, image_size: int, patch_size: int
+) -> SegmentOptions:
+    """Option fields (name -> the values sent) -> :class:`SegmentOptions`; unknown or repeated names are errors."""
+    unknown = sorted(set(fields) - set(SEGMENT_OPTIONS))
+    if unknown:
+        raise ApiError(
+            422, "unknown_option", f"unknown option(s) {unknown}; /v1/segment understands {', '.join(SEGMENT_OPTIONS)}"
+        )
+    repeated = sorted(name for name, values in fields.items() if len(values) > 1)
+    if repeated:
+        raise ApiError(422, "bad_option", f"option(s) given more than once: {repeated}")
+    value = {name: values[0] for name, values in fields.items()}
+    if "labels" not in value:
+        raise ApiError(422, "bad_labels", "labels are missing: give labels=cat,dog,sofa")
+    templates = value.get("templates", "").strip() or settings.templates
+    if templates not in TEMPLATE_PRESETS:
+        raise ApiError(422, "bad_option", f"templates must be one of {', '.join(TEMPLATE_PRESETS)}, got {templates!r}")
+    return SegmentOptions(
+        labels=parse_labels(value["labels"], settings),
+        templates=templates,
+        background_threshold=parse_threshold(value.get("background_threshold", "")),
+        sliding_window=parse_sliding_window(value.get("sliding_window", ""), image_size, patch_size),
+        with_scores=_boolean("with_scores", value.get("with_scores", "")),
+    )

@@ -1,0 +1,60 @@
+"""What a ``pacl-fast serve`` process allows and how it batches: :class:`ServeSettings`, and the presets.
+
+Kept free of torch and FastAPI imports so that ``pacl-fast serve --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Template presets a request may name (``templates=``): the engine's three sets and the synthetic world's.
+TEMPLATE_PRESETS = ("imagenet", "short", "single", "synthetic")
+
+#: Default decoded-image limit of the service (the engine's ``images.DEFAULT_MAX_PIXELS``).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of one service process (the ``pacl-fast serve`` options of the same names).
+
+    Attributes:
+        max_batch: images run through the model together, at most.
+        max_wait_ms: how long the first queued request waits for others before its batch runs.
+        max_queue: requests admitted and waiting for the model (being decoded or queued), at most;
+            the next one is answered 503 with ``Retry-After``.
+        max_image_bytes: largest encoded image accepted (the request body is cut off past it).
+        max_pixels: largest decoded image (width x height), checked from the header before decoding.
+        max_labels: most class names in one request.
+        max_label_chars: longest class name.
+        timeout: seconds from a request's arrival to its answer; past it the answer is 504 and work
+            not started yet is dropped.
+        templates: the template preset used when a request names none (``None``: ``imagenet``).
+        max_windows: most sliding windows per image a request may ask for.
+        warmup: run one image through the model before reporting ready.
+    """
+
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_image_bytes: int = 20 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_labels: int = 200
+    max_label_chars: int = 200
+    timeout: float = 30.0
+    templates: str = "imagenet"
+    max_windows: int = 64
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_image_bytes", "max_pixels", "max_labels", "max_label_chars",
+                     "max_windows"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        if self.templates not in TEMPLATE_PRESETS:
+            raise ValueError(f"templates must be one of {', '.join(TEMPLATE_PRESETS)}, got {self.templates!r}")

@@ -1,0 +1,578 @@
+"""``pacl-fast serve``: the API through FastAPI's test client, and one real uvicorn process.
+
+Expected outputs come from ``Segmenter.predict`` on the same image and labels (the engine's
+user-level door), shares from counting its label map, overlays from ``Segmentation.overlay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from conftest import make_segmenter
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from pacl_fast.images import SlidingWindow
+from pacl_fast.serve.app import create_app, label_map_from_png
+from pacl_fast.serve.batcher import NotReady
+from pacl_fast.serve.cli import add_serve_parser, resolve_model_options, run_serve, settings_from_args
+from pacl_fast.serve.settings import ServeSettings
+
+LABELS = ("circle", "square", "sky")
+SETTINGS = ServeSettings(
+    max_batch=8,
+    max_wait_ms=20,
+    max_queue=16,
+    max_image_bytes=300_000,
+    max_pixels=1_000_000,
+    max_labels=8,
+    timeout=30,
+    templates="single",
+)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_image(seed: int, height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the service never became ready"
+        time.sleep(0.05)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def post_image(client, image: bytes, labels=LABELS, accept: str = "application/json", **options):
+    data = {"labels": ",".join(labels) if isinstance(labels, (tuple, list)) else labels, **options}
+    return client.post(
+        "/v1/segment", files={"file": ("image.png", image, "image/png")}, data=data, headers={"Accept": accept}
+    )
+
+
+def labels_of(body: dict) -> np.ndarray:
+    return label_map_from_png(base64.b64decode(body["labels_png"]), len(body["classes"]))
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_config):
+    return make_segmenter(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def client(segmenter):
+    app = create_app(segmenter, SETTINGS)
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client
+
+
+# ----------------------------------------------------------------------------- page, health, info
+
+
+def test_page_health_info_and_docs(client, segmenter):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assets = [page.text] + [client.get(f"/static/{name}").text for name in ("app.js", "style.css")]
+    for text in assets:
+        assert text  # served
+        # no CDN: nothing is fetched from another origin (links to this server's /docs are relative)
+        assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text), "the page loads from another origin"
+        assert not re.search(r"(fetch|import|url)\s*\(\s*[\"']?(https?:)?//", text)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/v1/info").json()
+    assert info["method"] == segmenter.method == "pacl"
+    assert (info["image_size"], info["patch_size"]) == (segmenter.image_size, segmenter.patch_size)
+    assert info["limits"]["max_labels"] == SETTINGS.max_labels
+    from pacl_fast.data.segmentation import VOC_CLASSES
+    from pacl_fast.data.synthetic import CLASS_NAMES
+
+    assert info["label_presets"]["shapes"] == list(CLASS_NAMES)
+    assert "aeroplane" in info["label_presets"]["voc"] and "background" not in info["label_presets"]["voc"]
+    assert len(info["label_presets"]["voc"]) == len(VOC_CLASSES) - 1
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
+    assert "/v1/embed-labels" in schema["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+# ----------------------------------------------------------------------------- answers equal predict
+
+
+def test_segment_json_equals_predict(client, segmenter):
+    image = random_image(0, 37, 53)  # odd, non-square
+    response = post_image(client, png(image), with_scores="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = segmenter.predict(image, LABELS, templates="single")
+    labels = labels_of(body)
+    assert labels.dtype == np.int16 and labels.shape == (37, 53) == (body["height"], body["width"])
+    assert np.array_equal(labels, expected.labels)
+    scores = np.load(io.BytesIO(base64.b64decode(body["scores_npy"])), allow_pickle=False)
+    assert scores.dtype == np.float32 and np.array_equal(scores, expected.scores)
+    counts = np.array([(expected.labels == c).sum() for c in range(len(LABELS))])
+    assert body["classes"] == list(LABELS)
+    np.testing.assert_allclose(body["shares"], counts / expected.labels.size)
+    assert body["background_share"] == 0.0
+    label_png = Image.open(io.BytesIO(base64.b64decode(body["labels_png"])))
+    assert label_png.mode == "P"
+    colours = np.asarray(label_png.convert("RGB"))
+    for c, colour in enumerate(body["palette"]):  # the palette in the JSON is the PNG's
+        assert (colours[expected.labels == c] == colour).all()
+
+
+def test_raw_body_with_query_options_and_background(client, segmenter):
+    image = random_image(1, 61, 29)
+    plain = segmenter.predict(image, LABELS, templates="single")
+    threshold = float(np.quantile(plain.scores, 0.5))  # half of the pixels fall under it
+    response = client.post(
+        "/v1/segment",
+        params={
+            "labels": '["circle", "square", "sky"]',
+            "background_threshold": repr(threshold),
+            "templates": "single",
+        },
+        content=png(image),
+        headers={"Content-Type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = segmenter.predict(image, LABELS, templates="single", background_threshold=threshold)
+    assert (expected.labels == -1).any() and (expected.labels >= 0).any()  # the threshold bites here
+    assert np.array_equal(labels_of(body), expected.labels)
+    assert body["background_share"] == pytest.approx((expected.labels == -1).mean())
+    assert body["scores_npy"] is None
+
+
+def test_accept_png_answers_the_overlay(client, segmenter):
+    image = random_image(2, 45, 70)
+    response = post_image(client, png(image), accept="image/png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    overlay = np.asarray(Image.open(io.BytesIO(response.content)))
+    expected = segmenter.predict(image, LABELS, templates="single").overlay()
+    assert np.array_equal(overlay, np.asarray(expected))
+
+
+def test_sliding_window_equals_predict(client, segmenter):
+    image = random_image(3, 50, 90)
+    response = post_image(client, png(image), sliding_window="32,16,80")
+    assert response.status_code == 200, response.text
+    expected = segmenter.predict(image, LABELS, templates="single", sliding_window=SlidingWindow(32, 16, 80))
+    assert np.array_equal(labels_of(response.json()), expected.labels)
+
+
+def test_concurrent_requests_batch_and_equal_predict(client, segmenter):
+    """Requests queued while the worker is held run together, grouped by options and canvas size."""
+    other = ("dog", "grass")
+    specs = [  # (image, labels): three share labels and canvas size, so they batch together
+        (random_image(10, 40, 64), LABELS),
+        (random_image(11, 40, 64), LABELS),
+        (random_image(12, 40, 64), LABELS),
+        (random_image(13, 64, 40), LABELS),  # other canvas
+        (random_image(14, 40, 64), other),  # other labels
+        (random_image(15, 40, 64), other),
+    ]
+    batcher = client.app.state.batcher
+    with ThreadPoolExecutor(len(specs)) as pool:
+        with batcher.hold():
+            futures = [pool.submit(post_image, client, png(image), labels) for image, labels in specs]
+            wait_for(lambda: batcher.queued == len(specs))
+        responses = [future.result() for future in futures]
+    for (image, labels), response in zip(specs, responses):
+        assert response.status_code == 200, response.text
+        expected = segmenter.predict(image, labels, templates="single")
+        assert np.array_equal(labels_of(response.json()), expected.labels)
+    assert [r.json()["batch_size"] for r in responses] == [3, 3, 3, 1, 2, 2]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (a decompression bomb's shape) with a tiny body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+GOOD = png(random_image(20, 32, 48))
+BIG = png(np.zeros((1000, 1001), np.uint8))  # 1,001,000 pixels, a few kB
+
+
+def multipart(fields: list[tuple[str, tuple | str]]) -> dict:
+    return {"files": [(name, value) for name, value in fields]}
+
+
+BAD_REQUESTS = {
+    "not an image": (dict(content=b"hello, world", params={"labels": "a"}), 422, "not an image"),
+    "a path instead of an image": (dict(content=b"/etc/passwd", params={"labels": "a"}), 422, "not an image"),
+    "truncated png": (dict(content=GOOD[: len(GOOD) // 2], params={"labels": "a"}), 422, "cannot decode"),
+    "truncated jpeg": (dict(content=jpeg(random_image(21, 64, 64))[:-300], params={"labels": "a"}), 422, "truncated"),
+    "decompression bomb": (dict(content=png_header_only(100_000, 100_000), params={"labels": "a"}), 413, "bomb"),
+    "too many pixels": (dict(content=BIG, params={"labels": "a"}), 413, "over the limit of 1000000"),
+    "too many bytes": (dict(content=b"\0" * 300_001, params={"labels": "a"}), 413, "body has 300001 bytes, over"),
+    "too many bytes, streamed": (
+        dict(content=[b"\0" * 200_000] * 2, params={"labels": "a"}),
+        413,
+        "body is over the limit of 300000 bytes",
+    ),  # fmt: skip
+    "image over the limit in a form": (
+        multipart([("file", ("a.png", b"\0" * 300_001)), ("labels", (None, "a"))]),
+        413,
+        "image has 300001 bytes, over the limit of 300000",
+    ),  # fmt: skip
+    "unsupported format": (dict(content=b"P6\n4 4\n255\n" + bytes(48), params={"labels": "a"}), 422, "supported"),
+    "too many labels": (dict(params={"labels": ",".join("abcdefghi")}), 422, "9 labels, over the limit of 8"),
+    "empty labels": (dict(params={"labels": ""}), 422, "labels is empty"),
+    "blank label": (dict(params={"labels": "a, ,b"}), 422, "empty name"),
+    "duplicate labels": (dict(params={"labels": "a,b,a"}), 422, "duplicates: ['a']"),
+    "labels missing": (dict(params={}), 422, "labels are missing"),
+    "labels bad json": (dict(params={"labels": "[1, 2]"}), 422, "JSON list of strings"),
+    "unknown option": (dict(params={"labels": "a", "colour": "red"}), 422, "unknown option(s) ['colour']"),
+    "repeated option": (dict(params=[("labels", "a"), ("labels", "b")]), 422, "more than once: ['labels']"),
+    "threshold over 1": (dict(params={"labels": "a", "background_threshold": "1.5"}), 422, "background_threshold"),
+    "threshold not a number": (dict(params={"labels": "a", "background_threshold": "x"}), 422, "[0, 1]"),
+    "unknown templates": (dict(params={"labels": "a", "templates": "poems"}), 422, "templates must be one of"),
+    "window off the patch grid": (dict(params={"labels": "a", "sliding_window": "36,12"}), 422, "multiples"),
+    "window stride over crop": (dict(params={"labels": "a", "sliding_window": "16,32"}), 422, "STRIDE <= CROP"),
+    "window too large": (dict(params={"labels": "a", "sliding_window": "512,256"}), 422, "CROP <= 256"),
+    "window garbage": (dict(params={"labels": "a", "sliding_window": "big"}), 422, "CROP,STRIDE"),
+    "too many windows": (dict(params={"labels": "a", "sliding_window": "8,8,256"}), 422, "windows, over the limit"),
+    "with_scores not a boolean": (dict(params={"labels": "a", "with_scores": "maybe"}), 422, "true or false"),
+    "json body": (dict(json={"labels": "a"}), 415, "multipart/form-data"),
+    "no file field": (multipart([("labels", (None, "a"))]), 422, "no image"),
+    "two files": (
+        multipart([("file", ("a.png", GOOD)), ("file", ("b.png", GOOD)), ("labels", (None, "a"))]),
+        400,
+        "appears twice",
+    ),  # fmt: skip
+    "unknown form field": (
+        multipart([("file", ("a.png", GOOD)), ("labels", (None, "a")), ("x", (None, "1"))]),
+        422,
+        "unknown option(s) ['x']",
+    ),  # fmt: skip
+    "option in form and query": (
+        dict(params={"labels": "a"}, **multipart([("file", ("a.png", GOOD)), ("labels", (None, "b"))])),
+        422,
+        "both in the query and in the form",
+    ),
+    "path in the file field": (
+        multipart([("file", (None, "/etc/passwd")), ("labels", (None, "a"))]),
+        422,
+        "not an image",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_naming_the_problem(client, case):
+    request, status, message = BAD_REQUESTS[case]
+    request = dict(request)
+    headers = {}
+    if "content" in request:
+        headers["Content-Type"] = "image/png"
+    elif "files" not in request and "json" not in request:
+        request["content"], headers["Content-Type"] = GOOD, "image/png"
+    response = client.post("/v1/segment", headers=headers, **request)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert message in body["detail"], body
+    assert "root:" not in response.text  # nothing of /etc/passwd ever comes back
+
+
+def test_bad_input_leaves_the_service_serving(client, segmenter):
+    for request, _, _ in list(BAD_REQUESTS.values())[:6]:
+        client.post("/v1/segment", headers={"Content-Type": "image/png"}, **request)
+    assert client.post("/nowhere").json()["error"] == "not_found"
+    assert client.get("/v1/segment").status_code == 405
+    image = random_image(22, 33, 47)
+    response = post_image(client, png(image))
+    assert response.status_code == 200
+    assert np.array_equal(labels_of(response.json()), segmenter.predict(image, LABELS, templates="single").labels)
+    samples = metric_samples(client.get("/metrics").text)
+    server_errors = [v for (name, labels), v in samples.items() if name == "pacl_serve_errors_total" and
+                     dict(labels)["code"].startswith("5")]  # fmt: skip
+    assert not server_errors, "a bad input became a 5xx"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"labels": []}, "labels is empty"),
+        ({"labels": ["a", "a"]}, "duplicates"),
+        ({"labels": "a,b", "extra": 1}, "extra: Extra inputs are not permitted"),
+        ({"labels": "a", "templates": "sonnets"}, "templates must be one of"),
+        ({}, "labels: Field required"),
+    ],
+)
+def test_embed_labels_bad_input(client, body, message):
+    response = client.post("/v1/embed-labels", json=body)
+    assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
+def test_embed_labels_fills_the_cache_that_segment_uses(client, segmenter):
+    labels = ("violet", "indigo", "teal")
+    width = segmenter.encode_labels(["x"], "single").shape[1]
+    text = segmenter.text_embedder
+    before = text.encoded_prompts  # prompts run through the text tower so far
+    response = client.post("/v1/embed-labels", json={"labels": list(labels), "templates": "short"})
+    assert response.status_code == 200, response.text
+    assert response.json()["embedding_shape"] == [3, width]
+    warmed = text.encoded_prompts
+    assert warmed > before
+    assert post_image(client, GOOD, labels, templates="short").status_code == 200
+    assert text.encoded_prompts == warmed  # the segmentation found them cached
+
+
+# ----------------------------------------------------------------------------- backpressure, timeouts, metrics
+
+
+@pytest.fixture(scope="module")
+def small_client(tiny_config):
+    """A second app (own registry, own segmenter) with a queue of 2 and a 1.5 s timeout."""
+    settings = ServeSettings(max_batch=4, max_wait_ms=1, max_queue=2, timeout=1.5, templates="single")
+    with TestClient(create_app(make_segmenter(tiny_config), settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_full_queue_answers_503_and_accepted_requests_complete(small_client, segmenter):
+    batcher = small_client.app.state.batcher
+    images = [random_image(30 + i, 40, 50) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        with batcher.hold():
+            futures = [pool.submit(post_image, small_client, png(image)) for image in images]
+            wait_for(lambda: batcher.depth == 2)
+            refused = post_image(small_client, GOOD)
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert refused.json()["error"] == "queue_full"
+            assert refused.headers["Connection"] == "close"  # its body was never read
+        for image, future in zip(images, futures):
+            response = future.result()
+            assert response.status_code == 200, response.text
+            assert np.array_equal(
+                labels_of(response.json()), segmenter.predict(image, LABELS, templates="single").labels
+            )
+
+
+def test_timeout_answers_504_and_drops_the_work(small_client):
+    batcher = small_client.app.state.batcher
+
+    def batches_run() -> float:
+        return metric_samples(small_client.get("/metrics").text)[("pacl_serve_batch_images_count", ())]
+
+    before = batches_run()
+    with batcher.hold():
+        start = time.monotonic()
+        response = post_image(small_client, GOOD)
+        waited = time.monotonic() - start
+        assert (batcher.queued, batcher.depth) == (0, 0)  # withdrawn from the queue, its place given back
+    assert response.status_code == 504 and response.json()["error"] == "timeout", response.text
+    assert 1.5 <= waited < 5
+    after = post_image(small_client, GOOD)  # runs alone: the timed-out job is not in its batch
+    assert after.status_code == 200 and after.json()["batch_size"] == 1
+    assert batches_run() == before + 1
+    samples = metric_samples(small_client.get("/metrics").text)
+    assert samples[("pacl_serve_dropped_total", (("stage", "queued"),))] == 1
+
+
+def test_metrics_text(client, small_client):
+    samples = metric_samples(client.get("/metrics").text)
+    ok = samples[("pacl_serve_requests_total", (("code", "200"), ("endpoint", "/v1/segment")))]
+    assert ok >= 5
+    assert samples[("pacl_serve_errors_total", (("code", "422"), ("kind", "bad_labels")))] >= 3
+    assert samples[("pacl_serve_queue_depth", ())] == 0
+    assert samples[("pacl_serve_batch_images_count", ())] >= 1
+    batches = samples[("pacl_serve_batch_images_count", ())]
+    assert samples[("pacl_serve_batch_images_bucket", (("le", "2.0"),))] < batches  # the batch of 3
+    assert samples[("pacl_serve_batch_images_bucket", (("le", "1.0"),))] < batches - 1  # and the batch of 2
+    assert samples[("pacl_serve_request_seconds_count", (("endpoint", "/v1/segment"),))] >= ok
+    assert ("pacl_serve_queue_wait_seconds_count", ()) in samples and ("pacl_serve_batch_seconds_sum", ()) in samples
+    # each app counts its own requests (own registry)
+    small = metric_samples(small_client.get("/metrics").text)
+    assert small[("pacl_serve_requests_total", (("code", "200"), ("endpoint", "/v1/segment")))] < ok
+
+
+def test_loading_and_failed_models_are_not_ready(tiny_config):
+    release = threading.Event()
+    failures = []
+
+    def slow_factory():
+        release.wait(10)
+        return make_segmenter(tiny_config)
+
+    with TestClient(create_app(slow_factory, SETTINGS)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").json() == {"status": "loading"}
+        with pytest.raises(NotReady, match="loading"):
+            client.app.state.batcher.admit()
+        refused = post_image(client, GOOD)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        release.set()
+        wait_ready(client)
+        assert post_image(client, GOOD).status_code == 200
+
+    def broken_factory():
+        raise FileNotFoundError("no weights at /nowhere")
+
+    with TestClient(create_app(broken_factory, SETTINGS, on_fatal=failures.append)) as client:
+        wait_for(lambda: client.get("/readyz").json()["status"] == "failed")
+        assert "no weights at /nowhere" in client.get("/readyz").json()["detail"]
+    assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------- command line, real process
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacl-fast")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_command_line_options(tmp_path, capsys):
+    args = serve_parser().parse_args(["serve", "--clip", "demo", "--max-batch", "16", "--timeout", "2.5"])
+    settings = settings_from_args(args)
+    assert (settings.max_batch, settings.timeout, settings.templates) == (16, 2.5, "synthetic")
+    assert (args.host, args.batch_size) == ("127.0.0.1", None)
+    resolve_model_options(args)
+    assert args.batch_size == 16  # the encoder's batch follows --max-batch
+    assert args.no_text_cache  # client-chosen class names are not written to disk unless asked
+    opted_in = serve_parser().parse_args(["serve", "--disk-text-cache", "--batch-size", "4"])
+    resolve_model_options(opted_in)
+    assert (opted_in.no_text_cache, opted_in.batch_size) == (False, 4)
+    assert settings_from_args(serve_parser().parse_args(["serve"])).templates == "imagenet"
+    for bad in (["--max-batch", "0"], ["--timeout", "-1"], ["--port", "70000"], ["--templates", "odes"]):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(["serve", *bad])
+        assert bad[0] in capsys.readouterr().err
+    from pacl_fast.cli import UsageError
+
+    missing = serve_parser().parse_args(["serve", "--pacl-weights", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(UsageError, match="no such file"):
+        run_serve(missing)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def uvicorn_process(tmp_path_factory):
+    """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started first: it loads while
+    the other tests run, and :func:`test_real_uvicorn_process` (last) talks to it."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pacl_fast.serve",
+            "--clip",
+            "demo",
+            "--port",
+            str(port),
+            "--max-batch",
+            "4",
+            "--device",
+            "cpu",
+            "--no-access-log",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    yield process, f"http://127.0.0.1:{port}", log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.close()
+
+
+def test_real_uvicorn_process(uvicorn_process):
+    """The real server: ready, segments like predict, stops cleanly (exit 0) on SIGINT."""
+    from pacl_fast.data.synthetic import CLASS_NAMES, SYNTHETIC_TEMPLATES, render_scene
+    from pacl_fast.demo import demo_segmenter
+
+    process, base, log = uvicorn_process
+    scene = render_scene(3, seed=100)
+    expected = demo_segmenter().predict(scene.image, CLASS_NAMES, templates=SYNTHETIC_TEMPLATES)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "the server exited early"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server was not ready within 120 s"
+        time.sleep(0.2)
+    response = httpx.post(
+        f"{base}/v1/segment",
+        files={"file": ("scene.png", png(scene.image), "image/png")},
+        data={"labels": ",".join(CLASS_NAMES)},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert np.array_equal(labels_of(response.json()), expected.labels)
+    assert httpx.get(f"{base}/v1/info").json()["default_templates"] == "synthetic"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    log.seek(0)
+    output = log.read()
+    assert "Traceback" not in output and "ready" in output, output

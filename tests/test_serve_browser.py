@@ -1,0 +1,278 @@
+"""The page of ``pacl-fast serve`` in headless Chromium, against a real server running the demo model.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and selenium. Marked
+``slow`` and ``browser``: the default run leaves it out, ``.ci/run`` runs ``pytest -m browser``.
+Set ``PACL_SERVE_SCREENSHOT=path.png`` to keep the screenshot (else it goes to pytest's tmp folder),
+and ``PACL_FAST_REQUIRE_BROWSER=1`` to fail rather than skip when the browser is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = os.environ.get("PACL_FAST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PACL_FAST_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+    "--force-device-scale-factor=1",
+)
+UPSCALE = 4  # scenes are rendered at the demo model's 64 px and shown 4x (nearest) for people to see
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("PACL_FAST_REQUIRE_BROWSER"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pacl_fast.serve", "--clip", "demo", "--device", "cpu", "--port", str(port)]
+        + ["--no-access-log"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, "the server exited early"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server was not ready within 180 s"
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        _missing(f"{CHROMIUM} / {CHROMEDRIVER} not found: apt-get install chromium chromium-driver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium is not installed: pip install selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def scene_with_several_shapes():
+    """A demo-world scene (64 px) with at least three shape classes, and the same scene upscaled 4x."""
+    from pacl_fast.data.synthetic import render_scene
+
+    for index in range(100):
+        scene = render_scene(index, seed=100)
+        if len({kind for kind, _ in scene.objects}) >= 3:
+            return scene, np.repeat(np.repeat(scene.image, UPSCALE, axis=0), UPSCALE, axis=1)
+    raise AssertionError("no scene with three shape classes in the first 100")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def canvas_rgb(driver, element_id: str) -> np.ndarray:
+    """A canvas's pixels as ``[H, W, 3]`` uint8, read in the page."""
+    width, height, data = driver.execute_script(
+        "const c = document.getElementById(arguments[0]);"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let s = '';"
+        "for (let i = 0; i < d.length; i += 8192) s += String.fromCharCode.apply(null, d.subarray(i, i + 8192));"
+        "return [c.width, c.height, btoa(s)];",
+        element_id,
+    )
+    return np.frombuffer(base64.b64decode(data), np.uint8).reshape(height, width, 4)[..., :3]
+
+
+def wait_until(driver, condition, timeout: float = 60.0, message: str = "") -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message)
+
+
+def test_page_segments_a_scene_like_the_api(server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from pacl_fast.data.synthetic import CLASS_NAMES
+    from pacl_fast.results import palette
+
+    scene, image = scene_with_several_shapes()
+    path = tmp_path / "scene.png"
+    path.write_bytes(png_bytes(image))
+    labels = ", ".join(CLASS_NAMES)
+    threshold = "0.6"  # the demo model's winner probability is low on the background: leave it unpainted
+
+    # What the API says for this image and these labels (JSON label map, and its own overlay PNG).
+    options = {"labels": labels, "background_threshold": threshold}
+    upload = {"file": ("scene.png", path.read_bytes(), "image/png")}
+    api = httpx.post(f"{server}/v1/segment", files=upload, data=options, timeout=60)
+    assert api.status_code == 200, api.text
+    body = api.json()
+    label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["labels_png"])))).astype(np.int16)
+    label_map[label_map == 255] = -1
+    assert label_map.shape == image.shape[:2]
+    assert (label_map == -1).any() and len(np.unique(label_map)) >= 4  # background and three shapes at least
+    accept_png = {"Accept": "image/png"}
+    api_overlay = httpx.post(f"{server}/v1/segment", files=upload, data=options, headers=accept_png, timeout=60)
+    api_overlay = np.asarray(Image.open(io.BytesIO(api_overlay.content)).convert("RGB"))
+
+    driver = browser
+    driver.get(f"{server}/")
+    wait_until(driver, lambda d: d.find_element(By.ID, "method").text == "pacl", message="/v1/info never loaded")
+    assert "Synthetic shapes" in [b.text for b in driver.find_elements(By.CSS_SELECTOR, "#presets button")]
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    textarea = driver.find_element(By.ID, "labels")
+    textarea.clear()
+    textarea.send_keys(labels)
+    driver.find_element(By.ID, "use-threshold").click()
+    driver.execute_script(
+        "const r = document.getElementById('threshold'); r.value = arguments[0];r.dispatchEvent(new Event('input'));",
+        threshold,
+    )
+    assert driver.find_element(By.ID, "threshold-value").text == "0.60"
+    run = driver.find_element(By.ID, "run")
+    wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
+    run.click()
+    wait_until(
+        driver,
+        lambda d: (
+            d.find_element(By.ID, "legend").is_displayed() and d.execute_script("return !!window.paclPage.result")
+        ),
+        message="no result on the page",
+    )
+    assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error").text
+
+    # The legend lists the classes (with their shares), in order.
+    rows = driver.find_elements(By.CSS_SELECTOR, "#legend tbody tr")
+    names = [row.find_elements(By.TAG_NAME, "td")[1].text for row in rows]
+    assert names == [*CLASS_NAMES, "(background)"]
+    shares = [float(row.find_elements(By.TAG_NAME, "td")[2].text.rstrip(" %")) for row in rows]
+    expected_shares = [100 * (label_map == c).mean() for c in [*range(len(CLASS_NAMES)), -1]]
+    np.testing.assert_allclose(shares, expected_shares, atol=0.051)
+
+    # The page's label map (decoded from the palette PNG in the browser) is the API's.
+    page_labels = driver.execute_script("return Array.from(window.paclPage.result.labels)")
+    assert np.array_equal(np.asarray(page_labels, np.int16).reshape(label_map.shape), label_map)
+
+    # The overlay on the page: the photo blended with the label map's colours (alpha 0.5), pixel for pixel
+    # what the API's own overlay is, and what the label map and the photo say it must be.
+    overlay = canvas_rgb(driver, "overlay")
+    colours = palette(len(CLASS_NAMES)).astype(np.float32)[np.clip(label_map, 0, None)]
+    blend = np.round(image.astype(np.float32) * 0.5 + colours * 0.5).astype(np.uint8)
+    expected = np.where((label_map == -1)[..., None], image, blend)
+    assert np.array_equal(overlay, expected)
+    assert np.array_equal(overlay, api_overlay)
+    assert np.array_equal(canvas_rgb(driver, "photo"), image)
+
+    # The class under the cursor: point at the middle of the largest segment.
+    largest = int(np.argmax([(label_map == c).sum() for c in range(len(CLASS_NAMES))]))
+    ys, xs = np.nonzero(label_map == largest)
+    pick = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+    y, x = int(ys[pick]), int(xs[pick])
+    canvas = driver.find_element(By.ID, "overlay")
+    rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", canvas)
+    scale_x, scale_y = rect[0] / image.shape[1], rect[1] / image.shape[0]
+    offset = (round((x + 0.5) * scale_x - rect[0] / 2), round((y + 0.5) * scale_y - rect[1] / 2))
+    ActionChains(driver).move_to_element_with_offset(canvas, *offset).perform()
+    hover = driver.find_element(By.ID, "hover").text
+    assert hover.endswith(f": {CLASS_NAMES[largest]}"), hover
+
+    # The download link carries the label PNG.
+    link = driver.find_element(By.ID, "download")
+    assert link.is_displayed() and link.get_attribute("download") == "scene_labels.png"
+    href = link.get_attribute("href")
+    assert href.startswith("data:image/png;base64,")
+    downloaded = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))).astype(np.int16)
+    assert np.array_equal(np.where(downloaded == 255, -1, downloaded), label_map)
+
+    screenshot = Path(os.environ.get("PACL_SERVE_SCREENSHOT") or tmp_path / "serve_page.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(screenshot))
+    assert Image.open(screenshot).size[0] > 0
+
+    # An API error is shown on the page in words, and the page keeps working.
+    textarea.clear()
+    textarea.send_keys("circle, circle")
+    run.click()
+    error = driver.find_element(By.ID, "error")
+    wait_until(driver, lambda d: error.is_displayed(), message="the API error never appeared")
+    assert "422" in error.text and "duplicates" in error.text, error.text
+
+
+def test_page_works_offline_and_reports_a_bad_file(server, browser, tmp_path):
+    """Nothing is fetched from another origin, and a file the server cannot read gives an error in words."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(f"{server}/")
+    wait_until(driver, lambda d: d.find_element(By.ID, "method").text == "pacl", message="/v1/info never loaded")
+    origins = driver.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
+    assert set(origins) <= {server}, origins
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"these are not pixels")
+    driver.find_element(By.ID, "file").send_keys(str(bad))
+    textarea = driver.find_element(By.ID, "labels")
+    textarea.clear()
+    textarea.send_keys("circle, square")
+    run = driver.find_element(By.ID, "run")
+    wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
+    run.click()
+    error = driver.find_element(By.ID, "error")
+    wait_until(driver, lambda d: "not an image" in error.text, message="no error for a file that is not an image")
+    assert error.text.startswith("Error 422")
