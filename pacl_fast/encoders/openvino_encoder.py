@@ -28,12 +28,16 @@ segmenter's :func:`~pacl_fast.images.fit_to_model` input; other aspects are crop
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -114,6 +118,43 @@ def _digest(description: object) -> str:
 
 
 # --- calibration -------------------------------------------------------------------------------------
+
+
+class _StackT(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]  # Linux's stack_t
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Leave the calling thread's alternate signal stack as it was, whatever OpenVINO does inside.
+
+    Why: OpenVINO's CPU plugin registers an alternate signal stack on the calling thread when it
+    builds an engine (``create_plugin_engine`` in ``libopenvino_intel_cpu_plugin.so``, seen with gdb)
+    and frees it with the engine without always unregistering it. CPython installs its signal
+    handlers with ``SA_ONSTACK`` (SIGINT; torch's DataLoader adds SIGCHLD), so the next such signal
+    then runs on freed memory: the test suite segfaulted in a later SIGINT and in a DataLoader
+    worker's SIGCHLD. Linux only (elsewhere a no-op); two system calls per use.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    before = _StackT()
+    libc.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
+@functools.cache
+def _libc():  # noqa: ANN202 - ctypes.CDLL or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -491,7 +532,7 @@ class OpenVINOEncoder:
 
     def _prepare(self, image_size: tuple[int, int]) -> _Compiled:
         """The compiled model for this size: from the cache when whole, else built; a broken folder is rebuilt once."""
-        with self._lock:
+        with self._lock, keep_signal_stack():
             if image_size in self._compiled:
                 return self._compiled[image_size]
             for attempt in range(2):
@@ -542,7 +583,7 @@ class OpenVINOEncoder:
         # A batch is split among the plugin's streams (one with the LATENCY hint); each request reads
         # and writes its slice of the torch tensors in place.
         chunks = min(len(model.requests), pixels.shape[0])
-        with model.lock:
+        with model.lock, keep_signal_stack():
             used = []
             for request, inputs, outputs in zip(model.requests, pixels.chunk(chunks), patches.chunk(chunks)):
                 request.set_input_tensor(self.ov.Tensor(inputs.numpy(), shared_memory=True))
