@@ -17,8 +17,9 @@ per-cell pruning) and are bound by that arithmetic (interpolation, ``exp``), not
 measured in the same run (the reference evaluates all ``C``).
 
 At C=150, 512x512 the ``:labels`` rows run every backend with ``with_scores=False``: labels only
-(floor ``h*w*C*4 + H*W*2`` bytes; the reference is then plain upsample + argmax, and the fused
-heads keep only the classes that can win in each cell).
+(floor ``h*w*C*4 + H*W*2`` bytes; the reference is then plain upsample + argmax, the Triton head
+keeps the classes that can win in each cell, and the tiled head those that can win along each row
+of each cell, ``kernels/separable.py``; its peak includes the workspace it keeps between calls).
 
 Data: ``scene`` logits are cosines of synthetic CLIP-like embeddings (unit class embeddings in
 512-d; the 32x32 patch grid is split into 6 regions, each patch mixes its region's class (cosine
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize
-from kernels import cells
+from kernels import cells, separable
 from kernels.reference import segment_reference
 from kernels.tiled import segment_tiled
 
@@ -101,12 +102,25 @@ def exp_rate(device: torch.device, megabytes: int = 64) -> float:
 
 
 def classes_per_pixel(logits: torch.Tensor, out_size: tuple[int, int], with_scores: bool = True) -> float:
-    """Mean number of classes the fused heads evaluate per output pixel (after pruning)."""
+    """Mean number of classes the fused heads evaluate per output pixel after the 2-D cell pruning
+    (the Triton head; the tiled head with scores)."""
     rows = cells.axis_sampling(logits.shape[1], out_size[0], logits.shape[1])
     cols = cells.axis_sampling(logits.shape[2], out_size[1], logits.shape[2])
     tolerance = cells.DEFAULT_SCORE_TOLERANCE if with_scores else None
     count = cells.cell_candidates(logits.float(), range(logits.shape[1]), LOGIT_SCALE, tolerance).count[0]  # [h, w]
     return float(count[rows.index0][:, cols.index0].float().mean())
+
+
+def separable_classes_per_pixel(logits: torch.Tensor, out_size: tuple[int, int]) -> float:
+    """Mean number of classes the tiled head's labels-only path (``kernels.separable``) evaluates per
+    output pixel: those of each (row, cell) kept by its envelope test, 1 where a grid column's winner
+    is the label (one kept class, weight 0, a one-column cell)."""
+    rows = cells.axis_sampling(logits.shape[1], out_size[0], logits.shape[1])
+    cols = cells.axis_sampling(logits.shape[2], out_size[1], logits.shape[2])
+    labels, tally = torch.empty((logits.shape[0], *out_size), dtype=torch.int16, device=logits.device), [0, 0]
+    separable.segment_labels(logits.float().contiguous(), rows, cols, labels, tally)
+    pixels = labels.numel()
+    return (pixels - tally[1] + tally[0]) / pixels
 
 
 def head_backends(device: torch.device) -> dict[str, Callable]:
@@ -132,11 +146,16 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float,
         modes = [True, False] if (classes, out_size) == (150, (512, 512)) else [True]
         floors = {mode: logits.numel() * 4 + height * width * (6 if mode else 2) for mode in modes}
         kept_per_mode = {mode: classes_per_pixel(logits, out_size, mode) for mode in modes}
+        if False in modes:
+            kept_per_mode["separable"] = separable_classes_per_pixel(logits, out_size)
         for with_scores, (name, segment) in itertools.product(modes, head_backends(device).items()):
             floor = floors[with_scores]
             kept = classes if name == "reference" else kept_per_mode[with_scores]
+            if name == "tiled" and not with_scores:
+                kept = kept_per_mode["separable"]
             run = partial(segment, logits, out_size, logit_scale=LOGIT_SCALE, with_scores=with_scores)
             seconds = median_seconds(run, device, args.repeats)
+            separable.release_workspace()  # so that the peak counts the workspace the labels-only path keeps
             peak = peak_bytes(run, device)
             if name == "reference":
                 reference_time, reference_peak = seconds, peak

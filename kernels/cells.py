@@ -27,6 +27,8 @@ Everything here works on grid-sized tensors (``[B, rows, w, C]``), never on outp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -248,3 +250,26 @@ def balanced_band_rows(total_rows: int, row_elements: int, budget_elements: int)
     all of nearly equal height (so the last band is not a sliver that costs a whole band's ops)."""
     bands = -(-total_rows // rows_per_band(row_elements, budget_elements))
     return max(1, -(-total_rows // max(1, bands)))
+
+
+@contextmanager
+def one_intra_op_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops single-threaded for the duration, then restore the caller's setting.
+
+    The CPU heads (``tiled.py``, ``separable.py``) run many mid-sized ops (~0.1 ms), band by band.
+    Through torch's intra-op (OpenMP) threads each op is a fork-join, and on a loaded machine,
+    where a worker thread is often descheduled, every join waits for it: on the shared 2-core CI
+    box, 2 threads ran the tiled head 10x slower than 1 (630 ms vs 60 ms, C=150, 512x512).
+    Splitting bands over Python threads instead cost more CPU in GIL hand-offs than the second
+    core gave back (190 ms). ``torch.set_num_threads`` acts on the calling thread (and the
+    default of threads created later), so restoring it is enough.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

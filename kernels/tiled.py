@@ -3,7 +3,9 @@
 The same fusion as ``upsample_argmax.py`` without Triton. The output is made in bands of rows (a
 band is the output rows of a few grid-cell rows); each pixel evaluates only its cell's candidate
 classes (``cells.cell_candidates``, the exact bounds of DESIGN §4), so nothing of size
-``C x H x W`` (nor ``C x rows x W``) ever exists.
+``C x H x W`` (nor ``C x rows x W``) ever exists. Labels without scores take another exact path,
+``kernels/separable.py``: one output row at a time, the classes that can win along each row of a
+cell are the upper envelope of lines, a few even where the 2-D bound keeps half of the classes.
 
 Cells keep different numbers of classes (one inside a region, a few on its border), so pixels
 are grouped by their cell's count rounded up to a power of two, and each group is one set of
@@ -15,11 +17,9 @@ every pixel is one ``lerp`` of those two.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from kernels import cells
+from kernels import cells, separable
 from kernels.reference import BACKGROUND
 
 # Elements of one [K, pairs, rows] float32 tensor of a group: 1 MiB; a few of them live at once.
@@ -51,8 +51,9 @@ def segment_tiled(
         logits: ``[B, h, w, C]`` float32, float16 or bfloat16.
         out_size, grid_extent, logit_scale, background_threshold: as ``segment_reference``.
         score_tolerance: the most the class pruning may change a score.
-        with_scores: False computes labels only (scores None): each cell then evaluates only the
-            classes that can win in it, usually 1-3 even where the scores would need dozens.
+        with_scores: False computes labels only (scores None), through ``kernels.separable``: each
+            row of each cell evaluates only the classes that can win along it, 1-4 even on
+            structureless logits, where the scores would need nearly all.
         out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
     Returns:
         labels ``[B, H, W]`` int16 (ties: the lowest class index) and scores ``[B, H, W]`` float32
@@ -63,17 +64,19 @@ def segment_tiled(
     )
     batch, grid_h, grid_w, num_classes = logits.shape
     labels, scores = cells.check_outputs(out, (batch, height, width), logits.device, with_scores)
-    tolerance = score_tolerance if with_scores else None
     values = logits.float().contiguous()  # [B, h, w, C]
     rows = cells.axis_sampling(grid_h, height, extent_h, logits.device)
     cols = cells.axis_sampling(grid_w, width, extent_w, logits.device)
+    if not with_scores:
+        separable.segment_labels(values, rows, cols, labels)
+        return labels, None
     used = [r for r, (a, b) in enumerate(zip(rows.start.tolist(), rows.end.tolist())) if b > a]
     band_rows = cells.balanced_band_rows(len(used), 4 * grid_w * num_classes, PRUNE_ELEMENTS)
-    with _one_intra_op_thread(logits.device):
+    with cells.one_intra_op_thread(logits.device):
         for b in range(batch):
             for first in range(0, len(used), band_rows):
                 band = range(used[first], used[min(first + band_rows, len(used)) - 1] + 1)
-                candidates = cells.cell_candidates(values[b : b + 1], band, logit_scale, tolerance)
+                candidates = cells.cell_candidates(values[b : b + 1], band, logit_scale, score_tolerance)
                 _segment_band(
                     values[b],
                     candidates,
@@ -82,31 +85,9 @@ def segment_tiled(
                     logit_scale,
                     background_threshold,
                     labels[b].view(-1),
-                    None if scores is None else scores[b].view(-1),
+                    scores[b].view(-1),
                 )
     return labels, scores
-
-
-@contextmanager
-def _one_intra_op_thread(device: torch.device):
-    """Run torch's CPU ops single-threaded for the duration, then restore the caller's setting.
-
-    The bands' ops are many and mid-sized (~0.1 ms). Through torch's intra-op (OpenMP) threads each
-    op is a fork-join, and on a loaded machine, where a worker thread is often descheduled, every
-    join waits for it: on the shared 2-core CI box, 2 threads ran this path 10x slower than 1
-    (630 ms vs 60 ms, C=150, 512x512). Splitting bands over Python threads instead cost more CPU
-    in GIL hand-offs than the second core gave back (190 ms). ``torch.set_num_threads`` acts on
-    the calling thread (and the default of threads created later), so restoring it is enough.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _segment_band(
@@ -117,10 +98,9 @@ def _segment_band(
     logit_scale: float,
     background_threshold: float | None,
     labels: torch.Tensor,
-    scores: torch.Tensor | None,
+    scores: torch.Tensor,
 ) -> None:
-    """Write the output rows of one band of cell rows of one image (flat ``labels``/``scores``;
-    ``scores`` None: labels only).
+    """Write the output rows of one band of cell rows of one image (flat ``labels``/``scores``).
 
     Work items are *pairs* (a segment of at most ``depth`` output rows of one cell row, one
     output column): a pair's pixels share their cell, hence their candidates and their x weights.
@@ -160,8 +140,7 @@ def _segment_band(
             if slots == 1:
                 # One class can matter: it wins, and the dropped ones move its score (1) by < tolerance.
                 labels.index_copy_(0, flat, pair_classes.expand(-1, depth).flatten().to(torch.int16))
-                if scores is not None:
-                    scores.index_fill_(0, flat, 1.0)
+                scores.index_fill_(0, flat, 1.0)
                 continue
             top, bottom = along_x(part, pair_classes.T.contiguous(), num_classes)  # [K, q] each
             # [K, q, D], classes outermost so that the reductions below run over whole planes.
@@ -175,9 +154,6 @@ def _segment_band(
             at_best = torch.ge(shifted, 0.0, out=torch.empty_like(shifted))  # [K, q, D]: 1.0 or 0.0
             first_best = at_best.mul_(_descending(slots, device)).amax(dim=0)  # [q, D]: slots - index
             label = pair_classes.long().gather(1, slots - first_best.long())  # [q, D]
-            if scores is None:
-                labels.index_copy_(0, flat, label.flatten().to(torch.int16))
-                continue
             score = shifted.exp_().sum(dim=0).reciprocal_()  # 1 / Z; the winner's term is 1
             if background_threshold is not None:
                 label = label.masked_fill_(score < background_threshold, BACKGROUND)
