@@ -307,6 +307,24 @@ def _check_settings(
     segmenter.encode_labels(labels, templates)  # checks labels and templates (and caches their embeddings)
 
 
+def already_done(inputs: Inputs, out_dir: str | os.PathLike, overlays: bool, request: dict) -> int | None:
+    """How many images a rerun would skip, if it would skip every one: every input is a file whose
+    outputs exist and the folder's settings record this same ``request`` (model options, weight files'
+    sizes and times); None otherwise. Lets the CLI finish without loading a model or encoding text."""
+    outputs = Outputs(out_dir, overlays)
+    manifest = outputs.directory / Outputs.MANIFEST
+    if inputs.shards or inputs.refused or not inputs.files or not manifest.is_file():
+        return None
+    try:
+        saved = json.loads(manifest.read_bytes())
+        files, _ = _leave_out_outputs(inputs.files, outputs.directory)
+        if not isinstance(saved, dict) or saved.get("request") != fingerprint(request):
+            return None
+        return len(files) if files and all(outputs.done(item.key) for item in files) else None
+    except (OSError, ValueError):  # anything unreadable or unnamable: let the full run report it
+        return None
+
+
 def _leave_out_outputs(files: list[FileItem], out: Path) -> tuple[list[FileItem], int]:
     """Files minus those that are outputs under ``out`` (``*_labels.png`` / ``*_overlay.png``)."""
     root = out.resolve()
@@ -396,12 +414,16 @@ def segment_bulk(
     workers: int = 0,
     progress: bool = True,
     on_result: Callable[[str, str, Segmentation], None] | None = None,
+    request: dict | None = None,
 ) -> BulkSummary:
     """Segment this rank's share of ``inputs`` into ``out_dir``; return the summary of all ranks.
 
     Args:
         max_member_bytes: a shard member larger than this is not read; its sample fails.
         on_result: ``on_result(key, source, segmentation)``, called after each image is written.
+        request: how the caller named the model (the CLI's options, weight files with their size and
+            time), recorded with the settings so that :func:`already_done` can skip a finished rerun
+            without loading the model.
     """
     dist = dist or DistInfo()
     _check_settings(segmenter, labels, templates, background_threshold, sliding_window, max_member_bytes)
@@ -413,6 +435,7 @@ def segment_bulk(
         "templates": templates if isinstance(templates, str) else list(templates),
         "background_threshold": background_threshold,
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
+        "request": request,
     }
     outputs.claim(settings, overwrite=overwrite, write=dist.is_main)
     all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)

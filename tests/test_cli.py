@@ -158,3 +158,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", "x.png", "--labels", "a", "--out", "o", "--encoder", "jax"])
     assert "invalid choice: 'jax'" in capsys.readouterr().err
+
+
+def test_a_finished_rerun_skips_without_loading_the_model(tmp_path, tiny_config, capsys):
+    """Issue 10 item 14: a rerun whose outputs all exist used to build the CLIP and encode the text first."""
+    from layouts import write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(photos / f"p{i}.png")
+    argv = ["segment", str(photos), "--labels", "a,b", "--out", str(tmp_path / "out"), "--clip", f"local-dir:{clip}"]
+    argv += ["--templates", "single", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "3 written" in first.out and "Segmenter(method=naclip" in first.err
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" not in again.err  # no model was built
+    assert main([*argv[:3], "a,c", *argv[4:]]) == 2  # other labels: the full run starts and refuses the folder
+    assert "Segmenter(" in capsys.readouterr().err
