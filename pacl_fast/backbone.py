@@ -120,10 +120,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _local_dir_weights(folder: Path) -> Path | None:
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    """The weights file open_clip itself loads from a ``local-dir:`` folder (so that the identity we
+    record is the hash of the file that is loaded: a folder may hold a ``.safetensors`` and a ``.bin``)."""
+    from open_clip import factory
+
+    chosen = factory._find_checkpoint_in_dir(folder)  # open_clip's own choice, private but the one it uses
+    return Path(chosen) if chosen is not None else None
 
 
 class ClipBackbone(nn.Module):
@@ -715,7 +717,7 @@ def load_clip(
             raise FileNotFoundError(f"{clip!r}: expected {config_path} (open_clip's local-dir layout)")
         weights_path = _local_dir_weights(folder)
         if weights_path is None:
-            raise FileNotFoundError(f"{clip!r}: no open_clip_model.safetensors in {folder}")
+            raise FileNotFoundError(f"{clip!r}: no weights file (open_clip_model.safetensors, ...) in {folder}")
         model_cfg = json.loads(config_path.read_text())["model_cfg"]
         model = open_clip.create_model(clip, weights_only=True)
         tokenizer = open_clip.get_tokenizer(clip)

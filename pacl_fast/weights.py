@@ -132,10 +132,63 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     except ValueError as error:
         raise ValueError(f"{path} is not a valid safetensors file (header is not JSON: {error})") from error
     data_len = size - 8 - header_len
-    needed = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
-    if needed > data_len:
-        raise ValueError(f"{path} is truncated: tensors need {needed} bytes of data, the file has {data_len}")
+    _check_header(header, data_len, path)
     return header, data_len
+
+
+#: Bytes per element of the safetensors dtypes a header may name.
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_header(header: object, data_len: int, path: Path) -> None:
+    """A safetensors header as the format defines it, or one ValueError naming what is wrong.
+
+    A dict of tensor entries (``dtype``, ``shape``, ``data_offsets``) and an optional
+    ``__metadata__`` of strings; each entry's byte range matches its dtype and shape, lies in the
+    data section, and the ranges tile the data without overlapping.
+    """
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a valid safetensors file: {why}")
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map names to strings")
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ELEMENT_BYTES:
+            raise bad(f"tensor {name!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                  for n in shape):  # fmt: skip
+            raise bad(f"tensor {name!r} has a shape that is not a list of sizes: {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
+        elements = 1
+        for n in shape:
+            elements *= n
+        if offsets[1] - offsets[0] != elements * _ELEMENT_BYTES[dtype]:
+            raise bad(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} {shape} needs "
+                      f"{elements * _ELEMENT_BYTES[dtype]}")  # fmt: skip
+        ranges.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:
+            raise bad(f"tensor {name!r} starts at byte {start}, where {end} was expected (overlap or gap)")
+        end = stop
+    if end > data_len:
+        raise ValueError(f"{path} is truncated: tensors need {end} bytes of data, the file has {data_len}")
 
 
 def expected_shapes(config: PACLConfig) -> dict[str, tuple[int, ...]]:

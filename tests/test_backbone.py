@@ -194,3 +194,27 @@ def test_export_leaves_no_traced_tensor_in_the_positional_cache(tiny_config):
     torch.export.export(Tokens(), (torch.randn(2, 3, 48, 80),), strict=False)
     assert all(type(v) is torch.Tensor for v in backbone._pos_cache.values())
     assert backbone.patch_tokens(torch.randn(1, 3, 48, 80)).shape == (1, 6, 10, 64)
+
+
+def test_local_dir_identity_hashes_the_file_open_clip_loads(tmp_path, tiny_config):
+    """Issue 10 item 12: with both a .safetensors and a .bin in the folder the identity was the .bin's
+    hash while open_clip loaded the safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pacl_fast.backbone import file_sha256
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    torch.manual_seed(0)
+    loaded = {k: v.contiguous() for k, v in quiet_load_clip(tiny_config).clip.state_dict().items()}
+    save_file(loaded, str(folder / "open_clip_pytorch_model.safetensors"))
+    torch.manual_seed(1)
+    other = {k: v.contiguous() for k, v in quiet_load_clip(tiny_config).clip.state_dict().items()}
+    torch.save(other, folder / "open_clip_pytorch_model.bin")
+    backbone = quiet_load_clip(f"local-dir:{folder}")
+    assert backbone.identity.weights == f"sha256:{file_sha256(folder / 'open_clip_pytorch_model.safetensors')}"
+    name = "visual.conv1.weight"
+    torch.testing.assert_close(backbone.clip.state_dict()[name], loaded[name])  # and that is what was loaded

@@ -164,3 +164,31 @@ def test_file_is_plain_safetensors_with_the_metadata_in_its_header(weights_file,
         data = torch.frombuffer(bytearray(raw[8 + length + start : 8 + length + end]), dtype=torch.float32)
         torch.testing.assert_close(data.view(state[name].shape), state[name].float(), atol=0, rtol=0)
     assert read_header(weights_file) == ({**header, "__metadata__": stored}, len(raw) - 8 - length)
+
+
+@pytest.mark.parametrize(
+    "header,why",
+    [
+        ({"a": 5}, "must have exactly dtype, shape and data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, "must have exactly dtype, shape and data_offsets"),
+        ({"__metadata__": [1, 2]}, "__metadata__ must map names to strings"),
+        ({"__metadata__": {"format": 3}}, "__metadata__ must map names to strings"),
+        ([1, 2], "not a safetensors file"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "starts at byte 4, where 8 was expected"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "spans 8 bytes, its F32 \\[3\\] needs 12"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, "not a list of sizes"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "not \\[start, end\\]"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, "unknown dtype 'Q4'"),
+    ],
+)  # fmt: skip
+def test_forged_headers_are_one_value_error(tmp_path, header, why):
+    """Issue 10 item 12: forged headers raised raw TypeError/KeyError/AttributeError."""
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "forged.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(ValueError, match=why):
+        read_pacl_weights(path)
