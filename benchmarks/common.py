@@ -5,21 +5,10 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from pacl_fast.profiling import TensorMemoryTracker
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from pacl_fast.profiling import TensorMemoryTracker, cpu_name
 
 
 def versions() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Peak tensor memory on any device, CPU included, for tests and benchmarks.
+"""What benchmarks and caches need to know about the machine: the CPU's name, and peak tensor
+memory on any device, CPU included.
 
 ``torch.cuda.max_memory_allocated`` exists only on CUDA. :class:`TensorMemoryTracker` sees every
 tensor an aten op creates (a ``TorchDispatchMode``), counts each storage once while it is alive,
@@ -8,11 +9,24 @@ allocates and frees internally, nor tensors that existed before it started.
 
 from __future__ import annotations
 
+import platform
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s ``model name``; the platform's processor name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 from pacl_fast.files import atomic_write, default_cache_dir
 from pacl_fast.images import IMAGE_SUFFIXES, cover_crop, load_image, normalize
+from pacl_fast.profiling import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ def import_nncf():  # noqa: ANN201 - the module
             f"encoder='openvino' with precision='int8' needs NNCF to quantize, which is not installed: {EXTRA}"
         ) from error
     return nncf
-
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s ``model name``; the platform's processor name elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def require_bf16(capabilities: Sequence[str], cpu: str) -> None:
