@@ -401,6 +401,25 @@ class PascalContext59(PascalContext60):
     reduce_zero_label = True
 
 
+def coco_samples(
+    dataset: FolderDataset, converted_suffix: str, raw_table: np.ndarray
+) -> list[tuple[str, Path, Path, np.ndarray | None]]:
+    """COCO's ``images/SPLIT2017/ID.jpg`` with ``annotations/SPLIT2017/ID<converted_suffix>`` where a
+    converter wrote one (it writes next to the raw maps, so both may exist: converted ones win), else
+    the raw stuffthingmaps ``ID.png`` read through ``raw_table``."""
+    folder = f"{dataset.split}2017"
+    images_dir, masks_dir = dataset.root / "images" / folder, dataset.root / "annotations" / folder
+    dataset.require_folders(images_dir, masks_dir)
+    samples = []
+    for image in sorted(images_dir.glob("*.jpg")):
+        converted = masks_dir / f"{image.stem}{converted_suffix}"
+        if converted.is_file():
+            samples.append((image.stem, image, converted, None))
+        else:
+            samples.append((image.stem, image, masks_dir / f"{image.stem}.png", raw_table))
+    return samples
+
+
 class CocoStuff171(FolderDataset):
     name = "cocostuff"
     classes = COCO_STUFF_CLASSES
@@ -412,18 +431,7 @@ class CocoStuff171(FolderDataset):
     )
 
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
-        folder = f"{self.split}2017"
-        images_dir, masks_dir = self.root / "images" / folder, self.root / "annotations" / folder
-        self.require_folders(images_dir, masks_dir)
-        samples = []
-        for image in sorted(images_dir.glob("*.jpg")):
-            converted = masks_dir / f"{image.stem}_labelTrainIds.png"
-            # The converter writes next to the raw maps, so both may exist: converted ones win.
-            if converted.is_file():
-                samples.append((image.stem, image, converted, None))
-            else:
-                samples.append((image.stem, image, masks_dir / f"{image.stem}.png", COCO_STUFF_RAW_TO_TRAIN))
-        return samples
+        return coco_samples(self, "_labelTrainIds.png", COCO_STUFF_RAW_TO_TRAIN)
 
 
 class CocoObject(FolderDataset):
@@ -448,18 +456,7 @@ class CocoObject(FolderDataset):
     )
 
     def list_samples(self) -> list[tuple[str, Path, Path, np.ndarray | None]]:
-        folder = f"{self.split}2017"
-        images_dir, masks_dir = self.root / "images" / folder, self.root / "annotations" / folder
-        self.require_folders(images_dir, masks_dir)
-        samples = []
-        for image in sorted(images_dir.glob("*.jpg")):
-            converted = masks_dir / f"{image.stem}_instanceTrainIds.png"
-            # The converter writes next to the raw maps (and mmseg's COCO-Stuff ones): converted ones win.
-            if converted.is_file():
-                samples.append((image.stem, image, converted, None))
-            else:
-                samples.append((image.stem, image, masks_dir / f"{image.stem}.png", COCO_OBJECT_RAW_TO_TRAIN))
-        return samples
+        return coco_samples(self, "_instanceTrainIds.png", COCO_OBJECT_RAW_TO_TRAIN)
 
 
 class ADE20K(FolderDataset):
