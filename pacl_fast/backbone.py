@@ -362,6 +362,17 @@ class ClipBackbone(nn.Module):
         full = (tokens[:, -1] != 0).nonzero().flatten().tolist()  # 0 pads; a row without padding may be cut
         return [i for i in full if len(self.tokenizer.encode(texts[i])) + 2 > length]  # + start and end tokens
 
+    def text_tensors(self) -> list[torch.Tensor]:
+        """The parameters and buffers of the text tower (what :meth:`with_text_dtype` casts)."""
+        tensors = []
+        for name in _text_attributes(self.clip):
+            value = getattr(self.clip, name, None)
+            if isinstance(value, nn.Module):
+                tensors += [*value.parameters(), *value.buffers()]
+            elif isinstance(value, torch.Tensor):
+                tensors.append(value)
+        return tensors
+
     def with_text_dtype(self, dtype: torch.dtype) -> ClipBackbone:
         """This backbone with its text tower in ``dtype``: the backbone itself when it already is, else a
         view that shares everything but the text tower, whose parameters are cast copies."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from pacl_fast.backbone import LOCAL_DIR_PREFIX, RandomWeightsWarning, load_clip
 from pacl_fast.encoders import DEFAULT_DTYPES, ENCODERS, Encoder, make_encoder, resolve_dtype
+from pacl_fast.encoders.torch_encoder import DEFAULT_TEXT_DTYPE, resolve_text_dtype
 from pacl_fast.head import Head
 from pacl_fast.methods import TrainingFreeCLIP, resolve_method
 from pacl_fast.model import PACL
@@ -98,6 +99,23 @@ def build_model(
     return pacl_from_tensors(backbone, tensors, metadata, pacl_weights, strict_clip=strict_clip), metadata
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype, text_dtype: torch.dtype) -> nn.Module:
+    """``model`` cast in place: everything in ``dtype`` but the CLIP's text tower, in ``text_dtype``.
+
+    The text tower is cast from the loaded weights, never through ``dtype``: fp32 text from
+    bf16-rounded weights would give embeddings that differ from the same weights' fp32 ones, which
+    the text cache (keyed by the weights and the text precision) holds for both.
+    """
+    text = {id(tensor) for tensor in model.backbone.text_tensors()}
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(text_dtype if id(tensor) in text else dtype)
+
+    return model._apply(cast)  # what Module.to does, per tensor; the modules' _apply hooks drop their caches
+
+
 def build(
     clip: str | dict = "ViT-B-16",
     clip_weights: str | os.PathLike | None = None,
@@ -136,6 +154,7 @@ def build(
     model, metadata = build_model(
         clip, clip_weights, pacl_weights, method=method, device=device, strict_clip=strict_clip
     )
-    if torch_encoder:
-        model = model.to(dtype)  # the builder owns this model: cast it rather than keep two copies
+    if torch_encoder:  # the builder owns this model: cast it rather than keep two copies
+        text_dtype = resolve_text_dtype((encoder_options or {}).get("text_dtype", DEFAULT_TEXT_DTYPE), dtype)
+        model = cast_model(model, dtype, text_dtype)
     return Parts(model, make_encoder(encoder, model, dtype, **(encoder_options or {})), head, metadata)

@@ -68,8 +68,8 @@ def text_model_key(
     dtype: torch.dtype,
     hash_weights: bool | None = None,
 ) -> str:
-    """What defines a CLIP's text embeddings, as one string: the text tower's weights, its config,
-    the tokenizer, the backend that runs it and its precision.
+    """What defines a CLIP's text embeddings, as one string: the text tower's weights and the
+    precision they are held in, its config, the tokenizer, the backend that runs it and its precision.
 
     The weights are named by the backbone's identity when it has one (a pretrained tag, or the
     sha256 of the checkpoint file, computed once when the file is opened); randomly initialised
@@ -89,6 +89,8 @@ def text_model_key(
         "tokenizer": [type(backbone.tokenizer).__name__, backbone.context_length],
         "backend": backend,
         "dtype": dtype_name(dtype),
+        # weights rounded to bf16 and run in fp32 embed otherwise than the loaded fp32 weights
+        "weights_dtype": dtype_name(backbone.text_dtype),
     }
     return json.dumps(description, sort_keys=True, default=str)
 

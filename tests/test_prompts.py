@@ -147,6 +147,38 @@ def test_model_key_names_weights_or_hashes_them(tiny_model):
     assert "tensors-sha256" in text_model_key(named, backend="torch", dtype=torch.float32, hash_weights=True)
 
 
+def test_a_bf16_build_keeps_the_text_tower_of_the_loaded_weights(tiny_config, tmp_path):
+    """A bf16 image side must not round the text weights: a weights file cached by an fp32 run must give a
+    bf16 run the embeddings it would compute itself (the text key names the file, not its tensors)."""
+    from safetensors.torch import save_file
+
+    from pacl_fast.build import build
+
+    torch.manual_seed(3)
+    weights = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in quiet_load_clip(tiny_config).clip.state_dict().items()}, str(weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = build(tiny_config, str(weights), dtype="float32", device="cpu")
+        bf16 = build(tiny_config, str(weights), dtype="bfloat16", device="cpu")
+    assert bf16.model.backbone.visual.conv1.weight.dtype == torch.bfloat16
+    assert bf16.encoder.model is bf16.model  # still one copy of the model
+    fresh = {
+        name: embedder(parts.model, parts.encoder, tmp_path / name, use_disk_cache=False)(CLASSES[:4], TEMPLATES)
+        for name, parts in (("fp32", fp32), ("bf16", bf16))
+    }
+    torch.testing.assert_close(fresh["bf16"], fresh["fp32"], rtol=0, atol=0)
+    shared = tmp_path / "shared"
+    embedder(fp32.model, fp32.encoder, shared)(CLASSES[:4], TEMPLATES)
+    cached = embedder(bf16.model, bf16.encoder, shared)
+    torch.testing.assert_close(cached(CLASSES[:4], TEMPLATES), fresh["bf16"], rtol=0, atol=0)
+    assert cached.encoded_prompts == 0  # served from the fp32 run's entries, and they are right
+    rounded = copy.copy(fp32.model.backbone).with_text_dtype(torch.bfloat16)  # text weights held in bf16
+    assert text_model_key(rounded, backend="torch", dtype=torch.float32) != text_model_key(
+        fp32.model.backbone, backend="torch", dtype=torch.float32
+    )
+
+
 def test_model_key_is_computed_on_first_use(tiny_config, tmp_path):
     """Random weights are hashed for the key: only when text is embedded, once."""
     torch.manual_seed(3)

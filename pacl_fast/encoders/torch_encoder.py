@@ -10,6 +10,14 @@ from torch import nn
 from pacl_fast.encoders.base import SHORT_NAMES, cast_copy, check_pixels, resolve_dtype
 from pacl_fast.encoders.graph import GlobalTower, ImageTower, TextTower, model_device
 
+#: The text tower's precision unless ``text_dtype`` says otherwise (see :class:`TorchEncoder`).
+DEFAULT_TEXT_DTYPE = torch.float32
+
+
+def resolve_text_dtype(text_dtype: torch.dtype | str | None, dtype: torch.dtype) -> torch.dtype:
+    """``text_dtype`` as a dtype; None means the image side's ``dtype``."""
+    return dtype if text_dtype is None else resolve_dtype(text_dtype)
+
 
 class TorchEncoder:
     """Runs a model (PACL or a training-free method) in ``dtype`` (fp32, bf16 or fp16) under inference mode.
@@ -36,11 +44,11 @@ class TorchEncoder:
         *,
         compile: bool = False,
         channels_last: bool = False,
-        text_dtype: torch.dtype | str | None = torch.float32,
+        text_dtype: torch.dtype | str | None = DEFAULT_TEXT_DTYPE,
     ):
         if dtype not in SHORT_NAMES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        text_dtype = dtype if text_dtype is None else resolve_dtype(text_dtype)
+        text_dtype = resolve_text_dtype(text_dtype, dtype)
         device = model_device(model)
         if device.type == "cuda" and text_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError(f"text_dtype=bfloat16 needs a GPU with bfloat16 support; {device} has none")
