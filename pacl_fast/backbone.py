@@ -419,6 +419,24 @@ class ClipBackbone(nn.Module):
         return self.__dict__["_text_digest"][1]
 
 
+class FrozenClipModel(nn.Module):
+    """What every pacl-fast segmentation model shares: a frozen CLIP registered as ``backbone``, whose text
+    tower and global image embedding are used as they are. Subclasses (PACL, the training-free towers)
+    define ``encode_image``: normalised pixels -> unit patch embeddings."""
+
+    backbone: ClipBackbone
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (frozen)."""
+        with torch.no_grad():
+            return self.backbone.encode_text(tokens)
+
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, S, S]`` (native size) -> CLIP's own unit image embeddings ``[B, E]``."""
+        with torch.no_grad():
+            return self.backbone.encode_global(pixels)
+
+
 # --- the text tower, exactly as open_clip computes it, at any length --------------------------------
 
 

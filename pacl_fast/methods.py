@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacl_fast.backbone import ClipBackbone
+from pacl_fast.backbone import ClipBackbone, FrozenClipModel
 
 METHODS = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
 TRAINING_FREE = METHODS[1:]
@@ -193,7 +193,7 @@ class LastBlock(nn.Module):
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
-class TrainingFreeCLIP(nn.Module):
+class TrainingFreeCLIP(FrozenClipModel):
     """A frozen CLIP whose last image block is replaced by a training-free method's (see module docstring).
 
     Patch embeddings: blocks ``1..L-1`` unchanged, :class:`LastBlock`, ``ln_post`` and ``proj`` on
@@ -253,11 +253,3 @@ class TrainingFreeCLIP(nn.Module):
             x = visual.ln_post(x) @ visual.proj  # [B, 1 + N, E]: every token, as these methods project them
             x = F.normalize(x[:, 1:], dim=-1)  # the class token is dropped last
         return x.reshape(x.shape[0], grid[0], grid[1], -1)
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.backbone.encode_text(tokens)
-
-    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.backbone.encode_global(pixels)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pacl_fast.backbone import ClipBackbone
+from pacl_fast.backbone import ClipBackbone, FrozenClipModel
 
 # Elements of one [block, T, E] tensor of pooled embeddings in compatibility(): 2**18 fp32 = 1 MiB.
 COMPAT_BLOCK_ELEMENTS = 1 << 18
@@ -159,7 +159,7 @@ def contrastive_loss(
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-class PACL(nn.Module):
+class PACL(FrozenClipModel):
     """Frozen CLIP + trainable :class:`VisionEmbedder`, logit scale and patch temperature.
 
     The CLIP is a registered submodule (``backbone``) whose parameters never require grad;
@@ -224,16 +224,6 @@ class PACL(nn.Module):
         with torch.no_grad():
             tokens = self.backbone.patch_tokens(pixels)  # [B, h, w, D], frozen
         return self.embed_tokens(tokens.to(self.embedder.linear.weight.dtype))
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (frozen)."""
-        with torch.no_grad():
-            return self.backbone.encode_text(tokens)
-
-    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``[B, 3, S, S]`` (native size) -> CLIP's own unit image embeddings ``[B, E]``."""
-        with torch.no_grad():
-            return self.backbone.encode_global(pixels)
 
     def forward(
         self, pixels: torch.Tensor, tokens: torch.Tensor
