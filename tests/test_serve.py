@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import re
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -33,6 +29,7 @@ from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
 from pacl_fast.serve.batcher import NotReady
 from pacl_fast.serve.cli import add_serve_parser, resolve_model_options, run_serve, settings_from_args
+from pacl_fast.serve.local import LocalServer
 from pacl_fast.serve.settings import ServeSettings
 
 LABELS = ("circle", "square", "sky")
@@ -506,42 +503,16 @@ def test_command_line_options(tmp_path, capsys):
         run_serve(missing)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def uvicorn_process(tmp_path_factory):
     """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started first: it loads while
     the other tests run, and :func:`test_real_uvicorn_process` (last) talks to it."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pacl_fast.serve",
-            "--clip",
-            "demo",
-            "--port",
-            str(port),
-            "--max-batch",
-            "4",
-            "--device",
-            "cpu",
-            "--no-access-log",
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    yield process, f"http://127.0.0.1:{port}", log
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    log.close()
+    server = LocalServer(
+        ["--clip", "demo", "--max-batch", "4", "--device", "cpu", "--no-access-log"],
+        tmp_path_factory.mktemp("serve") / "serve.log",
+    ).start()
+    yield server
+    server.stop()
 
 
 def test_real_uvicorn_process(uvicorn_process):
@@ -549,19 +520,10 @@ def test_real_uvicorn_process(uvicorn_process):
     from pacl_fast.data.synthetic import CLASS_NAMES, SYNTHETIC_TEMPLATES, render_scene
     from pacl_fast.demo import demo_segmenter
 
-    process, base, log = uvicorn_process
     scene = render_scene(3, seed=100)
     expected = demo_segmenter().predict(scene.image, CLASS_NAMES, templates=SYNTHETIC_TEMPLATES)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, "the server exited early"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server was not ready within 120 s"
-        time.sleep(0.2)
+    server = uvicorn_process.wait_ready(timeout=120)
+    base, process = server.base, server.process
     response = httpx.post(
         f"{base}/v1/segment",
         files={"file": ("scene.png", png(scene.image), "image/png")},
@@ -573,6 +535,5 @@ def test_real_uvicorn_process(uvicorn_process):
     assert httpx.get(f"{base}/v1/info").json()["default_templates"] == "synthetic"
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0
-    log.seek(0)
-    output = log.read()
+    output = server.log()
     assert "Traceback" not in output and "ready" in output, output

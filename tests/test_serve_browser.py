@@ -11,16 +11,14 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from pacl_fast.serve.local import LocalServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -48,43 +46,14 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pacl_fast.serve", "--clip", "demo", "--device", "cpu", "--port", str(port)]
-        + ["--no-access-log"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, "the server exited early"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server was not ready within 180 s"
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with LocalServer(
+        ["--clip", "demo", "--device", "cpu", "--no-access-log"],
+        tmp_path_factory.mktemp("serve") / "serve.log",
+        ready_timeout=180,
+    ) as running:
+        yield running.base
 
 
 @pytest.fixture(scope="module")
