@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from pacl_fast.files import atomic_write
 from pacl_fast.profiling import TensorMemoryTracker, cpu_name
 
 
@@ -54,3 +57,9 @@ def parse_size(text: str) -> tuple[int, int]:
     """``HxW`` or ``S`` (square) -> ``(H, W)``."""
     height, _, width = text.lower().partition("x")
     return int(height), int(width or height)
+
+
+def write_results(path: Path, payload: dict) -> None:
+    """A benchmark's results as indented JSON at ``path`` (folders made, written atomically), and say where."""
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")

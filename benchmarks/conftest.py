@@ -17,6 +17,25 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/throughput.py: before torch starts OpenMP
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pacl_fast.backbone import RandomWeightsWarning  # noqa: E402
+from pacl_fast.build import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():  # noqa: ANN201 - a PaclModel
+    """Random-init open_clip ViT-B-16 through PACL, fixed seed: what the encoder and text
+    benchmarks time (an untrained model costs what a trained one does)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        built, _ = build_model("ViT-B-16", method="pacl", device="cpu")
+    return built.eval()
+
 
 def _ratios(benchmarks: list[dict]) -> dict[str, dict[str, float]]:
     """group -> {name: mean / baseline mean}, from pytest-benchmark's JSON records."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize
+from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, write_results
 from kernels import cells, separable
 from kernels.reference import segment_reference
 from kernels.tiled import segment_tiled
@@ -326,9 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(head_table(summary["head"]))
     path = args.json or Path("benchmarks/results") / f"head_{device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {path}")
+    write_results(path, summary)
     return summary
 
 

@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -41,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, versions  # noqa: E402
+from benchmarks.common import machine_line, versions, write_results  # noqa: E402
 from benchmarks.throughput import Timings, count_encoder_flops, matmul_seconds  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.data.synthetic import WorldConfig, render_scene  # noqa: E402
@@ -372,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["accuracy"] = run_accuracy(args)
     payload["load_average_end"] = os.getloadavg()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

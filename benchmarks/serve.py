@@ -41,8 +41,6 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -56,7 +54,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine_line  # noqa: E402
+from benchmarks.common import machine_line, write_results  # noqa: E402
+from pacl_fast.cli import HELP  # noqa: E402
+from pacl_fast.serve.local import LocalServer  # noqa: E402
 
 
 @dataclass
@@ -94,12 +94,6 @@ class Run:
     rounds: list = field(default_factory=list)  # answers 200 per second in each round
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -126,41 +120,6 @@ def process_cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """``python -m pacl_fast.serve`` on a free loopback port, logging to a file; stopped on exit."""
-
-    def __init__(self, args: list[str], log_dir: Path, name: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"{name}.log"
-        self.args = [sys.executable, "-m", "pacl_fast.serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-
-    def __enter__(self) -> Server:
-        self.log = self.log_path.open("w")
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}); log: {self.log_path}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=5, trust_env=False).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready in 600 s; log: {self.log_path}")
-            time.sleep(0.25)
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 async def load(base: str, bodies: list[bytes], params: dict, requests: int, clients: int, time_limit: float) -> tuple:
@@ -207,6 +166,7 @@ def server_args(model: Model, args: argparse.Namespace, max_batch: int, max_queu
     return [
         *model.server_args,
         "--device", args.device,
+        "--dtype", args.dtype,
         "--max-batch", str(max_batch),
         "--max-wait-ms", str(args.max_wait_ms),
         "--max-queue", str(max_queue),
@@ -260,7 +220,9 @@ def run_pair(model: Model, args: argparse.Namespace, bodies: list[bytes], expect
     with contextlib.ExitStack() as stack:
         servers = {
             mode: stack.enter_context(
-                Server(server_args(model, args, batch, queue), log_dir, f"{model.name}-{mode.replace(' ', '-')}")
+                LocalServer(
+                    server_args(model, args, batch, queue), log_dir / f"{model.name}-{mode.replace(' ', '-')}.log"
+                )
             )
             for mode, batch in modes.items()
         }
@@ -302,7 +264,7 @@ def run_small_queue(model: Model, args: argparse.Namespace, bodies: list[bytes],
     run = Run(model.name, "small queue", args.max_batch, args.small_queue)
     print(f"  {model.name}: starting the small-queue server ...", flush=True)
     args_list = server_args(model, args, args.max_batch, args.small_queue)
-    with Server(args_list, log_dir, f"{model.name}-small-queue") as server:
+    with LocalServer(args_list, log_dir / f"{model.name}-small-queue.log") as server:
         warm, _, _ = asyncio.run(load(server.base, bodies, params, min(len(bodies), args.small_queue), 4, 0))
         assert all(status == 200 for _, status, *_ in warm), [a[1:3] for a in warm]
         images_before, calls_before = batch_totals(server.base)
@@ -366,7 +328,9 @@ def table(runs: list[Run]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0], formatter_class=HELP
+    )
     parser.add_argument("--models", type=lambda t: t.split(","), default=["demo", "vit-b-16"], help="demo,vit-b-16")
     parser.add_argument("--requests", type=int, default=1000, help="requests per server")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
@@ -377,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-queue", type=int, default=8, help="--max-queue of the small-queue server")
     parser.add_argument("--images", type=int, default=16, help="distinct synthetic scenes the clients cycle through")
     parser.add_argument("--device", default="cpu", help="the servers' and the reference's device (cpu, cuda)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="the servers' and the reference's encoder precision",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 requests, 16 clients, 60 s caps")
     return parser
@@ -394,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args.labels = list(CLASS_NAMES)
     print(f"machine: {machine_line(torch.device(args.device))}")
     print(
-        f"config: {args.clients} clients, {args.requests} requests per server, load capped at {args.time_limit:g} s, "
-        f"batched servers --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, small queue "
+        f"config: {args.clients} clients, {args.requests} requests per server, load capped at {args.time_limit:g} s; "
+        f"{args.dtype}; batched servers --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, small queue "
         f"--max-queue {args.small_queue}; labels {','.join(args.labels)}; {args.images} distinct scenes"
     )
     runs: list[Run] = []
@@ -408,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [png_bytes(scene.image) for scene in scenes]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
-                reference = Segmenter(device=args.device, **model.reference_args)
+                reference = Segmenter(device=args.device, dtype=args.dtype, **model.reference_args)
             start = time.perf_counter()
             expected = [
                 reference.predict(
@@ -445,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(payload, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_results(args.json, payload)
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -14,7 +14,6 @@ same head: logits on the patch grid, bilinear upsampling to the image, argmax.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import warnings
@@ -26,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.common import write_results
 from kernels.reference import upsample_logits
 from pacl_fast.backbone import RandomWeightsWarning
 from pacl_fast.build import build_model
+from pacl_fast.cli import HELP
 from pacl_fast.data.synthetic import (
     CLASS_NAMES,
     IGNORE_INDEX,
@@ -112,17 +113,21 @@ class MLPProbe(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.synthetic_quality", description=__doc__.split("\n\n")[0], formatter_class=HELP
+    )
     parser.add_argument("--clip", required=True, help="the synthetic-world CLIP: local-dir:PATH")
-    parser.add_argument("--pacl-weights", required=True, type=Path)
+    parser.add_argument("--pacl-weights", required=True, type=Path, help="the PACL weights (.safetensors)")
     parser.add_argument("--num-images", type=int, default=500, help="validation scenes (seed 1)")
     parser.add_argument("--probe-images", type=int, default=6000, help="scenes (seed 2) the probes train on")
-    parser.add_argument("--probe-steps", type=int, default=1500)
-    parser.add_argument("--probe-batch", type=int, default=64)
-    parser.add_argument("--probe-lr", type=float, default=3e-3)
-    parser.add_argument("--mlp-hidden", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-steps", type=int, default=1500, help="optimiser steps of each probe")
+    parser.add_argument("--probe-batch", type=int, default=64, help="scenes per probe step")
+    parser.add_argument("--probe-lr", type=float, default=3e-3, help="the probes' learning rate")
+    parser.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the MLP probe")
+    parser.add_argument("--batch-size", type=int, default=100, help="scenes per forward pass when scoring")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed of the run (the probes' initialisation and batches)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -211,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"PACL / upper bound = {summary['pacl_over_bound']:.2f}; PACL / baseline = {summary['pacl_over_baseline']:.2f}"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_results(args.json, summary)
     return summary
 
 

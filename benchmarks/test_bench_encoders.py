@@ -7,13 +7,9 @@ eager fp32 torch encoder. Backends whose library is missing are skipped with the
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from pacl_fast.backbone import RandomWeightsWarning
-from pacl_fast.build import build_model
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder
 
 BATCH = 4
@@ -25,15 +21,6 @@ BACKENDS = [
     ("openvino", torch.float32, {}),
     ("openvino", None, {"precision": "int8"}),
 ]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        built, _ = build_model("ViT-B-16", method="pacl", device="cpu")
-    return built.eval()
 
 
 @pytest.mark.parametrize("size", [112, 224])

@@ -15,28 +15,16 @@ The full-benchmark counterpart, with ADE20K's 150 names x 80 templates, is ``pyt
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
 
-from pacl_fast.backbone import RandomWeightsWarning
-from pacl_fast.build import build_model
 from pacl_fast.data.segmentation import ADE20K_CLASSES
 from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
 from pacl_fast.prompts import IMAGENET_TEMPLATES, TextEmbedder, ensemble_text_embeddings
 
 PROMPTS = [f"a photo of the {name}." for name in ADE20K_CLASSES[:32]]
 LABELS, TEMPLATES = list(ADE20K_CLASSES[:8]), IMAGENET_TEMPLATES[:10]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        built, _ = build_model("ViT-B-16", method="pacl", device="cpu")
-    return built.eval()
 
 
 @pytest.mark.parametrize("path", ["open_clip 77 tokens", "truncated fp32", "truncated bf16", "onnxruntime"])

@@ -46,7 +46,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, synchronize  # noqa: E402
+from benchmarks.common import machine_line, synchronize, write_results  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning  # noqa: E402
 from pacl_fast.build import build_model  # noqa: E402
 from pacl_fast.data.segmentation import ADE20K_CLASSES  # noqa: E402
@@ -267,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"\nnew vs today's embeddings (first {today_labels} labels): min cosine {agreement:.6f}; "
         f"hashing the random text tower for the cache key: {key_seconds:.2f} s"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {args.json}")
+    write_results(args.json, summary)
     return summary
 
 

@@ -50,7 +50,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -63,7 +62,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, versions  # noqa: E402
+from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, versions, write_results  # noqa: E402
 from benchmarks.head import scene_logits  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning  # noqa: E402
 from pacl_fast.build import build_model  # noqa: E402
@@ -519,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": setup.skipped,
             "results": results,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

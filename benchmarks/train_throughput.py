@@ -30,7 +30,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -40,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine_line, synchronize, versions  # noqa: E402
+from benchmarks.common import machine_line, synchronize, versions, write_results  # noqa: E402
 from pacl_fast.data.synthetic import WorldConfig, render_scene  # noqa: E402
 from pacl_fast.encoders.graph import ImageTower  # noqa: E402
 from pacl_fast.encoders.torch_encoder import TorchEncoder  # noqa: E402
@@ -212,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "first_step_loss": first_loss,
             "first_step_loss_gap": loss_gap,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

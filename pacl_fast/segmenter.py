@@ -396,7 +396,6 @@ class Segmenter:
             )
         return results
 
-
     def predict(
         self,
         images: ImageInput | Sequence[ImageInput],
