@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from pacl_fast.backbone import PromptTruncatedWarning
 from pacl_fast.text_cache import DEFAULT_MAX_BYTES, TextCache, templates_key, text_model_key
+from pacl_fast.text_tower import PromptTruncatedWarning
 
 #: CLIP's 80 ImageNet prompt templates (Radford et al. 2021), as format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
@@ -121,7 +121,7 @@ class TextEmbedder:
             cache entries are only shared between equal keys. A function is called once, on first use
             (a key may need a hash of the weights, which a run that never embeds text should not pay).
         find_cut: ``(prompts, tokens) -> indices`` of prompts the tokenizer cut; such labels are
-            named in a :class:`~pacl_fast.backbone.PromptTruncatedWarning`, also when read from a cache.
+            named in a :class:`~pacl_fast.text_tower.PromptTruncatedWarning`, also when read from a cache.
         embed_dim: E, checked on every cache read (None: any length).
         context_length: the tokenizer's context, for the warning.
         cache_dir: the disk cache's folder (default ``$PACL_FAST_CACHE/text`` or ``~/.cache/pacl-fast/text``).

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import quiet_load_clip
 from safetensors.torch import save
 
-from pacl_fast.backbone import ClipIdentity, PromptTruncatedWarning
+from pacl_fast.backbone import ClipIdentity
 from pacl_fast.encoders import TorchEncoder
 from pacl_fast.model import PACL
 from pacl_fast.prompts import (
@@ -24,6 +24,7 @@ from pacl_fast.prompts import (
     validate_labels,
 )
 from pacl_fast.text_cache import TextCache, templates_key, text_model_key
+from pacl_fast.text_tower import PromptTruncatedWarning
 
 
 def test_template_sets():

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from conftest import quiet_load_clip
 from torch import nn
 
-from pacl_fast import backbone as backbone_module
-from pacl_fast.backbone import ClipBackbone, ClipIdentity, PromptTruncatedWarning
+from pacl_fast import text_tower
+from pacl_fast.backbone import ClipBackbone, ClipIdentity
 from pacl_fast.demo import TINY_CLIP_CONFIG
 from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
 from pacl_fast.model import PACL
+from pacl_fast.text_tower import PromptTruncatedWarning
 
 EXACT = 0.99999  # cosine of the truncated tower to the full one (fp32)
 LABELS = ["cat", "traffic light", "sky", "chest of drawers", "a", "swimming pool", "grass", "person"]
@@ -74,7 +75,7 @@ def backbone(request, tiny_backbone) -> ClipBackbone:
 def pass_overhead(request, monkeypatch) -> int:
     """The cost model's price of a pass: 0 runs every length apart and shares every prefix; a huge
     one runs one padded pass without a prefix pass. Both must be exact."""
-    monkeypatch.setattr(backbone_module, "PASS_OVERHEAD_TOKENS", {"cpu": request.param, "cuda": request.param})
+    monkeypatch.setattr(text_tower, "PASS_OVERHEAD_TOKENS", {"cpu": request.param, "cuda": request.param})
     return request.param
 
 
