@@ -32,12 +32,11 @@ needs_openvino = pytest.mark.skipif(
     not HAS_OPENVINO, reason="needs OpenVINO and NNCF (pip install pacl-fast[openvino]); not installed"
 )
 if HAS_OPENVINO:
+    from pacl_fast.encoders.calibration import Calibration, CalibrationImages
     from pacl_fast.encoders.openvino_encoder import (
         ENTRY_JSON,
         MODEL_BIN,
         MODEL_XML,
-        Calibration,
-        CalibrationImages,
         OpenVINOEncoder,
         export_openvino,
         require_bf16,
