@@ -79,12 +79,15 @@ class Segmentation:
         return tuple(self.labels.shape)
 
     def class_shares(self) -> dict[str, float]:
-        """Share of pixels per class (and ``"background"`` if any), in class order."""
+        """Share of pixels per class, in class order, then the background's (pixels under the threshold) if
+        any, as ``"background"``, or ``"background (below threshold)"`` when a class has that name (the
+        training-free protocols' VOC21 and COCO-Object lists do): the two are different pixels."""
         counts = np.bincount(self.labels.ravel().astype(np.int64) + 1, minlength=len(self.classes) + 1)
         total = max(1, self.labels.size)
         shares = {name: counts[i + 1] / total for i, name in enumerate(self.classes)}
         if counts[0]:
-            shares["background"] = counts[0] / total
+            key = "background" if "background" not in shares else "background (below threshold)"
+            shares[key] = counts[0] / total
         return shares
 
     def label_image(self) -> Image.Image:

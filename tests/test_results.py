@@ -5,6 +5,7 @@ import pytest
 from layouts import random_image
 from PIL import Image
 
+from pacl_fast.head import BACKGROUND
 from pacl_fast.results import (
     OVERLAY_BAND_PIXELS,
     Segmentation,
@@ -104,3 +105,11 @@ def test_image_names(tmp_path):
     assert image_name(Image.open(path)) == "holiday.photo"
     assert image_name(Image.fromarray(random_image((8, 8), 0))) is None  # made in memory: no file name
     assert image_name(np.zeros((4, 4, 3), np.uint8)) is None
+
+
+def test_class_shares_keep_a_class_named_background_apart_from_thresholded_pixels():
+    labels = np.array([[0, 0, 1, BACKGROUND], [1, 1, BACKGROUND, BACKGROUND]], dtype=np.int16)  # [2, 4]
+    named = Segmentation(labels=labels, scores=None, classes=("background", "cat"), source="x")
+    assert named.class_shares() == {"background": 0.25, "cat": 0.375, "background (below threshold)": 0.375}
+    plain = Segmentation(labels=labels, scores=None, classes=("dog", "cat"), source="x")
+    assert plain.class_shares() == {"dog": 0.25, "cat": 0.375, "background": 0.375}
