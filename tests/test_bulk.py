@@ -247,6 +247,35 @@ def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("cut at a member boundary", "ends after member s4.png without tar's end-of-archive marker"),
+        ("cut inside a header", "breaks off inside the header after member s4.png"),
+        ("garbage header", "unreadable tar header after member s4.png"),
+    ],
+)
+def test_a_shard_damaged_between_members_is_reported(tmp_path, segmenter, damage, message):
+    """tarfile ends its loop quietly on these (as on the end-of-archive marker): the samples before the
+    damage are written and the shard is reported, never silently shortened."""
+    images = {f"s{i}": random_image((20, 30), seed=i) for i in (3, 4, 5)}
+    _write_shard(tmp_path / "d.tar", [(key, {"png": _png_bytes(image)}) for key, image in images.items()])
+    with tarfile.open(tmp_path / "d.tar") as tar:
+        boundary = tar.getmember("s5.png").offset  # where s5's header starts
+    raw = (tmp_path / "d.tar").read_bytes()
+    damaged = {
+        "cut at a member boundary": raw[:boundary],
+        "cut inside a header": raw[: boundary + 100],
+        "garbage header": raw[:boundary] + b"\x07" * 512 + raw[boundary + 512 :],
+    }[damage]
+    (tmp_path / "d.tar").write_bytes(damaged)
+    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "d.tar"]), LABELS, tmp_path / "out",
+                           templates="single", progress=False)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_labels.png")) == ["s3_labels.png", "s4_labels.png"]
+    failures = dict(summary.failures)
+    assert message in failures[str(tmp_path / "d.tar")] and len(failures) == 1
+
+
 def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
     """Issue 10 item 4: the same key in two shards, twice in one shard, or in a shard and a file was merged."""
     png = [_png_bytes(random_image((18, 22 + i), seed=i)) for i in range(4)]

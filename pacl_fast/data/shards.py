@@ -6,7 +6,9 @@ keys are exactly those of webdataset, img2dataset and open_clip's training loade
 module adds is the reading: the library reads each member whole, whatever its size (a 2.7 MB
 ``.tar.gz`` of zeros can hold gigabytes); here a member larger than ``max_member_bytes`` is not
 read at all, and its sample carries a :class:`MemberTooLarge` marker in that field, so the caller
-fails that one sample and the rest of the shard goes on.
+fails that one sample and the rest of the shard goes on; and a shard that stops anywhere but at
+tar's end-of-archive marker (cut between members or inside a header, a garbage header: tarfile
+itself ends quietly on these) raises after the samples before the damage.
 
 Used by bulk segmentation (``pacl_fast.bulk``) and by training (``pacl_fast.data.pairs``).
 """
@@ -55,9 +57,40 @@ def _members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[di
     yield {}  # webdataset's end-of-shard marker: never group across shards
 
 
+class _HeaderBlocks(tarfile.TarInfo):
+    """TarInfo that remembers the last header block tarfile read (``last``, on a per-archive subclass).
+
+    Why: tarfile ends its member loop without an error on an empty read (a shard cut exactly at a
+    member boundary), a partial header block (cut inside a header) and a header that is not a tar
+    header (damage in the middle), as it does on the all-zero block that ends a whole archive; so a
+    damaged shard would silently lose its tail. The last block read tells them apart."""
+
+    last: bytes = b""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        cls.last = bytes(buf)
+        return super().frombuf(buf, encoding, errors)
+
+
+def _end_problem(last: bytes, after: str | None) -> str | None:
+    """Why the member loop stopped, if not at tar's end-of-archive marker (an all-zero block)."""
+    where = f"after member {after}" if after else "before its first member"
+    if not last:
+        return f"the shard ends {where} without tar's end-of-archive marker: it was cut short"
+    if len(last) < tarfile.BLOCKSIZE:
+        return f"the shard breaks off inside the header {where}"
+    if last.count(0) != tarfile.BLOCKSIZE:
+        return f"unreadable tar header {where}: the rest of the shard is lost"
+    return None
+
+
 def _read_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[dict]:
-    with tarfile.open(fileobj=fileobj, mode="r|*") as archive:
+    headers = type("HeaderBlocks", (_HeaderBlocks,), {})  # one record per archive
+    with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=headers) as archive:
+        name = None
         for member in archive:
+            name = member.name
             if not member.isreg():
                 continue
             if member.size > max_member_bytes:
@@ -68,6 +101,9 @@ def _read_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterat
                     raise tarfile.ReadError(f"member {member.name} is cut short ({len(data)} of {member.size} bytes)")
             yield {"fname": member.name, "data": data, "__url__": url}
             archive.members = []  # streaming: keep no list of every member seen
+        problem = _end_problem(headers.last, name)
+        if problem is not None:
+            raise tarfile.ReadError(problem)
 
 
 def iterate_samples(
