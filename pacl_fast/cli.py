@@ -66,27 +66,28 @@ def _sliding_window(text: str) -> SlidingWindow:
         raise argparse.ArgumentTypeError(f"--sliding-window expects CROP,STRIDE[,SHORT_SIDE], got {text!r}") from error
 
 
-def _positive_int(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def checked_number(name: str, convert: Callable[[str], float], ok: Callable[[float], bool], expected: str):
+    """An argparse ``type``: ``convert(text)`` that passes ``ok``, else "NAME must be EXPECTED, got 'TEXT'"."""
+
+    def parse(text: str) -> float:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}")
         return value
 
     return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--background-threshold must be a probability in [0, 1], got {text!r}")
-    return value
+def _positive_int(name: str) -> Callable[[str], int]:
+    return checked_number(name, int, lambda value: value >= 1, "a positive integer")
+
+
+_probability = checked_number(
+    "--background-threshold", float, lambda value: 0.0 <= value <= 1.0, "a probability in [0, 1]"
+)
 
 
 def add_weights_arguments(group: argparse._ArgumentGroup) -> None:
@@ -687,25 +688,31 @@ def run_demo_command(args: argparse.Namespace) -> int:
 COMMANDS["demo"] = run_demo_command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` as a command: logging to stderr, and errors as one line that says what to do
+    (``PACL_FAST_DEBUG=1``: the traceback instead)."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="pacl-fast: %(message)s", stream=sys.stderr)
     if os.environ.get("PACL_FAST_DEBUG"):
-        return COMMANDS[args.command](args)
+        return run(args)
     from pacl_fast.encoders.base import EncoderUnavailableError
 
     try:
-        return COMMANDS[args.command](args)
+        return run(args)
     except KeyboardInterrupt:
-        print(f"pacl-fast {args.command}: interrupted", file=sys.stderr)
+        print(f"pacl-fast {name}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError,
             EncoderUnavailableError) as error:  # fmt: skip
-        print(f"pacl-fast {args.command}: error: {error}", file=sys.stderr)
+        print(f"pacl-fast {name}: error: {error}", file=sys.stderr)
         print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

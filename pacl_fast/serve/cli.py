@@ -9,12 +9,19 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-from pacl_fast.cli import HELP, UsageError, _positive_int, add_model_arguments, check_weights_files
+from pacl_fast.cli import (
+    HELP,
+    UsageError,
+    _positive_int,
+    add_model_arguments,
+    check_weights_files,
+    checked_number,
+    run_command,
+)
 from pacl_fast.serve.settings import DEFAULT_MAX_PIXELS, TEMPLATE_PRESETS, ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -28,39 +35,14 @@ DESCRIPTION = (
 
 
 def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}")
-        return value
-
-    return parse
+    return checked_number(name, float, lambda value: value > 0, "a positive number")
 
 
 def _non_negative_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}")
-        return value
-
-    return parse
+    return checked_number(name, float, lambda value: value >= 0, "a number >= 0")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"--port must be 0..65535, got {text!r}")
-    return value
+_port = checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
 
 
 def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
@@ -225,22 +207,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pacl_fast.serve``: the same as ``pacl-fast serve``."""
-    import os
-
     parser = argparse.ArgumentParser(prog="python -m pacl_fast.serve", description=DESCRIPTION, formatter_class=HELP)
     configure_serve_parser(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="pacl-fast: %(message)s", stream=sys.stderr)
-    if os.environ.get("PACL_FAST_DEBUG"):
-        return run_serve(args)
-    from pacl_fast.encoders.base import EncoderUnavailableError
-
-    try:
-        return run_serve(args)
-    except KeyboardInterrupt:
-        return 130
-    except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError,
-            EncoderUnavailableError) as error:  # fmt: skip
-        print(f"pacl-fast serve: error: {error}", file=sys.stderr)
-        print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+    return run_command("serve", run_serve, parser.parse_args(argv))
