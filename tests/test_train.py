@@ -401,6 +401,59 @@ def test_resume_errors_are_one_line(pacl_run, tiny_clip_dir, tmp_path):
     assert code == 2 and "batch_size (checkpoint: 16, this run: 8)" in err
 
 
+def forge(path: Path, edit) -> Path:
+    """A copy of the checkpoint at ``path`` with ``edit(state)`` applied, written beside it as forged.pt."""
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    forged = path.parent / "forged.pt"
+    torch.save(state, forged)
+    return forged
+
+
+def test_resume_takes_hyperparameters_and_schedule_from_the_config_not_the_file(pacl_run, tiny_clip_dir, tmp_path):
+    """A checkpoint's own learning rate, betas, weight decay or schedule position are never used: the resumed
+    run logs the learning rates and ends with the weights of the uninterrupted one."""
+    out, _ = pacl_run
+    older = out / "checkpoints" / f"step_{PACL_STEPS - PACL_SAVE:08d}.pt"
+
+    def edit(state):
+        for group in state["optimizer"]["param_groups"]:
+            group.update(lr=1.0, initial_lr=1.0, betas=(0.0, 0.0), weight_decay=100.0)
+        state["scheduler"] = {"base_lrs": [1.0, 1.0], "last_epoch": 0, "optimizer": "x"}
+
+    forged = forge(shutil.copy(older, tmp_path / "step.pt"), edit)
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "again"), "--resume", forged)
+    assert code == 0, err[-2000:]
+    assert [r["lr"] for r in log_of(tmp_path / "again")] == [r["lr"] for r in log_of(out)][PACL_STEPS - PACL_SAVE :]
+    assert_same_weights(exported(tmp_path / "again"), exported(out))
+
+
+def _set(key, value):
+    return lambda state: state.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set("step", 10**6), "step 1000000 is outside 1..24"),
+        (_set("step", True), "entry 'step' is missing or not a int"),
+        (_set("rng", []), "entry 'rng' has 0 ranks, the signature 1"),
+        (_set("rng", [torch.zeros(3)]), "entry 'rng' does not hold RNG states"),
+        (_set("model", {"embedder.linear.weight": 1}), "entry 'model' is not a dict of named tensors"),
+        (lambda s: s["data"].__setitem__(0, {"positions": {0: [0, -1, 0]}, "skipped": 0}), "data position 0"),
+        (lambda s: s["data"].__setitem__(0, {"positions": {}, "skipped": -3}), "skipped count -3"),
+        (lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(7)), "moment exp_avg of parameter 0"),
+        (lambda s: s["optimizer"]["param_groups"].pop(), "1 parameter groups, this run 2"),
+        (lambda s: s["optimizer"]["state"].__setitem__(99, {}), "parameter 99 is not AdamW's"),
+    ],
+)
+def test_a_forged_checkpoint_is_one_line_error(pacl_run, tiny_clip_dir, tmp_path, edit, message):
+    out, _ = pacl_run
+    forged = forge(shutil.copy(out / "checkpoints" / f"step_{PACL_STEPS:08d}.pt", tmp_path / "step.pt"), edit)
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "again"), "--resume", forged)
+    assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(pacl_run, tiny_clip_dir, tmp_path):
     out, _ = pacl_run
     copy = tmp_path / "copy"

@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, pruned, read back as hostile input, chosen for resuming.
 
 A checkpoint (``OUT/checkpoints/step_00000500.pt``) holds the trained tensors (never a frozen
-CLIP), the optimiser, scheduler and grad-scaler states, every rank's RNG state and data position,
+CLIP), the optimiser's moments, the grad-scaler state, every rank's RNG state and data position,
 and the run signature: what must not change across a resume (stage, model identity, data, batch,
 ranks, seeds, schedule). It is read with ``torch.load(weights_only=True)`` and every field is
 checked before use; a truncated or corrupt newest checkpoint is skipped, with a warning, for the
@@ -30,7 +30,6 @@ FIELDS: dict[str, type] = {
     "step": int,
     "model": dict,
     "optimizer": dict,
-    "scheduler": dict,
     "scaler": dict,
     "rng": list,
     "data": list,

@@ -237,9 +237,50 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of :func:`lr_factor`, positioned after ``start_step`` steps (a resumed run). It is a
+    function of the step and the config alone, so a checkpoint holds none of it."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup, config.steps, config.min_lr_ratio)
+        optimizer, lambda step: lr_factor(step, config.warmup, config.steps, config.min_lr_ratio), start_step - 1
+    )
+
+
+OPTIMIZER_MOMENTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load AdamW's per-parameter state (step count, moments) from a saved ``optimizer.state_dict()``.
+
+    The hyperparameters (learning rate, betas, weight decay...) stay the config's: the run signature
+    already says they match, and a file's own copy of them is not trusted. Every moment must have its
+    parameter's shape; ``ValueError`` names what does not fit.
+    """
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise ValueError("optimizer state must hold 'param_groups' (a list) and 'state' (a dict)")
+    if len(groups) != len(optimizer.param_groups) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"optimizer state has {len(groups)} parameter groups, this run {len(optimizer.param_groups)}")
+    shapes = {}
+    for mine, theirs in zip(optimizer.param_groups, groups):
+        ids = theirs.get("params")
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            raise ValueError("optimizer state's parameter groups do not fit this run's")
+        shapes.update({index: param.shape for index, param in zip(ids, mine["params"])})
+    for index, moments in state.items():
+        if index not in shapes or not isinstance(moments, dict) or set(moments) != set(OPTIMIZER_MOMENTS):
+            raise ValueError(f"optimizer state of parameter {index!r} is not AdamW's {OPTIMIZER_MOMENTS}")
+        for name in ("exp_avg", "exp_avg_sq"):
+            if not isinstance(moments[name], torch.Tensor) or moments[name].shape != shapes[index]:
+                raise ValueError(f"optimizer moment {name} of parameter {index} does not have its shape")
+        if not isinstance(moments["step"], torch.Tensor) or moments["step"].numel() != 1:
+            raise ValueError(f"optimizer step count of parameter {index} is not a number")
+    own = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": [{**o, "params": g["params"]} for o, g in zip(own, groups)]}
     )
 
 

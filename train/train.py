@@ -19,7 +19,7 @@ One CPU, one GPU, or many through torchrun (DDP; NCCL on GPU, gloo on CPU):
   torchrun --nproc_per_node 8 train/train.py --stage pacl --clip ViT-B-16 --clip-weights laion2b_s34b_b88k \\
       --data wds --train-data 'shards/{00000..00099}.tar' --precision bf16 --out runs/pacl-b16
 
-Checkpoints (trained tensors, optimiser, scheduler, RNG, data positions) are written atomically
+Checkpoints (trained tensors, optimiser moments, RNG, data positions) are written atomically
 every --save-every steps and at the end; running the same command again (--resume auto) continues
 a killed or interrupted run with no lost and no repeated step, and ends with the same weights.
 """
@@ -59,6 +59,7 @@ from train.config import ConfigError, TrainConfig, parse_config  # noqa: E402
 from train.stages import (  # noqa: E402
     Stage,
     autocast_for,
+    load_optimizer_moments,
     make_optimizer,
     make_scheduler,
     make_stage,
@@ -151,14 +152,14 @@ class Trainer:
             )
         try:
             self.stage.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            load_optimizer_moments(self.optimizer, state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"][rank])
             self.positions, self.skipped = _data_state(state["data"][rank])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
             raise CheckpointError(f"{path} does not fit this run: {error}") from error
         self.step = state["step"]
+        self.scheduler = make_scheduler(self.optimizer, config, start_step=self.step)
         if self.info.is_main:
             trim_log(config.out / "log.jsonl", self.step)
         self.say(f"resuming from {path} at step {self.step}")
@@ -279,7 +280,6 @@ class Trainer:
                     "step": self.step,
                     "model": self.stage.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
                     "rng": [rng for rng, _ in states],
                     "data": [data for _, data in states],
