@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from torch import nn
 
 from pacl_fast.backbone import OPENAI_MEAN, OPENAI_STD, RandomWeightsWarning, config_digest, load_clip
 from pacl_fast.distributed import DistInfo, all_gather_no_grad, all_gather_with_grad
+from pacl_fast.encoders.base import resolve_dtype
 from pacl_fast.files import atomic_write
 from pacl_fast.model import PACL, PACLConfig, contrastive_loss
 from pacl_fast.weights import metadata_for, save_pacl_weights
@@ -34,7 +36,6 @@ from train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Parameter-name parts that get no weight decay (open_clip's rule), besides every tensor of < 2 dims.
 NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale", "positional", "class_emb")
 
@@ -43,7 +44,7 @@ def autocast_for(device: torch.device, precision: str) -> AbstractContextManager
     """``torch.autocast`` in ``precision`` on ``device``, or nothing for fp32."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    return torch.autocast(device.type, dtype=resolve_dtype(precision))
 
 
 class Stage:
@@ -114,7 +115,7 @@ class ClipStage(Stage):
 
     def export(self, config: TrainConfig, world_size: int) -> str:
         folder = export_clip(
-            self.model, self.model_cfg, self.mean, self.std, config.out / "export", getattr(torch, config.export_dtype)
+            self.model, self.model_cfg, self.mean, self.std, config.out / "export", resolve_dtype(config.export_dtype)
         )
         return f"exported CLIP to local-dir:{folder}"
 
@@ -162,9 +163,11 @@ class PaclStage(Stage):
             logit_scale=config.init_logit_scale,
         )
         self.model = PACL(backbone, pacl_config).to(device)
-        self.model.backbone.to(DTYPES[config.precision])  # the fast path: frozen weights in the run's precision
+        self.model.backbone.to(resolve_dtype(config.precision))  # the fast path: frozen weights in the run's precision
         self.module = PaclFeatures(self.model)
-        self.tokenize = backbone.tokenize
+        # Captions past the context are cut, as open_clip's training does; a warning naming them would
+        # repeat every step.
+        self.tokenize = functools.partial(backbone.tokenize, warn=False)
         self.image_size = backbone.image_size
         self.mean, self.std = backbone.mean_std
         self.data_name = {"synthetic": f"synthetic world seed {config.world_seed}"}.get(config.data, config.train_data)
