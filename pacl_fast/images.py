@@ -34,6 +34,8 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 #: is ~1.2 GB per image in flight, times the batch: batch 8 of 40 MP images is ~9.6 GB, which still
 #: fits a 24 GiB machine. PIL's own bomb limit (179 MP) would allow ~5 GB an image.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Longest side over shortest side that :func:`plan_resize` takes (panoramas reach ~10).
+MAX_ASPECT_RATIO = 16
 
 #: File suffixes read as images (folders of images, WebDataset fields without the dot).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -165,10 +167,19 @@ class Geometry:
 
 
 def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int) -> Geometry:
-    """Short side to ``short_side``, aspect kept, padded up to the patch multiple."""
+    """Short side to ``short_side``, aspect kept, padded up to the patch multiple.
+
+    Images longer than :data:`MAX_ASPECT_RATIO` times their short side are refused: the short side is
+    scaled *up* to the model's size, so a 1x4000 strip of 70 bytes would become a 64x256000 canvas
+    (and ViT attention over all of it, or thousands of sliding windows)."""
     if short_side < patch_size:
         raise ValueError(f"short_side={short_side} is smaller than the patch size {patch_size}")
     height, width = original_size
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise ValueError(
+            f"image is {height}x{width} (height x width): its long side is over {MAX_ASPECT_RATIO} times its short "
+            "side, which the model cannot take (crop it into pieces)"
+        )
     scale = short_side / min(height, width)
     resized = (max(1, round(height * scale)), max(1, round(width * scale)))
     canvas = tuple(-(-side // patch_size) * patch_size for side in resized)

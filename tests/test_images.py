@@ -125,3 +125,12 @@ def test_sliding_windows():
         SlidingWindow(60, 30).origins((64, 64), 16)
     with pytest.raises(ValueError, match="would leave gaps"):
         SlidingWindow(32, 48)
+
+
+def test_plan_resize_refuses_strips_it_would_blow_up():
+    """The short side is scaled up to the model's size: a 1x4000 strip would be a 64x256000 canvas."""
+    with pytest.raises(ValueError, match=r"1x4000 .*over 16 times its short side"):
+        plan_resize((1, 4000), 64, 8)
+    with pytest.raises(ValueError, match="over 16 times"):
+        plan_resize((170, 10), 64, 8)
+    assert plan_resize((10, 160), 64, 8).canvas_size == (64, 1024)  # 16:1, the longest taken

@@ -310,6 +310,22 @@ BAD_REQUESTS = {
         422,
         "not an image",
     ),  # fmt: skip
+    "a 1x100 strip (scaled up to a 64x6400 canvas)": (
+        dict(content=png(np.zeros((1, 100), np.uint8)), params={"labels": "a"}),
+        422,
+        "long side is over 16 times its short side",
+    ),
+    "an option field of 70 kB": (
+        multipart([("file", ("a.png", GOOD)), ("labels", (None, "a," * 35_000))]),
+        413,
+        "an option field is over 65536 bytes",
+    ),  # fmt: skip
+    "labels nested past the JSON parser's depth": (dict(params={"labels": "[" * 3000}), 422, "look like JSON"),
+    "10,000 labels, counted before any is read": (
+        dict(params={"labels": ",".join(["x"] * 10_000)}),
+        422,
+        "10000 labels",
+    ),
 }
 
 
@@ -357,6 +373,32 @@ def test_bad_input_leaves_the_service_serving(client, segmenter):
 def test_embed_labels_bad_input(client, body, message):
     response = client.post("/v1/embed-labels", json=body)
     assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
+def test_embed_labels_body_is_bounded_before_it_is_parsed(client):
+    response = client.post("/v1/embed-labels", json={"labels": ["x" * 100] * 1000})  # ~100 kB
+    assert response.status_code == 413 and "over the limit of 65536" in response.json()["detail"], response.text
+    response = client.post("/v1/embed-labels", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "Invalid JSON" in response.json()["detail"], response.text
+
+
+def test_a_model_failure_is_answered_by_its_kind_not_internal(client, segmenter, monkeypatch):
+    """The batcher hands a job's exception to its request: a RuntimeError is a 500 naming the model, a
+    ValueError a 422, never the anonymous 500 "internal"."""
+    for error, status, kind in (
+        (RuntimeError("out of memory"), 500, "model_error"),
+        (ValueError("odd"), 422, "bad_request"),
+    ):
+
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(segmenter.encoder, "encode_image", fail)
+        response = post_image(client, png(random_image(23, 40, 56)))
+        assert (response.status_code, response.json()["error"]) == (status, kind), response.text
+        assert str(error) in response.json()["detail"]
+    monkeypatch.undo()
+    assert post_image(client, GOOD).status_code == 200
 
 
 def test_embed_labels_fills_the_cache_that_segment_uses(client, segmenter):

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pacl_fast.serve.batcher import Batcher, Job, NotReady, QueueFull, SegmentKey
@@ -321,6 +321,8 @@ def create_app(
             raise
         except NotReady as error:
             raise ApiError(503, "not_ready", str(error), {"Retry-After": "5"}) from None
+        except Exception as error:  # the model's failure on this job (the batcher sets it on the future)
+            raise model_error(error) from None
         return outcome, job
 
     async def within_timeout(work: Any) -> Any:
@@ -483,10 +485,7 @@ def create_app(
         prepared = await anyio.to_thread.run_sync(prepare, upload.image, options, segmenter, as_png, limiter=cpu_slots)
         del upload
         key = SegmentKey(options, tuple(prepared.pixels.shape))
-        outcome, job = await run_model(key, _segment_group, prepared, ticket, images=1)
-        if isinstance(outcome, Exception):
-            raise model_error(outcome)
-        labels, scores = outcome
+        (labels, scores), job = await run_model(key, _segment_group, prepared, ticket, images=1)
         return await anyio.to_thread.run_sync(
             render, labels, scores, options, prepared, as_png, job, arrival, limiter=cpu_slots
         )
@@ -516,11 +515,23 @@ def create_app(
         f"/{API_VERSION}/embed-labels",
         tags=["segmentation"],
         summary="Compute and cache the text embeddings of class names (warm-up)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EmbedRequest.model_json_schema()}},
+            }
+        },
     )
-    async def embed_labels(request: EmbedRequest) -> dict:
+    async def embed_labels(request: Request) -> dict:
         model()
-        labels = parse_labels(request.labels, settings)
-        templates = request.templates or settings.templates
+        # Read under a bound before parsing (FastAPI would read and parse a body of any size first).
+        body = await read_body(request.stream(), request.headers.get("content-length"), MULTIPART_OVERHEAD)
+        try:
+            asked = EmbedRequest.model_validate_json(body)
+        except ValidationError as error:
+            raise RequestValidationError(error.errors()) from None
+        labels = parse_labels(asked.labels, settings)
+        templates = asked.templates or settings.templates
         if templates not in TEMPLATE_PRESETS:
             raise ApiError(422, "bad_option", f"templates must be one of {', '.join(TEMPLATE_PRESETS)}")
         ticket = admit()
@@ -528,8 +539,6 @@ def create_app(
             outcome, _ = await within_timeout(run_model((labels, templates), _embed_group, None, ticket, images=0))
         finally:
             ticket.release()
-        if isinstance(outcome, Exception):
-            raise model_error(outcome)
         return {"classes": list(labels), "templates": templates, "embedding_shape": list(outcome)}
 
     return app

@@ -96,11 +96,17 @@ def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> Upl
         header["value"] += data[start:end]
 
     def on_header_end() -> None:
-        parts[-1]["headers"][header["field"].lower()] = header["value"]
+        name, value = header["field"].lower(), header["value"]
+        parts[-1]["headers"][name] = value
+        if name == b"content-disposition":
+            parts[-1]["file"] = parse_options_header(value)[1].get(b"name") == FILE_FIELD.encode()
         header["field"], header["value"] = b"", b""
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1]["data"].extend(data[start:end])
+        part = parts[-1]
+        part["data"].extend(data[start:end])
+        if not part.get("file") and len(part["data"]) > MULTIPART_OVERHEAD:  # option fields are short text
+            raise ApiError(413, "too_many_bytes", f"an option field is over {MULTIPART_OVERHEAD} bytes")
 
     callbacks = {
         "on_part_begin": on_part_begin,
@@ -204,19 +210,19 @@ def parse_labels(value: str | list, settings: ServeSettings) -> tuple[str, ...]:
         if text.startswith("["):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, RecursionError) as error:  # nesting past the parser's depth: RecursionError
                 raise ApiError(422, "bad_labels", f"labels look like JSON but are not: {error}") from None
         else:
             value = [name.strip() for name in text.split(",")] if text else []
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
         raise ApiError(422, "bad_labels", "labels must be comma-separated names or a JSON list of strings")
-    names = [name.strip() for name in value]
-    if not names:
+    if not value:
         raise ApiError(422, "bad_labels", "labels is empty: give at least one class name, e.g. labels=cat,dog")
+    if len(value) > settings.max_labels:
+        raise ApiError(422, "too_many_labels", f"{len(value)} labels, over the limit of {settings.max_labels}")
+    names = [name.strip() for name in value]
     if any(not name for name in names):
-        raise ApiError(422, "bad_labels", f"labels has an empty name in {value!r}")
-    if len(names) > settings.max_labels:
-        raise ApiError(422, "too_many_labels", f"{len(names)} labels, over the limit of {settings.max_labels}")
+        raise ApiError(422, "bad_labels", f"labels has an empty name (label {names.index('') + 1} of {len(names)})")
     long = [name[:40] + "..." for name in names if len(name) > settings.max_label_chars]
     if long:
         raise ApiError(422, "bad_labels", f"labels over {settings.max_label_chars} characters: {long}")
