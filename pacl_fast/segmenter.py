@@ -282,7 +282,10 @@ class Segmenter:
         options = dict(logit_scale=self.logit_scale, background_threshold=background_threshold, with_scores=with_scores)
         if isinstance(out_size[0], int):
             return self.head.segment(logits, tuple(out_size), grid_extent=grid_extent, **options)
-        extents = grid_extent if grid_extent is not None else [None] * len(out_size)
+        if grid_extent is None or isinstance(grid_extent[0], (int, float)):  # one extent (or none) for all
+            extents = [grid_extent] * len(out_size)
+        else:
+            extents = list(grid_extent)
         if len(out_size) != len(logits) or len(extents) != len(logits):
             raise ValueError(f"{len(logits)} images need {len(logits)} out sizes and grid extents")
         masks = []
@@ -353,8 +356,8 @@ class Segmenter:
                     for index in batch:
                         results[index] = error
                     continue
-                if same:
-                    labels, scores = masks
+                if same:  # one copy to the CPU for the batch, then views of it
+                    labels, scores = masks[0].cpu(), None if masks[1] is None else masks[1].cpu()
                     masks = [(labels[k], None if scores is None else scores[k]) for k in range(len(batch))]
                 for index, (labels, scores) in zip(batch, masks):
                     results[index] = (labels.cpu(), None if scores is None else scores.cpu())

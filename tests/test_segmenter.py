@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_segmenter
+from layouts import random_image
 from PIL import Image
 
 import pacl_fast
@@ -246,3 +247,23 @@ def test_vit_b16_end_to_end_one_image():
     image = np.random.default_rng(7).integers(0, 255, (224, 224, 3), dtype=np.uint8)
     result = segmenter.predict(image, ["cat", "dog"], templates="single")
     assert result.labels.shape == (224, 224) and set(np.unique(result.labels)) <= {0, 1}
+
+
+def test_images_of_one_canvas_but_other_sizes_each_equal_their_own_prediction(segmenter):
+    """64x90 and 64x92 both pad to one canvas and share a batch: each keeps its own grid extent and size."""
+    images = [random_image((64, 90), seed=31), random_image((64, 92), seed=32)]
+    together = segmenter.predict(images, LABELS)
+    for image, result in zip(images, together):
+        alone = segmenter.predict(image, LABELS)
+        assert np.array_equal(result.labels, alone.labels)
+        np.testing.assert_allclose(result.scores, alone.scores, atol=1e-6, rtol=0)
+
+
+def test_segment_logits_takes_one_grid_extent_for_every_size(segmenter):
+    logits = torch.randn(2, 4, 5, 3)  # [B, h, w, C]
+    sizes = [(30, 37), (31, 40)]
+    shared = segmenter.segment_logits(logits, sizes, grid_extent=(3.5, 4.5))
+    each = segmenter.segment_logits(logits, sizes, grid_extent=[(3.5, 4.5), (3.5, 4.5)])
+    for (labels, scores), (labels_each, scores_each) in zip(shared, each):
+        assert labels.shape == labels_each.shape and torch.equal(labels, labels_each)
+        assert torch.equal(scores, scores_each)
