@@ -148,10 +148,12 @@ class Outputs:
         self.directory = Path(directory)
         self.overlays = overlays
 
-    def claim(self, settings: dict, *, overwrite: bool, write: bool) -> None:
+    def claim(self, settings: dict, *, overwrite: bool, write: bool, request: dict | None = None) -> None:
         """Refuse to add to a folder made with other settings (its existing files would be skipped as done).
 
-        ``write``: record the settings (one rank does; the others only check).
+        ``write``: record the settings (one rank does; the others only check). ``request`` (how the
+        caller named the model, for :func:`already_done`) is recorded beside them but never compared:
+        touched weight files or another head backend make the same label maps.
         """
         manifest = self.directory / self.MANIFEST
         settings = fingerprint(settings)
@@ -161,9 +163,11 @@ class Outputs:
                 saved = json.loads(manifest.read_bytes())
             except (OSError, ValueError) as error:
                 raise ValueError(f"cannot read the settings file {manifest} ({_error(error)}); {remedy}") from None
+            if isinstance(saved, dict):
+                saved = {key: value for key, value in saved.items() if key != "request"}
             check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
         if write:
-            atomic_write(manifest, json.dumps(settings, indent=1))
+            atomic_write(manifest, json.dumps({**settings, "request": fingerprint(request)}, indent=1))
 
     def paths(self, key: str) -> dict[str, Path]:
         """The key's output files, proven inside the folder (ValueError for an unsafe key)."""
@@ -435,9 +439,8 @@ def segment_bulk(
         "templates": templates if isinstance(templates, str) else list(templates),
         "background_threshold": background_threshold,
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
-        "request": request,
     }
-    outputs.claim(settings, overwrite=overwrite, write=dist.is_main)
+    outputs.claim(settings, overwrite=overwrite, write=dist.is_main, request=request)
     all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)
     if left_out:
         logger.info("left out %d earlier outputs (*_labels.png, *_overlay.png) found under %s", left_out, out_dir)

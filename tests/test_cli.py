@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -179,3 +180,12 @@ def test_a_finished_rerun_skips_without_loading_the_model(tmp_path, tiny_config,
     assert "0 written, 3 skipped" in again.out and "Segmenter(" not in again.err  # no model was built
     assert main([*argv[:3], "a,c", *argv[4:]]) == 2  # other labels: the full run starts and refuses the folder
     assert "Segmenter(" in capsys.readouterr().err
+    (tmp_path / "out" / "p1_labels.png").unlink()  # one output missing: a full run writes it
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "1 written, 2 skipped" in again.out and "Segmenter(" in again.err
+    for path in clip.iterdir():  # weight files touched (same content): the request differs, the settings do not
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 60))
+    assert main([*argv, "--backend", "reference"]) == 0, capsys.readouterr().err
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" in again.err
