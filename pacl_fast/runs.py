@@ -260,15 +260,19 @@ class RunState:
 
 
 def clear_state(directory: str | os.PathLike | None, dist: DistInfo) -> None:
-    """Remove a run's state files (rank 0, once every rank is done with them), then the folder if empty.
+    """Remove a run's state files (rank 0, once every rank is done with them), then the folder if empty;
+    every rank returns once they are gone (``--restart``: no rank may read its old state after).
 
     Only files this module writes are removed, so ``--state-dir`` pointing at a folder of other
     files (or ``~``) never deletes them.
     """
     barrier()
-    if directory is None or not dist.is_main:
-        return
-    folder = Path(directory)
+    if directory is not None and dist.is_main:
+        _remove_state_files(Path(directory))
+    barrier()
+
+
+def _remove_state_files(folder: Path) -> None:
     if not folder.is_dir():
         return
     for path in [*folder.glob("rank*-of-*.json"), *folder.glob(".rank*-of-*.json.*.tmp")]:
