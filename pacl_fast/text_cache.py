@@ -109,6 +109,10 @@ class TextCache:
         self.root = Path(root) if root is not None else default_text_cache_dir()
         self.max_bytes = max_bytes
         self.writable = True
+        # Bytes the cache held at the last walk plus what this process stored since: evict() walks the
+        # tree (a stat per entry) only on first use and when this passes max_bytes. Other processes'
+        # writes are seen at the next walk, so the cap holds up to what they added meanwhile.
+        self._known_bytes: int | None = None
 
     def path(self, model_key: str, templates: str, label: str) -> Path:
         """Where the entry for (model, templates digest, label) lives."""
@@ -154,6 +158,9 @@ class TextCache:
         except OSError as error:
             self.writable = False
             logger.warning("cannot write the text cache in %s (%s); continuing without it", self.root, error)
+            return
+        if self._known_bytes is not None:
+            self._known_bytes += len(data)
 
     def size(self) -> int:
         """Bytes the cache's entries take."""
@@ -161,7 +168,10 @@ class TextCache:
 
     def evict(self) -> int:
         """Remove least recently used entries until the cache fits ``max_bytes``, and temporary files
-        that writers left when they were killed; returns how many entries were removed."""
+        that writers left when they were killed; returns how many entries were removed. Walks the
+        cache only on first use and once the bytes known to be in it pass ``max_bytes``."""
+        if self._known_bytes is not None and self._known_bytes <= self.max_bytes:
+            return 0
         entries = sorted(self._entries(), key=lambda entry: entry[1])  # oldest first
         total = sum(size for _, _, size in entries)
         removed = 0
@@ -177,6 +187,7 @@ class TextCache:
                 logger.warning("cannot remove text cache entry %s (%s)", path, error)
                 continue
             total -= size
+        self._known_bytes = total
         if removed:
             logger.info("text cache over %d bytes: removed %d least recently used entries", self.max_bytes, removed)
         return removed

@@ -325,3 +325,21 @@ def test_bad_embedder_options(tiny_model, encoder, tmp_path, options, message):
         embedder(tiny_model, encoder, tmp_path, **options)
     with pytest.raises(ValueError, match="model_key"):
         TextEmbedder(encoder.encode_text, tiny_model.backbone.tokenize, "")
+
+
+def test_evict_walks_the_cache_only_when_its_known_size_passes_the_cap(tmp_path):
+    """The size is known after one walk plus this process's stores: no walk (a stat per entry) per call,
+    and the cap still holds once this process's own writes pass it."""
+    unit = F.normalize(torch.randn(64), dim=0)
+    cache = TextCache(tmp_path, max_bytes=10_000)
+    cache.store("m", "t", "first", unit)
+    entry = cache.path("m", "t", "first").stat().st_size
+    assert cache.evict() == 0  # first use: one walk
+    outsider = cache.path("m", "t", "outsider")  # another process's entries, seen only at the next walk
+    outsider.write_bytes(cache.path("m", "t", "first").read_bytes() * (10_000 // entry))
+    os.utime(outsider, (1, 1))  # the oldest
+    assert cache.evict() == 0  # under the cap as far as this process knows: no walk, nothing removed
+    assert outsider.exists()
+    for i in range(10_000 // entry + 1):  # this process alone passes the cap: the next evict walks
+        cache.store("m", "t", f"label {i}", unit)
+    assert cache.evict() >= 1 and not outsider.exists() and cache.size() <= cache.max_bytes
