@@ -180,7 +180,7 @@ def test_int8_matches_torch_on_held_out_scenes(model, int8_encoder):
 
 @needs_openvino
 def test_int8_cache_is_reused(model, shared, int8_encoder):
-    folder = int8_encoder.model_folder(SIZE)
+    folder = int8_encoder.model_path(SIZE).parent  # built here if this test runs alone
     stamps = {name: (folder / name).stat().st_mtime_ns for name in (MODEL_XML, MODEL_BIN, ENTRY_JSON)}
     folders = sorted((shared / "openvino").rglob("image-*"))
     again = OpenVINOEncoder(model, "int8", cache_dir=shared, calibration="synthetic", calibration_size=CALIBRATION)
@@ -195,6 +195,15 @@ def test_int8_cache_is_reused(model, shared, int8_encoder):
     # Another calibration is another model.
     other = OpenVINOEncoder(model, "int8", cache_dir=shared, calibration="synthetic", calibration_size=CALIBRATION + 1)
     assert other.model_folder(SIZE) != folder
+    # Of several cached int8 models for this size, the newest is used.
+    newer = folder.with_name(folder.name.rsplit("-", 1)[0] + "-0newer")
+    shutil.copytree(folder, newer)
+    try:
+        later = (folder / ENTRY_JSON).stat().st_mtime_ns + 10**9
+        os.utime(newer / ENTRY_JSON, ns=(later, later))
+        assert make_encoder("openvino", model, cache_dir=shared, precision="int8").model_folder(SIZE) == newer
+    finally:
+        shutil.rmtree(newer)
 
 
 @needs_openvino

@@ -48,7 +48,7 @@ from torch import nn
 
 from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
 from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE, Calibration, CalibrationImages, short_digest
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache
+from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, image_artifact
 from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 from pacl_fast.files import atomic_write, default_cache_dir
@@ -264,7 +264,7 @@ class OpenVINOEncoder:
 
     def _plan(self, image_size: tuple[int, int]) -> tuple[Path, Calibration | None]:
         """The cache folder for this size and the calibration that builds it (None: fp32, or a cached int8 model)."""
-        stem = f"image-{image_size[0]}x{image_size[1]}"
+        stem = image_artifact(image_size)
         if self.precision != "int8":
             return self.root / f"{stem}-fp32", None  # bf16 is a compile setting over the fp32 graph
         calibration = self.calibration
@@ -404,10 +404,6 @@ class OpenVINOEncoder:
         """OpenVINO's compiled model for inputs ``(H, W)`` (built or loaded now): its properties and runtime graph."""
         return self._prepare(self._size(image_size)).compiled
 
-    def prepare(self, image_size: tuple[int, int]) -> Path:
-        """Build or load the model for inputs ``(H, W)`` now (not on the first batch); returns its ``model.xml``."""
-        return self.model_path(image_size)
-
     # --- running -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -493,7 +489,7 @@ def export_openvino(
     for size in tqdm(
         [encoder._size(s) for s in image_sizes], desc="export openvino", unit="model", disable=not progress
     ):
-        path = encoder.prepare(size)
+        path = encoder.model_path(size)  # built now, not on the first batch
         entry = json.loads((path.parent / ENTRY_JSON).read_text())
         manifest["artifacts"].append(
             {
