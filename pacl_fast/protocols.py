@@ -29,7 +29,12 @@ and parsed as the repositories parse them (:func:`read_names_file`).
 Details the engine does not follow (or not yet), recorded per preset: all three run CLIP in fp16
 on CUDA (``precision``); ClearCLIP pads each window to a patch multiple, centred, with zeros after
 normalisation, and crops the logits back, while SCLIP and NACLIP let the patch convolution drop the
-remainder pixels and stretch the logits over the whole window (``crop_remainder``).
+remainder pixels and stretch the logits over the whole window (``crop_remainder``); their resize is
+mmcv's ``rescale_size`` (factor ``min(max_long_side / long, short_side / short)``, sides rounded half
+up), the engine's ``images.plan_resize`` sets the short side exactly and rounds to nearest without the
+2048 cap (``max_long_side``, which no image of the eight benchmarks reaches at these short sides), so
+sides can differ by a pixel; and they average overlapping windows after upsampling each to pixels,
+the engine on the patch grid.
 """
 
 from __future__ import annotations
@@ -46,9 +51,8 @@ import torch
 
 from pacl_fast.refine import pamr
 
-#: Protocols, and the benchmarks (``--dataset`` keys) in the papers' column order.
+#: The training-free papers whose evaluation protocols are presets.
 PROTOCOLS = ("sclip", "naclip", "clearclip")
-BENCHMARKS = ("voc21", "context60", "cocoobject", "voc20", "cityscapes", "context59", "ade20k", "cocostuff")
 
 #: Where the presets were read: repository and commit.
 REPOSITORIES = {
@@ -187,10 +191,6 @@ class EvalProtocol:
         """``[Q]`` int64: the class of each query."""
         return np.repeat(np.arange(len(self.class_names)), [len(s) for s in self.class_names])
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """The ``(height, width)`` the image is resized to before inference (see :func:`resized_size`)."""
-        return resized_size(height, width, self.short_side, self.max_long_side)
-
     def postprocess(self, logits: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine logits ``[Q, H, W]`` or ``[B, Q, H, W]`` at the original image size -> labels ``[(B,) H, W]`` int64.
 
@@ -220,19 +220,6 @@ class EvalProtocol:
         values["pamr"] = None if self.pamr is None else [self.pamr[0], list(self.pamr[1])]
         values["source"] = list(self.source)
         return values
-
-
-def resized_size(height: int, width: int, short_side: int, max_long_side: int = 2048) -> tuple[int, int]:
-    """mmcv's ``rescale_size`` for ``Resize(scale=(max_long_side, short_side), keep_ratio=True)``.
-
-    The factor is ``min(max_long_side / long, short_side / short)`` and each side is
-    ``int(side * factor + 0.5)``: the short side becomes ``short_side`` unless the long side would
-    pass ``max_long_side``.
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    factor = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 # --------------------------------------------------------------------------------------------

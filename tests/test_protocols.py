@@ -15,7 +15,6 @@ from pacl_fast.protocols import (
     git_blob_id,
     protocol_labels,
     read_names_file,
-    resized_size,
 )
 from pacl_fast.refine import pamr
 
@@ -124,17 +123,6 @@ def test_unknown_protocol_or_dataset_is_a_clear_error():
         ValueError, match=r"protocol naclip does not configure dataset 'synthetic'; it configures: voc21"
     ):
         get_protocol("naclip", "synthetic")
-
-
-def test_resize_follows_mmcv_rescale_size():
-    # factor = min(2048 / long, S / short); sides int(x * factor + 0.5)
-    assert resized_size(375, 500, 336) == (336, 448)  # VOC's usual 500 x 375
-    assert resized_size(333, 500, 336) == (336, 505)  # 500 * 336 / 333 = 504.50...
-    assert resized_size(1024, 2048, 560) == (560, 1120)  # Cityscapes
-    assert resized_size(100, 1000, 336) == (205, 2048)  # the long side caps: factor 2.048
-    assert get_protocol("clearclip", "ade20k").resized_size(512, 683) == (448, 598)  # 683 * 0.875 = 597.6
-    with pytest.raises(ValueError, match="image size must be positive"):
-        resized_size(0, 5, 336)
 
 
 def labels_reference(logits, query_class, scale, threshold, area):
