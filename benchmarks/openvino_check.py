@@ -261,13 +261,9 @@ def miou_by_hand(segmenter, dataset, limit: int) -> float:  # noqa: ANN001
 
 
 def run_accuracy(args: argparse.Namespace) -> dict:
+    from pacl_fast.build import DEMO_CLIP, DEMO_PACL
     from pacl_fast.data.segmentation import open_dataset
     from pacl_fast.segmenter import Segmenter
-
-    try:
-        from pacl_fast.build import DEMO_CLIP, DEMO_PACL
-    except ImportError:  # older layout
-        from pacl_fast.demo import DEMO_CLIP, DEMO_PACL
 
     dataset = open_dataset("synthetic", None, "val")
     limit = min(args.scenes, len(dataset))

@@ -14,7 +14,6 @@ same head: logits on the patch grid, bilinear upsampling to the image, argmax.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.common import write_results
+from benchmarks.common import machine_line, write_results
 from kernels.reference import upsample_logits
 from pacl_fast.backbone import RandomWeightsWarning
 from pacl_fast.build import build_model
@@ -197,8 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     bound = max(results["linear probe (true masks)"]["mIoU"], results["MLP probe (true masks)"]["mIoU"])
     pacl, baseline = results["PACL"]["mIoU"], results["CLIP projection of the final tokens"]["mIoU"]
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine_line(torch.device("cpu")),
         "clip": str(backbone.identity),
         "pacl_steps": metadata.steps,
         "patch_temperature": 1 / float(model.patch_logit_scale.detach()),

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES  # standard library only: --help stays instant
+
 if TYPE_CHECKING:
     from pacl_fast.distributed import DistInfo
     from pacl_fast.images import SlidingWindow
@@ -292,7 +294,7 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     segment.add_argument(
         "--max-member-bytes",
         type=_positive_int("--max-member-bytes"),
-        default=64 << 20,
+        default=DEFAULT_MAX_MEMBER_BYTES,
         help="a WebDataset shard member larger than this is not read; its sample fails",
     )
     segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
@@ -388,10 +390,10 @@ def _path_text(path: Path | None) -> str | None:
 def _write_json(path: Path | None, payload: dict) -> None:
     import json
 
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    from pacl_fast.files import atomic_write
+
+    if path is not None:
+        atomic_write(path, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
 
 

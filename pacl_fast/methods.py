@@ -236,7 +236,7 @@ class TrainingFreeCLIP(FrozenClipModel):
         """What defines the outputs besides the weights (keys ONNX/TensorRT/OpenVINO caches and text caches)."""
         details = {"method": self.method, "positional_resize": self.positional_resize}
         if self.method == "naclip":
-            details["sigma"] = NACLIP_SIGMA
+            details["sigma"] = self.last_block.sigma
         return details
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
