@@ -56,6 +56,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine_line, write_results  # noqa: E402
 from pacl_fast.cli import HELP  # noqa: E402
+from pacl_fast.serve.app import label_map_from_png  # noqa: E402
 from pacl_fast.serve.local import LocalServer  # noqa: E402
 
 
@@ -158,8 +159,7 @@ async def load(base: str, bodies: list[bytes], params: dict, requests: int, clie
 
 def label_map(body: bytes) -> np.ndarray:
     payload = json.loads(body)
-    labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload["labels_png"])))).astype(np.int16)
-    return np.where(labels == 255, -1, labels)
+    return label_map_from_png(base64.b64decode(payload["labels_png"]), len(payload["classes"]))
 
 
 def server_args(model: Model, args: argparse.Namespace, max_batch: int, max_queue: int) -> list[str]:

@@ -65,8 +65,6 @@ PAGE_CSP = (
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-#: Grey level of background pixels in 8-bit label PNGs (``results.PNG_BACKGROUND_8BIT``).
-PNG_BACKGROUND = 255
 
 
 def template_set(name: str) -> str | tuple[str, ...]:
@@ -308,8 +306,7 @@ def create_app(
     async def run_model(job_key: Any, run: Callable, payload: Any, ticket: Any, images: int) -> tuple[Any, Job]:
         """Queue one job and wait for it; a cancelled wait (timeout) withdraws it."""
         loop = asyncio.get_running_loop()
-        job = Job(key=job_key, run=run, payload=payload, ticket=ticket, future=loop.create_future(), loop=loop,
-                  images=images)  # fmt: skip
+        job = Job(key=job_key, run=run, payload=payload, ticket=ticket, future=loop.create_future(), images=images)
         try:
             batcher.submit(job)
         except NotReady as error:
@@ -548,7 +545,9 @@ def label_map_from_png(data: bytes, num_classes: int) -> np.ndarray:
     """A ``labels_png`` back to ``[H, W]`` int16 labels (-1 background): for clients and tests."""
     image = Image.open(io.BytesIO(data))
     values = np.asarray(image).astype(np.int64)
-    background = PNG_BACKGROUND if num_classes <= 255 else 65535
+    from pacl_fast.results import PNG_BACKGROUND_8BIT, PNG_BACKGROUND_16BIT
+
+    background = PNG_BACKGROUND_8BIT if num_classes <= 255 else PNG_BACKGROUND_16BIT
     return np.where(values == background, -1, values).astype(np.int16)
 
 

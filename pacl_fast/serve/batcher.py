@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from pacl_fast.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
-    from pacl_fast.images import Prepared
     from pacl_fast.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -67,7 +66,6 @@ class Job:
     payload: Any
     ticket: Ticket
     future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
     images: int = 0  # images this job adds to a model batch (0 for text-only work)
     enqueued: float = field(default_factory=time.monotonic)
     withdrawn: bool = False
@@ -84,7 +82,7 @@ class Job:
                 self.future.set_result(outcome)
 
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
-            self.loop.call_soon_threadsafe(settle)
+            self.future.get_loop().call_soon_threadsafe(settle)
 
 
 class Batcher:
@@ -309,7 +307,3 @@ class SegmentKey:
 
     options: Hashable
     canvas: tuple[int, ...]
-
-
-def prepared_key(options: Hashable, prepared: Prepared) -> SegmentKey:
-    return SegmentKey(options, tuple(prepared.pixels.shape))
