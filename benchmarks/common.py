@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,3 +64,53 @@ def write_results(path: Path, payload: dict) -> None:
     """A benchmark's results as indented JSON at ``path`` (folders made, written atomically), and say where."""
     atomic_write(path, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds ``fn()`` takes on ``device`` (synchronised before and after), and what it returned."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def matmul_size(device: torch.device) -> int:
+    """Side of the square matmul that measures a machine's ceiling: large enough to reach it."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_seconds(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """A timer of one ``size``^3 matmul in ``dtype`` (operands made once, one warm-up run)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def run() -> float:
+        return timed(lambda: torch.mm(a, b), device)[0]
+
+    run()
+    return run
+
+
+def matmul_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of the ceiling matmul in ``dtype`` on ``device``, best of ``repeats``."""
+    size = matmul_size(device)
+    run = matmul_seconds(size, dtype, device)
+    return 2 * size**3 / min(run() for _ in range(repeats))
+
+
+def encoder_flops(model: torch.nn.Module, image_size: int) -> int:
+    """FLOPs of one image through the encoder graph (CLIP + the method's last step), attention included."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from pacl_fast.encoders.graph import ImageTower
+
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    weight = model.backbone.visual.conv1.weight
+    # torch's registry counts the CUDA attention kernels but not the CPU one.
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        ImageTower(model)(torch.randn(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype))
+    return counter.get_total_flops()

@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, versions, write_results  # noqa: E402
-from benchmarks.throughput import Timings, count_encoder_flops, matmul_seconds  # noqa: E402
+from benchmarks.common import encoder_flops, machine_line, matmul_seconds, versions, write_results  # noqa: E402
+from benchmarks.throughput import Timings  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.data.synthetic import WorldConfig, render_scene  # noqa: E402
 from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
@@ -102,7 +102,7 @@ def run_speed(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model = PACL(load_clip(TINY_CLIP_CONFIG if args.model == "tiny" else args.model)).eval()
     size = args.image_size
-    flops = count_encoder_flops(model, size)
+    flops = encoder_flops(model, size)
     print(f"encoder: {flops / 1e9:.2f} GFLOP per image (counted: backbone + embedder, attention included)")
     torch.manual_seed(1)
     pixels = torch.randn(args.batch, 3, size, size)

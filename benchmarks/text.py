@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -46,7 +45,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, synchronize, write_results  # noqa: E402
+from benchmarks.common import machine_line, matmul_ceiling, write_results  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning  # noqa: E402
 from pacl_fast.build import build_model  # noqa: E402
 from pacl_fast.data.segmentation import ADE20K_CLASSES  # noqa: E402
@@ -64,22 +63,6 @@ def load_model(arch: str, device: str = "cpu"):  # noqa: ANN201 - PACL
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model, _ = build_model(arch, method="pacl", device=device)
     return model.eval()
-
-
-def matmul_ceiling(dtype: torch.dtype = torch.float32, device: torch.device | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a large matmul in ``dtype`` on ``device`` (default the CPU; best of ``repeats``)."""
-    device = device or torch.device("cpu")
-    size = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def tower_flops(backbone, tokens: int, attended: int) -> float:  # noqa: ANN001
@@ -148,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {machine}")
     model = load_model(args.arch, args.device)
     backbone = model.backbone
-    ceiling, ceiling16 = matmul_ceiling(device=device), matmul_ceiling(torch.bfloat16, device)
+    ceiling, ceiling16 = matmul_ceiling(torch.float32, device), matmul_ceiling(torch.bfloat16, device)
     today_labels = (
         len(labels) if args.today_full else max(1, min(len(labels), -(-args.today_prompts // len(templates))))
     )

@@ -62,13 +62,22 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, versions, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    encoder_flops,
+    machine_line,
+    matmul_seconds,
+    matmul_size,
+    parse_size,
+    peak_bytes,
+    timed,
+    versions,
+    write_results,
+)
 from benchmarks.head import scene_logits  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning  # noqa: E402
 from pacl_fast.build import build_model  # noqa: E402
 from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder  # noqa: E402
-from pacl_fast.encoders.graph import ImageTower  # noqa: E402
 from pacl_fast.head import BACKENDS, Head  # noqa: E402
 from pacl_fast.segmenter import Segmenter  # noqa: E402
 
@@ -77,38 +86,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = (*DTYPES, "int8")
 CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32"
 CUDA_BACKENDS = "torch:fp16,compile:fp16,onnxruntime:fp16,tensorrt:fp16"
-
-
-def matmul_seconds(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
-    """A timer of one ``size``^3 matmul in ``dtype`` (operands made once)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-
-    def run() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        return time.perf_counter() - start
-
-    run()
-    return run
-
-
-def count_encoder_flops(model: torch.nn.Module, image_size: int) -> int:
-    """FLOPs of one image through the encoder graph (CLIP + the method's last step), attention included."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    device = model.backbone.visual.conv1.weight.device
-    tower = ImageTower(model)
-    # torch's registry counts the CUDA attention kernels but not the CPU one.
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        tower(torch.randn(1, 3, image_size, image_size, device=device))
-    return counter.get_total_flops()
 
 
 # --- the pipelines ----------------------------------------------------------------------------------
@@ -181,14 +158,6 @@ class Timings:
     @property
     def median(self) -> float:
         return statistics.median(self.samples)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
 
 
 def parse_backends(text: str) -> list[tuple[str, str, bool]]:
@@ -283,7 +252,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Setup:
                 TINY_CLIP_CONFIG if args.model == "tiny" else args.model, method=method, device=device
             )
         models[method].eval()
-    flops = {method: count_encoder_flops(models[method], args.image_size) for method in args.methods}
+    flops = {method: encoder_flops(models[method], args.image_size) for method in args.methods}
     for method, count in flops.items():
         print(f"{method} encoder FLOPs per image: {count / 1e9:.2f} GFLOP (counted, attention included)")
     pacl = models["pacl"]
@@ -365,10 +334,6 @@ def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dic
     peaks = {label: peak_bytes(job, device) for label, job in jobs.items() if not label.startswith("matmul/")}
     peaks["naive"] = peak_bytes(lambda: naive(pixels, classes, out_size), device)
     return timings, peaks
-
-
-def matmul_size(device: torch.device) -> int:
-    return 8192 if device.type == "cuda" else 2048
 
 
 def ceiling_dtypes(device: torch.device) -> list[str]:

@@ -33,15 +33,21 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine_line, synchronize, versions, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    encoder_flops,
+    machine_line,
+    matmul_seconds,
+    matmul_size,
+    timed,
+    versions,
+    write_results,
+)
 from pacl_fast.data.synthetic import WorldConfig, render_scene  # noqa: E402
-from pacl_fast.encoders.graph import ImageTower  # noqa: E402
 from pacl_fast.encoders.torch_encoder import TorchEncoder  # noqa: E402
 from pacl_fast.images import normalize  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
@@ -73,35 +79,6 @@ def scene_batch(batch_size: int, image_size: int) -> dict:
     scenes = [render_scene(i, seed=0, config=WorldConfig(image_size=image_size)) for i in range(batch_size)]
     images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])  # [B, 3, S, S] uint8
     return {"images": images, "captions": [s.caption for s in scenes], "skipped": 0}
-
-
-def image_tower_flops(model: torch.nn.Module, image_size: int) -> int:
-    """FLOPs of one image through CLIP's image tower + the embedder (the inference graph)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
-    device = model.backbone.visual.conv1.weight.device
-    dtype = model.backbone.visual.conv1.weight.dtype
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        ImageTower(model)(torch.randn(1, 3, image_size, image_size, device=device, dtype=dtype))
-    return counter.get_total_flops()
-
-
-def matmul(dtype: torch.dtype, device: torch.device, size: int = 2048) -> tuple[Callable[[], object], int]:
-    """One ``size``^3 matmul in ``dtype`` (operands made once) and its FLOPs: the machine's ceiling."""
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    return (lambda: torch.mm(a, b)), 2 * size**3
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             f"train {p}": (lambda t=t: t.train_step(t.stage.module, batch)) for p, t in trainers.items()
         }
         paths.update({f"infer {p}": (lambda e=e: e.encode_image(pixels)) for p, e in encoders.items()})
-        ceiling_matmul, matmul_flops = matmul(torch.bfloat16, device)
-        paths["matmul bf16"] = ceiling_matmul
+        paths["matmul bf16"] = matmul_seconds(matmul_size(device), torch.bfloat16, device)
         samples: dict[str, list[float]] = {name: [] for name in paths}
         # Both trainers start from the same weights (seed 0): their first losses compare the two paths.
         first_loss = {p: t.train_step(t.stage.module, batch)[0].item() for p, t in trainers.items()}
@@ -152,18 +128,18 @@ def main(argv: list[str] | None = None) -> int:
                     if not name.startswith("train"):
                         paths[name]()
             for name in names:
-                samples[name].append(timed(paths[name], device))
+                samples[name].append(timed(paths[name], device)[0])
         if args.autocast_baseline:  # the whole PACL.forward under autocast, fp32 weights: the old path
             old = make_trainer(args, "bf16", Path(scratch))
             old.stage.model.backbone.float()
             old.stage.module = old.stage.model
             timed(lambda: old.train_step(old.stage.module, batch), device)
             samples["train bf16, autocast (previous)"] = [
-                timed(lambda: old.train_step(old.stage.module, batch), device)
+                timed(lambda: old.train_step(old.stage.module, batch), device)[0]
             ]
             del old
-        flops = image_tower_flops(encoders["fp32"].model, args.image_size)
-    ceiling = matmul_flops / statistics.median(samples.pop("matmul bf16"))
+        flops = encoder_flops(encoders["fp32"].model, args.image_size)
+    ceiling = 2 * matmul_size(device) ** 3 / statistics.median(samples.pop("matmul bf16"))
 
     rows = []
     inference_bf16 = args.batch_size / statistics.median(samples["infer bf16"])
