@@ -1,0 +1,46 @@
+"""The house's layering (issue 14): ``pacl_fast/head.py`` is the only door into ``kernels/``, and
+``kernels/`` imports nothing from ``pacl_fast``. Read from the source (every import, also inside
+functions), so a lazy import cannot slip past."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level package of every module ``path`` imports (absolute imports)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return {name.split(".")[0] for name in names}
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_imported_modules_reads_imports_anywhere(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\ndef f():\n    from kernels.tiled import x\n    import pacl_fast.head as h\n")
+    assert imported_modules(module) == {"os", "kernels", "pacl_fast"}
+
+
+@pytest.mark.parametrize("path", sources("pacl_fast"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_head_imports_kernels(path):
+    if path == ROOT / "pacl_fast" / "head.py":
+        assert "kernels" in imported_modules(path)
+    else:
+        assert "kernels" not in imported_modules(path), f"{path.relative_to(ROOT)}: import from pacl_fast.head instead"
+
+
+@pytest.mark.parametrize("path", sources("kernels"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_kernels_import_nothing_from_pacl_fast(path):
+    assert "pacl_fast" not in imported_modules(path)
