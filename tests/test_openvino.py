@@ -406,3 +406,25 @@ def test_vit_b_16_matches_torch(precision, tmp_path_factory):
     encoder = OpenVINOEncoder(model, precision, cache_dir=tmp_path_factory.mktemp("vit"))
     cosine = F.cosine_similarity(encoder.encode_image(pixels), reference(model, pixels), dim=-1)
     assert cosine.min() >= (0.999 if precision == "fp32" else 0.99), cosine.min()
+
+
+@needs_openvino
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack is read through Linux's libc")
+def test_building_and_running_leave_the_threads_signal_stack_as_found(model, fresh):
+    """OpenVINO's CPU plugin registers an alternate signal stack when it builds an engine and frees it
+    without unregistering; CPython's SA_ONSTACK handlers then ran on freed memory (segfaults in the suite)."""
+    import ctypes
+
+    from pacl_fast.encoders.openvino_encoder import _StackT
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def current() -> tuple:
+        stack = _StackT()
+        assert libc.sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.sp, stack.flags, stack.size
+
+    before = current()
+    encoder = OpenVINOEncoder(model, "fp32", cache_dir=fresh)
+    encoder.encode_image(held_out_scenes(2))  # the engine is built here
+    assert current() == before
