@@ -299,15 +299,9 @@ def _check_settings(
     max_member_bytes: int,
 ) -> None:
     """Every setting, validated before anything is written (a typo must not leave a settings file behind)."""
-    if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
-        raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
+    segmenter.check_options(sliding_window, background_threshold)
     if max_member_bytes < 1:
         raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
-    short_side = (sliding_window.short_side if sliding_window else None) or segmenter.image_size
-    if short_side < segmenter.patch_size:
-        raise ValueError(f"image size {short_side} is smaller than the model's patch size {segmenter.patch_size}")
-    if sliding_window is not None:
-        sliding_window.origins((sliding_window.crop, sliding_window.crop), segmenter.patch_size)
     segmenter.encode_labels(labels, templates)  # checks labels and templates (and caches their embeddings)
 
 

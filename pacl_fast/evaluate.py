@@ -134,8 +134,7 @@ def evaluate_segmentation(
             )
         queries, query_class = asked.queries, asked.query_class
         templates = templates if templates is not None else (dataset.templates or "imagenet")
-    if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
-        raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
+    segmenter.check_options(sliding_window, background_threshold)
     if background_threshold is not None and dataset.background_index is None:
         raise ValueError(
             f"{dataset.name} has no background class, so background_threshold has nothing to predict; "

@@ -309,6 +309,19 @@ class Segmenter:
             logits = self._window_logits(pixels, class_embeddings, sliding_window)
         return self.head.upsample(logits, item.geometry.original_size, item.geometry.grid_extent)[0]
 
+    def check_options(
+        self, sliding_window: SlidingWindow | None = None, background_threshold: float | None = None
+    ) -> None:
+        """``ValueError`` for options that would fail every image, before any is read (predict, eval and
+        bulk call it first)."""
+        if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
+            raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
+        short_side = (sliding_window.short_side if sliding_window else None) or self.image_size
+        if short_side < self.patch_size:
+            raise ValueError(f"image size {short_side} is smaller than the model's patch size {self.patch_size}")
+        if sliding_window is not None:
+            sliding_window.origins((sliding_window.crop, sliding_window.crop), self.patch_size)
+
     def preprocessor(
         self, sliding_window: SlidingWindow | None = None, keep_images: bool = False
     ) -> SegmentationPreprocess:
@@ -431,8 +444,7 @@ class Segmenter:
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
-            raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold}")
+        self.check_options(sliding_window, background_threshold)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         if not items:

@@ -123,6 +123,25 @@ def test_evaluation_equals_counts_by_hand(tmp_path, segmenter, window):
     )
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(sliding_window=SlidingWindow(12, 12)), "multiples of the patch size"),
+        (dict(sliding_window=SlidingWindow(8, 8, short_side=4)), "image size 4 is smaller"),
+        (dict(background_threshold=1.5), r"probability in \[0, 1\], got 1.5"),
+    ],
+)
+def test_options_that_fail_every_image_are_refused_before_any_is_read(tmp_path, segmenter, options, message):
+    write_voc(tmp_path, _voc_masks(2))
+    dataset = open_dataset("voc21", tmp_path)
+    images = sorted((tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    assert len(images) == 2
+    for path in images:
+        path.write_bytes(b"not an image")  # read, any of them would fail on its own
+    with pytest.raises(ValueError, match=message):
+        evaluate_segmentation(segmenter, dataset, templates="single", progress=False, **options)
+
+
 def test_background_threshold_predicts_the_background_class(tmp_path, segmenter):
     write_voc(tmp_path, _voc_masks(2))
     voc21 = open_dataset("voc21", tmp_path)
