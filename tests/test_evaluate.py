@@ -433,6 +433,42 @@ def test_batched_evaluation_equals_one_image_at_a_time(tmp_path, tiny_config):
     np.testing.assert_array_equal(batched.metrics.confusion, expected)
 
 
+@pytest.mark.parametrize(
+    "name, dataset_name",
+    [("sclip", "voc21"), ("clearclip", "voc21"), ("sclip", "cocoobject")],
+)
+def test_windowed_protocol_presets_drive_the_evaluation(tmp_path, tiny_config, name, dataset_name):
+    """Windowed presets (SCLIP VOC21 with its area and probability thresholds; ClearCLIP's 448/224 windows;
+    SCLIP COCO-Object, whose names repeat "bed"): held to the window, thresholds and de-duplicated
+    queries written out from the preset's own numbers."""
+    from layouts import write_coco_object
+
+    from pacl_fast.protocols import get_protocol
+
+    protocol = get_protocol(name, dataset_name)
+    masks = _voc_masks(2)
+    if dataset_name == "cocoobject":
+        masks = {f"{i:012d}": np.where(m == 255, 0, m % 81).astype(np.uint8) for i, m in enumerate(masks.values())}
+        write_coco_object(tmp_path, masks, converted=True)
+    else:
+        write_voc(tmp_path, masks)
+    dataset = open_dataset(dataset_name, tmp_path)
+    segmenter = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
+    report = evaluate_segmentation(segmenter, dataset, protocol=protocol, progress=False)
+    assert not report.failures
+    window = SlidingWindow(protocol.slide_crop, protocol.slide_stride, protocol.short_side)
+    unique = sorted(set(protocol.queries))
+    texts = segmenter.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
+    classes = dataset.num_classes
+    expected = np.zeros((classes, classes), np.int64)
+    for index in range(len(dataset)):
+        image, truth = dataset[index]
+        dense = segmenter.image_logits(segmenter.preprocessor(window)(image), texts, window)  # [Q, H, W]
+        labels = protocol.postprocess(dense).numpy()
+        expected += confusion_matrix(labels, truth, classes).numpy()
+    np.testing.assert_array_equal(report.metrics.confusion, expected)
+
+
 def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
     """NACLIP's VOC21 preset: whole image at short side 336, 26 stuff names for background, logit scale 40,
     probability threshold 0.1, PAMR on image-size cosine logits. Held to the same steps written out."""
