@@ -328,6 +328,15 @@ def test_out_inside_an_input_folder_never_segments_its_own_outputs(tmp_path, seg
     assert len(list(out.rglob("*_labels.png"))) == 3
 
 
+def test_an_input_named_like_an_output_outside_out_is_segmented(tmp_path, segmenter):
+    """Only outputs *inside* OUT are left out of the scan: a photo called cat_overlay.png elsewhere is an input."""
+    save_image(random_image((30, 41), seed=7), tmp_path / "photos" / "cat_overlay.png")
+    summary = segment_bulk(
+        segmenter, collect_inputs([tmp_path / "photos"]), LABELS, tmp_path / "out", templates="single", progress=False
+    )
+    assert (summary.written, summary.left_out) == (1, 0) and (tmp_path / "out" / "cat_overlay_labels.png").is_file()
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
