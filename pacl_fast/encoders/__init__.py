@@ -32,7 +32,7 @@ import os
 import torch
 from torch import nn
 
-from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, resolve_dtype
+from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, dtype_name, resolve_dtype
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 
 ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
@@ -72,11 +72,10 @@ def make_encoder(
     if name == "openvino":
         from pacl_fast.encoders.openvino_encoder import OpenVINOEncoder
 
-        precisions = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-        if dtype not in precisions:
+        if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"encoder='openvino' runs fp32, bf16 or int8 (precision='int8'), not dtype={dtype}")
-        precision = options.pop("precision", None) or precisions[dtype]
-        if given and dtype != torch.float32 and precision != precisions[dtype]:
+        precision = options.pop("precision", None) or dtype_name(dtype)
+        if given and dtype != torch.float32 and precision != dtype_name(dtype):
             raise ValueError(f"encoder='openvino': dtype={dtype} and precision={precision!r} disagree; give one")
         return OpenVINOEncoder(model, precision, cache_dir=cache_dir, **options)
     if name in ("torch", "compile"):

@@ -244,8 +244,8 @@ class OpenVINOEncoder:
         self.progress = progress
         self.calibration_size = calibration_size
         self.calibration = None if calibration is None else Calibration.resolve(calibration, calibration_size)
-        if calibration is None:
-            Calibration.resolve("synthetic", calibration_size)  # checks calibration_size now
+        # Used when no int8 model is cached for a size; made now so that a bad calibration_size fails now.
+        self.synthetic_calibration = Calibration.resolve("synthetic", calibration_size)
         backbone = model.backbone
         self.patch_size, self.embed_dim = backbone.patch_size, backbone.embed_dim
         self.image_size, (self.mean, self.std) = backbone.image_size, backbone.mean_std
@@ -277,7 +277,7 @@ class OpenVINOEncoder:
                 "the demo CLIP; for a CLIP trained on photos pass calibration=<a folder of such images>",
                 self.calibration_size,
             )
-            calibration = Calibration.resolve("synthetic", self.calibration_size)
+            calibration = self.synthetic_calibration
         slug = calibration.slug({"nncf": self.nncf.__version__, "settings": QUANTIZE_SETTINGS})
         return self.root / f"{stem}-int8-{slug}", calibration
 
