@@ -398,7 +398,9 @@ def create_app(
 
     # ----------------------------------------------------------------------------- segmentation
 
-    async def read_upload(request: Request) -> Upload:
+    async def read_upload(request: Request) -> tuple[bytearray, str | None, dict[str, list[str]]]:
+        """Event loop: the body under its byte bound, the multipart Content-Type (None for a raw image body)
+        and the query options. Parsing waits for a CPU thread (:func:`parse_upload`)."""
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         multipart = media_type == "multipart/form-data"
@@ -411,10 +413,14 @@ def create_app(
             )
         limit = settings.max_image_bytes + (MULTIPART_OVERHEAD if multipart else 0)
         body = await read_body(request.stream(), request.headers.get("content-length"), limit)
-        upload = parse_multipart(body, content_type) if multipart else Upload(body, {})
         query: dict[str, list[str]] = {}
         for name, value in request.query_params.multi_items():
             query.setdefault(name, []).append(value)
+        return body, content_type if multipart else None, query
+
+    def parse_upload(body: bytearray, multipart: str | None, query: dict[str, list[str]]) -> Upload:
+        """CPU thread: the image bytes and every option (multipart fields and query parameters)."""
+        upload = parse_multipart(body, multipart) if multipart else Upload(body, {})
         both = sorted(set(query) & set(upload.fields))
         if both:
             raise ApiError(422, "bad_option", f"option(s) {both} given both in the query and in the form")
@@ -476,11 +482,16 @@ def create_app(
 
     async def segment_request(request: Request, ticket: Any, arrival: float) -> Response:
         segmenter = model()
-        upload = await read_upload(request)
-        options = parse_segment_options(upload.fields, settings, segmenter.image_size, segmenter.patch_size)
+        body, multipart, query = await read_upload(request)
         as_png = wants_png(request.headers.get("accept"))
-        prepared = await anyio.to_thread.run_sync(prepare, upload.image, options, segmenter, as_png, limiter=cpu_slots)
-        del upload
+
+        def parse_and_prepare(data: bytearray) -> tuple[SegmentOptions, Prepared]:  # on a CPU thread
+            upload = parse_upload(data, multipart, query)
+            options = parse_segment_options(upload.fields, settings, segmenter.image_size, segmenter.patch_size)
+            return options, prepare(upload.image, options, segmenter, as_png)
+
+        options, prepared = await anyio.to_thread.run_sync(parse_and_prepare, body, limiter=cpu_slots)
+        del body
         key = SegmentKey(options, tuple(prepared.pixels.shape))
         (labels, scores), job = await run_model(key, _segment_group, prepared, ticket, images=1)
         return await anyio.to_thread.run_sync(

@@ -45,7 +45,7 @@ class ApiError(Exception):
 # ----------------------------------------------------------------------------- the body
 
 
-async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytearray:
     """The whole body, refused (413) past ``limit`` bytes: at once from ``Content-Length``, else as it streams."""
     if content_length is not None:
         try:
@@ -61,18 +61,18 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
         if len(body) > limit:
             message = f"request body is over the limit of {limit} bytes"
             raise ApiError(413, "too_many_bytes", message, {"Connection": "close"})
-    return bytes(body)
+    return body  # no copy: up to --max-image-bytes
 
 
 @dataclass
 class Upload:
     """A parsed ``POST /v1/segment`` request: the image bytes and the option fields (name -> values)."""
 
-    image: bytes
+    image: bytes | bytearray
     fields: dict[str, list[str]]
 
 
-def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> Upload:
+def parse_multipart(body: bytes | bytearray, content_type: str, max_fields: int = 16) -> Upload:
     """``multipart/form-data`` in memory: exactly one ``file`` part (the image), option fields as text."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
