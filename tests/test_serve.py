@@ -29,6 +29,7 @@ from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
 from pacl_fast.serve.batcher import NotReady
 from pacl_fast.serve.cli import add_serve_parser, resolve_model_options, run_serve, settings_from_args
+from pacl_fast.serve.inputs import MULTIPART_OVERHEAD
 from pacl_fast.serve.local import LocalServer
 from pacl_fast.serve.settings import ServeSettings
 
@@ -343,6 +344,35 @@ def test_bad_input_is_a_4xx_naming_the_problem(client, case):
     body = response.json()
     assert message in body["detail"], body
     assert "root:" not in response.text  # nothing of /etc/passwd ever comes back
+
+
+def test_multipart_bodies_and_fields_are_bounded(client):
+    limit = SETTINGS.max_image_bytes + MULTIPART_OVERHEAD
+    response = client.post(
+        "/v1/segment", content=b"-" * (limit + 1), headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert response.status_code == 413 and f"body has {limit + 1} bytes" in response.json()["detail"]
+    fields = [("file", ("a.png", GOOD)), *[(f"o{i}", (None, "1")) for i in range(16)]]  # 17 parts
+    response = client.post("/v1/segment", files=fields)
+    assert response.status_code == 400 and "more than 16 multipart fields" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "accept, png_answer",
+    [
+        (None, False),
+        ("application/json", False),
+        ("image/png", True),
+        ("image/png, application/json", True),
+        ("application/json, image/png", False),
+        ("text/html, image/png;q=0.9", True),
+    ],
+)
+def test_accept_chooses_the_overlay_or_json(client, accept, png_answer):
+    headers = {"Content-Type": "image/png"} | ({"Accept": accept} if accept else {})
+    response = client.post("/v1/segment", params={"labels": "a,b"}, content=GOOD, headers=headers)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("image/png" if png_answer else "application/json")
 
 
 def test_bad_input_leaves_the_service_serving(client, segmenter):
