@@ -2,16 +2,19 @@
 
 Every file pacl-fast writes that a later run reads back (weights, checkpoints, caches, run state,
 label maps) goes through :func:`atomic_write`: a temporary file in the same folder, then
-``os.replace``, so a killed process leaves the old file or the new one, never half of one.
+``os.replace``, so a killed process leaves the old file or the new one, never half of one; folders
+of several files (exported graphs, compiled models) through :func:`atomic_folder`.
 Names that come from data (shard keys, file names) go through :func:`output_path`, which refuses
 anything that would land outside the output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +27,26 @@ def default_cache_dir() -> Path:
     """Where pacl-fast keeps what it can rebuild (exported graphs, engines, text embeddings):
     ``$PACL_FAST_CACHE``, else ``~/.cache/pacl-fast``."""
     return Path(os.environ.get("PACL_FAST_CACHE") or Path.home() / ".cache" / "pacl-fast")
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, is_whole: Callable[[Path], bool]) -> Iterator[Path]:
+    """``with atomic_folder(folder, is_whole) as tmp:`` write the files into ``tmp`` (a sibling of ``folder``);
+    on leaving, ``tmp`` becomes ``folder`` in one rename. If another process published ``folder`` first,
+    theirs is kept when ``is_whole(folder)``, else the rename's error is raised. The temporary folder
+    never outlives the block."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not is_whole(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 
 from pacl_fast.encoders.base import EncoderUnavailableError, cast_copy, dtype_name
 from pacl_fast.encoders.graph import GlobalTower, ImageTower, TextTower, model_device
-from pacl_fast.files import atomic_write, default_cache_dir
+from pacl_fast.files import atomic_folder, atomic_write, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,31 +112,23 @@ def _export(
 
     ``dynamic``: the input's dynamic axes (``torch.export.Dim`` by axis); default the batch axis.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        dynamic = dynamic or {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}
-        input_name, output_name = names
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp / ONNX_FILE),
-                dynamo=True,
-                input_names=[input_name],
-                output_names=[output_name],
-                dynamic_shapes=(dynamic,),
-                external_data=True,
-                verbose=False,
-            )
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same export first: keep theirs
-            if not (folder / ONNX_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    dynamic = dynamic or {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}
+    input_name, output_name = names
+    # Another process that finished the same export first wins: its graph is the same.
+    whole = lambda done: (done / ONNX_FILE).is_file()  # noqa: E731
+    with atomic_folder(folder, whole) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp / ONNX_FILE),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=(dynamic,),
+            external_data=True,
+            verbose=False,
+        )
     return folder / ONNX_FILE
 
 

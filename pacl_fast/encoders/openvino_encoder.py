@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -51,7 +50,7 @@ from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE, Calibration
 from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, image_artifact
 from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
-from pacl_fast.files import atomic_write, default_cache_dir
+from pacl_fast.files import atomic_folder, atomic_write, default_cache_dir
 from pacl_fast.profiling import cpu_name
 
 logger = logging.getLogger(__name__)
@@ -328,9 +327,8 @@ class OpenVINOEncoder:
         ov_model = self._convert(image_size)
         if calibration is not None:
             ov_model = self._quantize(ov_model, image_size, calibration)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        # Another process that finished the same model first wins when its folder is whole.
+        with atomic_folder(folder, lambda done: entry_problem(done) is None) as tmp:
             self.ov.save_model(ov_model, str(tmp / MODEL_XML), compress_to_fp16=False)
             entry = {
                 "format": OPENVINO_FORMAT,
@@ -348,13 +346,6 @@ class OpenVINOEncoder:
                 entry["calibration"] = {**calibration.describe(), "nncf": self.nncf.__version__}
                 entry["quantize"] = QUANTIZE_SETTINGS
             atomic_write(tmp / ENTRY_JSON, json.dumps(entry, indent=2))
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another process finished the same model first: keep theirs if it is whole
-                if entry_problem(folder) is not None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _config(self) -> dict:
         precision = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[self.precision]
