@@ -265,6 +265,28 @@ def test_bf16_run_and_fp16_refused_on_cpu(pacl_run, tiny_clip_dir, tmp_path):
     assert not (tmp_path / "fp16").exists()
 
 
+def test_bf16_training_step_runs_the_embedder_under_autocast_and_the_clip_in_bf16(tiny_clip_dir, tmp_path):
+    """The fast path: frozen CLIP weights cast to bf16, only the trained embedder under autocast."""
+    from train.train import Trainer
+
+    config = TrainConfig(
+        stage="pacl", out=tmp_path, clip=f"local-dir:{tiny_clip_dir / 'export'}", precision="bf16",
+        batch_size=4, steps=10, warmup=1, device="cpu",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.setup()
+    seen = []
+    hook = trainer.stage.model.embedder.register_forward_hook(
+        lambda module, inputs, output: seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+    )
+    batch = next(iter(trainer.loader()))
+    trainer.train_step(trainer.stage.module, batch)
+    hook.remove()
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen), seen
+    assert trainer.stage.model.backbone.visual.conv1.weight.dtype == torch.bfloat16
+    assert trainer.stage.model.embedder.linear.weight.dtype == torch.float32  # trained in fp32, run in bf16
+
+
 # ------------------------------------------------------------------------------------ options
 
 
