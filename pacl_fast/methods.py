@@ -219,13 +219,13 @@ class TrainingFreeCLIP(FrozenClipModel):
         if backbone.visual.proj is None:
             raise ValueError(f"CLIP {backbone.identity.arch} has no image projection; {method} needs one")
         try:
-            check_last_block(backbone.blocks[-1])
+            last_block = LastBlock(backbone.blocks[-1], method)  # checks the block
         except ValueError as error:
             raise ValueError(f"CLIP {backbone.identity.arch} cannot run {method}: {error}") from None
         self.method = method
         self.backbone = backbone
         self.positional_resize = POSITIONAL_RESIZE[method]
-        self.last_block = LastBlock(backbone.blocks[-1], method)
+        self.last_block = last_block
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -191,6 +191,15 @@ class Segmenter:
             return self.head.embed_similarity(tokens, self.encoder.model.embedder, class_embeddings)
         return self.head.similarity(self.encoder.encode_image(pixels), class_embeddings)
 
+    def grid_logits(
+        self, pixels: torch.Tensor, class_embeddings: torch.Tensor, sliding_window: SlidingWindow | None = None
+    ) -> torch.Tensor:
+        """Canvases ``[B, 3, H, W]`` -> cosine logits on the patch grid ``[B, h, w, C]``: the whole canvas at
+        once, or the average of overlapping ``sliding_window`` crops."""
+        if sliding_window is None:
+            return self.patch_logits(pixels, class_embeddings)
+        return self._window_logits(pixels, class_embeddings, sliding_window)
+
     def _window_logits(
         self, pixels: torch.Tensor, class_embeddings: torch.Tensor, window: SlidingWindow
     ) -> torch.Tensor:
@@ -244,12 +253,8 @@ class Segmenter:
             None), on the model's device. With one size per image: a list of ``(labels [H, W],
             scores [H, W] or None)``.
         """
-        if sliding_window is None:
-            logits = self.patch_logits(pixels, class_embeddings)  # [B, h, w, C]
-        else:
-            logits = self._window_logits(pixels, class_embeddings, sliding_window)
         return self.segment_logits(
-            logits,
+            self.grid_logits(pixels, class_embeddings, sliding_window),
             out_size,
             grid_extent=grid_extent,
             background_threshold=background_threshold,
@@ -302,11 +307,7 @@ class Segmenter:
         The dense form that refinements need (PAMR, SCLIP's area threshold: ``pacl_fast.protocols``);
         it costs ``4 * C * H * W`` bytes, which the fused head never allocates.
         """
-        pixels = item.pixels[None].to(self.device)
-        if sliding_window is None:
-            logits = self.patch_logits(pixels, class_embeddings)  # [1, h, w, C]
-        else:
-            logits = self._window_logits(pixels, class_embeddings, sliding_window)
+        logits = self.grid_logits(item.pixels[None].to(self.device), class_embeddings, sliding_window)  # [1, h, w, C]
         return self.head.upsample(logits, item.geometry.original_size, item.geometry.grid_extent)[0]
 
     def check_options(
