@@ -276,16 +276,6 @@ def test_a_shard_damaged_between_members_is_reported(tmp_path, segmenter, damage
     assert message in failures[str(tmp_path / "d.tar")] and len(failures) == 1
 
 
-def test_a_shard_made_with_tar_of_dot_keys_samples_by_their_names(tmp_path, segmenter):
-    """``tar -cf s.tar -C folder .`` stores ./name: the keys are the names (every sample failed on the '.')."""
-    images = {f"s{i}": random_image((20, 30), seed=i) for i in range(2)}
-    _write_shard(tmp_path / "dot.tar", [(f"./{key}", {"png": _png_bytes(image)}) for key, image in images.items()])
-    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "dot.tar"]), LABELS, tmp_path / "out",
-                           templates="single", progress=False)  # fmt: skip
-    assert summary.written == 2 and not summary.failures
-    assert sorted(p.name for p in (tmp_path / "out").glob("*_labels.png")) == ["s0_labels.png", "s1_labels.png"]
-
-
 def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
     """Issue 10 item 4: the same key in two shards, twice in one shard, or in a shard and a file was merged."""
     png = [_png_bytes(random_image((18, 22 + i), seed=i)) for i in range(4)]

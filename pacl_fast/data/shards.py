@@ -99,9 +99,7 @@ def _read_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterat
                 data = archive.extractfile(member).read(max_member_bytes + 1)
                 if len(data) != member.size:  # the shard breaks off inside this member
                     raise tarfile.ReadError(f"member {member.name} is cut short ({len(data)} of {member.size} bytes)")
-            # ``tar -cf shard.tar -C folder .`` names members ./0001.jpg: the key is 0001, as in the folder.
-            fname = member.name[2:] if member.name.startswith("./") else member.name
-            yield {"fname": fname, "data": data, "__url__": url}
+            yield {"fname": member.name, "data": data, "__url__": url}
             archive.members = []  # streaming: keep no list of every member seen
         problem = _end_problem(headers.last, name)
         if problem is not None:
