@@ -14,22 +14,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES  # standard library only: --help stays instant
+from pacl_fast.choices import DATASETS as DATASET_CHOICES  # standard library only: --help stays instant
+from pacl_fast.choices import DTYPES as DTYPE_CHOICES
+from pacl_fast.choices import ENCODERS as ENCODER_CHOICES
+from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS, HEAD_BACKENDS, TEXT_DTYPES
+from pacl_fast.choices import METHODS as METHOD_CHOICES
+from pacl_fast.choices import PROTOCOLS as PROTOCOL_CHOICES
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
 
 if TYPE_CHECKING:
     from pacl_fast.distributed import DistInfo
     from pacl_fast.images import SlidingWindow
     from pacl_fast.segmenter import Segmenter
 
-#: ``pacl_fast.methods.METHODS`` (spelled out so that --help imports nothing; a test holds them equal)
-METHOD_CHOICES = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
-ENCODER_CHOICES = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
-#: ``pacl_fast.protocols.PROTOCOLS`` (likewise)
-PROTOCOL_CHOICES = ("sclip", "naclip", "clearclip")
-#: ``pacl_fast.data.segmentation.DATASETS`` (spelled out for the same reason; a test holds them equal)
-DATASET_CHOICES = (
-    "ade20k", "cityscapes", "cocoobject", "cocostuff", "context59", "context60", "synthetic", "voc20", "voc21",
-)  # fmt: skip
 
 
 class HELP(argparse.ArgumentDefaultsHelpFormatter):
@@ -118,7 +115,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16", "int8"],
+        choices=DTYPE_CHOICES,
         help="encoder precision (default: float16 for tensorrt, else float32); int8: --encoder openvino only "
         "(NNCF-quantised; calibrated by `pacl-fast export --format openvino`, else on synthetic scenes)",
     )
@@ -131,7 +128,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backend",
         default="fast",
-        choices=["fast", "reference", "tiled", "triton"],
+        choices=HEAD_BACKENDS,
         help="head backend: fast (Triton on CUDA, tiled on CPU), reference, tiled, triton",
     )
     group.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="images per encoder call")
@@ -142,7 +139,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--text-dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=TEXT_DTYPES,
         help="precision of the text tower (torch/compile encoders; default float32: it runs once per vocabulary)",
     )
     group.add_argument(
@@ -603,7 +600,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "finds what was exported. Artifacts already there are reused, so an interrupted export resumes. Writes "
         "OUT/manifest.json.",
     )
-    export.add_argument("--format", required=True, choices=["onnx", "tensorrt", "openvino"], help="what to export")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to export")
     export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
     export.add_argument(
         "--image-sizes",
@@ -640,9 +637,6 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_arguments(group)
 
 
-#: export format -> (precisions it builds, the default)
-EXPORT_PRECISIONS = {"onnx": (("fp32", "fp16"), "fp32"), "tensorrt": (("fp16", "fp32"), "fp16"),
-                     "openvino": (("fp32", "bf16", "int8"), "fp32")}  # fmt: skip
 PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 

@@ -17,8 +17,8 @@ import torch
 
 from kernels import reference
 from kernels.reference import BACKGROUND
+from pacl_fast.choices import HEAD_BACKENDS as BACKENDS
 
-BACKENDS = ("reference", "fast", "tiled", "triton")
 #: The fused PACL embedder kernel's two variants (kernels/patch_similarity.py): one Triton kernel, or
 #: cuBLAS GEMMs + a Triton epilogue. Which is faster is for benchmarks/gpu_check.sh to measure on a
 #: GPU; until then both stay, behind this one switch (env PACL_FAST_EMBEDDER_VARIANT).

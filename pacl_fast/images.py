@@ -27,15 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pacl_fast.choices import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO  # noqa: F401  (re-exported)
+
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
-#: Refuse images over this many pixels. Segmenting one image peaks at ~30 bytes a pixel (measured:
-#: decoded uint8, float copy, int16 labels, float32 scores; the overlay is blended in bands), so 40 MP
-#: is ~1.2 GB per image in flight, times the batch: batch 8 of 40 MP images is ~9.6 GB, which still
-#: fits a 24 GiB machine. PIL's own bomb limit (179 MP) would allow ~5 GB an image.
-DEFAULT_MAX_PIXELS = 40_000_000
-#: Longest side over shortest side that :func:`plan_resize` takes (panoramas reach ~10).
-MAX_ASPECT_RATIO = 16
 
 #: File suffixes read as images (folders of images, WebDataset fields without the dot).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacl_fast.backbone import ClipBackbone, FrozenClipModel
+from pacl_fast.choices import DEFAULT_TRAINING_FREE_METHOD as DEFAULT_TRAINING_FREE
+from pacl_fast.choices import METHODS
+from pacl_fast.choices import TRAINING_FREE_METHODS as TRAINING_FREE
 
-METHODS = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
-TRAINING_FREE = METHODS[1:]
-#: What runs without PACL weights: the best of the four on the eight standard benchmarks (NACLIP's paper).
-DEFAULT_TRAINING_FREE = "naclip"
 #: NACLIP's Gaussian neighbourhood width, in patches (``clip/model.py``: ``gaussian_std=5``).
 NACLIP_SIGMA = 5.0
 

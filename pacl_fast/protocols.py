@@ -49,10 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pacl_fast.choices import PROTOCOLS
 from pacl_fast.refine import pamr
-
-#: The training-free papers whose evaluation protocols are presets.
-PROTOCOLS = ("sclip", "naclip", "clearclip")
 
 #: Where the presets were read: repository and commit.
 REPOSITORIES = {

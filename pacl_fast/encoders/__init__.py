@@ -32,10 +32,10 @@ import os
 import torch
 from torch import nn
 
+from pacl_fast.choices import ENCODERS
 from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, dtype_name, resolve_dtype
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 
-ENCODERS = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
 DEFAULT_DTYPES = {
     "torch": torch.float32,
     "compile": torch.float32,

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from pacl_fast.choices import SERVE_IMAGE_FORMATS
 from pacl_fast.serve.settings import TEMPLATE_PRESETS, ServeSettings
 
 #: PIL formats decoded from uploads (``images.IMAGE_SUFFIXES``' formats). Others are refused: some
 #: PIL plugins hand data to external programs (EPS runs Ghostscript) or parse rarely-audited formats.
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+ALLOWED_FORMATS = SERVE_IMAGE_FORMATS
 
 #: Bytes a multipart body may carry beyond the image: boundaries, part headers and the option fields.
 MULTIPART_OVERHEAD = 64 * 1024

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Template presets a request may name (``templates=``): the engine's three sets and the synthetic world's.
-TEMPLATE_PRESETS = ("imagenet", "short", "single", "synthetic")
-
-#: Default decoded-image limit of the service (the engine's ``images.DEFAULT_MAX_PIXELS``).
-DEFAULT_MAX_PIXELS = 40_000_000
+from pacl_fast.choices import DEFAULT_MAX_PIXELS, TEMPLATE_PRESETS
 
 
 @dataclass(frozen=True)
