@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +48,46 @@ def atomic_folder(folder: str | os.PathLike, is_whole: Callable[[Path], bool]) -
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NotARegularFileError(OSError):
+    """A path that should be a regular file is something else (a FIFO, a device, a folder, a socket)."""
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """``open(path, "rb")`` that never blocks on what is not a regular file.
+
+    A FIFO opened for reading blocks until a writer appears (forever, for a cache entry or a
+    checkpoint someone replaced with one); a device may never end. The path is opened with
+    ``O_NONBLOCK`` (which makes opening a FIFO return at once) and checked with ``fstat`` on the
+    descriptor itself, so a swap between the check and the read cannot slip through.
+    Raises :class:`NotARegularFileError` (an ``OSError``) naming the path and what it is.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    descriptor = os.open(path, flags)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise NotARegularFileError(f"{path}: expected a regular file, found {kind}")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(descriptor, True)
+        f = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with f:
+        yield f
+
+
+def read_regular_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`); ``ValueError`` past ``max_bytes``."""
+    with open_regular(path) as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{path}: over {max_bytes} bytes")
+    return data
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:

@@ -41,3 +41,25 @@ def test_a_competitor_that_finished_first_is_kept_only_when_whole(tmp_path):
     with pytest.raises(OSError), atomic_folder(broken, whole) as tmp:
         (tmp / "model.bin").write_bytes(b"ours")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model"]
+
+
+def test_open_regular_refuses_fifos_and_folders_without_blocking(tmp_path):
+    import os
+
+    from pacl_fast.files import NotARegularFileError, open_regular, read_regular_bytes
+
+    regular = tmp_path / "ok.bin"
+    regular.write_bytes(b"abc")
+    assert read_regular_bytes(regular) == b"abc"
+    with open_regular(regular) as f:
+        assert f.read(2) == b"ab"
+    with pytest.raises(ValueError, match="over 2 bytes"):
+        read_regular_bytes(regular, max_bytes=2)
+    fifo = tmp_path / "entry.safetensors"
+    os.mkfifo(fifo)  # opening it with a plain open() blocks until a writer comes
+    with pytest.raises(NotARegularFileError, match="FIFO"):
+        read_regular_bytes(fifo)
+    with pytest.raises(NotARegularFileError, match="folder"):
+        read_regular_bytes(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_regular_bytes(tmp_path / "missing")
