@@ -61,8 +61,8 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine_line, write_results  # noqa: E402
 from pacl_fast.cli import HELP  # noqa: E402
-from pacl_fast.serve.app import label_map_from_png  # noqa: E402
 from pacl_fast.serve.local import LocalServer  # noqa: E402
+from pacl_fast.serve.render import label_map_from_png  # noqa: E402
 
 
 @dataclass
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     from pacl_fast.backbone import RandomWeightsWarning
     from pacl_fast.data.synthetic import CLASS_NAMES, WorldConfig, render_scene
     from pacl_fast.segmenter import Segmenter
-    from pacl_fast.serve.app import template_set
+    from pacl_fast.serve.jobs import template_set
 
     args.labels = list(CLASS_NAMES)
     print(f"machine: {machine_line(torch.device(args.device))}")

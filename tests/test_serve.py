@@ -905,10 +905,10 @@ def test_command_line_options(tmp_path, capsys):
         run_serve(missing)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def uvicorn_process(tmp_path_factory):
-    """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started first: it loads while
-    the other tests run, and :func:`test_real_uvicorn_process` (last) talks to it."""
+    """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started only for the test that
+    talks to it (:func:`test_real_uvicorn_process`)."""
     server = LocalServer(
         ["--clip", "demo", "--max-batch", "4", "--device", "cpu", "--no-access-log"],
         tmp_path_factory.mktemp("serve") / "serve.log",

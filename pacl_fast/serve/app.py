@@ -29,9 +29,6 @@ from pacl_fast.serve.settings import ServeSettings
 if TYPE_CHECKING:
     from pacl_fast.segmenter import Segmenter
 
-#: What clients of this module use (benchmarks, scripts); each lives in its own module.
-template_set = jobs.template_set
-
 
 def create_app(
     segmenter: Segmenter | Callable[[], Segmenter],
@@ -82,4 +79,5 @@ def create_app(
     return app
 
 
-__all__: Sequence[str] = ("create_app", "label_map_from_png", "template_set", "wants_png", "EmbedRequest")
+#: ``create_app``, and names clients imported from here before they moved to their own modules.
+__all__: Sequence[str] = ("create_app", "label_map_from_png", "wants_png", "EmbedRequest")
