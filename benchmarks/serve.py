@@ -14,7 +14,12 @@ per server (what was sent when the time ran out still completes and counts; the 
   both up at once and loaded in ``--rounds`` alternating rounds, so that other work on a shared
   machine slows both alike; their throughput ratio is the speed-up of batching;
 * **small queue**: batched, ``--max-queue`` ``--small-queue`` (default 8): the overflow must get 503
-  with ``Retry-After`` and every accepted request must complete, correctly.
+  with ``Retry-After`` and every accepted request must complete, correctly;
+* **slow clients** (issue 23): a batched server with the default body bounds, ``--normal-clients``
+  (default 8) clients alone for ``--slow-seconds``, then the same clients while ``--slow-clients``
+  (default 64) sockets send their headers and then one body byte a second (reconnecting after each
+  408): every normal answer must be 200 and equal to predict, and no slow one may be served.
+  ``--slow-only`` runs this test alone.
 
 Every 200 answer is checked against ``Segmenter.predict`` on the same image and labels in this
 process (the label maps must be equal), so a lost or wrong answer fails the run. Latency is
@@ -56,8 +61,8 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine_line, write_results  # noqa: E402
 from pacl_fast.cli import HELP  # noqa: E402
-from pacl_fast.serve.app import label_map_from_png  # noqa: E402
 from pacl_fast.serve.local import LocalServer  # noqa: E402
+from pacl_fast.serve.render import label_map_from_png  # noqa: E402
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Run:
     server_cpu_ms: float = float("nan")  # server process CPU time (all threads) per answer, during the load
     sent_rounds: int = 0
     rounds: list = field(default_factory=list)  # answers 200 per second in each round
+    slow_clients: int = 0  # sockets dribbling their bodies during the load
+    slow_answers: dict = field(default_factory=dict)  # what the slow sockets got: status (or error) -> count
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -282,6 +289,78 @@ def run_small_queue(model: Model, args: argparse.Namespace, bodies: list[bytes],
     return run
 
 
+async def dribble(port: int, stop: asyncio.Event, answers: Counter, length: int = 100_000) -> None:
+    """One slow client: headers, then one body byte a second until answered; then again, until ``stop``."""
+    head = (
+        f"POST /v1/segment?labels=circle HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as error:
+            answers[type(error).__name__] += 1
+            await asyncio.sleep(1)
+            continue
+        status = None
+        try:
+            writer.write(head)
+            while not stop.is_set() and status is None:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), 1.0)
+                except asyncio.TimeoutError:
+                    writer.write(b"\0")
+                    await writer.drain()
+                    continue
+                status = line.split(b" ")[1].decode() if line.startswith(b"HTTP/") else "closed"
+        except OSError as error:
+            status = type(error).__name__
+        finally:
+            writer.close()
+        if status is not None:
+            answers[status] += 1
+
+
+async def load_with_slow_clients(base: str, port: int, bodies: list[bytes], params: dict, args: argparse.Namespace
+                                 ) -> tuple[tuple, Counter]:  # fmt: skip
+    """``--normal-clients`` loading the server for ``--slow-seconds`` while ``--slow-clients`` sockets dribble."""
+    stop, answers = asyncio.Event(), Counter()
+    slow = [asyncio.create_task(dribble(port, stop, answers)) for _ in range(args.slow_clients)]
+    await asyncio.sleep(2)  # every slow socket connected and dribbling before the normal clients start
+    try:
+        normal = await load(base, bodies, params, 10**9, args.normal_clients, args.slow_seconds)
+    finally:
+        stop.set()
+        await asyncio.gather(*slow)
+    return normal, answers
+
+
+def run_slow_clients(model: Model, args: argparse.Namespace, bodies: list[bytes], expected: list, log_dir: Path
+                     ) -> list[Run]:  # fmt: skip
+    """The batched server with the default body bounds: normal clients alone, then beside slow clients."""
+    params = {"labels": ",".join(args.labels)}
+    runs = [Run(model.name, "normal alone", args.max_batch, 64), Run(model.name, "normal + slow", args.max_batch, 64)]
+    runs[1].slow_clients = args.slow_clients
+    print(f"  {model.name}: starting the slow-clients server ...", flush=True)
+    with LocalServer(server_args(model, args, args.max_batch, 64), log_dir / f"{model.name}-slow.log") as server:
+        warm, _, _ = asyncio.run(load(server.base, bodies, params, min(len(bodies), 8), 8, 0))
+        assert all(status == 200 for _, status, *_ in warm), [a[1:3] for a in warm]
+        got, runs[0].seconds, runs[0].capped_by_time = asyncio.run(
+            load(server.base, bodies, params, 10**9, args.normal_clients, args.slow_seconds)
+        )
+        score(runs[0], got, expected)
+        (got, runs[1].seconds, runs[1].capped_by_time), answers = asyncio.run(
+            load_with_slow_clients(server.base, server.port, bodies, params, args)
+        )
+        runs[1].slow_answers = dict(answers)
+        score(runs[1], got, expected)
+    for run in runs:
+        run.sent_rounds = 1
+        report(run)
+    print(f"  {model.name}: the slow sockets got {dict(answers)}", flush=True)
+    return runs
+
+
 def make_models(args: argparse.Namespace, work: Path) -> list[Model]:
     models = []
     for name in args.models:
@@ -312,14 +391,14 @@ def make_models(args: argparse.Namespace, work: Path) -> list[Model]:
 
 def table(runs: list[Run]) -> str:
     header = (
-        f"{'model':<9} {'server':<12} {'batch':>5} {'queue':>5} {'sent':>5} {'ok':>5} {'503':>5} {'other':>5} "
+        f"{'model':<9} {'server':<13} {'batch':>5} {'queue':>5} {'sent':>5} {'ok':>5} {'503':>5} {'other':>5} "
         f"{'wrong':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>7} {'mean batch':>10} {'cpu ms':>7} "
         f"{'seconds':>8}"
     )
     lines = [header, "-" * len(header)]
     for r in runs:
         lines.append(
-            f"{r.model:<9} {r.mode:<12} {r.max_batch:>5} {r.max_queue:>5} {r.sent:>5} {r.ok:>5} {r.rejected:>5} "
+            f"{r.model:<9} {r.mode:<13} {r.max_batch:>5} {r.max_queue:>5} {r.sent:>5} {r.ok:>5} {r.rejected:>5} "
             f"{sum(r.other.values()):>5} {r.wrong:>5} {r.p50_ms:>8.1f} {r.p95_ms:>8.1f} {r.p99_ms:>8.1f} "
             f"{r.throughput:>7.2f} {r.mean_batch:>10.2f} {r.server_cpu_ms:>7.1f} "
             f"{r.seconds:>7.1f}{'*' if r.capped_by_time else ' '}"
@@ -346,7 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the servers' and the reference's encoder precision",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 96 requests, 16 clients, 60 s caps")
+    parser.add_argument("--slow-clients", type=int, default=64, help="slow-clients test: sockets dribbling bodies")
+    parser.add_argument("--normal-clients", type=int, default=8, help="slow-clients test: normal clients")
+    parser.add_argument("--slow-seconds", type=float, default=40.0,
+                        help="slow-clients test: seconds of load, alone and beside the slow clients")  # fmt: skip
+    parser.add_argument("--slow-only", action="store_true", help="run the slow-clients test only")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 96 requests, 16 clients, 60 s caps, 20 s slow-clients phases"
+    )
     return parser
 
 
@@ -354,10 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.requests, args.clients, args.time_limit, args.rounds = 96, 16, 60.0, 2
+        args.slow_seconds = min(args.slow_seconds, 20.0)  # still past the 15 s body deadline: 408s are seen
     from pacl_fast.backbone import RandomWeightsWarning
     from pacl_fast.data.synthetic import CLASS_NAMES, WorldConfig, render_scene
     from pacl_fast.segmenter import Segmenter
-    from pacl_fast.serve.app import template_set
+    from pacl_fast.serve.jobs import template_set
 
     args.labels = list(CLASS_NAMES)
     print(f"machine: {machine_line(torch.device(args.device))}")
@@ -386,8 +473,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(f"{model.name}: {reference!r}; reference predictions in {time.perf_counter() - start:.1f} s")
             del reference
-            runs.extend(run_pair(model, args, bodies, expected, work))
-            runs.append(run_small_queue(model, args, bodies, expected, work))
+            if not args.slow_only:
+                runs.extend(run_pair(model, args, bodies, expected, work))
+                runs.append(run_small_queue(model, args, bodies, expected, work))
+            runs.extend(run_slow_clients(model, args, bodies, expected, work))
     print()
     print(table(runs))
     print("(* load stopped by --time-limit: the requests sent by then completed and count;")
@@ -395,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     speedups = {}
     for name in args.models:
         by_mode = {r.mode: r for r in runs if r.model == name}
-        if by_mode["max-batch 1"].throughput:
+        alone, beside = by_mode["normal alone"], by_mode["normal + slow"]
+        print(
+            f"{name}: {beside.slow_clients} slow clients: normal clients' p50 {beside.p50_ms:.1f} ms "
+            f"(alone {alone.p50_ms:.1f}), {beside.throughput:.2f} req/s (alone {alone.throughput:.2f}); "
+            f"the slow sockets got {beside.slow_answers}"
+        )
+        if "max-batch 1" in by_mode and by_mode["max-batch 1"].throughput:
             speedups[name] = by_mode["batched"].throughput / by_mode["max-batch 1"].throughput
             print(f"{name}: batched throughput {speedups[name]:.2f}x the --max-batch 1 server's")
     failures = []
@@ -404,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{r.model}/{r.mode}: {r.wrong} wrong, other answers {r.other}, {r.rejected} rejected")
         if r.mode == "small queue" and not r.rejected:
             failures.append(f"{r.model}/{r.mode}: the small queue never overflowed")
+        if not r.ok:
+            failures.append(f"{r.model}/{r.mode}: no answer 200")
+        if r.slow_clients and set(r.slow_answers) - {"408"}:
+            failures.append(f"{r.model}/{r.mode}: a slow client got something other than 408: {r.slow_answers}")
     payload = {
         "machine": machine_line(torch.device(args.device)),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import dataclasses
 import io
+import math
+import os
 import re
+import select
 import signal
+import socket
 import struct
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -27,10 +34,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
-from pacl_fast.serve.batcher import NotReady
+from pacl_fast.serve.batcher import Batcher, NotReady
 from pacl_fast.serve.cli import add_serve_parser, resolve_model_options, run_serve, settings_from_args
-from pacl_fast.serve.inputs import MULTIPART_OVERHEAD
-from pacl_fast.serve.local import LocalServer
+from pacl_fast.serve.inputs import MULTIPART_OVERHEAD, SEGMENT_OPTIONS, SegmentOptions, parse_segment_options
+from pacl_fast.serve.jobs import SegmentKey
+from pacl_fast.serve.local import LocalServer, free_port
+from pacl_fast.serve.metrics import ServeMetrics
 from pacl_fast.serve.settings import ServeSettings
 
 LABELS = ("circle", "square", "sky")
@@ -224,6 +233,64 @@ def test_concurrent_requests_batch_and_equal_predict(client, segmenter):
     assert [r.json()["batch_size"] for r in responses] == [3, 3, 3, 1, 2, 2]
 
 
+#: Two values of every option of POST /v1/segment (as sent): requests differing in one never share a batch.
+OPTION_VARIANTS = {
+    "labels": ("circle,square,sky", "circle,square,grass"),
+    "templates": ("single", "short"),
+    "background_threshold": ("0.3", "0.6"),
+    "sliding_window": ("32,16,64", "32,32,64"),
+    "with_scores": ("false", "true"),
+}
+
+
+def options_from(fields: dict[str, str], segmenter) -> SegmentOptions:
+    values = {name: [value] for name, value in fields.items()}
+    return parse_segment_options(values, SETTINGS, segmenter.image_size, segmenter.patch_size)
+
+
+def test_the_batch_key_is_made_of_every_option(segmenter):
+    """The table above covers every option field (a new option fails here until it is added), and the key of
+    two option sets differing in any one field differs."""
+    assert set(OPTION_VARIANTS) == {spec.name for spec in dataclasses.fields(SegmentOptions)} == set(SEGMENT_OPTIONS)
+    canvas = (3, 64, 64)
+    for option, (first, second) in OPTION_VARIANTS.items():
+        a = options_from({"labels": "circle,square,sky", option: first}, segmenter)
+        b = options_from({"labels": "circle,square,sky", option: second}, segmenter)
+        assert getattr(a, option) != getattr(b, option)
+        assert SegmentKey.of(a, canvas) != SegmentKey.of(b, canvas), option
+        assert SegmentKey.of(a, canvas) == SegmentKey.of(dataclasses.replace(a), canvas)
+    assert SegmentKey.of(a, canvas) != SegmentKey.of(a, (3, 64, 96))
+
+
+@pytest.mark.parametrize("option", list(OPTION_VARIANTS))
+def test_requests_differing_in_one_option_never_share_a_batch(client, segmenter, option):
+    """Three requests queued together, the second differing from the others in ``option`` only: it runs alone,
+    the other two together, and each answer equals predict with its own options."""
+    first, second = OPTION_VARIANTS[option]
+    base = {"labels": "circle,square,sky", "templates": "single"}
+    asked = [{**base, option: first}, {**base, option: second}, {**base, option: first}]
+    images = [random_image(40 + i, 40, 64) for i in range(3)]  # one canvas size
+    batcher = client.app.state.batcher
+    with ThreadPoolExecutor(3) as pool:
+        with batcher.hold():
+            futures = [
+                pool.submit(post_image, client, png(image), fields.pop("labels").split(","), **fields)
+                for image, fields in zip(images, [dict(a) for a in asked])
+            ]
+            wait_for(lambda: batcher.queued == 3)
+        responses = [future.result() for future in futures]
+    for image, fields, response in zip(images, asked, responses):
+        assert response.status_code == 200, response.text
+        options = options_from(fields, segmenter)
+        window = SlidingWindow(*options.sliding_window) if options.sliding_window else None
+        expected = segmenter.predict(
+            image, options.labels, templates=options.templates, sliding_window=window,
+            background_threshold=options.background_threshold,
+        )  # fmt: skip
+        assert np.array_equal(labels_of(response.json()), expected.labels), option
+    assert [r.json()["batch_size"] for r in responses] == [2, 1, 2]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -412,23 +479,55 @@ def test_embed_labels_body_is_bounded_before_it_is_parsed(client):
     assert response.status_code == 422 and "Invalid JSON" in response.json()["detail"], response.text
 
 
-def test_a_model_failure_is_answered_by_its_kind_not_internal(client, segmenter, monkeypatch):
-    """The batcher hands a job's exception to its request: a RuntimeError is a 500 naming the model, a
-    ValueError a 422, never the anonymous 500 "internal"."""
-    for error, status, kind in (
-        (RuntimeError("out of memory"), 500, "model_error"),
-        (ValueError("odd"), 422, "bad_request"),
-    ):
+MODEL_FAULTS = {
+    "runtime error": RuntimeError("out of memory"),
+    "value error": ValueError("odd"),
+    "type error": TypeError("expected a tensor"),
+    "a path in the message": OSError(30, "Read-only file system", "/srv/pacl-cache/onnx/3f2a/image-64x64.onnx"),
+}
 
-        def fail(*args, error=error, **kwargs):
-            raise error
 
-        monkeypatch.setattr(segmenter.encoder, "encode_image", fail)
+@pytest.mark.parametrize("case", list(MODEL_FAULTS))
+def test_a_model_fault_is_a_5xx_that_names_no_server_file(client, segmenter, monkeypatch, caplog, case):
+    """Whatever the model raises is the model's fault: a 500 "model_error", never a 4xx blaming the client
+    (a ValueError used to be a 422) and never the exception's text, which may name server files; the log
+    has the text under the request id the client gets (body and ``X-Request-ID``)."""
+    error = MODEL_FAULTS[case]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(segmenter.encoder, "encode_image", fail)
+    with caplog.at_level("ERROR", logger="pacl_fast.serve"):
         response = post_image(client, png(random_image(23, 40, 56)))
-        assert (response.status_code, response.json()["error"]) == (status, kind), response.text
-        assert str(error) in response.json()["detail"]
+    body = response.json()
+    assert (response.status_code, body["error"]) == (500, "model_error"), response.text
+    assert type(error).__name__ in body["detail"]
+    for secret in (str(error), "/srv", "pacl-cache", "Read-only", "out of memory", "odd"):
+        assert secret not in response.text, response.text
+    request_id = response.headers["x-request-id"]
+    assert body["request_id"] == request_id and request_id in body["detail"]
+    logged = [record.getMessage() for record in caplog.records if request_id in record.getMessage()]
+    assert any(str(error) in message for message in logged), caplog.text
     monkeypatch.undo()
     assert post_image(client, GOOD).status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_no_text(tiny_config, caplog):
+    """An exception no handler maps (here from a route added to the app) is answered by the middleware."""
+    app = create_app(make_segmenter(tiny_config), SETTINGS)
+
+    async def broken() -> dict:
+        raise KeyError("/srv/secret/config.json")
+
+    app.add_api_route("/broken", broken)
+    with TestClient(app) as client, caplog.at_level("ERROR", logger="pacl_fast.serve"):
+        response = client.get("/broken")
+    assert response.status_code == 500 and response.json()["error"] == "internal", response.text
+    assert "/srv" not in response.text and "KeyError" in response.json()["detail"]
+    request_id = response.headers["x-request-id"]
+    assert response.json()["request_id"] == request_id
+    assert any(request_id in r.getMessage() and "/srv/secret" in (r.exc_text or "") for r in caplog.records)
 
 
 def test_embed_labels_fills_the_cache_that_segment_uses(client, segmenter):
@@ -539,8 +638,239 @@ def test_loading_and_failed_models_are_not_ready(tiny_config):
 
     with TestClient(create_app(broken_factory, SETTINGS, on_fatal=failures.append)) as client:
         wait_for(lambda: client.get("/readyz").json()["status"] == "failed")
-        assert "no weights at /nowhere" in client.get("/readyz").json()["detail"]
+        # The kind of failure, never its text (it names server files): that is in the server's log.
+        detail = client.get("/readyz").json()["detail"]
+        assert "FileNotFoundError" in detail and "/nowhere" not in detail, detail
     assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
+
+
+def test_a_stuck_worker_is_not_ready_and_refuses_at_once(tiny_config, tmp_path, monkeypatch, caplog):
+    """A model call blocked reading a FIFO (a cache entry that is not a file): past the timeout the service
+    says not ready (503 "stuck"), refuses new work at once instead of letting it time out, logs where the
+    worker waits, and is ready again when the call returns."""
+    segmenter = make_segmenter(tiny_config)
+    settings = ServeSettings(max_batch=4, max_wait_ms=1, max_queue=4, timeout=1.0, templates="single")
+    fifo = tmp_path / "text-cache-entry"
+    os.mkfifo(fifo)
+    encode = segmenter.encoder.encode_image
+
+    def blocked_on_fifo(*args, **kwargs):
+        with open(fifo, "rb") as entry:  # blocks until a writer opens it
+            entry.read()
+        return encode(*args, **kwargs)
+
+    def unblock() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: nobody is reading it
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader sees a writer come and go: EOF
+
+    with TestClient(create_app(segmenter, settings)) as client:
+        wait_ready(client)
+        monkeypatch.setattr(segmenter.encoder, "encode_image", blocked_on_fifo)
+        try:
+            assert post_image(client, GOOD).status_code == 504
+            with caplog.at_level("ERROR", logger="pacl_fast.serve"):
+                wait_for(lambda: client.get("/readyz").status_code == 503, timeout=10)
+                ready = client.get("/readyz").json()
+            assert ready["status"] == "stuck" and "over the 1 s bound" in ready["detail"], ready
+            assert "blocked_on_fifo" in caplog.text  # the worker's stack, logged once
+            start = time.monotonic()
+            refused = post_image(client, GOOD)
+            assert time.monotonic() - start < settings.timeout  # refused, not left to time out
+            assert refused.status_code == 503 and refused.json()["error"] == "not_ready", refused.text
+            assert "stuck" in refused.json()["detail"] and refused.headers["Retry-After"] == "5"
+        finally:
+            unblock()
+        monkeypatch.undo()
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout=10)
+        assert post_image(client, GOOD).status_code == 200
+
+
+def test_one_route_served_by_a_minimal_app(tiny_config):
+    """Routes read only ``app.state`` (:mod:`pacl_fast.serve.deps`): ``POST /v1/segment`` alone in a bare
+    FastAPI app with that state and the error map answers like the full service."""
+    from fastapi import FastAPI
+
+    from pacl_fast.serve import deps, errors, routes
+
+    segmenter = make_segmenter(tiny_config)
+    metrics = ServeMetrics()
+    batcher = Batcher(segmenter, max_batch=2, max_wait_ms=1, max_queue=2, metrics=metrics)
+    app = FastAPI()
+    deps.install_state(app, batcher, SETTINGS, metrics)
+    errors.install(app)
+    app.add_api_route("/v1/segment", routes.segment, methods=["POST"])
+    batcher.start()
+    try:
+        assert batcher.ready.wait(30)
+        with TestClient(app) as client:
+            image = random_image(50, 30, 70)
+            response = post_image(client, png(image))
+            assert response.status_code == 200, response.text
+            expected = segmenter.predict(image, LABELS, templates="single").labels
+            assert np.array_equal(labels_of(response.json()), expected)
+            refused = post_image(client, png(image), labels="a,a")
+            assert refused.status_code == 422 and "duplicates" in refused.json()["detail"]
+            assert client.get("/v1/info").status_code == 404  # only the one route is there
+    finally:
+        batcher.stop()
+
+
+def test_body_settings_are_checked_and_carry_their_help():
+    for bad in ({"body_timeout": 0}, {"body_timeout": -1.0}, {"body_timeout": math.inf}, {"body_timeout": math.nan},
+                {"max_body_readers": 0}, {"max_body_readers": 2.5}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServeSettings(**bad)
+    specs = {spec.name: spec for spec in dataclasses.fields(ServeSettings)}
+    for name in ("body_timeout", "max_body_readers"):
+        assert len(specs[name].metadata["help"]) > 20, name
+    assert ServeSettings().max_body_readers > ServeSettings().max_queue  # 64 slow sockets leave room
+
+
+# ----------------------------------------------------------------------------- slow clients, real sockets
+
+
+@contextmanager
+def serving(app):
+    """``app`` under a real uvicorn on a free loopback port, in a thread; yields (base URL, port)."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.started, timeout=30)
+        wait_for(lambda: httpx.get(f"{base}/readyz", trust_env=False).status_code == 200, timeout=60)
+        yield base, port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class SlowUpload:
+    """A client that sends its headers, then one byte of its body every ``interval`` seconds, until answered."""
+
+    def __init__(self, port: int, length: int = 100_000, interval: float = 0.2):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = (
+            f"POST /v1/segment?labels=circle,square HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode())
+        self.started, self.interval = time.monotonic(), interval
+        self.status: int | None = None
+        self.answer, self.answered_after = b"", None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._dribble, daemon=True)
+        self.thread.start()
+
+    def _dribble(self) -> None:
+        while not self.stop.is_set():
+            readable, _, _ = select.select([self.sock], [], [], self.interval)
+            if readable:
+                break
+            try:
+                self.sock.send(b"\0")
+            except OSError:
+                break
+        else:
+            return
+        self.answered_after = time.monotonic() - self.started
+        self.sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := self.sock.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        self.answer = b"".join(chunks)
+        if self.answer.startswith(b"HTTP/1.1 "):
+            self.status = int(self.answer.split(b" ", 2)[1])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_a_slow_body_gets_408_at_its_deadline(tiny_config):
+    settings = ServeSettings(max_queue=2, timeout=20, body_timeout=1.0, templates="single")
+    with serving(create_app(make_segmenter(tiny_config), settings)) as (base, port):
+        slow = SlowUpload(port)
+        slow.thread.join(15)
+        slow.close()
+        assert slow.status == 408, slow.answer
+        assert 1.0 <= slow.answered_after < 5.0, slow.answered_after
+        assert b'"error":"body_timeout"' in slow.answer and b"within 1 s" in slow.answer
+        assert b"connection: close" in slow.answer.lower()
+        assert httpx.get(f"{base}/readyz", trust_env=False).status_code == 200
+
+
+def test_slow_clients_cannot_take_the_model_queue(tiny_config, segmenter):
+    """16 clients dribbling their bodies hold body readers' places, none of the model queue's 4: normal clients
+    meanwhile get every answer, equal to predict; the slow ones get 408 at their deadline."""
+    settings = ServeSettings(max_batch=4, max_queue=4, max_body_readers=32, timeout=30, body_timeout=8,
+                             templates="single")  # fmt: skip
+    app = create_app(make_segmenter(tiny_config), settings)
+    images = [random_image(60 + i, 36, 52) for i in range(8)]
+    with serving(app) as (base, port):
+        readers, batcher = app.state.body_readers, app.state.batcher
+        slow = [SlowUpload(port) for _ in range(16)]
+        try:
+            wait_for(lambda: readers.active == 16)
+            assert batcher.depth == 0  # not one of them holds a place in the model's queue
+
+            def normal(pair: list[np.ndarray]) -> list[httpx.Response]:
+                with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+                    return [
+                        http.post("/v1/segment", params={"labels": ",".join(LABELS)}, content=png(image),
+                                  headers={"Content-Type": "image/png"})  # fmt: skip
+                        for image in pair
+                    ]
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = [r for rs in pool.map(normal, [images[i::4] for i in range(4)]) for r in rs]
+            assert all(s.status is None for s in slow), "a slow client was answered before its deadline"
+            order = [image for i in range(4) for image in images[i::4]]
+            for image, response in zip(order, answers):
+                assert response.status_code == 200, response.text
+                expected = segmenter.predict(image, LABELS, templates="single").labels
+                assert np.array_equal(labels_of(response.json()), expected)
+            for client in slow:
+                client.thread.join(20)
+        finally:
+            for client in slow:
+                client.close()
+    assert [client.status for client in slow] == [408] * 16
+
+
+def test_body_readers_are_capped_apart_from_the_queue(tiny_config):
+    """With every body reader's place taken the next request is refused at once (503, Retry-After, the
+    connection closed); once the slow bodies are cut off (408) a normal request is served."""
+    settings = ServeSettings(max_queue=8, max_body_readers=3, timeout=30, body_timeout=2, templates="single")
+    app = create_app(make_segmenter(tiny_config), settings)
+    with serving(app) as (base, port):
+        slow = [SlowUpload(port) for _ in range(3)]
+        try:
+            wait_for(lambda: app.state.body_readers.active == 3)
+            headers = {"Content-Type": "image/png"}
+            refused = httpx.post(f"{base}/v1/segment", params={"labels": "a"}, content=GOOD, headers=headers,
+                                 trust_env=False)  # fmt: skip
+            assert refused.status_code == 503 and refused.json()["error"] == "busy", refused.text
+            assert refused.headers["Retry-After"] == "1" and refused.headers["Connection"] == "close"
+            for client in slow:
+                client.thread.join(15)
+            assert [client.status for client in slow] == [408] * 3
+            served = httpx.post(f"{base}/v1/segment", params={"labels": "a"}, content=GOOD, headers=headers,
+                                trust_env=False)  # fmt: skip
+            assert served.status_code == 200, served.text
+        finally:
+            for client in slow:
+                client.close()
 
 
 # ----------------------------------------------------------------------------- command line, real process
@@ -575,10 +905,10 @@ def test_command_line_options(tmp_path, capsys):
         run_serve(missing)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def uvicorn_process(tmp_path_factory):
-    """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started first: it loads while
-    the other tests run, and :func:`test_real_uvicorn_process` (last) talks to it."""
+    """``python -m pacl_fast.serve --clip demo`` on a random loopback port, started only for the test that
+    talks to it (:func:`test_real_uvicorn_process`)."""
     server = LocalServer(
         ["--clip", "demo", "--max-batch", "4", "--device", "cpu", "--no-access-log"],
         tmp_path_factory.mktemp("serve") / "serve.log",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import httpx
@@ -46,10 +48,14 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+#: Over 255 labels the API's label map is a 16-bit PNG: the server allows enough to test the page on one.
+MAX_LABELS = 300
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with LocalServer(
-        ["--clip", "demo", "--device", "cpu", "--no-access-log"],
+        ["--clip", "demo", "--device", "cpu", "--no-access-log", "--max-labels", str(MAX_LABELS)],
         tmp_path_factory.mktemp("serve") / "serve.log",
         ready_timeout=180,
     ) as running:
@@ -245,3 +251,123 @@ def test_page_works_offline_and_reports_a_bad_file(server, browser, tmp_path):
     error = driver.find_element(By.ID, "error")
     wait_until(driver, lambda d: "not an image" in error.text, message="no error for a file that is not an image")
     assert error.text.startswith("Error 422")
+
+
+def run_page(driver, server: str, path: Path, labels: str, threshold: str) -> None:
+    """Load the page, choose ``path``, type ``labels``, set the threshold, press Segment, wait for the result."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{server}/")
+    wait_until(driver, lambda d: d.find_element(By.ID, "method").text == "pacl", message="/v1/info never loaded")
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    driver.execute_script(  # hundreds of names: set the text at once rather than typing it
+        "const t = document.getElementById('labels'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));",
+        labels,
+    )
+    driver.find_element(By.ID, "use-threshold").click()
+    driver.execute_script(
+        "const r = document.getElementById('threshold'); r.value = arguments[0];r.dispatchEvent(new Event('input'));",
+        threshold,
+    )
+    run = driver.find_element(By.ID, "run")
+    wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
+    run.click()
+    wait_until(
+        driver,
+        lambda d: d.execute_script("return !!window.paclPage.result") or d.find_element(By.ID, "error").is_displayed(),
+        message="no result on the page",
+    )
+    assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error").text
+
+
+def test_page_reads_label_maps_of_more_than_255_classes(server, browser, tmp_path):
+    """300 labels, the shapes last (indices 294-299): the API answers a 16-bit label PNG, and the page's label
+    map, legend and overlay are the API's (it used to read background for every pixel)."""
+    from selenium.webdriver.common.by import By
+
+    from pacl_fast.data.synthetic import CLASS_NAMES
+    from pacl_fast.results import palette
+
+    scene, image = scene_with_several_shapes()
+    path = tmp_path / "scene.png"
+    path.write_bytes(png_bytes(image))
+    names = [f"filler {i}" for i in range(MAX_LABELS - len(CLASS_NAMES))] + list(CLASS_NAMES)
+    labels, threshold = ", ".join(names), "0.3"
+    upload = {"file": ("scene.png", path.read_bytes(), "image/png")}
+    api = httpx.post(f"{server}/v1/segment", files=upload, data={"labels": labels, "background_threshold": threshold},
+                     timeout=120)  # fmt: skip
+    assert api.status_code == 200, api.text
+    body = api.json()
+    label_png = Image.open(io.BytesIO(base64.b64decode(body["labels_png"])))
+    assert label_png.mode.startswith("I;16") or label_png.mode == "I", label_png.mode  # 16-bit grey
+    label_map = np.asarray(label_png).astype(np.int64)
+    label_map = np.where(label_map == 65535, -1, label_map)
+    assert (label_map > 255).any() and (label_map == -1).any(), np.unique(label_map)
+
+    run_page(browser, server, path, labels, threshold)
+    page_labels = np.asarray(browser.execute_script("return Array.from(window.paclPage.result.labels)"), np.int64)
+    assert np.array_equal(page_labels.reshape(label_map.shape), label_map)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#legend tbody tr")
+    assert len(rows) == MAX_LABELS + 1  # every class, then the background
+    colours = palette(MAX_LABELS).astype(np.float32)[np.clip(label_map, 0, None)]
+    blend = np.round(image.astype(np.float32) * 0.5 + colours * 0.5).astype(np.uint8)
+    assert np.array_equal(canvas_rgb(browser, "overlay"), np.where((label_map == -1)[..., None], image, blend))
+
+
+def filtered_png(values: np.ndarray, depth: int, palette_png: bool, chunk_bytes: int = 97) -> bytes:
+    """``values`` ``[H, W]`` as a PNG written by hand: every row filter in turn (none, sub, up, average, paeth),
+    samples of ``depth`` bits (palette for ``palette_png``, else grey), the data split over several IDAT chunks."""
+    height, width = values.shape
+    if depth >= 8:
+        rows = values.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).view(np.uint8)
+    else:  # pack several samples into each byte, the first in the high bits
+        per_byte = 8 // depth
+        padded = np.zeros((height, -(-width // per_byte) * per_byte), np.uint8)
+        padded[:, :width] = values
+        shifts = (8 - depth * (np.arange(per_byte) + 1)).astype(np.uint8)
+        rows = (padded.reshape(height, -1, per_byte) << shifts).sum(axis=2).astype(np.uint8)
+    step = max(1, depth // 8)  # bytes per pixel, for the filters
+    raw, previous = b"", np.zeros(rows.shape[1], np.int64)
+    for y, row in enumerate(rows.astype(np.int64)):
+        kind = y % 5
+        left = np.concatenate([np.zeros(step, np.int64), row[:-step]])
+        up_left = np.concatenate([np.zeros(step, np.int64), previous[:-step]])
+        if kind == 4:
+            estimate = left + previous - up_left
+            pa, pb, pc = abs(estimate - left), abs(estimate - previous), abs(estimate - up_left)
+            predicted = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, previous, up_left))
+        else:
+            predicted = [np.zeros_like(row), left, previous, (left + previous) // 2][kind]
+        raw += bytes([kind]) + ((row - predicted) % 256).astype(np.uint8).tobytes()
+        previous = row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, 3 if palette_png else 0, 0, 0, 0)
+    data = zlib.compress(raw)
+    parts = [chunk(b"IHDR", header)]
+    if palette_png:
+        parts.append(chunk(b"PLTE", bytes(range(256)) * 3))
+    parts += [chunk(b"IDAT", data[i : i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(parts) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("depth, palette_png", [(1, True), (2, True), (4, True), (8, True), (8, False), (16, False)])
+def test_page_png_decoder_matches_numpy(server, browser, depth, palette_png):
+    """The page's own PNG decoder on awkward label maps (odd sizes, every row filter, split data): the values
+    it reads are the ones written (filled with random values, so a wrong filter or bit order shows)."""
+    browser.get(f"{server}/")
+    for seed, (height, width) in enumerate([(1, 1), (7, 13), (23, 37)]):
+        values = np.random.default_rng(seed).integers(0, 2**depth, (height, width))
+        encoded = base64.b64encode(filtered_png(values, depth, palette_png)).decode("ascii")
+        decoded = browser.execute_script(
+            "return decodeLabelPng(arguments[0], arguments[1], arguments[2]).then(r => Array.from(r.values));",
+            encoded, width, height,
+        )  # fmt: skip
+        assert np.array_equal(np.asarray(decoded).reshape(height, width), values), (depth, height, width)
+    error = browser.execute_script(
+        "return decodeLabelPng(arguments[0], 5, 5).then(() => 'no error', e => e.message);",
+        base64.b64encode(filtered_png(np.zeros((4, 5), np.int64), 8, True)).decode("ascii"),
+    )
+    assert "4" in error and "5x5" in error, error

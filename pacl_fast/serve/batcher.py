@@ -10,6 +10,10 @@ and calls :meth:`Segmenter.segment_prepared` once per group: the same batched ca
 Backpressure: :meth:`Batcher.admit` refuses a request (:class:`QueueFull`) when ``max_queue``
 requests already wait for the model. A request that times out is withdrawn: if the worker has not
 taken it yet it is never run.
+
+A worker stuck in one batch (a model call blocked on a FIFO, a hung driver) makes every later request
+time out: past ``stuck_after`` seconds in one batch the status is ``stuck``, so readiness fails and
+new requests are refused at once, and the worker's stack is logged once to show where it waits.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import contextmanager
@@ -67,6 +73,7 @@ class Job:
     ticket: Ticket
     future: asyncio.Future
     images: int = 0  # images this job adds to a model batch (0 for text-only work)
+    request_id: str = "-"  # the request's id, for the log
     enqueued: float = field(default_factory=time.monotonic)
     withdrawn: bool = False
     started: float | None = None
@@ -96,6 +103,7 @@ class Batcher:
         max_queue: admitted requests waiting for the model, at most.
         metrics: where queue depth, batch sizes and model time are recorded.
         warmup: work run once on the worker after loading, before :attr:`ready` is set.
+        stuck_after: seconds one batch may run before the worker counts as stuck (None: never).
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class Batcher:
         max_queue: int,
         metrics: ServeMetrics,
         warmup: Callable[[Segmenter], None] | None = None,
+        stuck_after: float | None = None,
     ):
         self._factory = segmenter if callable(segmenter) and not hasattr(segmenter, "segment_prepared") else None
         self.segmenter: Segmenter | None = None if self._factory else segmenter
@@ -119,6 +128,9 @@ class Batcher:
         self._stop = False
         self._holds = 0
         self._batch_seconds = 0.0  # moving average of a batch's model time (for Retry-After)
+        self.stuck_after = stuck_after
+        self._running_since: float | None = None  # when the batch running now started (None: idle)
+        self._stuck_logged: float | None = None  # the batch whose stuck worker was logged
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -144,12 +156,29 @@ class Batcher:
 
     @property
     def status(self) -> str:
-        """``loading``, ``ready``, ``failed`` or ``stopped``."""
+        """``loading``, ``ready``, ``stuck`` (one batch has run past ``stuck_after``), ``failed`` or ``stopped``."""
         if self.load_error is not None:
             return "failed"
         if self._stop:
             return "stopped"
-        return "ready" if self.ready.is_set() else "loading"
+        if not self.ready.is_set():
+            return "loading"
+        return "stuck" if self.running_for() > (self.stuck_after or math.inf) else "ready"
+
+    def running_for(self) -> float:
+        """Seconds the batch running now has run (0 when the worker is idle)."""
+        since = self._running_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def stuck_detail(self) -> str:
+        """Why the status is ``stuck``, in words; the worker's stack goes to the log once per batch."""
+        since, seconds = self._running_since, self.running_for()
+        if since is not None and self._stuck_logged != since:
+            self._stuck_logged = since
+            frame = sys._current_frames().get(self._thread.ident)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)\n"
+            logger.error("the model worker has run one batch for %.1f s; it waits here:\n%s", seconds, stack)
+        return f"the model worker has run one batch for {seconds:.0f} s, over the {self.stuck_after:g} s bound"
 
     @contextmanager
     def hold(self):
@@ -178,8 +207,9 @@ class Batcher:
 
     def admit(self) -> Ticket:
         """A place in the queue, or :class:`QueueFull` / :class:`NotReady` at once."""
-        if not self.ready.is_set():
-            raise NotReady(f"the model is {self.status}")
+        status = self.status
+        if status != "ready":
+            raise NotReady(f"the model is {status}" + (f": {self.stuck_detail()}" if status == "stuck" else ""))
         with self._cond:
             if self._waiting >= self.max_queue:
                 raise QueueFull(self._waiting, self.retry_after())
@@ -284,13 +314,18 @@ class Batcher:
                 job.started = start
                 job.batch_size = len(members)
                 self.metrics.queue_wait.observe(start - job.enqueued)
+            self._running_since = start
             try:
                 outcomes = list(members[0].run(self.segmenter, members))
                 if len(outcomes) != len(members):
                     raise RuntimeError(f"a batch of {len(members)} jobs returned {len(outcomes)} results")
             except Exception as error:  # one failed group fails its own requests only
-                logger.exception("batch of %d failed", len(members))
+                # Each request logs the error with its traceback under its id (errors.model_failure).
+                ids = ", ".join(job.request_id for job in members)
+                logger.error("batch of %d failed (requests %s): %s", len(members), ids, type(error).__name__)
                 outcomes = [error] * len(members)
+            finally:
+                self._running_since = None
             seconds = time.monotonic() - start
             images = sum(job.images for job in members)
             if images:
@@ -300,10 +335,3 @@ class Batcher:
             for job, outcome in zip(members, outcomes):
                 job.resolve(outcome)
 
-
-@dataclass(frozen=True)
-class SegmentKey:
-    """Jobs that may share one ``segment_prepared`` call: equal options and equal canvas size."""
-
-    options: Hashable
-    canvas: tuple[int, ...]

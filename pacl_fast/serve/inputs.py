@@ -1,24 +1,31 @@
 """What a client sends, made safe: bounded bodies, in-memory multipart, image bytes, request options.
 
-Everything here treats the request as hostile. The body is read with a byte bound before anything
-is parsed; multipart is parsed in memory (no temporary files); image bytes are opened from memory
-only (a client never names a path), in an allow-list of formats, and their pixel count is checked
-from the header before a single pixel is decoded. Problems become :class:`ApiError` (a 4xx with a
-sentence naming the problem), never a 500.
+Everything here treats the request as hostile. The body is read with a byte bound and a deadline
+before anything is parsed, by at most ``max_body_readers`` requests at once; multipart is parsed in
+memory (no temporary files); image bytes are opened from memory only (a client never names a path),
+in an allow-list of formats, and their pixel count is checked from the header before a single pixel
+is decoded. Problems become :class:`~pacl_fast.serve.errors.ApiError`: a 4xx with a sentence naming
+the problem (or 503 when every body reader's place is taken), never a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pacl_fast.choices import SERVE_IMAGE_FORMATS
+from pacl_fast.serve.errors import CLOSE, ApiError
 from pacl_fast.serve.settings import TEMPLATE_PRESETS, ServeSettings
 
 #: PIL formats decoded from uploads (``images.IMAGE_SUFFIXES``' formats). Others are refused: some
@@ -34,34 +41,77 @@ SEGMENT_OPTIONS = ("labels", "templates", "background_threshold", "sliding_windo
 FILE_FIELD = "file"
 
 
-class ApiError(Exception):
-    """A request the service refuses: HTTP ``status``, a short ``kind`` and a sentence for people."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-        self.headers = dict(headers or {})
-
-
 # ----------------------------------------------------------------------------- the body
 
 
-async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytearray:
-    """The whole body, refused (413) past ``limit`` bytes: at once from ``Content-Length``, else as it streams."""
+class BodyReaders:
+    """A cap on requests reading their bodies at once, apart from the model's queue.
+
+    A slow client holds a reader's place, never a place in the model's queue; with the body deadline
+    (:func:`read_body`) it holds it at most ``body_timeout`` seconds. Over the cap a request is refused
+    at once (503, ``Retry-After``) rather than made to wait: a waiting line would fill with the slow
+    clients' reconnections and hold every waiting socket open, while a refusal costs nothing and tells
+    a client or proxy when to retry. Used from the event loop only (no lock).
+    """
+
+    def __init__(self, limit: int, gauge: Any = None):
+        self.limit, self.active, self._gauge = limit, 0, gauge
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            message = f"{self.active} requests are sending their bodies, the most this server reads at once"
+            raise ApiError(503, "busy", f"{message}; retry in 1 s", {"Retry-After": "1", **CLOSE})
+        self._count(+1)
+        try:
+            yield
+        finally:
+            self._count(-1)
+
+    def _count(self, step: int) -> None:
+        self.active += step
+        if self._gauge is not None:
+            self._gauge.set(self.active)
+
+
+def upload_kind(content_type: str) -> bool:
+    """True for a multipart upload, False for a raw image body; 415 for anything else (before reading)."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return True
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
+        return False
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"send the image as multipart/form-data (field {FILE_FIELD!r}) or as the raw body with an image/* "
+        f"or application/octet-stream Content-Type, not {media_type or 'no Content-Type'}",
+        CLOSE,
+    )
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int, seconds: float) -> bytearray:
+    """The whole body within ``seconds`` (408 after), refused (413) past ``limit`` bytes: at once from
+    ``Content-Length``, else as it streams."""
     if content_length is not None:
         try:
             declared = int(content_length)
         except ValueError:
-            raise ApiError(400, "bad_request", f"Content-Length must be a number, got {content_length!r}") from None
+            message = f"Content-Length must be a number, got {content_length!r}"
+            raise ApiError(400, "bad_request", message, CLOSE) from None
         if declared > limit:
             message = f"request body has {declared} bytes, over the limit of {limit}"
-            raise ApiError(413, "too_many_bytes", message, {"Connection": "close"})
+            raise ApiError(413, "too_many_bytes", message, CLOSE)
     body = bytearray()
-    async for chunk in chunks:
-        body.extend(chunk)
-        if len(body) > limit:
-            message = f"request body is over the limit of {limit} bytes"
-            raise ApiError(413, "too_many_bytes", message, {"Connection": "close"})
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in chunks:
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ApiError(413, "too_many_bytes", f"request body is over the limit of {limit} bytes", CLOSE)
+    except TimeoutError:
+        message = f"the request body did not arrive within {seconds:g} s ({len(body)} bytes came)"
+        raise ApiError(408, "body_timeout", message, CLOSE) from None
     return body  # no copy: up to --max-image-bytes
 
 
@@ -71,6 +121,17 @@ class Upload:
 
     image: bytes | bytearray
     fields: dict[str, list[str]]
+
+
+def parse_upload(body: bytearray, multipart: str | None, query: dict[str, list[str]]) -> Upload:
+    """A CPU thread's work: the image bytes and every option (multipart fields and query parameters);
+    ``multipart`` is the multipart Content-Type, None for a raw image body."""
+    upload = parse_multipart(body, multipart) if multipart else Upload(body, {})
+    both = sorted(set(query) & set(upload.fields))
+    if both:
+        raise ApiError(422, "bad_option", f"option(s) {both} given both in the query and in the form")
+    upload.fields.update(query)
+    return upload
 
 
 def parse_multipart(body: bytes | bytearray, content_type: str, max_fields: int = 16) -> Upload:
@@ -231,7 +292,12 @@ def parse_labels(value: str | list, settings: ServeSettings) -> tuple[str, ...]:
     duplicates = sorted({name for name in names if name in seen or seen.add(name)})
     if duplicates:
         raise ApiError(422, "bad_labels", f"labels has duplicates: {duplicates}")
-    return tuple(names)
+    from pacl_fast.prompts import validate_labels
+
+    try:  # whatever else the library refuses is the client's mistake too, found before the job is queued
+        return validate_labels(names)
+    except (ValueError, TypeError) as error:
+        raise ApiError(422, "bad_labels", str(error)) from None
 
 
 def _boolean(name: str, value: str) -> bool:
@@ -316,3 +382,24 @@ def parse_segment_options(
         sliding_window=parse_sliding_window(value.get("sliding_window", ""), image_size, patch_size),
         with_scores=_boolean("with_scores", value.get("with_scores", "")),
     )
+
+
+class EmbedRequest(BaseModel):
+    """Class names to embed ahead of time (so that the first segmentation with them is fast)."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[str] | str
+    templates: str | None = None
+
+
+def parse_embed_request(body: bytes | bytearray, settings: ServeSettings) -> tuple[tuple[str, ...], str]:
+    """A ``POST /v1/embed-labels`` JSON body -> (labels, template preset), each checked."""
+    try:
+        asked = EmbedRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    labels = parse_labels(asked.labels, settings)
+    templates = asked.templates or settings.templates
+    if templates not in TEMPLATE_PRESETS:
+        raise ApiError(422, "bad_option", f"templates must be one of {', '.join(TEMPLATE_PRESETS)}")
+    return labels, templates

@@ -35,6 +35,7 @@ class ServeMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("pacl_serve_queue_depth", "Requests admitted and waiting for the model", registry=r)
+        self.body_readers = Gauge("pacl_serve_body_readers", "Requests reading their bodies now", registry=r)
         self.queue_wait = Histogram(
             "pacl_serve_queue_wait_seconds", "Time a job waited in the queue", buckets=LATENCY_BUCKETS, registry=r
         )

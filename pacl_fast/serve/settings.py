@@ -5,7 +5,8 @@ Kept free of torch and FastAPI imports so that ``pacl-fast serve --help`` stays 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from pacl_fast.choices import DEFAULT_MAX_PIXELS, TEMPLATE_PRESETS
 
@@ -28,6 +29,13 @@ class ServeSettings:
         templates: the template preset used when a request names none (``None``: ``imagenet``).
         max_windows: most sliding windows per image a request may ask for.
         warmup: run one image through the model before reporting ready.
+        body_timeout: seconds from a request's arrival in which its whole body must arrive (408
+            after; ``timeout`` if that is shorter): a slow client holds a body reader's place this
+            long at most.
+        max_body_readers: requests reading their bodies at once, at most, apart from ``max_queue``
+            (a request takes its place in the model's queue only once its body is read and parsed);
+            the next one is answered 503 with ``Retry-After``. Bodies held in memory are bounded by
+            ``(max_body_readers + max_queue) * max_image_bytes``.
     """
 
     max_batch: int = 8
@@ -41,10 +49,20 @@ class ServeSettings:
     templates: str = "imagenet"
     max_windows: int = 64
     warmup: bool = True
+    body_timeout: float = field(
+        default=15.0,
+        metadata={"help": "seconds in which a request's whole body must arrive; past it the answer is 408 "
+                  "(a slow client holds a body reader's place no longer)"},
+    )  # fmt: skip
+    max_body_readers: int = field(
+        default=128,
+        metadata={"help": "requests reading their bodies at once, apart from --max-queue (a request joins the "
+                  "model's queue only once its body is read); more are answered 503 with Retry-After"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_image_bytes", "max_pixels", "max_labels", "max_label_chars",
-                     "max_windows"):  # fmt: skip
+                     "max_windows", "max_body_readers"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -52,5 +70,8 @@ class ServeSettings:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        if not (isinstance(self.body_timeout, (int, float)) and math.isfinite(self.body_timeout)
+                and self.body_timeout > 0):  # fmt: skip
+            raise ValueError(f"body_timeout must be a finite number of seconds > 0, got {self.body_timeout!r}")
         if self.templates not in TEMPLATE_PRESETS:
             raise ValueError(f"templates must be one of {', '.join(TEMPLATE_PRESETS)}, got {self.templates!r}")

@@ -1,6 +1,6 @@
 // The page of `pacl-fast serve`: plain JavaScript, no build step, nothing loaded from elsewhere.
 // It asks /v1/info for the method and the presets, posts the image and class names to /v1/segment,
-// decodes the returned palette PNG into a label map (palette colour -> class index), draws the
+// decodes the returned label PNG into a label map (8-bit palette or 16-bit grey: class indices), draws the
 // overlay from it (the same blend as Segmentation.overlay: alpha 0.5, round half to even), and
 // answers "which class is under the cursor" from that label map.
 "use strict";
@@ -170,38 +170,126 @@ async function segment() {
   }
 }
 
-function decodePng(base64) {
-  return new Promise((resolve, reject) => {
-    const image = new Image();
-    image.onload = () => resolve(image);
-    image.onerror = () => reject(new Error("the label map PNG could not be decoded"));
-    image.src = `data:image/png;base64,${base64}`;
-  });
+// ---------------------------------------------------------------------------- the label map PNG
+// The API's labels_png holds class indices: an 8-bit palette PNG (255 = background) up to 255 classes,
+// 16-bit grey over 255 (65535 = background). A canvas cannot read 16-bit values (browsers reduce them
+// to 8 bits), so the page decodes the PNG itself: chunks, zlib (DecompressionStream), row filters.
+
+const PNG_SIGNATURE = [137, 80, 78, 71, 13, 10, 26, 10];
+
+function base64Bytes(base64) {
+  const text = atob(base64);
+  const bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+  return bytes;
+}
+
+async function inflate(chunks) {
+  const stream = new Blob(chunks).stream().pipeThrough(new DecompressionStream("deflate"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+function pngChunks(bytes) {
+  // -> { header: {width, height, depth, colourType, interlace}, data: [IDAT payloads] }
+  if (bytes.length < 8 || PNG_SIGNATURE.some((value, i) => bytes[i] !== value)) throw new Error("not a PNG");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const data = [];
+  let header = null;
+  for (let offset = 8; offset + 12 <= bytes.length; ) {
+    const length = view.getUint32(offset);
+    const type = String.fromCharCode(...bytes.subarray(offset + 4, offset + 8));
+    const body = bytes.subarray(offset + 8, offset + 8 + length);
+    if (body.length !== length) throw new Error(`truncated ${type} chunk`);
+    if (type === "IHDR") {
+      header = { width: view.getUint32(offset + 8), height: view.getUint32(offset + 12), depth: body[8], colourType: body[9], interlace: body[12] };
+    } else if (type === "IDAT") {
+      data.push(body);
+    } else if (type === "IEND") {
+      break;
+    }
+    offset += 12 + length;
+  }
+  if (!header || !data.length) throw new Error("no image header or data");
+  return { header, data };
+}
+
+function paeth(a, b, c) {
+  const p = a + b - c;
+  const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+  if (pa <= pb && pa <= pc) return a;
+  return pb <= pc ? b : c;
+}
+
+function unfilter(raw, height, rowBytes, pixelBytes) {
+  // PNG's five row filters undone: -> height * rowBytes bytes of samples.
+  const out = new Uint8Array(height * rowBytes);
+  if (raw.length < height * (rowBytes + 1)) throw new Error("image data shorter than its header says");
+  for (let y = 0; y < height; y++) {
+    const filter = raw[y * (rowBytes + 1)];
+    const line = raw.subarray(y * (rowBytes + 1) + 1, (y + 1) * (rowBytes + 1));
+    const row = out.subarray(y * rowBytes, (y + 1) * rowBytes);
+    const above = y > 0 ? out.subarray((y - 1) * rowBytes, y * rowBytes) : new Uint8Array(rowBytes);
+    for (let x = 0; x < rowBytes; x++) {
+      const left = x >= pixelBytes ? row[x - pixelBytes] : 0;
+      const upLeft = x >= pixelBytes ? above[x - pixelBytes] : 0;
+      let predicted;
+      if (filter === 0) predicted = 0;
+      else if (filter === 1) predicted = left;
+      else if (filter === 2) predicted = above[x];
+      else if (filter === 3) predicted = (left + above[x]) >> 1;
+      else if (filter === 4) predicted = paeth(left, above[x], upLeft);
+      else throw new Error(`unknown PNG row filter ${filter}`);
+      row[x] = (line[x] + predicted) & 255;
+    }
+  }
+  return out;
+}
+
+async function decodeLabelPng(base64, width, height) {
+  // -> { values: Uint32Array of raw sample values, background: the value that marks background }
+  const { header, data } = pngChunks(base64Bytes(base64));
+  const { depth, colourType, interlace } = header;
+  const palette = colourType === 3 && [1, 2, 4, 8].includes(depth);
+  const grey = colourType === 0 && (depth === 8 || depth === 16);
+  if (!(palette || grey) || interlace !== 0) {
+    throw new Error(`unexpected label map PNG (colour type ${colourType}, ${depth} bits, interlace ${interlace})`);
+  }
+  if (header.width !== width || header.height !== height) {
+    throw new Error(`label map is ${header.width}x${header.height}, the answer says ${width}x${height}`);
+  }
+  const rowBytes = Math.ceil((width * depth) / 8);
+  const samples = unfilter(await inflate(data), height, rowBytes, Math.max(1, depth / 8));
+  const values = new Uint32Array(width * height);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = y * width + x;
+      if (depth === 16) values[i] = (samples[y * rowBytes + 2 * x] << 8) | samples[y * rowBytes + 2 * x + 1];
+      else if (depth === 8) values[i] = samples[y * rowBytes + x];
+      else {
+        const bit = x * depth;
+        values[i] = (samples[y * rowBytes + (bit >> 3)] >> (8 - depth - (bit & 7))) & ((1 << depth) - 1);
+      }
+    }
+  }
+  return { values, background: depth === 16 ? 65535 : 255 };
 }
 
 async function showResult(body) {
-  // Label map: palette PNG (index = class, 255 = background) -> RGB on a canvas -> class by colour.
-  const png = await decodePng(body.labels_png);
-  const scratch = document.createElement("canvas");
-  scratch.width = body.width;
-  scratch.height = body.height;
-  const scratchContext = scratch.getContext("2d", { willReadFrequently: true });
-  scratchContext.drawImage(png, 0, 0);
-  const rgba = scratchContext.getImageData(0, 0, body.width, body.height).data;
-  const byColour = new Map(body.palette.map((c, index) => [(c[0] << 16) | (c[1] << 8) | c[2], index]));
+  // Label map: the PNG's values are class indices (see decodeLabelPng).
+  const { values, background } = await decodeLabelPng(body.labels_png, body.width, body.height);
+  const classes = body.classes.length;
   const labels = new Int16Array(body.width * body.height);
   let unknown = 0;
   for (let i = 0; i < labels.length; i++) {
-    const key = (rgba[4 * i] << 16) | (rgba[4 * i + 1] << 8) | rgba[4 * i + 2];
-    const index = byColour.get(key);
-    if (index === undefined) {
-      labels[i] = BACKGROUND;
-      if (key !== 0) unknown++;
+    const value = values[i];
+    if (value < classes) {
+      labels[i] = value;
     } else {
-      labels[i] = index;
+      labels[i] = BACKGROUND;
+      if (value !== background) unknown++;
     }
   }
-  if (unknown) showError(`${unknown} label-map pixels have colours outside the palette (shown as background)`);
+  if (unknown) showError(`${unknown} label-map pixels hold no class index (shown as background)`);
   state.result = {
     classes: body.classes,
     palette: body.palette,
