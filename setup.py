@@ -23,7 +23,8 @@ setup(
     },
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        # 2.5: torch.onnx.export(dynamo=True, dynamic_shapes=, external_data=); see benchmarks/torch_floor.py
+        "torch>=2.5",
         "torchvision",
         "open_clip_torch>=2.24",
         "safetensors>=0.4",
