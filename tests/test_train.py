@@ -752,6 +752,31 @@ def test_the_clip_stage_builds_its_loss_once(tiny_clip_dir, tmp_path):
                                                                            torch.arange(6))  # fmt: skip
 
 
+def test_gpu_check_training_dry_run_passes_without_webdataset(tmp_path):
+    """benchmarks/train_check.py --dry-run: the GPU check's training section on the CPU (a straight run, a run
+    that SIGKILLs itself after its checkpoint, the resume), in processes where webdataset cannot be imported,
+    as on the lent GPU machine."""
+    blocked = tmp_path / "blocked"
+    for name in ("webdataset", "braceexpand"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} on the lent GPU machine')\n")
+    env = dict(subprocess_env(), PYTHONPATH=os.pathsep.join([str(blocked), str(ROOT)]))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_check", "--dry-run", "--json", tmp_path / "check.json",
+         "--work", tmp_path / "work"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "train_check: PASS" in done.stdout and "FAIL" not in done.stdout
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["killed_exit"] == -signal.SIGKILL and result["resumed_at"] == 3 and result["losses_finite"]
+    assert result["bitwise_equal"] and result["draws_equal_after_resume"] and result["max_training_change"] > 0
+    assert result["step_images_per_s"] > 0 and result["settings"]["precision"] == "bf16"
+    assert "webdataset" not in done.stderr and seconds < 240, seconds
+
+
 def test_ctrl_c_then_resume_equals_an_uninterrupted_pacl_run(pacl_run, tiny_clip_dir, tmp_path):
     """A real Ctrl-C (SIGINT to a training process): one line, exit 130, and the same command resumes.
 
