@@ -55,8 +55,20 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks (a new tensor on the input's device); the input alone without a group.
 
-    NCCL reduces CUDA tensors only, so under NCCL the tensor travels through the current CUDA device.
     Integer tensors sum exactly, whatever the order ranks arrive in.
+    """
+    return _all_reduce(tensor, "SUM")
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum of ``tensor`` over ranks (a new tensor on the input's device)."""
+    return _all_reduce(tensor, "MIN")
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """``dist.all_reduce`` with ``ReduceOp.<op>`` on a copy; the copy alone without a group.
+
+    NCCL reduces CUDA tensors only, so under NCCL the tensor travels through the current CUDA device.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor.clone()
@@ -64,7 +76,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     work = tensor.detach().clone()
     if dist.get_backend() == "nccl":
         work = work.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=getattr(dist.ReduceOp, op))
     return work.to(device)
 
 

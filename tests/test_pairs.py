@@ -1,4 +1,5 @@
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from pacl_fast.data.pairs import CsvPairs, ShardPosition, WebDatasetPairs
 from pacl_fast.data.stream import DataError, PairStream, collate_pairs
+from pacl_fast.files import NotARegularFileError
 from pacl_fast.images import square_crop
 
 
@@ -172,3 +174,12 @@ def test_square_crop_keeps_the_centre():
     image[:, :, 20:60] = 255
     cropped = square_crop(torch.from_numpy(image), 20)
     assert cropped.shape == (3, 20, 20) and cropped[:, :, 3:-3].min() >= 250 and cropped.max() == 255
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_where_the_pairs_table_is_expected_is_refused_without_blocking(tmp_path):
+    """Issue 23 item 3: reading a FIFO waits for a writer, forever."""
+    table = tmp_path / "pairs.csv"
+    os.mkfifo(table)
+    with pytest.raises(NotARegularFileError, match=f"{table}: expected a regular file, found a FIFO"):
+        CsvPairs(table, 32)

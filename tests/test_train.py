@@ -7,6 +7,7 @@ where the test is about processes: the hard kill (SIGKILL) and torchrun.
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from pacl_fast.model import PACL, contrastive_loss
 from pacl_fast.weights import read_pacl_weights
 from tests.conftest import make_segmenter
 from tests.test_pairs import png_bytes, write_shard
-from train.checkpoints import KEEP_CHECKPOINTS
+from train.checkpoints import KEEP_CHECKPOINTS, CheckpointError, checkpoint_path, read_checkpoint, state_checksum
 from train.config import TrainConfig, build_parser
 from train.stages import PaclStage, export_clip, lr_factor, parameter_groups
 from train.train import main
@@ -423,11 +424,15 @@ def test_resume_errors_are_one_line(pacl_run, tiny_clip_dir, tmp_path):
     assert code == 2 and "batch_size (checkpoint: 16, this run: 8)" in err
 
 
-def forge(path: Path, edit) -> Path:
-    """A copy of the checkpoint at ``path`` with ``edit(state)`` applied, written beside it as forged.pt."""
+def forge(path: Path, edit, checksum: bool = True, name: str = "forged.pt") -> Path:
+    """A copy of the checkpoint at ``path`` with ``edit(state)`` applied, written beside it as ``name``;
+    with ``checksum``, the checksum recomputed as a forger who knows the format would (so that the
+    field checks behind it are what is tested)."""
     state = torch.load(path, weights_only=True)
     edit(state)
-    forged = path.parent / "forged.pt"
+    if checksum:
+        state["checksum"] = state_checksum(state)
+    forged = path.parent / name
     torch.save(state, forged)
     return forged
 
@@ -467,6 +472,9 @@ def _set(key, value):
         (lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(7)), "moment exp_avg of parameter 0"),
         (lambda s: s["optimizer"]["param_groups"].pop(), "1 parameter groups, this run 2"),
         (lambda s: s["optimizer"]["state"].__setitem__(99, {}), "parameter 99 is not AdamW's"),
+        (_set("cuda_rng", []), "entry 'cuda_rng' has 0 ranks, the signature 1"),
+        (_set("cuda_rng", [[torch.zeros(3)]]), "entry 'cuda_rng' does not hold lists of CUDA RNG states"),
+        (_set("format", "pacl-fast-train-checkpoint/1"), "written by an older train/train.py"),
     ],
 )
 def test_a_forged_checkpoint_is_one_line_error(pacl_run, tiny_clip_dir, tmp_path, edit, message):
@@ -489,6 +497,286 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(pacl_run, tin
     assert f"at step {PACL_STEPS - PACL_SAVE}" in err
     assert [r["step"] for r in log_of(copy)] == list(range(1, PACL_STEPS + 1))  # cut back, then logged once
     assert_same_weights(exported(copy), exported(out))
+
+
+def test_an_edited_step_or_data_state_is_refused_by_the_checksum(pacl_run, tiny_clip_dir, tmp_path):
+    """Issue 23 item 11: a checkpoint's step edited 18 -> 22 was accepted, and four steps skipped silently."""
+    out, _ = pacl_run
+    older = shutil.copy(out / "checkpoints" / f"step_{PACL_STEPS - PACL_SAVE:08d}.pt", tmp_path / "step.pt")
+    edits = [
+        _set("step", PACL_STEPS - PACL_SAVE + 4),
+        lambda s: s["data"][0].__setitem__("skipped", 5),
+        lambda s: s["signature"].__setitem__("seed", 1),
+        lambda s: s["model"]["log_logit_scale"].add_(0.5),
+        lambda s: s["rng"][0][100:].bitwise_xor_(1),
+    ]
+    for edit in edits:
+        forged = forge(older, edit, checksum=False)
+        code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "again"), "--resume", forged)
+        assert code == 2 and f"{forged}: its checksum does not match its content (edited or damaged)" in err, err
+    assert not (tmp_path / "again" / "log.jsonl").exists()  # refused before any step
+    no_checksum = forge(older, _set("checksum", 5), checksum=False)
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "again"), "--resume", no_checksum)
+    assert code == 2 and "entry 'checksum' is missing or not a str" in err
+    # A checkpoint renamed to a later step: the name is not the step it holds
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt").unlink()
+    renamed = (copy / "checkpoints" / f"step_{PACL_STEPS - PACL_SAVE:08d}.pt").rename(
+        copy / "checkpoints" / f"step_{PACL_STEPS - PACL_SAVE + 4:08d}.pt"
+    )
+    code, err = train(*pacl_args(tiny_clip_dir, copy))
+    assert code == 2 and f"{renamed} holds step {PACL_STEPS - PACL_SAVE}, not the step its name says" in err, err
+
+
+def test_a_checkpoint_holding_nan_is_refused_and_auto_resume_falls_back(pacl_run, tiny_clip_dir, tmp_path):
+    """Issue 23 item 4: a checkpoint with a NaN tensor ran on with a NaN loss and exported NaN weights."""
+    out, _ = pacl_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "pacl.safetensors").unlink()
+    newest = copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+
+    def poison(state):
+        state["model"]["embedder.fc1.bias"][3] = float("nan")
+        state["optimizer"]["state"][0]["exp_avg_sq"].fill_(float("inf"))
+
+    forged = forge(newest, poison)
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "again"), "--resume", forged)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{forged} holds NaN/Inf values in model.embedder.fc1.bias (1), optimizer.state.0.exp_avg_sq" in err
+    assert "the run that wrote it had diverged" in err and not (tmp_path / "again" / "pacl.safetensors").exists()
+    forged.rename(newest)  # the newest checkpoint of the run, poisoned: the older one is used instead
+    code, err = train(*pacl_args(tiny_clip_dir, copy))
+    assert code == 0, err[-2000:]
+    assert f"skipping checkpoint {newest}" in err and "NaN/Inf" in err and f"at step {PACL_STEPS - PACL_SAVE}" in err
+    assert_same_weights(exported(copy), exported(out))
+
+
+@pytest.mark.parametrize("save_every, log_every", [(2, 1), (0, 100)])
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(
+    tiny_clip_dir, tmp_path, save_every, log_every
+):
+    """Issue 23 item 4: --lr 1e4 ran on with a NaN loss and wrote an all-NaN pacl.safetensors, exit 0.
+    AdamW's decoupled weight decay multiplies the weights by 1 - lr * 0.1 = -999 a step: NaN within ~10 steps.
+    Caught where the run syncs anyway: at a log line, before a checkpoint, before the export."""
+    out = tmp_path / "run"
+    args = pacl_args(tiny_clip_dir, out, "--lr", 1e4, "--save-every", save_every, "--log-every", log_every)
+    code, err = train(*args)
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    found = re.search(r"training diverged: (the loss is NaN or Inf from step (\d+)|after step (\d+), .* hold NaN)", err)
+    assert found, lines[0]
+    first = int(found.group(2) or found.group(3))
+    assert 2 < first < PACL_STEPS and "try a lower --lr than 10000" in lines[0]
+    assert not (out / "pacl.safetensors").exists()
+    kept = sorted((out / "checkpoints").glob("step_*.pt")) if save_every else []
+    for path in kept:  # every checkpoint left is whole, finite and older than the divergence
+        assert read_checkpoint(path)["step"] < first
+    if kept:
+        assert f"the last good checkpoint is {kept[-1]}" in lines[0]
+    else:
+        assert "no checkpoint was written" in lines[0]
+    logged = log_of(out) if (out / "log.jsonl").exists() else []
+    assert all(math.isfinite(r["loss"]) for r in logged) and all(r["step"] < first for r in logged)
+    # the same command again resumes from the last good checkpoint and stops at the same step, in one line
+    code, again = train(*args)
+    assert code == 1 and (f"from step {first}" in again or f"after step {first}" in again), again[-2000:]
+
+
+def test_nan_weights_are_never_checkpointed(tiny_clip_dir, tmp_path):
+    """The weights check before a checkpoint: finite losses so far, a trained tensor gone NaN."""
+    from train.train import Trainer, TrainingDiverged
+
+    config = TrainConfig(
+        stage="pacl", out=tmp_path / "run", clip=f"local-dir:{tiny_clip_dir / 'export'}", batch_size=4, steps=4,
+        workers=0, image_size=32,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.setup()
+    trainer.step = 2
+    trainer.save()
+    with torch.no_grad():
+        trainer.stage.model.embedder.fc2.weight[0, :3] = float("inf")
+    trainer.step = 3
+    with pytest.raises(TrainingDiverged, match=r"after step 3, model.embedder.fc2.weight hold NaN or Inf"):
+        trainer.save()
+    assert [p.name for p in (config.out / "checkpoints").iterdir()] == ["step_00000002.pt"]
+
+
+def test_export_clip_refuses_non_finite_tensors(tmp_path):
+    model = open_clip.CLIP(**TINY)
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"not exporting the CLIP to .*: NaN/Inf values in logit_scale \(1\)"):
+        export_clip(model, TINY, (0.5,) * 3, (0.25,) * 3, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_where_a_checkpoint_or_the_log_is_expected_never_hangs(pacl_run, tiny_clip_dir, tmp_path):
+    """Issue 23 item 3: reading a FIFO waits for a writer, forever; a FIFO at log.jsonl blocks its writer."""
+    out, _ = pacl_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "pacl.safetensors").unlink()
+    newest = copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+    newest.unlink()
+    os.mkfifo(newest)
+    code, err = train(*pacl_args(tiny_clip_dir, copy))
+    assert code == 0, err[-2000:]
+    assert f"skipping checkpoint {newest}: {newest}: expected a regular file, found a FIFO" in err
+    assert f"at step {PACL_STEPS - PACL_SAVE}" in err and newest.is_file()  # the final save replaced it
+    assert_same_weights(exported(copy), exported(out))
+
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "b"), "--resume", fifo)
+    assert code == 2 and f"{fifo}: expected a regular file, found a FIFO" in err and "Traceback" not in err
+
+    (tmp_path / "c").mkdir()
+    os.mkfifo(tmp_path / "c" / "log.jsonl")
+    code, err = train(*pacl_args(tiny_clip_dir, tmp_path / "c"))
+    assert code == 2 and f"{tmp_path / 'c' / 'log.jsonl'} is not a regular file, where this run writes" in err
+
+    os.mkfifo(tmp_path / "config.json")
+    code, err = train("--stage", "clip", "--clip-config", tmp_path / "config.json", "--out", tmp_path / "d", *FAST)
+    assert code == 2 and "--clip-config" in err and "found a FIFO" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "where, kind",
+    [
+        ("checkpoints/step_00000024.pt", "is a folder, where this run writes a file"),
+        ("pacl.safetensors", "is a folder, where this run writes a file"),
+        ("log.jsonl", "is a folder, where this run writes a file"),
+        ("checkpoints", "is not a folder, and this run writes files in it"),
+        ("", "is not a folder, and this run writes files in it"),
+    ],
+)
+def test_what_is_in_the_way_of_the_runs_files_is_refused_before_training(tiny_clip_dir, tmp_path, where, kind):
+    """Issue 23 item 5: a folder where the newest checkpoint goes was found at the final save, after the
+    whole run, as a traceback."""
+    out = tmp_path / "run"
+    target = out / where if where else out
+    if kind.startswith("is a folder"):
+        target.mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("a file")
+    code, err = train(*pacl_args(tiny_clip_dir, out))
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and f"{target} {kind}" in lines[0] and "Traceback" not in err, err[-2000:]
+    assert "step" not in err.replace(str(target), "")  # no step ran: no progress bar, nothing logged
+    assert not (out / "log.jsonl").is_file()
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tiny_clip_dir, tmp_path):
+    """The real CPU path: the state a checkpoint holds is the one a resumed run continues from, not --seed's;
+    a CPU run records no CUDA state."""
+    from train.train import Trainer
+
+    config = TrainConfig(
+        stage="pacl", out=tmp_path / "run", clip=f"local-dir:{tiny_clip_dir / 'export'}", batch_size=4, steps=4,
+        workers=0, image_size=32,
+    )  # fmt: skip
+    first = Trainer(config)
+    first.setup()
+    torch.rand(100)  # what dropout or augmentation draws
+    first.step = 2
+    first.save()
+    saved = torch.get_rng_state()
+    state = read_checkpoint(checkpoint_path(config.out, 2))
+    assert torch.equal(state["rng"][0], saved) and state["cuda_rng"] == [[]]
+    second = Trainer(config)
+    second.setup()
+    assert not torch.equal(torch.get_rng_state(), saved)  # seeded afresh
+    second.resume()
+    assert second.step == 2 and torch.equal(torch.get_rng_state(), saved)
+    # making the data loader draws nothing from it (its base seed drew from the global RNG, so that a resumed
+    # run, which makes its loader after the restore, drew other numbers than an uninterrupted one)
+    next(iter(second.loader()))
+    assert torch.equal(torch.get_rng_state(), saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rng_and_pinned_batches_on_a_gpu(tiny_clip_dir, tmp_path):
+    """Issue 21: the CUDA RNG of every device goes into the checkpoint and back; a checkpoint of another
+    device count is refused; batches arrive pinned so that the copies to the GPU overlap."""
+    from train.train import Trainer
+
+    config = TrainConfig(
+        stage="pacl", out=tmp_path / "run", clip=f"local-dir:{tiny_clip_dir / 'export'}", batch_size=4, steps=4,
+        workers=0, image_size=32, device="cuda", precision="bf16",
+    )  # fmt: skip
+    first = Trainer(config)
+    first.setup()
+    batch = next(iter(first.loader()))
+    assert batch["images"].is_pinned()
+    first.train_step(first.stage.module, batch)
+    torch.rand(100, device="cuda")  # what dropout draws
+    first.step = 2
+    first.save()
+    saved = torch.cuda.get_rng_state_all()
+    state = read_checkpoint(checkpoint_path(config.out, 2))
+    assert len(state["cuda_rng"][0]) == torch.cuda.device_count()
+    assert all(torch.equal(a, b) for a, b in zip(state["cuda_rng"][0], saved))
+    second = Trainer(config)
+    second.setup()
+    second.resume()
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), saved))
+
+    forged = forge(checkpoint_path(config.out, 2), lambda s: s["cuda_rng"][0].append(s["cuda_rng"][0][0]))
+    third = Trainer(replace(config, out=tmp_path / "other", resume=str(forged)))
+    third.setup()
+    with pytest.raises(CheckpointError, match=f"CUDA RNG states of {torch.cuda.device_count() + 1} device"):
+        third.resume()
+
+
+def test_the_clip_stage_builds_its_loss_once(tiny_clip_dir, tmp_path):
+    """Issue 21: ClipLoss was rebuilt every step (and with it its label cache)."""
+    from train.train import Trainer
+
+    config = TrainConfig(
+        stage="clip", out=tmp_path / "run", clip_config=tiny_clip_dir / "config.json", batch_size=6, steps=4,
+        workers=0, image_size=32,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.setup()
+    loss_fn = trainer.stage.loss_fn
+    batch = next(iter(trainer.loader()))
+    for _ in range(2):
+        trainer.train_step(trainer.stage.module, batch)
+    # the one instance made the steps: its label cache holds this batch's labels
+    assert trainer.stage.loss_fn is loss_fn and loss_fn.prev_num_logits == 6
+    assert list(loss_fn.labels) == [torch.device("cpu")] and torch.equal(loss_fn.labels[torch.device("cpu")],
+                                                                           torch.arange(6))  # fmt: skip
+
+
+def test_gpu_check_training_dry_run_passes_without_webdataset(tmp_path):
+    """benchmarks/train_check.py --dry-run: the GPU check's training section on the CPU (a straight run, a run
+    that SIGKILLs itself after its checkpoint, the resume), in processes where webdataset cannot be imported,
+    as on the lent GPU machine."""
+    blocked = tmp_path / "blocked"
+    for name in ("webdataset", "braceexpand"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} on the lent GPU machine')\n")
+    env = dict(subprocess_env(), PYTHONPATH=os.pathsep.join([str(blocked), str(ROOT)]))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_check", "--dry-run", "--json", tmp_path / "check.json",
+         "--work", tmp_path / "work"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "train_check: PASS" in done.stdout and "FAIL" not in done.stdout
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["killed_exit"] == -signal.SIGKILL and result["resumed_at"] == 3 and result["losses_finite"]
+    assert result["bitwise_equal"] and result["draws_equal_after_resume"] and result["max_training_change"] > 0
+    assert result["step_images_per_s"] > 0 and result["settings"]["precision"] == "bf16"
+    assert "webdataset" not in done.stderr and seconds < 240, seconds
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_pacl_run(pacl_run, tiny_clip_dir, tmp_path):

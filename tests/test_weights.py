@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import pytest
@@ -6,12 +7,15 @@ import torch
 from safetensors.torch import save_file
 
 from pacl_fast.backbone import ClipIdentity
+from pacl_fast.files import NotARegularFileError
 from pacl_fast.weights import (
     PACLMetadata,
     load_pacl,
     metadata_for,
+    nonfinite_tensors,
     read_header,
     read_pacl_weights,
+    read_weights_bytes,
     save_pacl_weights,
 )
 
@@ -192,3 +196,99 @@ def test_forged_headers_are_one_value_error(tmp_path, header, why):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
     with pytest.raises(ValueError, match=why):
         read_pacl_weights(path)
+
+
+def test_export_refuses_non_finite_tensors_and_writes_nothing(tmp_path, tiny_pacl):
+    """Issue 23 item 4: a diverged run wrote an all-NaN file that only loading refused."""
+    with torch.no_grad():
+        tiny_pacl.embedder.fc1.bias[2] = float("nan")
+        tiny_pacl.log_logit_scale.fill_(float("inf"))
+    path = tmp_path / "pacl.safetensors"
+    with pytest.raises(ValueError, match=r"not writing PACL weights .*: NaN/Inf values in embedder.fc1.bias \(1\), "
+                                         r"log_logit_scale \(1\)"):  # fmt: skip
+        save_pacl_weights(tiny_pacl, path)
+    assert list(tmp_path.iterdir()) == []  # not even a temporary file
+
+
+def test_nonfinite_tensors_names_each_bad_tensor_with_its_count():
+    tensors = {
+        "a": torch.tensor([1.0, float("nan"), float("-inf")]),
+        "b": torch.zeros(0),
+        "c": torch.tensor([1, 2]),  # integers are always finite
+        "d": torch.full((2, 3), float("inf"), dtype=torch.bfloat16),
+        "e": torch.ones(4, dtype=torch.float16),
+    }
+    assert nonfinite_tensors(tensors) == {"a": 2, "d": 6}
+    assert nonfinite_tensors({}) == {} and nonfinite_tensors({"c": tensors["c"]}) == {}
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("image_size", "1e999", r"field 'image_size' must be an integer 1\.\.65536, got '1e999'"),
+        ("image_size", "224.0", r"field 'image_size' must be an integer"),
+        ("image_size", "true", r"field 'image_size' must be an integer"),
+        ("image_size", "0", r"field 'image_size' must be an integer 1\.\.65536, got '0'"),
+        ("patch_size", "[16]", r"field 'patch_size' must be an integer"),
+        ("patch_size", "sixteen", r"field 'patch_size' is not JSON: 'sixteen'"),
+        ("steps", "-1", r"field 'steps' must be an integer >= 0"),
+        ("steps", "9" * 5000, r"field 'steps' is not JSON|field 'steps' must be an integer"),  # Python's int limit
+        ("format_version", "one", r"field 'format_version' is not JSON"),
+        ("config", "[1, 2]", r"field 'config' must be a JSON dict"),
+        ("config", "[" * 100_000, r"field 'config' is not JSON"),
+        ("extra", "3", r"field 'extra' must be a JSON dict"),
+        ("clip_config", '"x"', r"field 'clip_config' must be a JSON dict"),
+    ],
+)
+def test_malformed_metadata_is_one_value_error_naming_the_field(weights_file, field, value, why):
+    """Issue 23 item 5: image_size "1e999" raised OverflowError from int(inf)."""
+    rewrite(weights_file, metadata={field: value})
+    with pytest.raises(ValueError, match=why):
+        read_pacl_weights(weights_file)
+
+
+def test_missing_metadata_field_is_named(weights_file):
+    original = read_pacl_weights(weights_file)
+    header = original[1].to_header()
+    del header["image_size"]
+    save_file(original[0], str(weights_file), metadata=header)
+    with pytest.raises(ValueError, match="field 'image_size' is missing"):
+        read_pacl_weights(weights_file)
+
+
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        ({"token_dim": 1e999}, r"config field 'token_dim' is inf"),
+        ({"token_dim": 2.5}, r"config field 'token_dim' is 2\.5"),
+        ({"hidden_dim": 10**400}, r"config field 'hidden_dim' is 1000"),
+        ({"patch_temperature": -1.0}, r"config field 'patch_temperature' is -1\.0"),
+        ({"logit_scale": float("nan")}, r"config field 'logit_scale' is nan"),
+        ({"learn_patch_temperature": "yes"}, r"config field 'learn_patch_temperature' is 'yes'"),
+        ({"surprise": 1}, r"config has unknown fields \['surprise'\]"),
+    ],
+)
+def test_malformed_metadata_config_is_one_value_error(weights_file, edit, why):
+    config = {**read_pacl_weights(weights_file)[1].config, **edit}
+    rewrite(weights_file, metadata={"config": json.dumps(config)})
+    with pytest.raises(ValueError, match=why):
+        read_pacl_weights(weights_file)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    """Issue 23 item 3: opening a FIFO for reading waits for a writer, forever."""
+    fifo = tmp_path / "pacl.safetensors"
+    os.mkfifo(fifo)
+    for read in (read_pacl_weights, read_header):
+        with pytest.raises(NotARegularFileError, match=f"{fifo}: expected a regular file, found a FIFO"):
+            read(fifo)
+    with pytest.raises(NotARegularFileError, match="found a folder"):
+        read_pacl_weights(tmp_path)
+    with pytest.raises(FileNotFoundError, match="PACL weights file not found"):
+        read_pacl_weights(tmp_path / "absent.safetensors")
+
+
+def test_a_file_too_large_to_be_pacl_weights_is_refused_unread(weights_file):
+    with pytest.raises(ValueError, match=r"is \d+ bytes, over the 100 a PACL weights file may have"):
+        read_weights_bytes(weights_file, max_bytes=100)

@@ -29,12 +29,17 @@ from torch import nn
 from pacl_fast.backbone import OPENAI_MEAN, OPENAI_STD, RandomWeightsWarning, config_digest, load_clip
 from pacl_fast.distributed import DistInfo, all_gather_no_grad, all_gather_with_grad
 from pacl_fast.encoders.base import resolve_dtype
-from pacl_fast.files import atomic_write
+from pacl_fast.files import NotARegularFileError, atomic_write, read_regular_bytes
 from pacl_fast.model import PACL, PACLConfig, contrastive_loss
-from pacl_fast.weights import metadata_for, save_pacl_weights
+from pacl_fast.weights import metadata_for, nonfinite_tensors, save_pacl_weights
 from train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+#: The distribution info of a process alone (no torchrun).
+ALONE = DistInfo()
+#: Largest --clip-config file read (an open_clip model_cfg is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
 
 #: Parameter-name parts that get no weight decay (open_clip's rule), besides every tensor of < 2 dims.
 NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale", "positional", "class_emb")
@@ -79,6 +84,10 @@ class Stage:
         """Parameters and buffers of ``module`` that DDP must neither broadcast nor synchronise."""
         return []
 
+    def export_paths(self, config: TrainConfig) -> list[Path]:
+        """The files :meth:`export` writes: checked before the run, so that nothing is in their way."""
+        raise NotImplementedError
+
     def export(self, config: TrainConfig, world_size: int) -> str:
         """Write the stage's export under ``config.out``; returns a line saying where."""
         raise NotImplementedError
@@ -89,14 +98,16 @@ class ClipStage(Stage):
 
     name = "clip"
 
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device, info: DistInfo = ALONE):
         path = config.clip_config
         try:
-            self.model_cfg = json.loads(Path(path).read_text())
+            self.model_cfg = json.loads(read_regular_bytes(path, MAX_CONFIG_BYTES).decode("utf-8"))
             self.model = open_clip.CLIP(**self.model_cfg).to(device)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"--clip-config {path}: file not found") from error
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as error:
+        except NotARegularFileError as error:
+            raise ValueError(f"--clip-config {error}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
             raise ValueError(f"--clip-config {path}: not an open_clip model_cfg JSON ({error})") from error
         self.module = self.model
         self.tokenize = open_clip.SimpleTokenizer(
@@ -104,14 +115,19 @@ class ClipStage(Stage):
         )
         self.image_size = int(self.model.visual.image_size[0])
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        # Built once: it caches its labels per device, which a new instance every step would rebuild.
+        self.loss_fn = ClipLoss(gather_with_grad=True, cache_labels=True, rank=info.rank, world_size=info.world_size)
 
     def loss(self, module: nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, info: DistInfo):
         image_features, text_features, logit_scale = module(pixels, tokens)[:3]
-        loss_fn = ClipLoss(gather_with_grad=True, rank=info.rank, world_size=info.world_size)
-        return loss_fn(image_features, text_features, logit_scale), {"logit_scale": logit_scale.detach()}
+        return self.loss_fn(image_features, text_features, logit_scale), {"logit_scale": logit_scale.detach()}
 
     def identity(self) -> dict:
         return {"clip_config": config_digest(self.model_cfg)}
+
+    def export_paths(self, config: TrainConfig) -> list[Path]:
+        folder = config.out / "export"
+        return [folder, folder / "open_clip_model.safetensors", folder / "open_clip_config.json"]
 
     def export(self, config: TrainConfig, world_size: int) -> str:
         folder = export_clip(
@@ -148,7 +164,7 @@ class PaclStage(Stage):
 
     name = "pacl"
 
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device, info: DistInfo = ALONE):
         if config.clip_weights is None and not config.clip.startswith("local-dir:"):
             logger.warning("--clip-weights not given: training PACL on a RANDOM CLIP")
         with warnings.catch_warnings():
@@ -196,6 +212,9 @@ class PaclStage(Stage):
         names = [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
         return [n for n in names if n.startswith(prefix)]
 
+    def export_paths(self, config: TrainConfig) -> list[Path]:
+        return [config.out / "pacl.safetensors"]
+
     def export(self, config: TrainConfig, world_size: int) -> str:
         metadata = metadata_for(
             self.model,
@@ -207,8 +226,8 @@ class PaclStage(Stage):
         return f"exported PACL weights to {path}"
 
 
-def make_stage(config: TrainConfig, device: torch.device) -> Stage:
-    return ClipStage(config, device) if config.stage == "clip" else PaclStage(config, device)
+def make_stage(config: TrainConfig, device: torch.device, info: DistInfo = ALONE) -> Stage:
+    return (ClipStage if config.stage == "clip" else PaclStage)(config, device, info)
 
 
 # ------------------------------------------------------------------------------------ optimiser
@@ -301,10 +320,14 @@ def export_clip(
     """open_clip's local-dir layout: ``open_clip.create_model("local-dir:FOLDER")`` loads it.
 
     ``dtype`` is the storage type (float16 halves the file; open_clip loads it into fp32 models).
-    Both files are written atomically.
+    Both files are written atomically; ValueError, and nothing written, if a tensor holds NaN or Inf.
     """
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
     tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        listed = ", ".join(f"{name} ({count})" for name, count in sorted(bad.items())[:3])
+        raise ValueError(f"not exporting the CLIP to {folder}: NaN/Inf values in {listed}")
     atomic_write(folder / "open_clip_model.safetensors", safetensors_bytes(tensors))
     atomic_write(folder / "open_clip_config.json", json.dumps(config, indent=2))
     return folder

@@ -22,6 +22,8 @@ One CPU, one GPU, or many through torchrun (DDP; NCCL on GPU, gloo on CPU):
 Checkpoints (trained tensors, optimiser moments, RNG, data positions) are written atomically
 every --save-every steps and at the end; running the same command again (--resume auto) continues
 a killed or interrupted run with no lost and no repeated step, and ends with the same weights.
+A run whose loss or weights stop being finite ends with one line naming the step (exit 1),
+keeping its last good checkpoint: nothing non-finite is ever checkpointed or exported.
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ from tqdm import tqdm  # noqa: E402
 from pacl_fast.data.pairs import CsvPairs, ShardPosition, WebDatasetPairs  # noqa: E402
 from pacl_fast.data.stream import DataError, PairStream, collate_pairs  # noqa: E402
 from pacl_fast.data.synthetic import SyntheticScenes, WorldConfig  # noqa: E402
-from pacl_fast.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed  # noqa: E402
+from pacl_fast.distributed import (  # noqa: E402
+    DistInfo,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    init_distributed,
+)
 from pacl_fast.files import atomic_write  # noqa: E402
 from pacl_fast.images import normalize  # noqa: E402
 from train.checkpoints import (  # noqa: E402
     CheckpointError,
+    check_run_folder,
+    checkpoint_path,
     choose_checkpoint,
+    list_checkpoints,
+    nonfinite_entries,
     remove_stale_temporaries,
     save_checkpoint,
     signature_differences,
@@ -66,6 +79,13 @@ from train.stages import (  # noqa: E402
     parameters_digest,
 )
 
+#: ``Trainer.first_bad_step`` while every loss has been finite.
+NO_STEP = 2**62
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; the message names the step and the last good checkpoint."""
+
 
 class Trainer:
     """One training run: :meth:`setup`, :meth:`resume`, :meth:`train` (step, log, save), :meth:`export`."""
@@ -79,6 +99,7 @@ class Trainer:
 
     def run(self) -> None:
         self.setup()
+        self.check_outputs()
         self.resume()
         self.train()
         self.export()
@@ -108,11 +129,20 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         self.device = device
-        self.stage: Stage = make_stage(config, device)
+        self.stage: Stage = make_stage(config, device, self.info)
         self.image_size = config.image_size or self.stage.image_size
         self.optimizer = make_optimizer(self.stage.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        # The first step whose loss was not finite, kept on the device: reading it is a host sync, so it
+        # is read only where the run syncs anyway (logging) and before anything is written.
+        self.first_bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=device)
+
+    def check_outputs(self) -> None:
+        """Refuse, before any training, a run folder where something is in the way of what the run writes."""
+        out = self.config.out
+        files = [out / "log.jsonl", out / f"rank{self.info.rank}.json", *self.stage.export_paths(self.config)]
+        check_run_folder(out, files)
 
     def signature(self) -> dict:
         """What must not change across a resume: the model, the data stream and what the optimiser's
@@ -155,6 +185,7 @@ class Trainer:
             load_optimizer_moments(self.optimizer, state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"][rank])
+            self.restore_cuda_rng(state["cuda_rng"][rank], path)
             self.positions, self.skipped = _data_state(state["data"][rank])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
             raise CheckpointError(f"{path} does not fit this run: {error}") from error
@@ -163,6 +194,21 @@ class Trainer:
         if self.info.is_main:
             trim_log(config.out / "log.jsonl", self.step)
         self.say(f"resuming from {path} at step {self.step}")
+
+    def restore_cuda_rng(self, states: list[torch.Tensor], path: Path) -> None:
+        """Put back the CUDA RNG of every device this process sees, as the checkpoint holds them."""
+        if self.device.type != "cuda":
+            return  # a CPU run draws nothing from CUDA's generators
+        if not states:
+            self.say(f"warning: {path} comes from a CPU run: the CUDA random numbers restart from --seed")
+            return
+        if len(states) != torch.cuda.device_count():
+            raise CheckpointError(
+                f"{path} holds the CUDA RNG states of {len(states)} device(s), this process sees "
+                f"{torch.cuda.device_count()}: resume with the devices it ran on (CUDA_VISIBLE_DEVICES), "
+                "or use --resume none"
+            )
+        torch.cuda.set_rng_state_all(states)
 
     # ------------------------------------------------------------------------------------ data
 
@@ -202,6 +248,10 @@ class Trainer:
             num_workers=c.workers,
             persistent_workers=c.workers > 0,
             prefetch_factor=4 if c.workers > 0 else None,
+            pin_memory=self.device.type == "cuda",  # so that train_step's non_blocking copies overlap
+            # The loader's base seed comes from its own generator, not the global RNG: a resumed run makes its
+            # loader after restoring the RNG, an uninterrupted one before its first step.
+            generator=torch.Generator().manual_seed(c.seed),
             **batching,
         )
 
@@ -226,6 +276,7 @@ class Trainer:
                 self.step += 1
                 window_images += batch["images"].shape[0] * info.world_size
                 if self.step % config.log_every == 0 or self.step == config.steps:
+                    self.check_finite(weights=False)
                     skipped = int(all_reduce_sum(torch.tensor([self.skipped]))[0])
                     record = {
                         "step": self.step,
@@ -253,9 +304,14 @@ class Trainer:
         config = self.config
         pixels = batch["images"].to(self.device, non_blocking=True).float().div_(255)  # [B, 3, S, S] in 0..1
         pixels = normalize(pixels, self.stage.mean, self.stage.std)
-        tokens = self.stage.tokenize(batch["captions"]).to(self.device)
+        tokens = self.stage.tokenize(batch["captions"])  # [B, L] int64, made here from the batch's strings
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory()  # from torch's cached pinned blocks: the copy below does not block
+        tokens = tokens.to(self.device, non_blocking=True)
         with autocast_for(self.device, config.precision):
             loss, metrics = self.stage.loss(module, pixels, tokens, self.info)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step == NO_STEP)
+        self.first_bad_step = torch.where(bad, self.first_bad_step.new_full((), self.step + 1), self.first_bad_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if config.grad_clip:
@@ -270,22 +326,49 @@ class Trainer:
         self.skipped += int(batch["skipped"])
         return loss.detach(), metrics
 
+    def check_finite(self, weights: bool) -> None:
+        """TrainingDiverged (on every rank alike) if a loss so far, or with ``weights`` a trained tensor or
+        optimiser moment, is not finite. A host sync: called where the run syncs anyway."""
+        first = int(all_reduce_min(self.first_bad_step.reshape(1))[0])
+        if first != NO_STEP:
+            raise TrainingDiverged(f"training diverged: the loss is NaN or Inf from step {first}{self._advice()}")
+        if weights:
+            bad = nonfinite_entries(self.stage.state_dict(), self.optimizer.state_dict())
+            if bad:
+                raise TrainingDiverged(
+                    f"training diverged: after step {self.step}, {', '.join(sorted(bad)[:3])} hold NaN or Inf"
+                    f"{self._advice()}"
+                )
+
+    def _advice(self) -> str:
+        kept = [p for p in list_checkpoints(self.config.out) if p.is_file()]
+        last = f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+        return f"; stopped at step {self.step}, {last} (try a lower --lr than {self.config.lr:g})"
+
     def save(self) -> None:
-        """Checkpoint of ``self.step`` (every rank's RNG and data position; rank 0 writes)."""
-        states = gather_objects((torch.get_rng_state(), {"positions": self.positions, "skipped": self.skipped}))
+        """Checkpoint of ``self.step`` (every rank's RNG and data position; rank 0 writes); never of a
+        diverged run, so the last good checkpoint stays."""
+        self.check_finite(weights=True)
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        data = {"positions": self.positions, "skipped": self.skipped}
+        states = gather_objects((torch.get_rng_state(), cuda_rng, data))
         if self.info.is_main:
-            save_checkpoint(
-                self.config.out,
-                {
-                    "step": self.step,
-                    "model": self.stage.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": [rng for rng, _ in states],
-                    "data": [data for _, data in states],
-                    "signature": self.signature(),
-                },
-            )
+            state = {
+                "step": self.step,
+                "model": self.stage.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": [rng for rng, _, _ in states],
+                "cuda_rng": [cuda for _, cuda, _ in states],
+                "data": [data for _, _, data in states],
+                "signature": self.signature(),
+            }
+            try:
+                save_checkpoint(self.config.out, state)
+            except OSError as error:
+                raise CheckpointError(
+                    f"cannot write {checkpoint_path(self.config.out, self.step)}: {error.strerror or error}"
+                ) from error
 
     # ---------------------------------------------------------------------------------- export
 
@@ -337,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         trainer.say(f"interrupted at step {trainer.step}; run the same command to resume")
         return 130
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+    except TrainingDiverged as error:
+        print(f"train/train.py: error: {error}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, DataError, OSError, ValueError) as error:  # OSError: a file, a folder
         print(f"train/train.py: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0

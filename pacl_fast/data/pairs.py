@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, iterate_samples
 from pacl_fast.data.stream import QUOTED_FAILURES, DataError, SampleError
+from pacl_fast.files import open_regular
 from pacl_fast.images import IMAGE_SUFFIXES, load_image, square_crop
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class CsvPairs:
         separator: str | None = None,
     ):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise FileNotFoundError(f"pairs table not found: {self.path}")
         separator = separator or ("\t" if self.path.suffix.lower() == ".tsv" else ",")
-        with open(self.path, newline="", encoding="utf-8") as f:
+        with open_regular(self.path) as raw, io.TextIOWrapper(raw, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
             missing = [key for key in (image_key, caption_key) if key not in columns]
