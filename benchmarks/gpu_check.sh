@@ -149,9 +149,10 @@ run_section encoders 90 bash -c 'gpu_tests "$@"' gpu_tests "gpu and not slow" te
 
 # ---- 4. training: the pacl stage on ViT-B-16 in bf16, ~40 steps, kill and resume (issue 21) ---------
 if [ $DRY -eq 1 ]; then
-    run_section training 60 "$PYTHON" -m benchmarks.train_check --dry-run --out "$WORK/train"
+    run_section training 60 "$PYTHON" -m benchmarks.train_check --dry-run --work "$WORK/train" \
+        --json "$LOG_DIR/train_check.json"
 else
-    run_section training 75 "$PYTHON" -m benchmarks.train_check --device cuda --out "$WORK/train"
+    run_section training 120 "$PYTHON" -m benchmarks.train_check --work "$WORK/train" --json "$LOG_DIR/train_check.json"
 fi
 TABLE_LOGS+=("$LOG_DIR/training.log")
 
