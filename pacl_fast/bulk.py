@@ -19,7 +19,8 @@ Inputs are hostile until proven otherwise, and one sample never stops the job:
   control characters or over-long names; every output proven inside ``OUT``, links included); a
   bad key fails its sample, reported with its source;
 * shards are read only by :func:`pacl_fast.data.shards.iterate_samples`: a member over
-  ``max_member_bytes`` is never read and fails its sample; a damaged shard fails the rest of that
+  ``max_member_bytes`` is never read and fails its sample, and so does a link that leads nowhere
+  usable (links to regular members of the archive are read); a damaged shard fails the rest of that
   shard with one report, and the other shards go on;
 * any exception while naming, decoding (a decompression bomb, a truncated file) or writing one
   sample fails that sample alone;
@@ -49,7 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, is_shard, iterate_samples
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberNotRead, ShardError, is_shard, iterate_samples
 from pacl_fast.distributed import DistInfo, gather_objects
 from pacl_fast.files import atomic_write, safe_key
 from pacl_fast.images import IMAGE_SUFFIXES, Prepared, SegmentationPreprocess, SlidingWindow, load_image
@@ -258,9 +259,9 @@ class _ShardImages(IterableDataset):
         try:
             if "__error__" in sample:
                 raise ValueError(f"malformed sample: {sample['__error__']}")
-            too_large = next((v for v in sample.values() if isinstance(v, MemberTooLarge)), None)
-            if too_large is not None:
-                raise ValueError(str(too_large))
+            not_read = next((v for v in sample.values() if isinstance(v, MemberNotRead)), None)
+            if not_read is not None:
+                raise ValueError(str(not_read))
             if not self.overwrite and self.outputs.done(key):
                 return _Sample(key, source, done=True, shard=index)
             name = next((f for f in IMAGE_FIELDS if f in sample), None)
