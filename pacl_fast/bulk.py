@@ -9,15 +9,18 @@ so an image is done exactly when its labels file exists.
 Sharing across ranks is by position in the deterministic input order (files) and by shard
 (``shards[rank::world_size]``), decided before looking at what exists, so two ranks never
 take the same image even while others are writing. A re-run skips every image whose outputs
-exist: a killed job resumes. ``OUT/.pacl-segment.json`` records the settings (model, labels,
-prompts, protocol), written once every setting is validated; a run with other settings refuses
-to add to that folder rather than skip images made differently.
+exist: a killed job resumes, and the temporary files its killed writes left are removed
+(:func:`pacl_fast.files.remove_stale_temporaries`: never a live rank's). ``OUT/.pacl-segment.json``
+records the settings (model, labels, prompts, protocol), written once every setting is validated; a
+run with other settings refuses to add to a folder holding label maps, rather than skip images made
+differently (a folder where no label map was written takes the new settings).
 
 Inputs are hostile until proven otherwise, and one sample never stops the job:
 
-* keys go through :func:`pacl_fast.files.output_path` (no absolute paths, ``..``, empty segments,
-  control characters or over-long names; every output proven inside ``OUT``, links included); a
-  bad key fails its sample, reported with its source;
+* keys are made by :func:`pacl_fast.files.output_key` (a name that is not UTF-8 gets ``%XX`` for
+  its odd bytes) and go through :func:`pacl_fast.files.output_path` (no absolute paths, ``..``
+  anywhere, empty segments, control characters or over-long names; every output proven inside
+  ``OUT``, links included); a bad key fails its sample, reported with its source;
 * shards are read only by :func:`pacl_fast.data.shards.iterate_samples`: a member over
   ``max_member_bytes`` is never read and fails its sample, and so does a link that leads nowhere
   usable (links to regular members of the archive are read); a damaged shard fails the rest of that
@@ -40,6 +43,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,10 +56,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberNotRead, ShardError, is_shard, iterate_samples
 from pacl_fast.distributed import DistInfo, gather_objects
-from pacl_fast.files import atomic_write, safe_key
+from pacl_fast.files import atomic_write, output_key, remove_stale_temporaries
 from pacl_fast.images import IMAGE_SUFFIXES, Prepared, SegmentationPreprocess, SlidingWindow, load_image
 from pacl_fast.results import ImageError, Segmentation, output_files
-from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share
+from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share, read_json
 from pacl_fast.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -94,11 +98,21 @@ def _key(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
 
+def _read_file_list(list_path: Path) -> list[Path]:
+    """The paths in a file list, one a line, as absolute paths with ``..`` resolved on the names.
+
+    Read as bytes and decoded as the file system decodes names, so a path that is not UTF-8 is read,
+    not a codec error."""
+    lines = [os.fsdecode(line.strip()) for line in list_path.read_bytes().splitlines()]
+    return [Path(line) for line in lines if line]
+
+
 def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str | os.PathLike] = ()) -> Inputs:
     """Expand folders (recursively, image suffixes), file lists (one path a line) and shards, in order.
 
-    An input whose key is not a safe output name (too long, control characters...) is refused,
-    and so is the later of two inputs with the same key (they would write the same files).
+    Keys are made by :func:`pacl_fast.files.output_key`. An input whose key is not a safe output name
+    (too long, control characters...) is refused, and so is the later of two inputs with the same key
+    (they would write the same files).
     """
     inputs = Inputs()
     candidates: list[FileItem] = []
@@ -117,17 +131,18 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
         list_path = Path(file_list)
         if not list_path.is_file():
             raise FileNotFoundError(f"file list not found: {list_path}")
-        listed = [Path(line.strip()) for line in list_path.read_text().splitlines() if line.strip()]
+        listed = _read_file_list(list_path)
         if not listed:
             inputs.refused.append((printable(str(list_path)), "file list is empty"))
             continue
-        base = Path(os.path.commonpath([p.parent.absolute() for p in listed]))
-        candidates.extend(FileItem(_key(p.absolute(), base), p) for p in listed)
+        absolute = [Path(os.path.abspath(p)) for p in listed]  # "../x" named, not a ".." key
+        base = Path(os.path.commonpath([p.parent for p in absolute]))
+        candidates.extend(FileItem(_key(a, base), p) for a, p in zip(absolute, listed))
     owner: dict[str, str] = {}
-    for item in candidates:
-        source = printable(str(item.path))
+    for candidate in candidates:
+        source = printable(str(candidate.path))
         try:
-            safe_key(item.key)
+            item = FileItem(output_key(candidate.key), candidate.path)
         except ValueError as error:
             inputs.refused.append((source, f"cannot name its outputs: {error}"))
             continue
@@ -137,6 +152,35 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
         owner[item.key] = source
         inputs.files.append(item)
     return inputs
+
+
+def check_output_folder(path: str | os.PathLike, argument: str = "out_dir") -> None:
+    """ValueError naming ``argument`` unless ``path`` is, or can become, a folder this process can write to.
+
+    Checked before a model loads; nothing is left behind: a folder that does not exist yet is not
+    made, its nearest existing parent is tried instead (with a file that has no name, or that is
+    removed at once)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file() or (existing.exists() and not existing.is_dir()):
+        where = "is" if existing == path else f"is inside {existing}, which is"
+        raise ValueError(f"{argument} {path} {where} a file, not a folder; give a folder for the outputs")
+    if not existing.exists():
+        raise ValueError(f"{argument} {path}: {existing} is a broken link")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "" if existing == path else f" (cannot make it in {existing})"
+        why = error.strerror or type(error).__name__
+        raise ValueError(f"{argument} {path} is not writable{where}: {why}") from None
+
+
+def _has_label_maps(folder: Path) -> bool:
+    """Whether any ``*_labels.png`` lies under ``folder`` (an image a rerun would skip as done)."""
+    return any(name.endswith(OUTPUT_SUFFIXES[0]) for _, _, names in os.walk(folder) for name in names)
 
 
 class Outputs:
@@ -150,25 +194,32 @@ class Outputs:
         self.overlays = overlays
 
     def claim(self, settings: dict, *, overwrite: bool, write: bool, request: dict | None = None) -> None:
-        """Refuse to add to a folder made with other settings (its existing files would be skipped as done).
+        """Refuse to add to a folder of label maps made with other settings (they would be skipped as done).
 
-        ``write``: record the settings (one rank does; the others only check). ``request`` (how the
-        caller named the model, for :func:`already_done`) is recorded beside them but never compared:
-        touched weight files or another head backend make the same label maps.
+        A settings file with no label map beside it (a run that wrote nothing) refuses nothing: the
+        new settings replace it. ``write``: record the settings (one rank does; the others only check).
+        ``request`` (how the caller named the model, for :func:`already_done`) is recorded beside them but
+        never compared here: touched weight files or another head backend make the same label maps.
         """
         manifest = self.directory / self.MANIFEST
         settings = fingerprint(settings)
         remedy = "images already there would be skipped as done; use another --out, or --overwrite"
         if not overwrite and (manifest.exists() or manifest.is_symlink()):
             try:
-                saved = json.loads(manifest.read_bytes())
+                saved = read_json(manifest)
             except (OSError, ValueError) as error:
-                raise ValueError(f"cannot read the settings file {manifest} ({_error(error)}); {remedy}") from None
+                saved = f"cannot read the settings file {manifest} ({_error(error)}); {remedy}"
             if isinstance(saved, dict):
                 saved = {key: value for key, value in saved.items() if key != "request"}
-            check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
+            if saved != settings and _has_label_maps(self.directory):
+                if isinstance(saved, str):
+                    raise ValueError(saved)
+                check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
         if write:
-            atomic_write(manifest, json.dumps({**settings, "request": fingerprint(request)}, indent=1))
+            try:
+                atomic_write(manifest, json.dumps({**settings, "request": fingerprint(request)}, indent=1))
+            except OSError as error:
+                raise ValueError(f"cannot write the settings file {manifest}: {_error(error)}") from None
 
     def paths(self, key: str) -> dict[str, Path]:
         """The key's output files, proven inside the folder (ValueError for an unsafe key)."""
@@ -250,9 +301,9 @@ class _ShardImages(IterableDataset):
                 )
 
     def _load(self, index: int, shard: Path, sample: dict) -> _Sample:
-        key = sample.get("__key__")
-        source = printable(f"{shard}:{key}")
+        source = printable(f"{shard}:{sample.get('__key__')}")
         try:
+            key = output_key(sample.get("__key__"))
             self.outputs.paths(key)  # a safe name, inside OUT
         except Exception as error:
             return _Sample(None, source, error=f"cannot name its outputs: {_error(error)}", shard=index)
@@ -315,7 +366,7 @@ def already_done(inputs: Inputs, out_dir: str | os.PathLike, overlays: bool, req
     if inputs.shards or inputs.refused or not inputs.files or not manifest.is_file():
         return None
     try:
-        saved = json.loads(manifest.read_bytes())
+        saved = read_json(manifest)
         files, _ = _leave_out_outputs(inputs.files, outputs.directory)
         if not isinstance(saved, dict) or saved.get("request") != fingerprint(request):
             return None
@@ -425,6 +476,7 @@ def segment_bulk(
             without loading the model.
     """
     dist = dist or DistInfo()
+    check_output_folder(out_dir)
     _check_settings(segmenter, labels, templates, background_threshold, sliding_window, max_member_bytes)
     outputs = Outputs(out_dir, overlays)
     settings = {
@@ -436,6 +488,10 @@ def segment_bulk(
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
     }
     outputs.claim(settings, overwrite=overwrite, write=dist.is_main, request=request)
+    if dist.is_main:  # never a live rank's: see remove_stale_temporaries
+        removed = remove_stale_temporaries(outputs.directory, recursive=True)
+        if removed:
+            logger.info("removed %d temporary files that killed writes left under %s", removed, out_dir)
     all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)
     if left_out:
         logger.info("left out %d earlier outputs (*_labels.png, *_overlay.png) found under %s", left_out, out_dir)

@@ -302,11 +302,12 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from pacl_fast.bulk import already_done, collect_inputs, segment_bulk
+    from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, segment_bulk
 
     if not args.images and not args.file_list:
         raise UsageError("give images, folders, shards or --file-list")
     check_weights_files(args)
+    check_output_folder(args.out, "--out")
     inputs = collect_inputs(args.images, args.file_list)
     request = _model_request(args, "labels", "templates", "background_threshold", "sliding_window", "no_overlay")
     if not args.overwrite and "WORLD_SIZE" not in os.environ:

@@ -1,6 +1,8 @@
 """Bulk segmentation: folders, file lists, WebDataset shards; skip what exists; two ranks, each image once."""
 
+import ctypes
 import io
+import json
 import os
 import re
 import struct
@@ -16,8 +18,9 @@ import pytest
 from conftest import make_segmenter
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
+from test_files import killed_write, writer_in_progress
 
-from pacl_fast.bulk import collect_inputs, segment_bulk
+from pacl_fast.bulk import check_output_folder, collect_inputs, segment_bulk
 from pacl_fast.data.shards import LINK_READ_FACTOR, MemberTooLarge, MemberUnusable, iterate_samples
 from pacl_fast.images import SlidingWindow
 
@@ -573,3 +576,147 @@ def test_links_are_followed_forward_bounded_and_never_without_end(tmp_path):
             assert turn == data["ab"[i % 2]]
         else:
             assert isinstance(turn, MemberUnusable) and "links have read 4 times the shard" in str(turn)
+
+
+def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter):
+    """Issue 23 item 9: a file name that is not UTF-8 (bytes caf\\xe9 on Linux) failed with a codec error.
+    Its bytes become %XX; a real name that gives the same output name is refused, not merged."""
+    folder, elsewhere = tmp_path / "in", tmp_path / "shard"
+    odd = {name: random_image((20, 24 + i), i) for i, name in enumerate([b"caf\xe9", b"th\xe9", b"l\xe9"])}
+    save_image(odd[b"caf\xe9"], Path(os.fsdecode(bytes(folder / "caf")) + os.fsdecode(b"\xe9.png")))
+    save_image(random_image((18, 18), 7), folder / "caf%E9.png")  # the same output name from a UTF-8 name
+    save_image(odd[b"th\xe9"], Path(os.fsdecode(bytes(elsewhere / "th") + b"\xe9.png")))
+    shard = _tar_folder(elsewhere, tmp_path / "s.tar")
+    listed = tmp_path / "listed" / os.fsdecode(b"l\xe9.png")
+    save_image(odd[b"l\xe9"], listed)
+    (tmp_path / "list.txt").write_bytes(bytes(listed) + b"\n")
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([folder, shard], [tmp_path / "list.txt"]), LABELS, out,
+                           templates="single", progress=False)  # fmt: skip
+    assert summary.written == 3
+    assert sorted(os.fsencode(p.name) for p in out.glob("*_labels.png")) == [
+        b"caf%E9_labels.png", b"l%E9_labels.png", b"th%E9_labels.png"
+    ]  # fmt: skip
+    for name, image in odd.items():
+        key = name.decode("latin-1").replace("\xe9", "%E9")
+        expected = image if name != b"caf\xe9" else random_image((18, 18), 7)  # caf%E9.png sorts first
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, expected))
+    ((source, why),) = summary.failures
+    assert source.isprintable() and "\\udce9" in source and why.startswith("output name 'caf%E9' is already taken")
+
+
+def test_an_inner_dot_dot_key_is_refused_even_inside_out(tmp_path, segmenter):
+    """Issue 23 item 14: a shard key sub/../x stays inside OUT; it would write OUT/x beside the real x, make
+    OUT/sub and escape duplicate detection. File lists name ../ paths by where they lead (normalised), so
+    two lines for one file are a duplicate, not a '..' key."""
+    x, other = random_image((20, 30), 1), random_image((26, 22), 2)
+    samples = [("x", {"png": _png_bytes(x)}), ("sub/../x", {"png": _png_bytes(other)}), ("new/../y", {"png": b"-"})]
+    _write_shard(tmp_path / "s.tar", samples)
+    save_image(other, tmp_path / "photos" / "p.png")
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/photos/p.png\n{tmp_path}/photos/../photos/p.png\n")
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "s.tar"], [tmp_path / "list.txt"]), LABELS, out,
+                           templates="single", progress=False)  # fmt: skip
+    assert summary.written == 2 and not (out / "sub").exists() and not (out / "new").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith("_labels.png")) == ["p_labels.png", "x_labels.png"]
+    np.testing.assert_array_equal(_labels_of(out, "x"), _expected(segmenter, x))
+    failures = dict(summary.failures)
+    for key in ("sub/../x", "new/../y"):
+        assert f"output name {key!r} has an empty, '.' or '..' segment" in failures[f"{tmp_path / 's.tar'}:{key}"]
+    assert "output name 'p' is already taken by" in failures[f"{tmp_path}/photos/../photos/p.png"]
+
+
+def test_a_rerun_removes_what_killed_writes_left_but_never_a_live_writers_file(tmp_path, segmenter):
+    """Issue 23 item 10: killed writes left .<name>.*.tmp files in OUT that no rerun removed. Another
+    process still writing into OUT (another rank) keeps its temporary file."""
+    _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    run = dict(labels=LABELS, out_dir=out, templates="single", progress=False)
+    assert segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run).written == 3
+    (out / "sub" / "img01_labels.png").unlink()
+    dead = killed_write(out / "sub" / "img01_labels.png")  # killed while writing it
+    with writer_in_progress(out / "elsewhere_labels.png") as (writer, live):
+        again = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run)
+        assert (again.written, again.skipped) == (1, 2) and not dead.exists() and live.exists()
+        writer.communicate(b"go on\n", timeout=30)
+    assert not list(out.rglob("*.tmp")) and (out / "elsewhere_labels.png").read_bytes() == b"half and the rest"
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_wrote_nothing_does_not_lock_its_folder(tmp_path, segmenter):
+    """Issue 24 item 6: two undecodable inputs, 0 written; a rerun with other labels was refused ('the label
+    maps in OUT were made with other settings') although no label map existed. Settings files are read as
+    hostile (issue 23 items 3 and 5): a FIFO or 100,000 nested brackets is a one-line refusal."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(b"not an image")
+    out = tmp_path / "out"
+
+    def run(labels):
+        return segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), labels, out, templates="single",
+                            progress=False)  # fmt: skip
+
+    assert (run(LABELS).written, len(run(["cat", "dog"]).failures)) == (0, 2)
+    save_image(random_image((20, 30), 1), tmp_path / "in" / "c.png")
+    assert run(["cat", "dog"]).written == 1
+    with pytest.raises(ValueError, match=r"label maps in .* were made with other settings \(differs in: labels\)"):
+        run(LABELS)
+    manifest = out / ".pacl-segment.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    with pytest.raises(ValueError, match=r"cannot read the settings file .*FIFO.*--overwrite"):
+        run(LABELS)
+    manifest.unlink()
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"cannot read the settings file .*nested too deeply.*--overwrite"):
+        run(LABELS)
+    (out / "c_labels.png").unlink()  # no label map left: the unreadable settings file is replaced
+    assert run(LABELS).written == 1 and json.loads(manifest.read_text())["labels"] == LABELS
+
+
+def test_out_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, tiny_config, capsys):
+    """Issue 23 item 5: --out naming a file ended in a traceback, after the model had loaded."""
+    from pacl_fast.cli import main
+
+    save_image(random_image((20, 30), 1), tmp_path / "p.png")
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    (tmp_path / "file").write_text("x")
+    for out, what in [("file", "is a file, not a folder"), ("file/sub", f"is inside {tmp_path / 'file'}, which is a")]:
+        argv = ["segment", str(tmp_path / "p.png"), "--labels", "a,b", "--out", str(tmp_path / out)]
+        assert main([*argv, "--clip", f"local-dir:{clip}", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pacl-fast segment: error: --out {tmp_path / out} {what}"), err
+        assert "Segmenter(" not in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="out_dir .* is a file"):
+        check_output_folder(tmp_path / "file")
+
+
+def _without_root_override() -> None:
+    """In a child process of root, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+    bounding set, so that file modes bind root as they bind any user (as ``setpriv --bounding-set``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_out_is_one_line_before_the_model_loads(tmp_path, tiny_config):
+    """Issue 23 item 5: a read-only --out ended in a traceback (root writes anywhere: as root the command
+    runs without the capability that overrides file modes)."""
+    save_image(random_image((20, 30), 1), tmp_path / "p.png")
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for out in (read_only, read_only / "new"):
+        command = [sys.executable, "-m", "pacl_fast", "segment", str(tmp_path / "p.png"), "--labels", "a,b",
+                   "--out", str(out), "--clip", f"local-dir:{clip}", "--device", "cpu"]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                                preexec_fn=_without_root_override if os.geteuid() == 0 else None)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        where = "" if out == read_only else f" (cannot make it in {read_only})"
+        expected = f"pacl-fast segment: error: --out {out} is not writable{where}: Permission denied\n"
+        assert result.stderr.startswith(expected), result.stderr
+        assert "Segmenter(" not in result.stderr and "Traceback" not in result.stderr
+    assert list(read_only.iterdir()) == []
