@@ -13,7 +13,9 @@ exist: a killed job resumes, and the temporary files its killed writes left are 
 (:func:`pacl_fast.files.remove_stale_temporaries`: never a live rank's). ``OUT/.pacl-segment.json``
 records the settings (model, labels, prompts, protocol), written once every setting is validated; a
 run with other settings refuses to add to a folder holding label maps, rather than skip images made
-differently (a folder where no label map was written takes the new settings).
+differently (a folder where no label map was written takes the new settings). Beside them it records
+the request (:func:`request_record`: every option the caller was given), which a finished rerun
+must match to finish without loading the model (:func:`already_done`).
 
 Inputs are hostile until proven otherwise, and one sample never stops the job:
 
@@ -38,6 +40,7 @@ Inputs are hostile until proven otherwise, and one sample never stops the job:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -45,9 +48,10 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +72,9 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)
 #: What a run writes next to each key; such files under OUT are never read back as inputs.
 OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
+#: Options of a bulk run that say what to read, where to write and how to report, never how a label
+#: map is made: left out of :func:`request_record` (every other option is in it, new ones included).
+NOT_SETTINGS = frozenset({"images", "file_list", "out", "overwrite", "quiet", "workers"})
 
 
 def printable(text: str) -> str:
@@ -198,8 +205,8 @@ class Outputs:
 
         A settings file with no label map beside it (a run that wrote nothing) refuses nothing: the
         new settings replace it. ``write``: record the settings (one rank does; the others only check).
-        ``request`` (how the caller named the model, for :func:`already_done`) is recorded beside them but
-        never compared here: touched weight files or another head backend make the same label maps.
+        ``request`` (:func:`request_record`, for :func:`already_done`) is recorded beside them but never
+        compared here: touched weight files or another head backend make the same label maps.
         """
         manifest = self.directory / self.MANIFEST
         settings = fingerprint(settings)
@@ -357,10 +364,51 @@ def _check_settings(
     segmenter.encode_labels(labels, templates)  # checks labels and templates (and caches their embeddings)
 
 
+def _stamp(value: object) -> object:
+    """A local file an option names, as ``[value, resolved path, size, mtime_ns]``; a ``local-dir:``
+    CLIP as its name and its files' stamps; anything else as it is."""
+    if isinstance(value, str) and value.startswith("local-dir:"):
+        folder = Path(value[len("local-dir:") :])
+        return [value, *(_stamp(str(p)) for p in sorted(folder.glob("*")))] if folder.is_dir() else value
+    if isinstance(value, (str, os.PathLike)) and value and Path(value).is_file():
+        info = Path(value).stat()
+        return [os.fspath(value), str(Path(value).resolve()), info.st_size, info.st_mtime_ns]
+    return value
+
+
+def _jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **_jsonable(asdict(value))}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return f"{type(value).__qualname__}:{value!r}"
+
+
+def request_record(options: Mapping[str, Any]) -> dict:
+    """What a bulk run was asked, as recorded in ``OUT/.pacl-segment.json`` and matched by :func:`already_done`.
+
+    Every option is in it (``vars(args)`` of the CLI), but :data:`NOT_SETTINGS` and functions, so an
+    option added later is compared without anyone listing it; each local file an option names (CLIP and
+    PACL weights, a ``local-dir:`` CLIP's files) with its size and time. Anything that differs only
+    makes the rerun load the model, which then compares the settings that make the label maps."""
+    record = {
+        name: _jsonable(_stamp(value))
+        for name, value in sorted(options.items())
+        if name not in NOT_SETTINGS and not callable(value)
+    }
+    return fingerprint(record)
+
+
 def already_done(inputs: Inputs, out_dir: str | os.PathLike, overlays: bool, request: dict) -> int | None:
     """How many images a rerun would skip, if it would skip every one: every input is a file whose
-    outputs exist and the folder's settings record this same ``request`` (model options, weight files'
-    sizes and times); None otherwise. Lets the CLI finish without loading a model or encoding text."""
+    outputs exist and the folder's settings file records this same ``request`` (:func:`request_record`);
+    None otherwise. Lets the CLI finish without loading a model or encoding text."""
     outputs = Outputs(out_dir, overlays)
     manifest = outputs.directory / Outputs.MANIFEST
     if inputs.shards or inputs.refused or not inputs.files or not manifest.is_file():
@@ -471,9 +519,8 @@ def segment_bulk(
     Args:
         max_member_bytes: a shard member larger than this is not read; its sample fails.
         on_result: ``on_result(key, source, segmentation)``, called after each image is written.
-        request: how the caller named the model (the CLI's options, weight files with their size and
-            time), recorded with the settings so that :func:`already_done` can skip a finished rerun
-            without loading the model.
+        request: what the caller was asked (:func:`request_record` of its options), recorded with the
+            settings so that :func:`already_done` can skip a finished rerun without loading the model.
     """
     dist = dist or DistInfo()
     check_output_folder(out_dir)

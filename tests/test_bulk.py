@@ -20,7 +20,7 @@ from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
 from test_files import killed_write, writer_in_progress
 
-from pacl_fast.bulk import check_output_folder, collect_inputs, segment_bulk
+from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 from pacl_fast.data.shards import LINK_READ_FACTOR, MemberTooLarge, MemberUnusable, iterate_samples
 from pacl_fast.images import SlidingWindow
 
@@ -720,3 +720,47 @@ def test_a_read_only_out_is_one_line_before_the_model_loads(tmp_path, tiny_confi
         assert result.stderr.startswith(expected), result.stderr
         assert "Segmenter(" not in result.stderr and "Traceback" not in result.stderr
     assert list(read_only.iterdir()) == []
+
+
+def test_a_finished_rerun_is_skipped_only_when_every_option_matches_the_record(tmp_path, segmenter, tiny_config):
+    """Issue 22: the skip compared a hand-written list of options, so a forgotten option that changes the
+    outputs gave '0 written, N skipped' without the work. It now compares the record the run writes, made
+    of every option: one added later (``a_new_option``) is compared without anyone listing it."""
+    _folder(tmp_path / "in", 3)
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    out = tmp_path / "out"
+    options = dict(command="segment", images=[str(tmp_path / "in")], file_list=[], labels=LABELS, out=out,
+                   templates="single", sliding_window=None, clip=f"local-dir:{clip}", pacl_weights=None,
+                   clip_weights=None, backend="fast", quiet=False, workers=0, run=print)  # fmt: skip
+    inputs = collect_inputs([tmp_path / "in"])
+    record = request_record(options)
+    segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, request=record)
+    assert json.loads((out / ".pacl-segment.json").read_text())["request"] == record  # what is compared
+    assert already_done(inputs, out, True, request_record(options)) == 3
+    same = {"quiet": True, "workers": 4, "images": ["elsewhere"], "out": "elsewhere", "run": len}
+    assert already_done(inputs, out, True, request_record({**options, **same})) == 3  # read, write, report
+    for change in ({"templates": "short"}, {"sliding_window": SlidingWindow(16, 8)}, {"a_new_option": 1},
+                   {"backend": "reference"}, {"clip_weights": str(clip / "open_clip_model.safetensors")},
+                   {"no_overlay": True}):  # fmt: skip
+        assert already_done(inputs, out, True, request_record({**options, **change})) is None, change
+    weights = next(clip.glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))  # a local-dir CLIP touched
+    assert already_done(inputs, out, True, request_record(options)) is None
+
+
+def test_a_rerun_with_an_option_the_old_list_forgot_loads_the_model(tmp_path, tiny_config, capsys):
+    """Issue 22 through the command: --encoder-cache (another cache can hold another int8 calibration) was
+    not in the list; a rerun with it skipped everything without loading the model."""
+    from pacl_fast.cli import main
+
+    _folder(tmp_path / "in", 3)
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    argv = ["segment", str(tmp_path / "in"), "--labels", "a,b", "--out", str(tmp_path / "out"), "--quiet"]
+    argv += ["--clip", f"local-dir:{clip}", "--templates", "single", "--device", "cpu"]
+    assert main(argv) == 0 and "3 written" in capsys.readouterr().out
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" not in again.err  # the same options: skipped
+    assert main([*argv, "--encoder-cache", str(tmp_path / "cache")]) == 0
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" in again.err  # the model was loaded to check
