@@ -228,6 +228,13 @@ class Outputs:
             except OSError as error:
                 raise ValueError(f"cannot write the settings file {manifest}: {_error(error)}") from None
 
+    def remove_stale_temporaries(self) -> None:
+        """Remove what killed writes left under the folder; never a live rank's (see
+        :func:`pacl_fast.files.remove_stale_temporaries`), so any rank may write meanwhile."""
+        removed = remove_stale_temporaries(self.directory, recursive=True)
+        if removed:
+            logger.info("removed %d temporary files that killed writes left under %s", removed, self.directory)
+
     def paths(self, key: str) -> dict[str, Path]:
         """The key's output files, proven inside the folder (ValueError for an unsafe key)."""
         return output_files(self.directory, key, self.overlays)
@@ -535,10 +542,8 @@ def segment_bulk(
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
     }
     outputs.claim(settings, overwrite=overwrite, write=dist.is_main, request=request)
-    if dist.is_main:  # never a live rank's: see remove_stale_temporaries
-        removed = remove_stale_temporaries(outputs.directory, recursive=True)
-        if removed:
-            logger.info("removed %d temporary files that killed writes left under %s", removed, out_dir)
+    if dist.is_main:
+        outputs.remove_stale_temporaries()
     all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)
     if left_out:
         logger.info("left out %d earlier outputs (*_labels.png, *_overlay.png) found under %s", left_out, out_dir)
