@@ -9,17 +9,23 @@ so an image is done exactly when its labels file exists.
 Sharing across ranks is by position in the deterministic input order (files) and by shard
 (``shards[rank::world_size]``), decided before looking at what exists, so two ranks never
 take the same image even while others are writing. A re-run skips every image whose outputs
-exist: a killed job resumes. ``OUT/.pacl-segment.json`` records the settings (model, labels,
-prompts, protocol), written once every setting is validated; a run with other settings refuses
-to add to that folder rather than skip images made differently.
+exist: a killed job resumes, and the temporary files its killed writes left are removed
+(:func:`pacl_fast.files.remove_stale_temporaries`: never a live rank's). ``OUT/.pacl-segment.json``
+records the settings (model, labels, prompts, protocol), written once every setting is validated; a
+run with other settings refuses to add to a folder holding label maps, rather than skip images made
+differently (a folder where no label map was written takes the new settings). Beside them it records
+the request (:func:`request_record`: every option the caller was given), which a finished rerun
+must match to finish without loading the model (:func:`already_done`).
 
 Inputs are hostile until proven otherwise, and one sample never stops the job:
 
-* keys go through :func:`pacl_fast.files.output_path` (no absolute paths, ``..``, empty segments,
-  control characters or over-long names; every output proven inside ``OUT``, links included); a
-  bad key fails its sample, reported with its source;
+* keys are made by :func:`pacl_fast.files.output_key` (a name that is not UTF-8 gets ``%XX`` for
+  its odd bytes) and go through :func:`pacl_fast.files.output_path` (no absolute paths, ``..``
+  anywhere, empty segments, control characters or over-long names; every output proven inside
+  ``OUT``, links included); a bad key fails its sample, reported with its source;
 * shards are read only by :func:`pacl_fast.data.shards.iterate_samples`: a member over
-  ``max_member_bytes`` is never read and fails its sample; a damaged shard fails the rest of that
+  ``max_member_bytes`` is never read and fails its sample, and so does a link that leads nowhere
+  usable (links to regular members of the archive are read); a damaged shard fails the rest of that
   shard with one report, and the other shards go on;
 * any exception while naming, decoding (a decompression bomb, a truncated file) or writing one
   sample fails that sample alone;
@@ -34,27 +40,30 @@ Inputs are hostile until proven otherwise, and one sample never stops the job:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, is_shard, iterate_samples
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberNotRead, ShardError, is_shard, iterate_samples
 from pacl_fast.distributed import DistInfo, gather_objects
-from pacl_fast.files import atomic_write, safe_key
+from pacl_fast.files import atomic_write, output_key, remove_stale_temporaries
 from pacl_fast.images import IMAGE_SUFFIXES, Prepared, SegmentationPreprocess, SlidingWindow, load_image
 from pacl_fast.results import ImageError, Segmentation, output_files
-from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share
+from pacl_fast.runs import as_list, check_same_settings, fingerprint, progress_bar, rank_share, read_json
 from pacl_fast.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,9 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)
 #: What a run writes next to each key; such files under OUT are never read back as inputs.
 OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
+#: Options of a bulk run that say what to read, where to write and how to report, never how a label
+#: map is made: left out of :func:`request_record` (every other option is in it, new ones included).
+NOT_SETTINGS = frozenset({"images", "file_list", "out", "overwrite", "quiet", "workers"})
 
 
 def printable(text: str) -> str:
@@ -93,11 +105,21 @@ def _key(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
 
+def _read_file_list(list_path: Path) -> list[Path]:
+    """The paths in a file list, one a line, as absolute paths with ``..`` resolved on the names.
+
+    Read as bytes and decoded as the file system decodes names, so a path that is not UTF-8 is read,
+    not a codec error."""
+    lines = [os.fsdecode(line.strip()) for line in list_path.read_bytes().splitlines()]
+    return [Path(line) for line in lines if line]
+
+
 def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str | os.PathLike] = ()) -> Inputs:
     """Expand folders (recursively, image suffixes), file lists (one path a line) and shards, in order.
 
-    An input whose key is not a safe output name (too long, control characters...) is refused,
-    and so is the later of two inputs with the same key (they would write the same files).
+    Keys are made by :func:`pacl_fast.files.output_key`. An input whose key is not a safe output name
+    (too long, control characters...) is refused, and so is the later of two inputs with the same key
+    (they would write the same files).
     """
     inputs = Inputs()
     candidates: list[FileItem] = []
@@ -116,17 +138,18 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
         list_path = Path(file_list)
         if not list_path.is_file():
             raise FileNotFoundError(f"file list not found: {list_path}")
-        listed = [Path(line.strip()) for line in list_path.read_text().splitlines() if line.strip()]
+        listed = _read_file_list(list_path)
         if not listed:
             inputs.refused.append((printable(str(list_path)), "file list is empty"))
             continue
-        base = Path(os.path.commonpath([p.parent.absolute() for p in listed]))
-        candidates.extend(FileItem(_key(p.absolute(), base), p) for p in listed)
+        absolute = [Path(os.path.abspath(p)) for p in listed]  # "../x" named, not a ".." key
+        base = Path(os.path.commonpath([p.parent for p in absolute]))
+        candidates.extend(FileItem(_key(a, base), p) for a, p in zip(absolute, listed))
     owner: dict[str, str] = {}
-    for item in candidates:
-        source = printable(str(item.path))
+    for candidate in candidates:
+        source = printable(str(candidate.path))
         try:
-            safe_key(item.key)
+            item = FileItem(output_key(candidate.key), candidate.path)
         except ValueError as error:
             inputs.refused.append((source, f"cannot name its outputs: {error}"))
             continue
@@ -136,6 +159,35 @@ def collect_inputs(paths: Sequence[str | os.PathLike], file_lists: Sequence[str 
         owner[item.key] = source
         inputs.files.append(item)
     return inputs
+
+
+def check_output_folder(path: str | os.PathLike, argument: str = "out_dir") -> None:
+    """ValueError naming ``argument`` unless ``path`` is, or can become, a folder this process can write to.
+
+    Checked before a model loads; nothing is left behind: a folder that does not exist yet is not
+    made, its nearest existing parent is tried instead (with a file that has no name, or that is
+    removed at once)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file() or (existing.exists() and not existing.is_dir()):
+        where = "is" if existing == path else f"is inside {existing}, which is"
+        raise ValueError(f"{argument} {path} {where} a file, not a folder; give a folder for the outputs")
+    if not existing.exists():
+        raise ValueError(f"{argument} {path}: {existing} is a broken link")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "" if existing == path else f" (cannot make it in {existing})"
+        why = error.strerror or type(error).__name__
+        raise ValueError(f"{argument} {path} is not writable{where}: {why}") from None
+
+
+def _has_label_maps(folder: Path) -> bool:
+    """Whether any ``*_labels.png`` lies under ``folder`` (an image a rerun would skip as done)."""
+    return any(name.endswith(OUTPUT_SUFFIXES[0]) for _, _, names in os.walk(folder) for name in names)
 
 
 class Outputs:
@@ -149,25 +201,39 @@ class Outputs:
         self.overlays = overlays
 
     def claim(self, settings: dict, *, overwrite: bool, write: bool, request: dict | None = None) -> None:
-        """Refuse to add to a folder made with other settings (its existing files would be skipped as done).
+        """Refuse to add to a folder of label maps made with other settings (they would be skipped as done).
 
-        ``write``: record the settings (one rank does; the others only check). ``request`` (how the
-        caller named the model, for :func:`already_done`) is recorded beside them but never compared:
-        touched weight files or another head backend make the same label maps.
+        A settings file with no label map beside it (a run that wrote nothing) refuses nothing: the
+        new settings replace it. ``write``: record the settings (one rank does; the others only check).
+        ``request`` (:func:`request_record`, for :func:`already_done`) is recorded beside them but never
+        compared here: touched weight files or another head backend make the same label maps.
         """
         manifest = self.directory / self.MANIFEST
         settings = fingerprint(settings)
         remedy = "images already there would be skipped as done; use another --out, or --overwrite"
         if not overwrite and (manifest.exists() or manifest.is_symlink()):
             try:
-                saved = json.loads(manifest.read_bytes())
+                saved = read_json(manifest)
             except (OSError, ValueError) as error:
-                raise ValueError(f"cannot read the settings file {manifest} ({_error(error)}); {remedy}") from None
+                saved = f"cannot read the settings file {manifest} ({_error(error)}); {remedy}"
             if isinstance(saved, dict):
                 saved = {key: value for key, value in saved.items() if key != "request"}
-            check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
+            if saved != settings and _has_label_maps(self.directory):
+                if isinstance(saved, str):
+                    raise ValueError(saved)
+                check_same_settings(saved, settings, subject=f"the label maps in {self.directory} were", remedy=remedy)
         if write:
-            atomic_write(manifest, json.dumps({**settings, "request": fingerprint(request)}, indent=1))
+            try:
+                atomic_write(manifest, json.dumps({**settings, "request": fingerprint(request)}, indent=1))
+            except OSError as error:
+                raise ValueError(f"cannot write the settings file {manifest}: {_error(error)}") from None
+
+    def remove_stale_temporaries(self) -> None:
+        """Remove what killed writes left under the folder; never a live rank's (see
+        :func:`pacl_fast.files.remove_stale_temporaries`), so any rank may write meanwhile."""
+        removed = remove_stale_temporaries(self.directory, recursive=True)
+        if removed:
+            logger.info("removed %d temporary files that killed writes left under %s", removed, self.directory)
 
     def paths(self, key: str) -> dict[str, Path]:
         """The key's output files, proven inside the folder (ValueError for an unsafe key)."""
@@ -249,18 +315,18 @@ class _ShardImages(IterableDataset):
                 )
 
     def _load(self, index: int, shard: Path, sample: dict) -> _Sample:
-        key = sample.get("__key__")
-        source = printable(f"{shard}:{key}")
+        source = printable(f"{shard}:{sample.get('__key__')}")
         try:
+            key = output_key(sample.get("__key__"))
             self.outputs.paths(key)  # a safe name, inside OUT
         except Exception as error:
             return _Sample(None, source, error=f"cannot name its outputs: {_error(error)}", shard=index)
         try:
             if "__error__" in sample:
                 raise ValueError(f"malformed sample: {sample['__error__']}")
-            too_large = next((v for v in sample.values() if isinstance(v, MemberTooLarge)), None)
-            if too_large is not None:
-                raise ValueError(str(too_large))
+            not_read = next((v for v in sample.values() if isinstance(v, MemberNotRead)), None)
+            if not_read is not None:
+                raise ValueError(str(not_read))
             if not self.overwrite and self.outputs.done(key):
                 return _Sample(key, source, done=True, shard=index)
             name = next((f for f in IMAGE_FIELDS if f in sample), None)
@@ -305,16 +371,57 @@ def _check_settings(
     segmenter.encode_labels(labels, templates)  # checks labels and templates (and caches their embeddings)
 
 
+def _stamp(value: object) -> object:
+    """A local file an option names, as ``[value, resolved path, size, mtime_ns]``; a ``local-dir:``
+    CLIP as its name and its files' stamps; anything else as it is."""
+    if isinstance(value, str) and value.startswith("local-dir:"):
+        folder = Path(value[len("local-dir:") :])
+        return [value, *(_stamp(str(p)) for p in sorted(folder.glob("*")))] if folder.is_dir() else value
+    if isinstance(value, (str, os.PathLike)) and value and Path(value).is_file():
+        info = Path(value).stat()
+        return [os.fspath(value), str(Path(value).resolve()), info.st_size, info.st_mtime_ns]
+    return value
+
+
+def _jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **_jsonable(asdict(value))}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return f"{type(value).__qualname__}:{value!r}"
+
+
+def request_record(options: Mapping[str, Any]) -> dict:
+    """What a bulk run was asked, as recorded in ``OUT/.pacl-segment.json`` and matched by :func:`already_done`.
+
+    Every option is in it (``vars(args)`` of the CLI), but :data:`NOT_SETTINGS` and functions, so an
+    option added later is compared without anyone listing it; each local file an option names (CLIP and
+    PACL weights, a ``local-dir:`` CLIP's files) with its size and time. Anything that differs only
+    makes the rerun load the model, which then compares the settings that make the label maps."""
+    record = {
+        name: _jsonable(_stamp(value))
+        for name, value in sorted(options.items())
+        if name not in NOT_SETTINGS and not callable(value)
+    }
+    return fingerprint(record)
+
+
 def already_done(inputs: Inputs, out_dir: str | os.PathLike, overlays: bool, request: dict) -> int | None:
     """How many images a rerun would skip, if it would skip every one: every input is a file whose
-    outputs exist and the folder's settings record this same ``request`` (model options, weight files'
-    sizes and times); None otherwise. Lets the CLI finish without loading a model or encoding text."""
+    outputs exist and the folder's settings file records this same ``request`` (:func:`request_record`);
+    None otherwise. Lets the CLI finish without loading a model or encoding text."""
     outputs = Outputs(out_dir, overlays)
     manifest = outputs.directory / Outputs.MANIFEST
     if inputs.shards or inputs.refused or not inputs.files or not manifest.is_file():
         return None
     try:
-        saved = json.loads(manifest.read_bytes())
+        saved = read_json(manifest)
         files, _ = _leave_out_outputs(inputs.files, outputs.directory)
         if not isinstance(saved, dict) or saved.get("request") != fingerprint(request):
             return None
@@ -419,11 +526,11 @@ def segment_bulk(
     Args:
         max_member_bytes: a shard member larger than this is not read; its sample fails.
         on_result: ``on_result(key, source, segmentation)``, called after each image is written.
-        request: how the caller named the model (the CLI's options, weight files with their size and
-            time), recorded with the settings so that :func:`already_done` can skip a finished rerun
-            without loading the model.
+        request: what the caller was asked (:func:`request_record` of its options), recorded with the
+            settings so that :func:`already_done` can skip a finished rerun without loading the model.
     """
     dist = dist or DistInfo()
+    check_output_folder(out_dir)
     _check_settings(segmenter, labels, templates, background_threshold, sliding_window, max_member_bytes)
     outputs = Outputs(out_dir, overlays)
     settings = {
@@ -435,6 +542,8 @@ def segment_bulk(
         "sliding_window": None if sliding_window is None else asdict(sliding_window),
     }
     outputs.claim(settings, overwrite=overwrite, write=dist.is_main, request=request)
+    if dist.is_main:
+        outputs.remove_stale_temporaries()
     all_files, left_out = _leave_out_outputs(inputs.files, outputs.directory)
     if left_out:
         logger.info("left out %d earlier outputs (*_labels.png, *_overlay.png) found under %s", left_out, out_dir)

@@ -204,24 +204,6 @@ def check_weights_files(args: argparse.Namespace) -> None:
         raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
 
 
-def _model_request(args: argparse.Namespace, *names: str) -> dict:
-    """The options that decide a run's outputs, with each local weight file's size and time."""
-
-    def stamp(path: object) -> object:
-        if path is None or not Path(str(path)).is_file():
-            return None if path is None else str(path)
-        stat = Path(str(path)).stat()
-        return [str(Path(str(path)).resolve()), stat.st_size, stat.st_mtime_ns]
-
-    model = ("clip", "method", "dtype", "image_size", "backend", "encoder", "text_dtype")
-    request = {name: getattr(args, name) for name in (*model, *names)}
-    request["sliding_window"] = None if args.sliding_window is None else str(args.sliding_window)
-    request.update(clip_weights=stamp(args.clip_weights), pacl_weights=stamp(args.pacl_weights))
-    if str(args.clip).startswith("local-dir:"):
-        request["clip"] = [args.clip, *[stamp(p) for p in sorted(Path(args.clip[10:]).glob("*"))]]
-    return request
-
-
 def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
     """``--dtype`` and ``--encoder-cache`` as the encoder's dtype and options (int8 is an OpenVINO precision)."""
     options = {"cache_dir": args.encoder_cache} if args.encoder_cache is not None else {}
@@ -302,13 +284,14 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from pacl_fast.bulk import already_done, collect_inputs, segment_bulk
+    from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 
     if not args.images and not args.file_list:
         raise UsageError("give images, folders, shards or --file-list")
     check_weights_files(args)
+    check_output_folder(args.out, "--out")
     inputs = collect_inputs(args.images, args.file_list)
-    request = _model_request(args, "labels", "templates", "background_threshold", "sliding_window", "no_overlay")
+    request = request_record(vars(args))
     if not args.overwrite and "WORLD_SIZE" not in os.environ:
         skipped = already_done(inputs, args.out, not args.no_overlay, request)
         if skipped is not None:  # a finished rerun: no model to load, no text to encode

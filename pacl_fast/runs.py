@@ -11,9 +11,10 @@ What both loops stand on:
 * :func:`progress_bar` (on rank 0 only, saying which share it counts) and :func:`as_list`, the
   collate function that keeps a batch a plain list.
 
-A state file is the run's own output, but it is read back as hostile input: a field out of range,
-of the wrong type or shape, or a checksum that does not match (a hand-edited file) ends the run with
-one :class:`StateError` that names the file and says how to start over.
+A state file is the run's own output, but it is read back as hostile input (:func:`read_json`: a
+regular file only, bounded, any nesting): a field out of range, of the wrong type or shape, or a
+checksum that does not match (a hand-edited file) ends the run with one :class:`StateError` that
+names the file and says how to start over.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pacl_fast.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
-from pacl_fast.files import atomic_write
+from pacl_fast.files import atomic_write, read_regular_bytes, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ FAILURE_KEYS = frozenset({"index", "id", "error"})
 #: What ``--restart`` does, said in every refusal to resume.
 RESTART_HINT = "start over with --restart (or delete {directory})"
 _INT64_LIMIT = 1 << 63
+#: Largest run state or settings file read back (a confusion matrix of 1,000 classes is about 8 MB).
+MAX_STATE_BYTES = 1 << 30
 
 T = TypeVar("T")
 
@@ -59,6 +62,19 @@ class StateError(ValueError):
 def fingerprint(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` as a reload of its JSON gives it back (tuples become lists): what saved runs are compared with."""
     return json.loads(json.dumps(settings))
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_STATE_BYTES) -> Any:
+    """The JSON in the regular file ``path``, read as hostile input.
+
+    Raises OSError (missing, unreadable, a FIFO or a folder: never blocks) or ValueError (over
+    ``max_bytes``, not UTF-8 JSON, or nested too deeply to parse: a RecursionError is not a reason to
+    show a traceback)."""
+    data = read_regular_bytes(path, max_bytes=max_bytes)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def settings_differ(saved: object, current: dict[str, Any]) -> str | None:
@@ -170,6 +186,20 @@ class RunState:
             return 0, sums, []
         if not self.directory.is_dir():
             raise self._refuse(f"{self.directory} is not a folder")
+        removed = remove_stale_temporaries(self.directory)
+        if removed:
+            logger.info("removed %d temporary files of killed state writes from %s", removed, self.directory)
+        try:
+            return self._load(sums, share, check)
+        except RecursionError:  # a structure nested just under the parser's limit, deeper in a comparison
+            raise self._refuse("its content is nested too deeply to be a state file") from None
+
+    def _load(
+        self,
+        sums: dict[str, torch.Tensor],
+        share: Sequence[int],
+        check: Callable[[dict[str, torch.Tensor], int, list[dict]], str | None] | None,
+    ) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
         others = sorted(
             p.name
             for p in self.directory.glob("rank*-of-*.json")
@@ -183,7 +213,7 @@ class RunState:
         if not self.path.exists():
             return 0, sums, []
         try:
-            saved = json.loads(self.path.read_bytes())
+            saved = read_json(self.path)
         except (OSError, ValueError) as error:
             raise self._refuse(f"unreadable ({type(error).__name__}: {error})") from None
         if not isinstance(saved, dict) or set(saved) != STATE_KEYS:

@@ -1,6 +1,8 @@
 """Bulk segmentation: folders, file lists, WebDataset shards; skip what exists; two ranks, each image once."""
 
+import ctypes
 import io
+import json
 import os
 import re
 import struct
@@ -16,9 +18,10 @@ import pytest
 from conftest import make_segmenter
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
+from test_files import killed_write, writer_in_progress
 
-from pacl_fast.bulk import collect_inputs, segment_bulk
-from pacl_fast.data.shards import iterate_samples
+from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
+from pacl_fast.data.shards import LINK_READ_FACTOR, MemberTooLarge, MemberUnusable, iterate_samples
 from pacl_fast.images import SlidingWindow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,13 +194,16 @@ def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter):
     (out / "sub").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
     (out / "link").symlink_to(tmp_path / "elsewhere")  # a link inside OUT pointing out of it
-    bad_keys = ["../x", "sub/../../y", f"{tmp_path}/abs/z", "a//b", "./c", "link/d", "e" * 230]
-    _write_shard(tmp_path / "evil.tar", [("ok", {"png": png}), *[(k, {"png": png}) for k in bad_keys]])
+    bad_keys = ["../x", "sub/../../y", f"{tmp_path}/abs/z", "a//b", "link/d", "e" * 230]
+    # "./c" is no longer among them (issue 23 item 7): tar -C folder . names every member ./key, read as key.
+    samples = [("ok", {"png": png}), ("./c", {"png": png}), *[(k, {"png": png}) for k in bad_keys]]
+    _write_shard(tmp_path / "evil.tar", samples)
     before = _files_outside(tmp_path, out)
     summary = segment_bulk(
         segmenter, collect_inputs([tmp_path / "evil.tar"]), LABELS, out, templates="single", progress=False
     )
-    assert summary.written == 1 and (out / "ok_labels.png").is_file() and (out / "ok_overlay.png").is_file()
+    assert summary.written == 2 and (out / "ok_labels.png").is_file() and (out / "ok_overlay.png").is_file()
+    assert (out / "c_labels.png").is_file() and (out / "c_overlay.png").is_file()
     assert _files_outside(tmp_path, out) == before  # nothing made or changed outside OUT
     assert (tmp_path / "x_labels.png").read_bytes() == b"precious" and not list((tmp_path / "elsewhere").iterdir())
     failures = dict(summary.failures)
@@ -455,3 +461,306 @@ def test_segment_command_with_a_file_list(tmp_path, tiny_config, capsys):
     assert written == ["img00_labels.png", "img02_labels.png", "sub/img01_labels.png"]
     assert main(["segment", "--labels", "a", "--out", str(tmp_path / "o")]) == 2
     assert "give images, folders, shards or --file-list" in capsys.readouterr().err
+
+
+def _tar_folder(folder: Path, shard: Path, compress: bool = False) -> Path:
+    """A shard made the common way, by GNU tar: ``tar -cf shard -C folder .`` (members ./key, links kept)."""
+    subprocess.run(["tar", "-czf" if compress else "-cf", str(shard), "-C", str(folder), "."], check=True)
+    return shard
+
+
+def _labels_of(out: Path, key: str) -> np.ndarray:
+    return np.array(Image.open(out / f"{key}_labels.png"))
+
+
+def _expected(segmenter, image) -> np.ndarray:
+    return segmenter.predict(image, LABELS, templates="single").labels.astype(np.uint8)
+
+
+def test_a_shard_made_with_tar_of_a_folder_reads_dot_keys_by_their_names(tmp_path, segmenter):
+    """Issue 23 item 7: ``tar -cf s.tar -C folder .`` names members ./key; every sample failed on the '.' segment."""
+    images = {"a": random_image((20, 30), 1), "sub/b": random_image((22, 26), 2)}
+    for key, image in images.items():
+        save_image(image, tmp_path / "folder" / f"{key}.png")
+    shard = _tar_folder(tmp_path / "folder", tmp_path / "s.tar")
+    with tarfile.open(shard) as tar:
+        assert {"./a.png", "./sub/b.png"} <= set(tar.getnames())
+    assert sorted(sample["__key__"] for sample in iterate_samples(shard)) == ["a", "sub/b"]
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
+    assert summary.written == 2 and not summary.failures
+    for key, image in images.items():
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, image))
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "tar.gz"])
+def test_links_in_a_shard_are_read_or_reported_never_dropped(tmp_path, segmenter, compress):
+    """Issue 23 item 8: hard links and symbolic links vanished without a word ('2 written, 0 failed' of 4)."""
+    folder = tmp_path / "folder"
+    a, b = random_image((20, 30), 1), random_image((24, 28), 2)
+    save_image(a, folder / "a.png")
+    save_image(b, folder / "b.png")
+    save_image(random_image((16, 16), 3), tmp_path / "outside.png")  # must never be read through a link
+    os.link(folder / "a.png", folder / "hard.png")  # tar stores the second of the two as a hard link
+    (folder / "sub").mkdir()
+    links = {
+        "soft": "b.png",
+        "sub/up": "../a.png",
+        "abs": str(tmp_path / "outside.png"),
+        "escape": "../outside.png",
+        "dangling": "missing.png",
+        "dir": "sub",
+        "loop1": "loop2.png",
+        "loop2": "loop1.png",
+    }
+    for key, target in links.items():
+        (folder / f"{key}.png").symlink_to(target)
+    shard = _tar_folder(folder, tmp_path / ("s.tar.gz" if compress else "s.tar"), compress)
+    with tarfile.open(shard) as tar:
+        kinds = Counter("link" if m.islnk() else "symlink" if m.issym() else "file" for m in tar if not m.isdir())
+    assert kinds == Counter(file=2, link=1, symlink=8)
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
+    assert summary.written == 5
+    for key, image in {"a": a, "hard": a, "b": b, "soft": b, "sub/up": a}.items():
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, image))
+    failures = {source.rsplit(":", 1)[1]: why for source, why in summary.failures}
+    assert sorted(failures) == ["abs", "dangling", "dir", "escape", "loop1", "loop2"]
+    assert "is a symbolic link to /" in failures["abs"] and failures["abs"].endswith("outside the archive")
+    assert failures["escape"].endswith("is a symbolic link to ../outside.png, outside the archive")
+    assert failures["dangling"].endswith("to missing.png, which is not in the archive")
+    assert failures["dir"].endswith("to sub, which is a folder")
+    assert "more than 16 links in a row" in failures["loop1"]
+
+
+def test_links_are_followed_forward_bounded_and_never_without_end(tmp_path):
+    """A symbolic link may come before its target; a link to an oversized member is not read; FIFOs and
+    devices are reported; and links cannot make a small shard read without end (LINK_READ_FACTOR)."""
+    size, limit = 50_000, 100_000
+    data = {"a": b"A" * size, "b": b"B" * size}
+
+    def add(tar, name, payload=None, kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.size = 0 if payload is None else len(payload)
+        tar.addfile(info, None if payload is None else io.BytesIO(payload))
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        add(tar, "fwd.bin", kind=tarfile.SYMTYPE, link="x/../a.bin")  # before its target
+        add(tar, "a.bin", data["a"])
+        add(tar, "big.bin", b"\0" * (limit + 1))
+        add(tar, "tobig.bin", kind=tarfile.LNKTYPE, link="big.bin")
+        add(tar, "pipe.bin", kind=tarfile.FIFOTYPE)
+        add(tar, "dev.bin", kind=tarfile.CHRTYPE)
+        add(tar, "b.bin", data["b"])
+        for i in range(30):  # one target again and again: read once
+            add(tar, f"same{i:02d}.bin", kind=tarfile.LNKTYPE, link="a.bin")
+        for i in range(30):  # two targets in turn: each link reads, until the bound
+            add(tar, f"turn{i:02d}.bin", kind=tarfile.LNKTYPE, link=("a.bin", "b.bin")[i % 2])
+    samples = {s["__key__"]: s["bin"] for s in iterate_samples(tmp_path / "s.tar", max_member_bytes=limit)}
+    assert samples["fwd"] == data["a"] and all(samples[f"same{i:02d}"] == data["a"] for i in range(30))
+    assert str(samples["big"]) == str(MemberTooLarge("big.bin", limit + 1, limit))
+    assert str(samples["tobig"]).endswith(f"(a link to big.bin) is {limit + 1} bytes, over the limit of {limit} "
+                                          "(--max-member-bytes)")  # fmt: skip
+    assert str(samples["pipe"]) == "tar member pipe.bin is a FIFO" and str(samples["dev"]).endswith("a device")
+    shard_bytes = (tmp_path / "s.tar").stat().st_size  # a little over the tar's own size (its record padding)
+    # fwd read a.bin; same*, and turn00 after them, find it read already; then each turn reads 50 kB, until
+    # the bound; past it only a.bin, the member read last, is still given (for nothing).
+    allowed = (LINK_READ_FACTOR * shard_bytes + limit) // size
+    turns = [samples[f"turn{i:02d}"] for i in range(30)]
+    first_refused = next(i for i, t in enumerate(turns) if not isinstance(t, bytes))
+    assert allowed - 2 <= first_refused <= allowed < 30
+    assert [i for i, t in enumerate(turns) if not isinstance(t, bytes)] == list(range(first_refused, 30, 2))
+    for i, turn in enumerate(turns):
+        if isinstance(turn, bytes):
+            assert turn == data["ab"[i % 2]]
+        else:
+            assert isinstance(turn, MemberUnusable) and "links have read 4 times the shard" in str(turn)
+
+
+def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter):
+    """Issue 23 item 9: a file name that is not UTF-8 (bytes caf\\xe9 on Linux) failed with a codec error.
+    Its bytes become %XX; a real name that gives the same output name is refused, not merged."""
+    folder, elsewhere = tmp_path / "in", tmp_path / "shard"
+    odd = {name: random_image((20, 24 + i), i) for i, name in enumerate([b"caf\xe9", b"th\xe9", b"l\xe9"])}
+    save_image(odd[b"caf\xe9"], Path(os.fsdecode(bytes(folder / "caf")) + os.fsdecode(b"\xe9.png")))
+    save_image(random_image((18, 18), 7), folder / "caf%E9.png")  # the same output name from a UTF-8 name
+    save_image(odd[b"th\xe9"], Path(os.fsdecode(bytes(elsewhere / "th") + b"\xe9.png")))
+    shard = _tar_folder(elsewhere, tmp_path / "s.tar")
+    listed = tmp_path / "listed" / os.fsdecode(b"l\xe9.png")
+    save_image(odd[b"l\xe9"], listed)
+    (tmp_path / "list.txt").write_bytes(bytes(listed) + b"\n")
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([folder, shard], [tmp_path / "list.txt"]), LABELS, out,
+                           templates="single", progress=False)  # fmt: skip
+    assert summary.written == 3
+    assert sorted(os.fsencode(p.name) for p in out.glob("*_labels.png")) == [
+        b"caf%E9_labels.png", b"l%E9_labels.png", b"th%E9_labels.png"
+    ]  # fmt: skip
+    for name, image in odd.items():
+        key = name.decode("latin-1").replace("\xe9", "%E9")
+        expected = image if name != b"caf\xe9" else random_image((18, 18), 7)  # caf%E9.png sorts first
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, expected))
+    ((source, why),) = summary.failures
+    assert source.isprintable() and "\\udce9" in source and why.startswith("output name 'caf%E9' is already taken")
+
+
+def test_an_inner_dot_dot_key_is_refused_even_inside_out(tmp_path, segmenter):
+    """Issue 23 item 14: a shard key sub/../x stays inside OUT; it would write OUT/x beside the real x, make
+    OUT/sub and escape duplicate detection. File lists name ../ paths by where they lead (normalised), so
+    two lines for one file are a duplicate, not a '..' key."""
+    x, other = random_image((20, 30), 1), random_image((26, 22), 2)
+    samples = [("x", {"png": _png_bytes(x)}), ("sub/../x", {"png": _png_bytes(other)}), ("new/../y", {"png": b"-"})]
+    _write_shard(tmp_path / "s.tar", samples)
+    save_image(other, tmp_path / "photos" / "p.png")
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/photos/p.png\n{tmp_path}/photos/../photos/p.png\n")
+    out = tmp_path / "out"
+    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "s.tar"], [tmp_path / "list.txt"]), LABELS, out,
+                           templates="single", progress=False)  # fmt: skip
+    assert summary.written == 2 and not (out / "sub").exists() and not (out / "new").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith("_labels.png")) == ["p_labels.png", "x_labels.png"]
+    np.testing.assert_array_equal(_labels_of(out, "x"), _expected(segmenter, x))
+    failures = dict(summary.failures)
+    for key in ("sub/../x", "new/../y"):
+        assert f"output name {key!r} has an empty, '.' or '..' segment" in failures[f"{tmp_path / 's.tar'}:{key}"]
+    assert "output name 'p' is already taken by" in failures[f"{tmp_path}/photos/../photos/p.png"]
+
+
+def test_a_rerun_removes_what_killed_writes_left_but_never_a_live_writers_file(tmp_path, segmenter):
+    """Issue 23 item 10: killed writes left .<name>.*.tmp files in OUT that no rerun removed. Another
+    process still writing into OUT (another rank) keeps its temporary file."""
+    _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    run = dict(labels=LABELS, out_dir=out, templates="single", progress=False)
+    assert segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run).written == 3
+    (out / "sub" / "img01_labels.png").unlink()
+    dead = killed_write(out / "sub" / "img01_labels.png")  # killed while writing it
+    with writer_in_progress(out / "elsewhere_labels.png") as (writer, live):
+        again = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run)
+        assert (again.written, again.skipped) == (1, 2) and not dead.exists() and live.exists()
+        writer.communicate(b"go on\n", timeout=30)
+    assert not list(out.rglob("*.tmp")) and (out / "elsewhere_labels.png").read_bytes() == b"half and the rest"
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_wrote_nothing_does_not_lock_its_folder(tmp_path, segmenter):
+    """Issue 24 item 6: two undecodable inputs, 0 written; a rerun with other labels was refused ('the label
+    maps in OUT were made with other settings') although no label map existed. Settings files are read as
+    hostile (issue 23 items 3 and 5): a FIFO or 100,000 nested brackets is a one-line refusal."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(b"not an image")
+    out = tmp_path / "out"
+
+    def run(labels):
+        return segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), labels, out, templates="single",
+                            progress=False)  # fmt: skip
+
+    assert (run(LABELS).written, len(run(["cat", "dog"]).failures)) == (0, 2)
+    save_image(random_image((20, 30), 1), tmp_path / "in" / "c.png")
+    assert run(["cat", "dog"]).written == 1
+    with pytest.raises(ValueError, match=r"label maps in .* were made with other settings \(differs in: labels\)"):
+        run(LABELS)
+    manifest = out / ".pacl-segment.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    with pytest.raises(ValueError, match=r"cannot read the settings file .*FIFO.*--overwrite"):
+        run(LABELS)
+    manifest.unlink()
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"cannot read the settings file .*nested too deeply.*--overwrite"):
+        run(LABELS)
+    (out / "c_labels.png").unlink()  # no label map left: the unreadable settings file is replaced
+    assert run(LABELS).written == 1 and json.loads(manifest.read_text())["labels"] == LABELS
+
+
+def test_out_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, tiny_config, capsys):
+    """Issue 23 item 5: --out naming a file ended in a traceback, after the model had loaded."""
+    from pacl_fast.cli import main
+
+    save_image(random_image((20, 30), 1), tmp_path / "p.png")
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    (tmp_path / "file").write_text("x")
+    for out, what in [("file", "is a file, not a folder"), ("file/sub", f"is inside {tmp_path / 'file'}, which is a")]:
+        argv = ["segment", str(tmp_path / "p.png"), "--labels", "a,b", "--out", str(tmp_path / out)]
+        assert main([*argv, "--clip", f"local-dir:{clip}", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pacl-fast segment: error: --out {tmp_path / out} {what}"), err
+        assert "Segmenter(" not in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="out_dir .* is a file"):
+        check_output_folder(tmp_path / "file")
+
+
+def _without_root_override() -> None:
+    """In a child process of root, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+    bounding set, so that file modes bind root as they bind any user (as ``setpriv --bounding-set``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_out_is_one_line_before_the_model_loads(tmp_path, tiny_config):
+    """Issue 23 item 5: a read-only --out ended in a traceback (root writes anywhere: as root the command
+    runs without the capability that overrides file modes)."""
+    save_image(random_image((20, 30), 1), tmp_path / "p.png")
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for out in (read_only, read_only / "new"):
+        command = [sys.executable, "-m", "pacl_fast", "segment", str(tmp_path / "p.png"), "--labels", "a,b",
+                   "--out", str(out), "--clip", f"local-dir:{clip}", "--device", "cpu"]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                                preexec_fn=_without_root_override if os.geteuid() == 0 else None)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        where = "" if out == read_only else f" (cannot make it in {read_only})"
+        expected = f"pacl-fast segment: error: --out {out} is not writable{where}: Permission denied\n"
+        assert result.stderr.startswith(expected), result.stderr
+        assert "Segmenter(" not in result.stderr and "Traceback" not in result.stderr
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_finished_rerun_is_skipped_only_when_every_option_matches_the_record(tmp_path, segmenter, tiny_config):
+    """Issue 22: the skip compared a hand-written list of options, so a forgotten option that changes the
+    outputs gave '0 written, N skipped' without the work. It now compares the record the run writes, made
+    of every option: one added later (``a_new_option``) is compared without anyone listing it."""
+    _folder(tmp_path / "in", 3)
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    out = tmp_path / "out"
+    options = dict(command="segment", images=[str(tmp_path / "in")], file_list=[], labels=LABELS, out=out,
+                   templates="single", sliding_window=None, clip=f"local-dir:{clip}", pacl_weights=None,
+                   clip_weights=None, backend="fast", quiet=False, workers=0, run=print)  # fmt: skip
+    inputs = collect_inputs([tmp_path / "in"])
+    record = request_record(options)
+    segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, request=record)
+    assert json.loads((out / ".pacl-segment.json").read_text())["request"] == record  # what is compared
+    assert already_done(inputs, out, True, request_record(options)) == 3
+    same = {"quiet": True, "workers": 4, "images": ["elsewhere"], "out": "elsewhere", "run": len}
+    assert already_done(inputs, out, True, request_record({**options, **same})) == 3  # read, write, report
+    for change in ({"templates": "short"}, {"sliding_window": SlidingWindow(16, 8)}, {"a_new_option": 1},
+                   {"backend": "reference"}, {"clip_weights": str(clip / "open_clip_model.safetensors")},
+                   {"no_overlay": True}):  # fmt: skip
+        assert already_done(inputs, out, True, request_record({**options, **change})) is None, change
+    weights = next(clip.glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))  # a local-dir CLIP touched
+    assert already_done(inputs, out, True, request_record(options)) is None
+
+
+def test_a_rerun_with_an_option_the_old_list_forgot_loads_the_model(tmp_path, tiny_config, capsys):
+    """Issue 22 through the command: --encoder-cache (another cache can hold another int8 calibration) was
+    not in the list; a rerun with it skipped everything without loading the model."""
+    from pacl_fast.cli import main
+
+    _folder(tmp_path / "in", 3)
+    clip = write_tiny_clip(tmp_path / "clip", tiny_config)
+    argv = ["segment", str(tmp_path / "in"), "--labels", "a,b", "--out", str(tmp_path / "out"), "--quiet"]
+    argv += ["--clip", f"local-dir:{clip}", "--templates", "single", "--device", "cpu"]
+    assert main(argv) == 0 and "3 written" in capsys.readouterr().out
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" not in again.err  # the same options: skipped
+    assert main([*argv, "--encoder-cache", str(tmp_path / "cache")]) == 0
+    again = capsys.readouterr()
+    assert "0 written, 3 skipped" in again.out and "Segmenter(" in again.err  # the model was loaded to check

@@ -1,10 +1,27 @@
-"""files.atomic_folder: a folder appears whole or not at all, and a finished competitor is kept."""
+"""files: atomic folders and writes (whole or not at all, the umask, stale temporaries), regular-file reads, names."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from pacl_fast.files import atomic_folder
+from pacl_fast.files import (
+    STALE_TEMPORARY_SECONDS,
+    atomic_folder,
+    atomic_write,
+    output_key,
+    remove_stale_temporaries,
+    safe_key,
+)
 
 
 def whole(folder):
@@ -63,3 +80,120 @@ def test_open_regular_refuses_fifos_and_folders_without_blocking(tmp_path):
         read_regular_bytes(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_regular_bytes(tmp_path / "missing")
+
+
+# ---- atomic_write: the umask, and the temporary files of killed writers -----------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+_WRITER = """
+import sys
+from pacl_fast.files import atomic_write
+
+def write(f):
+    f.write(b"half")
+    f.flush()
+    print("writing", flush=True)
+    sys.stdin.readline()  # holds its temporary file until told to go on
+    f.write(b" and the rest")
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+@contextlib.contextmanager
+def writer_in_progress(path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Another process inside ``atomic_write(path)``, holding its half-written temporary file:
+    yields ``(process, temporary)``; writing a line to its stdin lets it finish."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert process.stdout.readline().strip() == b"writing"
+        (temporary,) = [p for p in path.parent.iterdir() if f"-{process.pid}-" in p.name]
+        yield process, temporary
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdin.close()
+        process.stdout.close()
+
+
+def killed_write(path: Path) -> Path:
+    """The temporary file an ``atomic_write(path)`` killed with SIGKILL in the middle leaves behind
+    (``path`` itself is left as it was)."""
+    before = path.read_bytes() if path.exists() else None
+    with writer_in_progress(path) as (process, temporary):
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert temporary.is_file() and (path.read_bytes() if path.exists() else None) == before
+    return temporary
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask,file_mode,folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_files_and_folders_honour_the_umask(tmp_path, mask, file_mode, folder_mode):
+    """Issue 24 item 5: outputs were 0600 under umask 022 (atomic_write kept mkstemp's mode)."""
+    with umask(mask):
+        for data in (b"bytes", "text", lambda f: f.write(b"written by a function")):
+            path = atomic_write(tmp_path / "sub" / f"out-{type(data).__name__}.bin", data)
+            assert stat.S_IMODE(path.stat().st_mode) == file_mode, oct(path.stat().st_mode)
+        with atomic_folder(tmp_path / "model", whole) as tmp:
+            (tmp / "model.bin").write_bytes(b"w")
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == folder_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sub"]  # no temporary left
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    """Issue 23 item 10: killed writes left .<name>.*.tmp files that no rerun removed. A live writer's
+    (another process, or this one) is kept, and so is every file that is not atomic_write's."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dead = killed_write(folder / "a_labels.png")
+    nested = killed_write(folder / "sub" / "b_labels.png")
+    prefix, writer_id, _, end = dead.name.rsplit("-", 3)
+    own = folder / f"{prefix}-{writer_id}-{os.getpid()}-{end}"  # as if this process were writing it
+    own.write_bytes(b"mine")
+    other_machine = folder / ".c_labels.png.pacl-00000000-1-0123abcd.tmp"  # another host's pid 1
+    legacy = folder / ".d_labels.png.k3j_x9a2.tmp"  # tempfile.mkstemp's name, before
+    keep = [folder / "notes.tmp", folder / ".e.tmp", folder / "f_labels.png"]
+    for path in [other_machine, legacy, *keep]:
+        path.write_bytes(b"x")
+    odd_folder = folder / ".g_labels.png.pacl-00000000-1-0123abcd.tmp"
+    odd_folder.mkdir()
+    with writer_in_progress(folder / "h_labels.png") as (writer, live):
+        assert remove_stale_temporaries(folder) == 1  # not recursive: sub/ is left
+        assert not dead.exists() and nested.exists() and live.exists() and own.exists()
+        assert other_machine.exists() and legacy.exists()  # recent: their writers may be alive elsewhere
+        hour_ago = time.time() - STALE_TEMPORARY_SECONDS - 60
+        for path in (other_machine, legacy, *keep):
+            os.utime(path, (hour_ago, hour_ago))
+        os.utime(odd_folder, (hour_ago, hour_ago))
+        assert remove_stale_temporaries(folder, recursive=True) == 3
+        assert not nested.exists() and not other_machine.exists() and not legacy.exists()
+        assert live.exists() and own.exists() and odd_folder.is_dir() and all(p.exists() for p in keep)
+        writer.communicate(b"go on\n", timeout=30)  # the live writer publishes its whole file
+    assert (folder / "h_labels.png").read_bytes() == b"half and the rest" and not live.exists()
+    assert remove_stale_temporaries(tmp_path / "missing") == 0
+
+
+def test_output_key_makes_any_name_safe():
+    """Issue 23 item 9: a file name that is not UTF-8 failed with a codec error."""
+    name = os.fsdecode(b"sub/caf\xe9 cr\xe8me")  # as Python reads such a name on Linux
+    assert output_key(name) == "sub/caf%E9 cr%E8me"
+    assert output_key("sub/café") == "sub/café" and output_key("100%") == "100%"  # UTF-8 names are kept
+    assert output_key("x\udb80y") == "x%ED%AE%80y"  # a lone surrogate from elsewhere: its bytes
+    with pytest.raises(ValueError, match=r"'caf\\udce9' is not UTF-8 text"):
+        safe_key(name.split("/")[1][:4])
+    for bad in ("../x", "sub/../x", "./x", "a//b", "/abs", "a\\b", "x\ny"):
+        with pytest.raises(ValueError, match="output name"):
+            output_key(bad)

@@ -1,5 +1,8 @@
 """Segmentation on disk: label PNGs (background 255 / 65535), overlays, clean names, no silent overwrite."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 from layouts import random_image
@@ -113,3 +116,15 @@ def test_class_shares_keep_a_class_named_background_apart_from_thresholded_pixel
     assert named.class_shares() == {"background": 0.25, "cat": 0.375, "background (below threshold)": 0.375}
     plain = Segmentation(labels=labels, scores=None, classes=("dog", "cat"), source="x")
     assert plain.class_shares() == {"dog": 0.25, "cat": 0.375, "background": 0.375}
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_label_maps_and_overlays_honour_the_umask(tmp_path, mask, mode):
+    """Issue 24 item 5: label and overlay PNGs were 0600 under umask 022 (atomic_write kept mkstemp's mode)."""
+    old = os.umask(mask)
+    try:
+        paths = _result(seed=7).save(tmp_path / "sub", "x")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE(path.stat().st_mode) for name, path in paths.items()}
+    assert modes == {"labels": mode, "overlay": mode}

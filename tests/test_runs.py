@@ -3,9 +3,11 @@
 import hashlib
 import json
 import logging
+import os
 
 import pytest
 import torch
+from test_files import killed_write
 
 from pacl_fast.distributed import DistInfo
 from pacl_fast.runs import (
@@ -241,3 +243,33 @@ def test_clear_state_removes_only_run_files(tmp_path, caplog):
     state, path = _killed(tmp_path / "ranks")
     clear_state(state, DistInfo(1, 2))  # only rank 0 clears
     assert path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_state_file_that_is_a_fifo_or_nested_without_end_is_refused_in_one_line(tmp_path):
+    """Issue 23 items 3 and 5: a FIFO where the state file should be hung the run forever; 100,000 nested
+    brackets ended in a RecursionError traceback. Both are a StateError naming the file and --restart."""
+    state, path = _killed(tmp_path)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(StateError, match=r"unreadable \(NotARegularFileError: .*expected a regular file, found a FIFO"):
+        _run(state)
+    path.unlink()
+    for depth in (100_000, 990):  # past the parser's limit; just under it, deeper in the checks
+        path.write_text("[" * depth + "]" * depth)
+        with pytest.raises(StateError) as refused:
+            _run(state)
+        assert str(refused.value).startswith(f"cannot resume from {path}: ") and "--restart" in str(refused.value)
+    saved = {"version": 2, "fingerprint": {"task": [[[[]]]]}, "done": 1, "sums": {}, "failures": []}
+    deep = json.dumps(saved).replace("[[[[]]]]", "[" * 990 + "]" * 990)
+    path.write_text(deep)
+    with pytest.raises(StateError, match=r"cannot resume from .*(other settings|nested too deeply).*--restart"):
+        _run(state)
+
+
+def test_resume_removes_the_temporary_files_of_killed_state_writes(tmp_path):
+    """Issue 23 item 10, for run state: a save killed mid-write left its temporary file for good."""
+    state, path = _killed(tmp_path, die_after=4)
+    dead = killed_write(path)
+    totals, _, loaded = _run(state)
+    assert loaded == [4, 5, 6] and totals["hits"].tolist() == [3, 2, 1] and not dead.exists()

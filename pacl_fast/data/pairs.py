@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberTooLarge, ShardError, iterate_samples
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES, MemberNotRead, ShardError, iterate_samples
 from pacl_fast.data.stream import QUOTED_FAILURES, DataError, SampleError
 from pacl_fast.files import open_regular
 from pacl_fast.images import IMAGE_SUFFIXES, load_image, square_crop
@@ -106,7 +106,7 @@ def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, str]:
     if image_bytes is None or caption_bytes is None:
         raise SampleError(f"{where} lacks an image or a caption")
     for value in (image_bytes, caption_bytes):
-        if isinstance(value, MemberTooLarge):
+        if isinstance(value, MemberNotRead):
             raise SampleError(f"{where}: {value}")
     caption = caption_bytes.decode("utf-8", errors="replace").strip()
     if not caption:
