@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,48 @@ def test_a_finished_rerun_skips_without_loading_the_model(tmp_path, tiny_config,
     assert main([*argv, "--backend", "reference"]) == 0, capsys.readouterr().err
     again = capsys.readouterr()
     assert "0 written, 3 skipped" in again.out and "Segmenter(" in again.err
+
+
+#: Every help screen of the command line, as a user sees it at 100 columns (see test_help_output_is_unchanged).
+ROOT = Path(__file__).resolve().parents[1]
+HELP_GOLDEN = ROOT / "tests" / "data" / "cli_help.txt"
+HELP_COMMANDS = (
+    ["-m", "pacl_fast"],
+    *(["-m", "pacl_fast", name] for name in ("segment", "demo", "eval", "classify", "export", "serve")),
+    ["-m", "pacl_fast.serve"],
+)
+
+
+def help_screens() -> str:
+    """``python -m pacl_fast [COMMAND] --help`` and ``python -m pacl_fast.serve --help`` at ``COLUMNS=100``,
+    each under a ``$ ...`` line."""
+    env = {**os.environ, "COLUMNS": "100", "LINES": "50"}
+    screens = []
+    for command in HELP_COMMANDS:
+        result = subprocess.run(
+            [sys.executable, *command, "--help"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT
+        )
+        assert result.returncode == 0 and not result.stderr, (command, result.stderr)
+        screens.append(f"$ python {' '.join(command)} --help\n{result.stdout}")
+    return "\n".join(screens)
+
+
+def test_help_output_is_unchanged():
+    """Every command's options, defaults and help text stay as they were (issue 22: the CLI was split into a
+    package without changing what users see).
+
+    When help text must change on purpose, regenerate the golden file and commit it with the change, saying
+    why in the commit message (the diff of tests/data/cli_help.txt is the review of the change)::
+
+        PACL_FAST_UPDATE_HELP=1 python -m pytest tests/test_cli.py -k help_output_is_unchanged
+
+    (the test then rewrites the file and skips). The screens depend on argparse's formatting, so the file
+    is made with the Python of the project's venv (3.11).
+    """
+    screens = help_screens()
+    if os.environ.get("PACL_FAST_UPDATE_HELP"):
+        HELP_GOLDEN.parent.mkdir(exist_ok=True)
+        HELP_GOLDEN.write_text(screens)
+        pytest.skip(f"rewrote {HELP_GOLDEN}")
+    expected = HELP_GOLDEN.read_text()
+    assert screens == expected
