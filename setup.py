@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pacl_fast", "pacl_fast.encoders", "pacl_fast.data", "pacl_fast.serve", "kernels"],
+    packages=["pacl_fast", "pacl_fast.cli", "pacl_fast.encoders", "pacl_fast.data", "pacl_fast.serve", "kernels"],
     # the demo weights: a synthetic-world CLIP (open_clip local-dir) and PACL weights on it
     package_data={
         "pacl_fast": ["assets/demo/*.safetensors", "assets/demo/clip/*", "assets/class_names/*/*.txt"],

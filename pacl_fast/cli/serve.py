@@ -1,4 +1,4 @@
-"""``pacl-fast serve``: the command line of the HTTP service (``pacl_fast.cli`` registers it).
+"""``pacl-fast serve`` (and ``python -m pacl_fast.serve``): the HTTP service's command line.
 
 Light on purpose: nothing here imports torch, FastAPI or uvicorn until the command runs, so that
 ``pacl-fast --help`` stays instant.
@@ -13,13 +13,15 @@ import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-from pacl_fast.cli import (
+from pacl_fast.cli.common import (
     HELP,
+    Subcommands,
     UsageError,
-    _positive_int,
     add_model_arguments,
     check_weights_files,
     checked_number,
+    make_segmenter,
+    positive_int,
     run_command,
 )
 from pacl_fast.serve.settings import DEFAULT_MAX_PIXELS, TEMPLATE_PRESETS, ServeSettings
@@ -34,56 +36,56 @@ DESCRIPTION = (
 )
 
 
-def _positive_float(name: str):
+def positive_float(name: str):
     return checked_number(name, float, lambda value: value > 0, "a positive number")
 
 
-def _non_negative_float(name: str):
+def non_negative_float(name: str):
     return checked_number(name, float, lambda value: value >= 0, "a number >= 0")
 
 
-_port = checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
+port_number = checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
 
 
-def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
+def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options, on ``parser`` (the subcommand's, or ``python -m pacl_fast.serve``'s)."""
     defaults = ServeSettings()
     group = parser.add_argument_group("service")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    group.add_argument("--port", type=_port, default=8000, help="TCP port")
+    group.add_argument("--port", type=port_number, default=8000, help="TCP port")
     group.add_argument(
-        "--max-batch", type=_positive_int("--max-batch"), default=defaults.max_batch, help="images per model call"
+        "--max-batch", type=positive_int("--max-batch"), default=defaults.max_batch, help="images per model call"
     )
     group.add_argument(
         "--max-wait-ms",
-        type=_non_negative_float("--max-wait-ms"),
+        type=non_negative_float("--max-wait-ms"),
         default=defaults.max_wait_ms,
         help="how long a request waits for others to batch with when the model is idle",
     )
     group.add_argument(
         "--max-queue",
-        type=_positive_int("--max-queue"),
+        type=positive_int("--max-queue"),
         default=defaults.max_queue,
         help="requests waiting for the model, at most; more are answered 503 with Retry-After",
     )
     group.add_argument(
         "--max-image-bytes",
-        type=_positive_int("--max-image-bytes"),
+        type=positive_int("--max-image-bytes"),
         default=defaults.max_image_bytes,
         help="largest upload (encoded bytes); more is answered 413",
     )
     group.add_argument(
         "--max-pixels",
-        type=_positive_int("--max-pixels"),
+        type=positive_int("--max-pixels"),
         default=DEFAULT_MAX_PIXELS,
         help="largest image (width x height), checked before decoding; more is answered 413",
     )
     group.add_argument(
-        "--max-labels", type=_positive_int("--max-labels"), default=defaults.max_labels, help="class names per request"
+        "--max-labels", type=positive_int("--max-labels"), default=defaults.max_labels, help="class names per request"
     )
     group.add_argument(
         "--timeout",
-        type=_positive_float("--timeout"),
+        type=positive_float("--timeout"),
         default=defaults.timeout,
         help="seconds to answer a request; past it the answer is 504 and queued work is dropped",
     )
@@ -94,25 +96,22 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
         help="prompt templates when a request names none (default: synthetic with --clip demo, else imagenet)",
     )
     group.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
-    add_model_arguments(parser)
-    # --batch-size (images per encoder call) follows --max-batch unless given.
-    parser.set_defaults(batch_size=None)
-    for action in parser._actions:
-        if action.dest == "batch_size":
-            action.help = "images (or sliding windows) per encoder call (default: --max-batch)"
-        if action.dest == "no_text_cache":
-            # Class names come from clients here: keep their embeddings in memory unless the operator opts in.
-            action.help = argparse.SUPPRESS
-            parser.set_defaults(no_text_cache=True)
-            group.add_argument(
-                "--disk-text-cache",
-                action="store_true",
-                help="also keep class-name embeddings in the on-disk text cache (warm across restarts and replicas "
-                "of one machine); clients' label sets then write cache files, bounded by the cache's size cap",
-            )
+    add_model_arguments(
+        parser,
+        # --batch-size (images per encoder call) follows --max-batch unless given.
+        batch_size={"default": None, "help": "images (or sliding windows) per encoder call (default: --max-batch)"},
+        # Class names come from clients here: keep their embeddings in memory unless the operator opts in.
+        no_text_cache={"action": "store_true", "default": True, "help": argparse.SUPPRESS},
+    )
+    group.add_argument(
+        "--disk-text-cache",
+        action="store_true",
+        help="also keep class-name embeddings in the on-disk text cache (warm across restarts and replicas "
+        "of one machine); clients' label sets then write cache files, bounded by the cache's size cap",
+    )
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     """Register ``pacl-fast serve`` on the CLI's subcommands."""
     parser = sub.add_parser(
         "serve",
@@ -120,7 +119,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="HTTP segmentation service with dynamic batching, and a web page to try it",
         description=DESCRIPTION,
     )
-    configure_serve_parser(parser)
+    configure_parser(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -163,11 +162,10 @@ def resolve_model_options(args: argparse.Namespace) -> None:
         args.no_text_cache = False
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Load the model on the service's worker thread and serve until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
 
-    from pacl_fast.cli import _make_segmenter
     from pacl_fast.serve.app import create_app
 
     check_weights_files(args)
@@ -177,9 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.warning("listening on %s: the service has no authentication; put it behind your own proxy", args.host)
 
     def build():
-        segmenter = _make_segmenter(args, args.device)
-        segmenter.max_pixels = args.max_pixels
-        return segmenter
+        return make_segmenter(args, args.device, max_pixels=args.max_pixels)
 
     server: uvicorn.Server | None = None
 
@@ -208,5 +204,5 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pacl_fast.serve``: the same as ``pacl-fast serve``."""
     parser = argparse.ArgumentParser(prog="python -m pacl_fast.serve", description=DESCRIPTION, formatter_class=HELP)
-    configure_serve_parser(parser)
-    return run_command("serve", run_serve, parser.parse_args(argv))
+    configure_parser(parser)
+    return run_command("serve", run, parser.parse_args(argv))

@@ -1,0 +1,125 @@
+"""``pacl-fast eval``: mIoU on a segmentation benchmark, resumable and shardable under ``torchrun``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pacl_fast.choices import DATASETS, PROTOCOLS
+from pacl_fast.cli.common import (
+    HELP,
+    Subcommands,
+    UsageError,
+    add_model_arguments,
+    add_run_arguments,
+    check_weights_files,
+    distributed,
+    make_segmenter,
+    path_text,
+    probability,
+    sliding_window,
+    state_dir,
+    write_json,
+)
+
+
+def add_parser(sub: Subcommands) -> None:
+    parser = sub.add_parser(
+        "eval",
+        formatter_class=HELP,
+        help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes, synthetic)",
+        description="Evaluate on a benchmark in mmsegmentation's layout; prints a per-class IoU table and "
+        "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
+        "Under torchrun the ranks share the images and the numbers equal a single process's.",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark")
+    parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
+    parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
+    parser.add_argument(
+        "--class-names",
+        type=Path,
+        default=None,
+        help="names to ask with: one class per line, synonyms separated by commas (SCLIP's cls_*.txt format)",
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="imagenet (80), short (7), single, or 'a {} photo' (default: the dataset's own, else imagenet)",
+    )
+    parser.add_argument(
+        "--sliding-window",
+        type=sliding_window,
+        default=None,
+        metavar="CROP,STRIDE[,SHORT]",
+        help="the training-free papers' protocol, e.g. 224,112,336 for a ViT-B/16 at 224 or 448,224,448; "
+        "default: the whole image with its short side at --image-size",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=probability,
+        default=None,
+        help="pixels whose winning probability is under this are background (voc21, context60, cocoobject)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=None,
+        help="a training-free paper's evaluation protocol for this dataset, exactly as its configs set it: class "
+        "names and background, templates, short side, sliding window, logit scale, thresholds, PAMR "
+        "(pacl_fast/protocols.py cites each value); then leave those options out",
+    )
+    add_run_arguments(parser, default_save_every=20)
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacl_fast.data.names import read_class_names
+    from pacl_fast.data.segmentation import open_dataset
+    from pacl_fast.evaluate import evaluate_segmentation
+    from pacl_fast.runs import clear_state
+
+    check_weights_files(args)
+    protocol = None
+    if args.protocol is not None:
+        from pacl_fast.protocols import get_protocol
+
+        set_by_protocol = ("class_names", "templates", "sliding_window", "background_threshold", "image_size")
+        given = [f"--{name.replace('_', '-')}" for name in set_by_protocol if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
+        protocol = get_protocol(args.protocol, args.dataset)
+        args.image_size = protocol.short_side
+    dataset = open_dataset(args.dataset, args.root, args.split)
+    names = read_class_names(args.class_names) if args.class_names else None
+    dist, device = distributed(args)
+    partial = state_dir(args, f"eval-{args.dataset}")
+    if args.restart:
+        clear_state(partial, dist)
+    report = evaluate_segmentation(
+        make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale),
+        dataset,
+        names=names,
+        templates=args.templates,
+        sliding_window=args.sliding_window,
+        background_threshold=args.background_threshold,
+        protocol=protocol,
+        limit=args.limit,
+        dist=dist,
+        state_dir=partial,
+        save_every=args.save_every,
+        workers=args.workers,
+    )
+    if dist.is_main:
+        print(report.metrics.table())
+        print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
+        write_json(
+            args.json,
+            {"model": {"clip": str(args.clip), "pacl_weights": path_text(args.pacl_weights)}, **report.to_dict()},
+        )
+        for failure in report.failures:
+            print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
+        if report.failures:
+            print(f"{len(report.failures)} images failed; the numbers above leave them out", file=sys.stderr)
+    clear_state(partial, dist)
+    return 1 if report.failures else 0
