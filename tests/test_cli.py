@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -135,7 +136,8 @@ def test_the_cli_choices_are_the_library_lists(capsys):
     assert common.TEXT_DTYPES is choices.TEXT_DTYPES
     assert eval_command.DATASETS is choices.DATASETS and eval_command.PROTOCOLS is choices.PROTOCOLS
     assert export.EXPORT_FORMATS is choices.EXPORT_FORMATS and export.EXPORT_PRECISIONS is choices.EXPORT_PRECISIONS
-    assert serve_command.TEMPLATE_PRESETS is choices.TEMPLATE_PRESETS
+    templates = next(f for f in dataclasses.fields(serve_command.ServeSettings) if f.name == "templates")
+    assert templates.metadata["choices"] is choices.TEMPLATE_PRESETS
     assert common.METHODS == METHODS
     assert common.ENCODERS == ENCODERS
     assert eval_command.PROTOCOLS == PROTOCOLS
@@ -283,3 +285,82 @@ def test_cli_modules_use_no_private_names_of_other_modules():
                 name = node.attr
                 allowed = name == "_get_help_string" and path.name == "common.py"
                 assert allowed or not (name.startswith("_") and not name.endswith("__")), f"{path.name} uses .{name}"
+
+
+def _serve_parser(settings=None):
+    import argparse
+
+    from pacl_fast.cli import HELP, serve
+
+    parser = argparse.ArgumentParser(prog="serve", formatter_class=HELP)
+    if settings is None:
+        serve.configure_parser(parser)
+    else:
+        serve.add_settings_options(parser, settings)
+    return parser
+
+
+def test_serve_options_are_the_settings_fields(capsys):
+    """Issue 22: every ServeSettings field is a serve option of its name, typed by the field, checked by the
+    settings' own __post_init__, and copied back without a hand-written list."""
+    from pacl_fast.cli.serve import settings_from_args
+    from pacl_fast.serve.settings import ServeSettings
+
+    defaults = ServeSettings()
+    argv, expected = [], {}
+    for spec in dataclasses.fields(ServeSettings):
+        value = getattr(defaults, spec.name)
+        flag = "--" + spec.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append("--no-" + flag[2:] if value else flag)
+            expected[spec.name] = not value
+        elif spec.metadata.get("choices"):
+            expected[spec.name] = next(c for c in spec.metadata["choices"] if c != value)
+            argv += [flag, expected[spec.name]]
+        else:
+            expected[spec.name] = type(value)(value * 3 + 1)
+            argv += [flag, str(expected[spec.name])]
+    assert len(expected) == len(dataclasses.fields(ServeSettings)) >= 11
+    settings = settings_from_args(_serve_parser().parse_args([*argv, "--clip", "demo"]))
+    assert dataclasses.asdict(settings) == expected
+    untouched = settings_from_args(_serve_parser().parse_args([]))
+    assert untouched == dataclasses.replace(defaults, templates="imagenet")
+    for bad in (["--max-label-chars", "0"], ["--max-windows", "-1"], ["--max-wait-ms", "-1"], ["--timeout", "0"],
+                ["--max-batch", "2.5"], ["--timeout", "soon"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            _serve_parser().parse_args(bad)
+        err = capsys.readouterr().err
+        assert f"{bad[0]} must be" in err and "Traceback" not in err, err
+
+
+def test_a_new_settings_field_gets_its_option_by_itself(capsys):
+    """What another engineer adds to ServeSettings with metadata={"help": ...} is an option with no CLI edit."""
+    from pacl_fast.cli.serve import settings_from_args
+    from pacl_fast.serve.settings import ServeSettings
+
+    @dataclasses.dataclass(frozen=True)
+    class Wider(ServeSettings):
+        body_deadline: float = dataclasses.field(default=10.0, metadata={"help": "seconds for a request body"})
+        body_readers: int | None = dataclasses.field(default=None, metadata={"help": "bodies read at once"})
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not self.body_deadline > 0:
+                raise ValueError(f"body_deadline must be > 0 seconds, got {self.body_deadline!r}")
+
+    parser = _serve_parser(Wider)
+    args = parser.parse_args(["--body-deadline", "2.5", "--body-readers", "4", "--max-batch", "3"])
+    args.clip = "ViT-B-16"
+    settings = settings_from_args(args, Wider)
+    assert (settings.body_deadline, settings.body_readers, settings.max_batch) == (2.5, 4, 3)
+    assert "seconds for a request body (default: 10.0)" in " ".join(parser.format_help().split())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--body-deadline", "0"])
+    assert "--body-deadline must be > 0 seconds, got 0.0" in capsys.readouterr().err
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented(ServeSettings):
+        secret: int = 3
+
+    with pytest.raises(TypeError, match=r"Undocumented.secret needs metadata=\{'help': ...\}"):
+        _serve_parser(Undocumented)

@@ -7,24 +7,27 @@ Light on purpose: nothing here imports torch, FastAPI or uvicorn until the comma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from pacl_fast.cli.common import (
     HELP,
+    Options,
     Subcommands,
     UsageError,
     add_model_arguments,
     check_weights_files,
     checked_number,
     make_segmenter,
-    positive_int,
     run_command,
 )
-from pacl_fast.serve.settings import DEFAULT_MAX_PIXELS, TEMPLATE_PRESETS, ServeSettings
+from pacl_fast.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,65 +39,74 @@ DESCRIPTION = (
 )
 
 
-def positive_float(name: str):
-    return checked_number(name, float, lambda value: value > 0, "a positive number")
-
-
-def non_negative_float(name: str):
-    return checked_number(name, float, lambda value: value >= 0, "a number >= 0")
-
-
 port_number = checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
+
+#: What a setting's text must be, by the field's type.
+_EXPECTED = {int: "an integer", float: "a number", str: "text"}
+
+
+def option_name(name: str) -> str:
+    """``max_batch`` -> ``--max-batch``."""
+    return "--" + name.replace("_", "-")
+
+
+def setting_type(settings: type[ServeSettings], name: str, kind: type) -> Callable[[str], Any]:
+    """An argparse ``type`` for field ``name``: the text as ``kind``, checked by the settings' own
+    ``__post_init__`` (the other fields at their defaults), its message naming the option."""
+    flag = option_name(name)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {_EXPECTED[kind]}, got {text!r}") from None
+        try:
+            settings(**{name: value})
+        except ValueError as error:
+            message = str(error)
+            message = flag + message[len(name) :] if message.startswith(name + " ") else f"{flag}: {message}"
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    return parse
+
+
+def add_settings_options(group: Options, settings: type[ServeSettings] = ServeSettings) -> None:
+    """One option per field of ``settings``, from its type and metadata (see :mod:`pacl_fast.serve.settings`),
+    so that a new field is an option without a line here."""
+    hints = typing.get_type_hints(settings)
+    defaults = settings()
+    for spec in dataclasses.fields(settings):
+        meta = spec.metadata
+        if "help" not in meta:
+            raise TypeError(f"{settings.__name__}.{spec.name} needs metadata={{'help': ...}}: it is a serve option")
+        kind = hints[spec.name]
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]  # X | None -> X
+        kind = kinds[0]
+        default = meta.get("cli_default", getattr(defaults, spec.name))
+        if kind is bool:
+            flag = option_name(("no_" if default else "") + spec.name)
+            action = "store_false" if default else "store_true"
+            shown = meta["help"] + (" (default: off)" if default else "")  # not "(default: True)" for --no-X
+            group.add_argument(flag, dest=spec.name, action=action, default=default, help=shown)
+            continue
+        if kind not in _EXPECTED:
+            raise TypeError(f"{settings.__name__}.{spec.name}: a serve option must be int, float, str or bool")
+        group.add_argument(
+            option_name(spec.name),
+            type=setting_type(settings, spec.name, kind),
+            default=default,
+            choices=meta.get("choices"),
+            help=meta["help"],
+        )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options, on ``parser`` (the subcommand's, or ``python -m pacl_fast.serve``'s)."""
-    defaults = ServeSettings()
     group = parser.add_argument_group("service")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=port_number, default=8000, help="TCP port")
-    group.add_argument(
-        "--max-batch", type=positive_int("--max-batch"), default=defaults.max_batch, help="images per model call"
-    )
-    group.add_argument(
-        "--max-wait-ms",
-        type=non_negative_float("--max-wait-ms"),
-        default=defaults.max_wait_ms,
-        help="how long a request waits for others to batch with when the model is idle",
-    )
-    group.add_argument(
-        "--max-queue",
-        type=positive_int("--max-queue"),
-        default=defaults.max_queue,
-        help="requests waiting for the model, at most; more are answered 503 with Retry-After",
-    )
-    group.add_argument(
-        "--max-image-bytes",
-        type=positive_int("--max-image-bytes"),
-        default=defaults.max_image_bytes,
-        help="largest upload (encoded bytes); more is answered 413",
-    )
-    group.add_argument(
-        "--max-pixels",
-        type=positive_int("--max-pixels"),
-        default=DEFAULT_MAX_PIXELS,
-        help="largest image (width x height), checked before decoding; more is answered 413",
-    )
-    group.add_argument(
-        "--max-labels", type=positive_int("--max-labels"), default=defaults.max_labels, help="class names per request"
-    )
-    group.add_argument(
-        "--timeout",
-        type=positive_float("--timeout"),
-        default=defaults.timeout,
-        help="seconds to answer a request; past it the answer is 504 and queued work is dropped",
-    )
-    group.add_argument(
-        "--templates",
-        default=None,
-        choices=TEMPLATE_PRESETS,
-        help="prompt templates when a request names none (default: synthetic with --clip demo, else imagenet)",
-    )
+    add_settings_options(group)
     group.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
     add_model_arguments(
         parser,
@@ -122,19 +134,14 @@ def add_parser(sub: Subcommands) -> None:
     configure_parser(parser)
 
 
-def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    templates = args.templates or ("synthetic" if args.clip == "demo" else "imagenet")
+def settings_from_args(args: argparse.Namespace, settings: type[ServeSettings] = ServeSettings) -> ServeSettings:
+    """The service's settings from the options of the same names; ``--templates`` unset: the model's own
+    (``synthetic`` for ``--clip demo``), else ``imagenet``."""
+    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(settings)}
+    if values["templates"] is None:
+        values["templates"] = "synthetic" if args.clip == "demo" else "imagenet"
     try:
-        return ServeSettings(
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue,
-            max_image_bytes=args.max_image_bytes,
-            max_pixels=args.max_pixels,
-            max_labels=args.max_labels,
-            timeout=args.timeout,
-            templates=templates,
-        )
+        return settings(**values)
     except ValueError as error:
         raise UsageError(str(error)) from error
 
