@@ -12,11 +12,16 @@ from pacl_fast.cli.common import (
     UsageError,
     add_model_arguments,
     add_run_arguments,
+    add_verbose,
+    check_text,
     check_weights_files,
     distributed,
+    encoder_choice,
     labels_list,
     make_segmenter,
     path_text,
+    positive_int,
+    resumable,
     state_dir,
     write_json,
 )
@@ -30,6 +35,7 @@ def add_parser(sub: Subcommands) -> None:
         description="Classify images into the given classes, or evaluate top-1 / top-5 on an ImageFolder "
         "(ROOT/CLASS/IMAGE) with --image-folder. Both scorers see the same pixels and prompts.",
     )
+    add_verbose(parser)
     parser.add_argument("images", nargs="*", help="image files")
     parser.add_argument("--labels", type=labels_list, default=None, help="comma-separated class names: a,b,c")
     parser.add_argument(
@@ -40,7 +46,7 @@ def add_parser(sub: Subcommands) -> None:
         "line per class folder, sorted; default: the folder names)",
     )
     parser.add_argument("--image-folder", type=Path, default=None, help="evaluate on ROOT/CLASS/IMAGE")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int("--top-k"), default=5, help="classes shown per image (default 5)")
     parser.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
     add_run_arguments(parser, default_save_every=256)
     add_model_arguments(parser)
@@ -53,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("classify compares PACL's compatibility with CLIP: it runs --method pacl only")
     args.method = "pacl"
     check_weights_files(args)
+    check_text(args.labels, args.templates)
+    encoder_choice(args)
     return run_folder(args) if args.image_folder is not None else run_images(args)
 
 
@@ -69,16 +77,17 @@ def run_folder(args: argparse.Namespace) -> int:
     partial = state_dir(args, "classify")
     if args.restart:
         clear_state(partial, dist)
-    report = evaluate_classification(
-        classifier,
-        folder,
-        templates=args.templates,
-        limit=args.limit,
-        dist=dist,
-        state_dir=partial,
-        save_every=args.save_every,
-        workers=args.workers,
-    )
+    with resumable(partial, args.save_every):
+        report = evaluate_classification(
+            classifier,
+            folder,
+            templates=args.templates,
+            limit=args.limit,
+            dist=dist,
+            state_dir=partial,
+            save_every=args.save_every,
+            workers=args.workers,
+        )
     if dist.is_main:
         print(report.table())
         write_json(args.json, {"pacl_weights": path_text(args.pacl_weights), **report.to_dict()})

@@ -7,9 +7,11 @@ Light on purpose: nothing here imports torch until a command runs, so ``--help``
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +50,17 @@ WEIGHTS_HELP = (
 )
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose``, which every command has (see :func:`command_logging`)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' INFO log lines (open_clip, ONNX export, uvicorn); tracebacks: "
+        "PACL_FAST_DEBUG=1",
+    )
+
+
 class UsageError(Exception):
     """A problem with what the user asked for: reported as one line, exit code 2."""
 
@@ -79,11 +92,25 @@ probability = checked_number("--background-threshold", float, lambda value: 0.0 
                              "a probability in [0, 1]")  # fmt: skip
 
 
+def non_negative_int(name: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= 0, else an error naming the option ``name``."""
+    return checked_number(name, int, lambda value: value >= 0, "an integer >= 0")
+
+
 def labels_list(text: str) -> list[str]:
-    """``--labels a,b,c`` -> ``["a", "b", "c"]``; an empty name is an error."""
+    """``--labels a,b,c`` -> ``["a", "b", "c"]``; an empty name, or one class named twice (also in another
+    case or spacing, which CLIP's tokenizer reads as the same words), is an error before any model loads."""
     labels = [label.strip() for label in text.split(",")]
     if not all(labels):
         raise argparse.ArgumentTypeError(f"--labels has an empty name in {text!r}; give 'a,b,c'")
+    seen: dict[str, str] = {}
+    for label in labels:
+        key = " ".join(label.split()).casefold()
+        if key in seen:
+            first = seen[key]
+            twice = f"{label!r} twice" if first == label else f"{first!r} and {label!r}, one name to CLIP's tokenizer"
+            raise argparse.ArgumentTypeError(f"--labels has {twice}: give each class once")
+        seen[key] = label
     return labels
 
 
@@ -118,6 +145,13 @@ def add_weights_arguments(group: Options) -> None:
         "--pacl-weights, else naclip",
     )
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    group.add_argument(
+        "--no-strict-clip",
+        dest="strict_clip",
+        action="store_false",
+        help="use --pacl-weights recorded for another CLIP (the library's strict_clip=False): only when you know "
+        "the two CLIPs hold the same weights (default: refused)",
+    )
 
 
 #: ``--batch-size`` as most commands have it (``serve`` makes it follow ``--max-batch``).
@@ -187,6 +221,22 @@ def check_weights_files(args: argparse.Namespace) -> None:
         raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
 
 
+def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
+    """Class names and templates checked as the text side checks them, before any model loads."""
+    from pacl_fast.prompts import resolve_templates, validate_labels
+
+    try:
+        if labels is not None:
+            validate_labels(labels)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--labels: {error}") from None
+    try:
+        if templates is not None:
+            resolve_templates(templates)
+    except ValueError as error:
+        raise UsageError(f"--templates {templates!r}: {error}") from None
+
+
 def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
     """``--dtype`` and ``--encoder-cache`` as the encoder's dtype and options (int8 is an OpenVINO precision)."""
     options = {"cache_dir": args.encoder_cache} if args.encoder_cache is not None else {}
@@ -224,7 +274,7 @@ def make_segmenter(
     announce: bool = True,
 ) -> Segmenter:
     """The :class:`~pacl_fast.segmenter.Segmenter` the model options ask for; ``announce``: say on stderr
-    which method runs on what (the first line a user reads)."""
+    which method runs on what (the first line a user reads, see :func:`say`)."""
     from pacl_fast.segmenter import Segmenter
 
     dtype, options = encoder_choice(args)
@@ -243,9 +293,10 @@ def make_segmenter(
         logit_scale=logit_scale,
         max_pixels=max_pixels,
         text_cache=False if args.no_text_cache else None,
+        strict_clip=args.strict_clip,
     )
     if announce:
-        print(f"pacl-fast: {segmenter!r}", file=sys.stderr)  # which method runs, on what
+        say(repr(segmenter))  # which method runs, on what
     return segmenter
 
 
@@ -271,7 +322,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_save_every: int) 
         default=default_save_every,
         help="images between state saves",
     )
-    group.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
+    group.add_argument(
+        "--workers", type=non_negative_int("--workers"), default=2, help="image-decoding processes per rank"
+    )
 
 
 def state_dir(args: argparse.Namespace, task: str) -> Path:
@@ -283,41 +336,134 @@ def state_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(f"pacl-{task}.partial")
 
 
+@contextmanager
+def resumable(partial: Path, save_every: int) -> Iterator[None]:
+    """Ctrl-C during a resumable run: say where its partial results are and that the same command resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"the results saved so far (every {save_every} images, and every minute) are in {partial}: run the "
+            "same command again to resume from them"
+        ) from None
+
+
 def path_text(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
 def write_json(path: Path | None, payload: dict) -> None:
-    """The results as JSON at ``path`` (atomically), and a line saying so."""
+    """The results as JSON at ``path`` (atomically) and a line saying so; nothing without ``--json``."""
     import json
 
     from pacl_fast.files import atomic_write
 
     if path is not None:
         atomic_write(path, json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
+        print(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------------------- running one
 
 
-def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``run(args)`` as a command: logging to stderr, and errors as one line that says what to do
-    (``PACL_FAST_DEBUG=1``: the traceback instead)."""
-    import logging
+def say(message: str) -> None:
+    """A status line on stderr, ``pacl-fast: MESSAGE`` (results go to stdout)."""
+    print(f"pacl-fast: {message}", file=sys.stderr, flush=True)
 
-    logging.basicConfig(level=logging.INFO, format="pacl-fast: %(message)s", stream=sys.stderr)
-    if os.environ.get("PACL_FAST_DEBUG"):
-        return run(args)
-    from pacl_fast.encoders.base import EncoderUnavailableError
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was done and how to resume, in the command's words (exit code 130)."""
+
+
+#: Loggers whose INFO lines are shown without ``--verbose``: ours, and what a command asks for (``serve``:
+#: the access log).
+OWN_LOGGERS = ("pacl_fast",)
+
+
+class _Shown(logging.Filter):
+    """Our INFO lines and everyone's warnings; other libraries' INFO only with ``--verbose``."""
+
+    def __init__(self, verbose: bool, also: tuple[str, ...]):
+        super().__init__()
+        self.verbose = verbose
+        self.ours = (*OWN_LOGGERS, *also)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.levelno >= logging.WARNING:
+            return True
+        return any(record.name == name or record.name.startswith(name + ".") for name in self.ours)
+
+
+class _AboveProgressBars(logging.StreamHandler):
+    """Writes each line above any tqdm progress bar on the stream, instead of into the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as StreamHandler.emit: logging must not raise
+            self.handleError(record)
+
+
+@contextmanager
+def command_logging(verbose: bool = False, also: tuple[str, ...] = ()) -> Iterator[None]:
+    """While a command runs: log lines on stderr as ``pacl-fast: MESSAGE``, ours from INFO up, other
+    libraries' (open_clip, onnx, uvicorn...) from WARNING up unless ``verbose``; ``also``: more loggers
+    shown from INFO up. Restored afterwards, so commands run in one process (tests) do not stack handlers."""
+    root = logging.getLogger()
+    handler = _AboveProgressBars(sys.stderr)
+    handler.setFormatter(logging.Formatter("pacl-fast: %(message)s"))
+    handler.addFilter(_Shown(verbose, also))
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(f"pacl-fast {name}: interrupted", file=sys.stderr)
-        return 130
-    except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError,
-            EncoderUnavailableError) as error:  # fmt: skip
-        print(f"pacl-fast {name}: error: {error}", file=sys.stderr)
-        print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved)
+
+
+def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` as a command: logging to stderr (:func:`command_logging`), and errors as one line that
+    says what to do (``PACL_FAST_DEBUG=1``: the traceback instead). Ctrl-C ends it on a fresh line (a
+    progress bar may hold the current one) with what was done, if the command said (:class:`Interrupted`)."""
+    with command_logging(getattr(args, "verbose", False), getattr(args, "show_loggers", ())):
+        if os.environ.get("PACL_FAST_DEBUG"):
+            return run(args)
+        from pacl_fast.encoders.base import EncoderUnavailableError
+
+        try:
+            return run(args)
+        except (KeyboardInterrupt, Interrupted) as interrupt:
+            done = f": {interrupt}" if isinstance(interrupt, Interrupted) else ""
+            let_progress_bars_close(interrupt)
+            print(f"\npacl-fast {name}: interrupted{done}", file=sys.stderr)
+            return 130
+        except (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError,
+                EncoderUnavailableError) as error:  # fmt: skip
+            print(f"pacl-fast {name}: error: {cli_words(str(error))}", file=sys.stderr)
+            print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
+
+
+def let_progress_bars_close(error: BaseException) -> None:
+    """Drop the interrupted work's frames (held by the exception's traceback and context), so that its
+    progress bars close now, ending their line, rather than after the command's last words."""
+    import gc
+
+    error.__context__ = error.__cause__ = None
+    error.__traceback__ = None
+    gc.collect()
+
+
+#: Library arguments that errors name -> the options that set them.
+LIBRARY_ARGUMENTS = {"strict_clip=False": "--no-strict-clip"}
+
+
+def cli_words(message: str) -> str:
+    """An error of the library with the options of the command line in place of the arguments it names."""
+    for argument, option in LIBRARY_ARGUMENTS.items():
+        message = message.replace(argument, option)
+    return message

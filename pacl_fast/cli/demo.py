@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pacl_fast.cli.common import HELP, Subcommands, positive_int
+from pacl_fast.cli.common import HELP, Subcommands, add_verbose, positive_int, say
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -16,13 +16,16 @@ def add_parser(sub: Subcommands) -> None:
         "and ground truth, print the mIoU.",
         formatter_class=HELP,
     )
+    add_verbose(demo)
     demo.add_argument("--out", type=Path, default=Path("pacl-demo"), help="output folder")
     demo.add_argument("--num-images", type=positive_int("--num-images"), default=8, help="scenes to segment")
     demo.add_argument("--seed", type=int, default=100, help="world seed of the scenes (training used 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacl_fast.demo import run_demo
+    from pacl_fast.demo import demo_segmenter, run_demo
 
-    run_demo(args.out, num_images=args.num_images, seed=args.seed)
+    segmenter = demo_segmenter()
+    say(repr(segmenter))  # which model, on what
+    print(run_demo(args.out, num_images=args.num_images, seed=args.seed, segmenter=segmenter).summary())
     return 0

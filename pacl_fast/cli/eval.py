@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacl_fast.choices import DATASETS, PROTOCOLS
 from pacl_fast.cli.common import (
@@ -13,15 +14,23 @@ from pacl_fast.cli.common import (
     UsageError,
     add_model_arguments,
     add_run_arguments,
+    add_verbose,
+    check_text,
     check_weights_files,
     distributed,
+    encoder_choice,
     make_segmenter,
     path_text,
     probability,
+    resumable,
     sliding_window,
     state_dir,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from pacl_fast.data.segmentation import SegmentationDataset
+    from pacl_fast.protocols import EvalProtocol
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -33,6 +42,7 @@ def add_parser(sub: Subcommands) -> None:
         "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
         "Under torchrun the ranks share the images and the numbers equal a single process's.",
     )
+    add_verbose(parser)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark")
     parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
     parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
@@ -73,6 +83,41 @@ def add_parser(sub: Subcommands) -> None:
     add_model_arguments(parser)
 
 
+def protocol_of(args: argparse.Namespace) -> EvalProtocol | None:
+    """``--protocol``'s preset for the dataset (it sets the image size); the options it sets must be left out."""
+    if args.protocol is None:
+        return None
+    from pacl_fast.protocols import get_protocol
+
+    set_by_protocol = ("class_names", "templates", "sliding_window", "background_threshold", "image_size")
+    given = [f"--{name.replace('_', '-')}" for name in set_by_protocol if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
+    protocol = get_protocol(args.protocol, args.dataset)
+    args.image_size = protocol.short_side
+    return protocol
+
+
+def check_against_dataset(args: argparse.Namespace, dataset: SegmentationDataset, names: tuple | None) -> None:
+    """What the options ask of the dataset, before the model loads: a name per class, a background class."""
+    from pacl_fast.data.names import ClassQueries
+
+    if names is not None:
+        try:
+            asked = ClassQueries.from_names(names).num_classes
+        except ValueError as error:
+            raise UsageError(f"--class-names {args.class_names}: {error}") from None
+        if asked != dataset.num_classes:
+            raise UsageError(
+                f"--class-names {args.class_names} names {asked} classes; {dataset.name} has {dataset.num_classes}"
+            )
+    if args.background_threshold is not None and dataset.background_index is None:
+        raise UsageError(
+            f"--background-threshold: {dataset.name} has no background class to predict; use it with voc21, "
+            "context60 or cocoobject"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from pacl_fast.data.names import read_class_names
     from pacl_fast.data.segmentation import open_dataset
@@ -80,36 +125,32 @@ def run(args: argparse.Namespace) -> int:
     from pacl_fast.runs import clear_state
 
     check_weights_files(args)
-    protocol = None
-    if args.protocol is not None:
-        from pacl_fast.protocols import get_protocol
-
-        set_by_protocol = ("class_names", "templates", "sliding_window", "background_threshold", "image_size")
-        given = [f"--{name.replace('_', '-')}" for name in set_by_protocol if getattr(args, name) is not None]
-        if given:
-            raise UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
-        protocol = get_protocol(args.protocol, args.dataset)
-        args.image_size = protocol.short_side
+    check_text(None, args.templates)
+    encoder_choice(args)
+    protocol = protocol_of(args)
     dataset = open_dataset(args.dataset, args.root, args.split)
     names = read_class_names(args.class_names) if args.class_names else None
+    check_against_dataset(args, dataset, names)
     dist, device = distributed(args)
     partial = state_dir(args, f"eval-{args.dataset}")
     if args.restart:
         clear_state(partial, dist)
-    report = evaluate_segmentation(
-        make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale),
-        dataset,
-        names=names,
-        templates=args.templates,
-        sliding_window=args.sliding_window,
-        background_threshold=args.background_threshold,
-        protocol=protocol,
-        limit=args.limit,
-        dist=dist,
-        state_dir=partial,
-        save_every=args.save_every,
-        workers=args.workers,
-    )
+    segmenter = make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale)
+    with resumable(partial, args.save_every):
+        report = evaluate_segmentation(
+            segmenter,
+            dataset,
+            names=names,
+            templates=args.templates,
+            sliding_window=args.sliding_window,
+            background_threshold=args.background_threshold,
+            protocol=protocol,
+            limit=args.limit,
+            dist=dist,
+            state_dir=partial,
+            save_every=args.save_every,
+            workers=args.workers,
+        )
     if dist.is_main:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS
-from pacl_fast.cli.common import HELP, Subcommands, UsageError, add_weights_arguments, check_weights_files, positive_int
+from pacl_fast.cli.common import (
+    HELP,
+    Interrupted,
+    Subcommands,
+    UsageError,
+    add_verbose,
+    add_weights_arguments,
+    check_weights_files,
+    positive_int,
+    say,
+)
 
 
 def image_sizes(text: str) -> list[tuple[int, int]]:
@@ -33,6 +43,7 @@ def add_parser(sub: Subcommands) -> None:
         "finds what was exported. Artifacts already there are reused, so an interrupted export resumes. Writes "
         "OUT/manifest.json.",
     )
+    add_verbose(export)
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to export")
     export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
     export.add_argument(
@@ -85,15 +96,26 @@ def run(args: argparse.Namespace) -> int:
     if calibration is not None and precision != "int8":
         raise UsageError("--calibration-images / --calibration go with --format openvino --precision int8")
     check_weights_files(args)
-    model, _ = build_model(args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device)
+    model, _ = build_model(
+        args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device,
+        strict_clip=args.strict_clip,
+    )  # fmt: skip
     size = model.backbone.image_size
     sizes = args.image_sizes or [(size, size)]
-    if args.format == "openvino":
-        from pacl_fast.encoders.openvino_encoder import export_openvino
+    shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+    say(f"export {args.format} {precision} of method={model.method}, clip={model.backbone.identity}, "
+        f"image sizes {shown} -> {args.out}")  # fmt: skip
+    try:
+        if args.format == "openvino":
+            from pacl_fast.encoders.openvino_encoder import export_openvino
 
-        export_openvino(model, args.out, sizes, precision, calibration, args.calibration_size)
-    else:
-        from pacl_fast.encoders.export import export_artifacts
+            export_openvino(model, args.out, sizes, precision, calibration, args.calibration_size)
+        else:
+            from pacl_fast.encoders.export import export_artifacts
 
-        export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
+            export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"what was finished is in {args.out} and is reused: run the same command again to resume"
+        ) from None
     return 0

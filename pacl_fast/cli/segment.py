@@ -6,21 +6,30 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pacl_fast.cli.common import (
     HELP,
+    Interrupted,
     Subcommands,
     UsageError,
     add_model_arguments,
+    add_verbose,
+    check_text,
     check_weights_files,
     distributed,
+    encoder_choice,
     labels_list,
     make_segmenter,
+    non_negative_int,
     positive_int,
     probability,
     sliding_window,
 )
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
+
+if TYPE_CHECKING:
+    from pacl_fast.bulk import Inputs
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -34,6 +43,7 @@ def add_parser(sub: Subcommands) -> None:
         "skipped, so a killed run resumes. Under torchrun each rank takes its own share. Exits 1 naming "
         "every image that failed, after writing all the others.",
     )
+    add_verbose(segment)
     segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) and .tar shards")
     segment.add_argument("--file-list", action="append", default=[], help="a text file of image paths, one a line")
     segment.add_argument("--labels", required=True, type=labels_list, help="comma-separated class names: a,b,c")
@@ -60,7 +70,9 @@ def add_parser(sub: Subcommands) -> None:
     )
     segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
     segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
-    segment.add_argument("--workers", type=int, default=0, help="image-decoding processes per rank")
+    segment.add_argument(
+        "--workers", type=non_negative_int("--workers"), default=0, help="image-decoding processes per rank"
+    )
     segment.add_argument("--quiet", action="store_true", help="no line per image, only progress and the summary")
     add_model_arguments(segment)
 
@@ -83,13 +95,38 @@ def model_request(args: argparse.Namespace, *names: str) -> dict:
     return request
 
 
+def print_summary(written: int, skipped: int, failures: list[tuple[str, str]], total: int) -> None:
+    """Counts on stdout; every failure on stderr, with its reason."""
+    print(f"{written} written, {skipped} skipped (already written), {len(failures)} failed")
+    if failures:
+        print(f"{len(failures)} of {total} images failed:", file=sys.stderr)
+        for source, error in failures:
+            print(f"  {source}: {error}", file=sys.stderr)
+
+
+def missing_inputs(inputs: Inputs) -> list[tuple[str, str]]:
+    """Files and shards named as inputs that do not exist (each fails; the rest are segmented)."""
+    from pacl_fast.bulk import printable
+
+    paths = [item.path for item in inputs.files] + list(inputs.shards)
+    return [(printable(str(path)), "no such file") for path in paths if not path.is_file()]
+
+
 def run(args: argparse.Namespace) -> int:
     from pacl_fast.bulk import already_done, collect_inputs, segment_bulk
 
     if not args.images and not args.file_list:
         raise UsageError("give images, folders, shards or --file-list")
     check_weights_files(args)
+    check_text(args.labels, args.templates)
+    encoder_choice(args)
     inputs = collect_inputs(args.images, args.file_list)
+    missing = missing_inputs(inputs)
+    if len(missing) == len(inputs.files) + len(inputs.shards):  # nothing to segment: no model, no --out
+        if os.environ.get("RANK", "0") == "0":
+            failures = [*inputs.refused, *missing]
+            print_summary(0, 0, failures, len(failures))
+        return 1
     request = model_request(args, "labels", "templates", "background_threshold", "sliding_window", "no_overlay")
     if not args.overwrite and "WORLD_SIZE" not in os.environ:
         skipped = already_done(inputs, args.out, not args.no_overlay, request)
@@ -99,34 +136,39 @@ def run(args: argparse.Namespace) -> int:
     dist, device = distributed(args)
     segmenter = make_segmenter(args, device)
 
+    written = 0  # by this rank, for the line Ctrl-C leaves
+
     def report(key: str, source: str, result) -> None:
+        nonlocal written
+        written += 1
         if not args.quiet:
             shares = ", ".join(f"{name} {share:.1%}" for name, share in result.class_shares().items())
             sys.stdout.write(f"{source}: {shares}\n")  # one write: ranks share the stream, lines stay whole
             sys.stdout.flush()
 
-    summary = segment_bulk(
-        segmenter,
-        inputs,
-        args.labels,
-        args.out,
-        templates=args.templates,
-        background_threshold=args.background_threshold,
-        sliding_window=args.sliding_window,
-        overlays=not args.no_overlay,
-        overwrite=args.overwrite,
-        dist=dist,
-        workers=args.workers,
-        max_member_bytes=args.max_member_bytes,
-        on_result=report,
-        request=request,
-    )
+    try:
+        summary = segment_bulk(
+            segmenter,
+            inputs,
+            args.labels,
+            args.out,
+            templates=args.templates,
+            background_threshold=args.background_threshold,
+            sliding_window=args.sliding_window,
+            overlays=not args.no_overlay,
+            overwrite=args.overwrite,
+            dist=dist,
+            workers=args.workers,
+            max_member_bytes=args.max_member_bytes,
+            on_result=report,
+            request=request,
+        )
+    except KeyboardInterrupt:
+        by = " by this rank" if dist.enabled else ""
+        raise Interrupted(
+            f"{written} images written to {args.out}{by}; run the same command again to resume (images already "
+            "written are skipped)"
+        ) from None
     if dist.is_main:
-        print(f"{summary.written} written, {summary.skipped} skipped (already written), {len(summary.failures)} failed")
-        if summary.left_out:
-            print(f"left out {summary.left_out} earlier outputs (*_labels.png, *_overlay.png) found under --out")
-        if summary.failures:
-            print(f"{len(summary.failures)} of {summary.total} images failed:", file=sys.stderr)
-            for source, error in summary.failures:
-                print(f"  {source}: {error}", file=sys.stderr)
+        print_summary(summary.written, summary.skipped, summary.failures, summary.total)
     return 1 if summary.failures else 0

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+import socket
 import threading
 import typing
 from collections.abc import Callable, Sequence
@@ -22,10 +23,13 @@ from pacl_fast.cli.common import (
     Subcommands,
     UsageError,
     add_model_arguments,
+    add_verbose,
     check_weights_files,
     checked_number,
+    encoder_choice,
     make_segmenter,
     run_command,
+    say,
 )
 from pacl_fast.serve.settings import ServeSettings
 
@@ -103,6 +107,8 @@ def add_settings_options(group: Options, settings: type[ServeSettings] = ServeSe
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options, on ``parser`` (the subcommand's, or ``python -m pacl_fast.serve``'s)."""
+    add_verbose(parser)
+    parser.set_defaults(show_loggers=("uvicorn.access",))  # the access log is the service's own output
     group = parser.add_argument_group("service")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=port_number, default=8000, help="TCP port")
@@ -169,6 +175,26 @@ def resolve_model_options(args: argparse.Namespace) -> None:
         args.no_text_cache = False
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one), before the model loads, so that a busy
+    port is one line at once rather than an error after the model started loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"cannot listen on --host {host} --port {port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if sock.family == socket.AF_INET6 else f"http://{host}:{port}/"
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model on the service's worker thread and serve until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
@@ -176,13 +202,16 @@ def run(args: argparse.Namespace) -> int:
     from pacl_fast.serve.app import create_app
 
     check_weights_files(args)
+    encoder_choice(args)  # its option checks, before the port opens
     settings = settings_from_args(args)
     resolve_model_options(args)
+    sock = listen(args.host, args.port)
+    say(f"serving {url(sock)} (API, page, /docs); the model loads meanwhile, /readyz answers 200 once it is ready")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the service has no authentication; put it behind your own proxy", args.host)
 
-    def build():
-        return make_segmenter(args, args.device, max_pixels=args.max_pixels)
+    def build():  # on the worker thread; the batcher logs "model loaded: Segmenter(...)"
+        return make_segmenter(args, args.device, max_pixels=args.max_pixels, announce=False)
 
     server: uvicorn.Server | None = None
 
@@ -201,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     with _quiet_after_shutdown():
-        server.run()
+        server.run(sockets=[sock])
     error = app.state.batcher.load_error
     if error is not None:
         raise error
