@@ -49,7 +49,14 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["onnx", "onnxscript", "tensorrt>=10.1"],
         "openvino": ["openvino>=2024.0", "nncf>=2.10", "onnx", "onnxscript"],
-        "serve": ["fastapi>=0.100", "uvicorn[standard]>=0.29", "python-multipart>=0.0.13", "prometheus-client>=0.17"],
+        "serve": [
+            "fastapi>=0.100",
+            "uvicorn[standard]>=0.29",
+            "python-multipart>=0.0.13",
+            "prometheus-client>=0.17",
+            "requests",  # the README's Python client
+        ],
+        "client": ["requests"],  # only to call a service (the README's Python client)
         "train": ["webdataset"],
     },
     entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},
