@@ -336,6 +336,12 @@ def state_dir(args: argparse.Namespace, task: str) -> Path:
     return Path(f"pacl-{task}.partial")
 
 
+def run_options(args: argparse.Namespace, dist: DistInfo, partial: Path) -> dict[str, Any]:
+    """The run options as the keyword arguments of ``evaluate_segmentation`` / ``evaluate_classification``."""
+    return {"limit": args.limit, "dist": dist, "state_dir": partial, "save_every": args.save_every,
+            "workers": args.workers}  # fmt: skip
+
+
 @contextmanager
 def resumable(partial: Path, save_every: int) -> Iterator[None]:
     """Ctrl-C during a resumable run: say where its partial results are and that the same command resumes."""

@@ -8,41 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pacl_fast.choices import DATASETS, PROTOCOLS
-from pacl_fast.cli.common import (
-    HELP,
-    Subcommands,
-    UsageError,
-    add_model_arguments,
-    add_run_arguments,
-    add_verbose,
-    check_text,
-    check_weights_files,
-    distributed,
-    encoder_choice,
-    make_segmenter,
-    path_text,
-    probability,
-    resumable,
-    sliding_window,
-    state_dir,
-    write_json,
-)
+from pacl_fast.cli import common
 
 if TYPE_CHECKING:
     from pacl_fast.data.segmentation import SegmentationDataset
     from pacl_fast.protocols import EvalProtocol
 
 
-def add_parser(sub: Subcommands) -> None:
+def add_parser(sub: common.Subcommands) -> None:
     parser = sub.add_parser(
         "eval",
-        formatter_class=HELP,
+        formatter_class=common.HELP,
         help="mIoU on a segmentation benchmark (VOC, Context, COCO-Stuff, ADE20K, Cityscapes, synthetic)",
         description="Evaluate on a benchmark in mmsegmentation's layout; prints a per-class IoU table and "
         "mIoU / mAcc / aAcc. Partial results are saved as it goes: run the same command again to resume. "
         "Under torchrun the ranks share the images and the numbers equal a single process's.",
     )
-    add_verbose(parser)
+    common.add_verbose(parser)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark")
     parser.add_argument("--root", type=Path, default=None, help="the dataset folder (or a folder above it)")
     parser.add_argument("--split", default=None, help="split (default val; synthetic: val or seedN)")
@@ -59,7 +41,7 @@ def add_parser(sub: Subcommands) -> None:
     )
     parser.add_argument(
         "--sliding-window",
-        type=sliding_window,
+        type=common.sliding_window,
         default=None,
         metavar="CROP,STRIDE[,SHORT]",
         help="the training-free papers' protocol, e.g. 224,112,336 for a ViT-B/16 at 224 or 448,224,448; "
@@ -67,7 +49,7 @@ def add_parser(sub: Subcommands) -> None:
     )
     parser.add_argument(
         "--background-threshold",
-        type=probability,
+        type=common.probability,
         default=None,
         help="pixels whose winning probability is under this are background (voc21, context60, cocoobject)",
     )
@@ -79,8 +61,8 @@ def add_parser(sub: Subcommands) -> None:
         "names and background, templates, short side, sliding window, logit scale, thresholds, PAMR "
         "(pacl_fast/protocols.py cites each value); then leave those options out",
     )
-    add_run_arguments(parser, default_save_every=20)
-    add_model_arguments(parser)
+    common.add_run_arguments(parser, default_save_every=20)
+    common.add_model_arguments(parser)
 
 
 def protocol_of(args: argparse.Namespace) -> EvalProtocol | None:
@@ -92,7 +74,7 @@ def protocol_of(args: argparse.Namespace) -> EvalProtocol | None:
     set_by_protocol = ("class_names", "templates", "sliding_window", "background_threshold", "image_size")
     given = [f"--{name.replace('_', '-')}" for name in set_by_protocol if getattr(args, name) is not None]
     if given:
-        raise UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
+        raise common.UsageError(f"--protocol {args.protocol} sets {', '.join(given)}: leave them out")
     protocol = get_protocol(args.protocol, args.dataset)
     args.image_size = protocol.short_side
     return protocol
@@ -106,13 +88,13 @@ def check_against_dataset(args: argparse.Namespace, dataset: SegmentationDataset
         try:
             asked = ClassQueries.from_names(names).num_classes
         except ValueError as error:
-            raise UsageError(f"--class-names {args.class_names}: {error}") from None
+            raise common.UsageError(f"--class-names {args.class_names}: {error}") from None
         if asked != dataset.num_classes:
-            raise UsageError(
+            raise common.UsageError(
                 f"--class-names {args.class_names} names {asked} classes; {dataset.name} has {dataset.num_classes}"
             )
     if args.background_threshold is not None and dataset.background_index is None:
-        raise UsageError(
+        raise common.UsageError(
             f"--background-threshold: {dataset.name} has no background class to predict; use it with voc21, "
             "context60 or cocoobject"
         )
@@ -124,19 +106,19 @@ def run(args: argparse.Namespace) -> int:
     from pacl_fast.evaluate import evaluate_segmentation
     from pacl_fast.runs import clear_state
 
-    check_weights_files(args)
-    check_text(None, args.templates)
-    encoder_choice(args)
+    common.check_weights_files(args)
+    common.check_text(None, args.templates)
+    common.encoder_choice(args)
     protocol = protocol_of(args)
     dataset = open_dataset(args.dataset, args.root, args.split)
     names = read_class_names(args.class_names) if args.class_names else None
     check_against_dataset(args, dataset, names)
-    dist, device = distributed(args)
-    partial = state_dir(args, f"eval-{args.dataset}")
+    dist, device = common.distributed(args)
+    partial = common.state_dir(args, f"eval-{args.dataset}")
     if args.restart:
         clear_state(partial, dist)
-    segmenter = make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale)
-    with resumable(partial, args.save_every):
+    segmenter = common.make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale)
+    with common.resumable(partial, args.save_every):
         report = evaluate_segmentation(
             segmenter,
             dataset,
@@ -145,19 +127,13 @@ def run(args: argparse.Namespace) -> int:
             sliding_window=args.sliding_window,
             background_threshold=args.background_threshold,
             protocol=protocol,
-            limit=args.limit,
-            dist=dist,
-            state_dir=partial,
-            save_every=args.save_every,
-            workers=args.workers,
+            **common.run_options(args, dist, partial),
         )
     if dist.is_main:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
-        write_json(
-            args.json,
-            {"model": {"clip": str(args.clip), "pacl_weights": path_text(args.pacl_weights)}, **report.to_dict()},
-        )
+        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights)}
+        common.write_json(args.json, {"model": model, **report.to_dict()})
         for failure in report.failures:
             print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
         if report.failures:

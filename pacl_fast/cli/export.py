@@ -6,17 +6,7 @@ import argparse
 from pathlib import Path
 
 from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS
-from pacl_fast.cli.common import (
-    HELP,
-    Interrupted,
-    Subcommands,
-    UsageError,
-    add_verbose,
-    add_weights_arguments,
-    check_weights_files,
-    positive_int,
-    say,
-)
+from pacl_fast.cli import common
 
 
 def image_sizes(text: str) -> list[tuple[int, int]]:
@@ -31,10 +21,10 @@ def image_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def add_parser(sub: Subcommands) -> None:
+def add_parser(sub: common.Subcommands) -> None:
     export = sub.add_parser(
         "export",
-        formatter_class=HELP,
+        formatter_class=common.HELP,
         help="export the encoders to ONNX, build TensorRT engines or OpenVINO (int8) models",
         description="Export the method's image tower (CLIP + PACL's embedder or a training-free last block; one "
         "graph per input size, dynamic batch) and the text tower to ONNX, or build TensorRT image engines or "
@@ -43,7 +33,7 @@ def add_parser(sub: Subcommands) -> None:
         "finds what was exported. Artifacts already there are reused, so an interrupted export resumes. Writes "
         "OUT/manifest.json.",
     )
-    add_verbose(export)
+    common.add_verbose(export)
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to export")
     export.add_argument("--out", required=True, type=Path, help="output (cache) folder")
     export.add_argument(
@@ -54,7 +44,7 @@ def add_parser(sub: Subcommands) -> None:
         help="input sizes to export, e.g. 224,448x336 (default: the CLIP's native size)",
     )
     export.add_argument(
-        "--max-batch", type=positive_int("--max-batch"), default=32, help="TensorRT profile: batches 1..N"
+        "--max-batch", type=common.positive_int("--max-batch"), default=32, help="TensorRT profile: batches 1..N"
     )
     export.add_argument(
         "--precision",
@@ -75,10 +65,10 @@ def add_parser(sub: Subcommands) -> None:
         help="openvino int8: calibrate on the synthetic world's scenes (the default for int8)",
     )
     export.add_argument(
-        "--calibration-size", type=positive_int("--calibration-size"), default=300, help="openvino int8: images"
+        "--calibration-size", type=common.positive_int("--calibration-size"), default=300, help="openvino int8: images"
     )
     group = export.add_argument_group("model")
-    add_weights_arguments(group)
+    common.add_weights_arguments(group)
 
 
 PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -91,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     allowed, default = EXPORT_PRECISIONS[args.format]
     precision = PRECISION_NAMES.get(args.precision, args.precision) or default
     if precision not in allowed:
-        raise UsageError(f"--format {args.format} builds {', '.join(allowed)}, not --precision {precision}")
+        raise common.UsageError(f"--format {args.format} builds {', '.join(allowed)}, not --precision {precision}")
     calibration = args.calibration_images or args.calibration
     if calibration is not None and precision != "int8":
-        raise UsageError("--calibration-images / --calibration go with --format openvino --precision int8")
-    check_weights_files(args)
+        raise common.UsageError("--calibration-images / --calibration go with --format openvino --precision int8")
+    common.check_weights_files(args)
     model, _ = build_model(
         args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device,
         strict_clip=args.strict_clip,
@@ -103,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     size = model.backbone.image_size
     sizes = args.image_sizes or [(size, size)]
     shown = ", ".join(f"{h}x{w}" for h, w in sizes)
-    say(f"export {args.format} {precision} of method={model.method}, clip={model.backbone.identity}, "
+    common.say(f"export {args.format} {precision} of method={model.method}, clip={model.backbone.identity}, "
         f"image sizes {shown} -> {args.out}")  # fmt: skip
     try:
         if args.format == "openvino":
@@ -115,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
             export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
     except KeyboardInterrupt:
-        raise Interrupted(
+        raise common.Interrupted(
             f"what was finished is in {args.out} and is reused: run the same command again to resume"
         ) from None
     return 0

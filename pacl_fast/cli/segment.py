@@ -8,34 +8,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacl_fast.cli.common import (
-    HELP,
-    Interrupted,
-    Subcommands,
-    UsageError,
-    add_model_arguments,
-    add_verbose,
-    check_text,
-    check_weights_files,
-    distributed,
-    encoder_choice,
-    labels_list,
-    make_segmenter,
-    non_negative_int,
-    positive_int,
-    probability,
-    sliding_window,
-)
+from pacl_fast.cli import common
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
 
 if TYPE_CHECKING:
     from pacl_fast.bulk import Inputs
 
 
-def add_parser(sub: Subcommands) -> None:
+def add_parser(sub: common.Subcommands) -> None:
     segment = sub.add_parser(
         "segment",
-        formatter_class=HELP,
+        formatter_class=common.HELP,
         help="segment images, folders, file lists or WebDataset shards into the given classes",
         description="Segment images; writes OUT/<key>_labels.png (palette PNG, background 255) and "
         "OUT/<key>_overlay.png per image (key: a file's stem; below a folder, its relative path; in a "
@@ -43,38 +26,38 @@ def add_parser(sub: Subcommands) -> None:
         "skipped, so a killed run resumes. Under torchrun each rank takes its own share. Exits 1 naming "
         "every image that failed, after writing all the others.",
     )
-    add_verbose(segment)
+    common.add_verbose(segment)
     segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) and .tar shards")
     segment.add_argument("--file-list", action="append", default=[], help="a text file of image paths, one a line")
-    segment.add_argument("--labels", required=True, type=labels_list, help="comma-separated class names: a,b,c")
+    segment.add_argument("--labels", required=True, type=common.labels_list, help="comma-separated class names: a,b,c")
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     segment.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
     segment.add_argument(
         "--background-threshold",
-        type=probability,
+        type=common.probability,
         default=None,
         help="winner probability under which a pixel is background (label 255 in PNGs)",
     )
     segment.add_argument(
         "--sliding-window",
-        type=sliding_window,
+        type=common.sliding_window,
         default=None,
         metavar="CROP,STRIDE[,SHORT]",
         help="sliding-window inference, e.g. 448,224,448",
     )
     segment.add_argument(
         "--max-member-bytes",
-        type=positive_int("--max-member-bytes"),
+        type=common.positive_int("--max-member-bytes"),
         default=DEFAULT_MAX_MEMBER_BYTES,
         help="a WebDataset shard member larger than this is not read; its sample fails",
     )
     segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
     segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
     segment.add_argument(
-        "--workers", type=non_negative_int("--workers"), default=0, help="image-decoding processes per rank"
+        "--workers", type=common.non_negative_int("--workers"), default=0, help="image-decoding processes per rank"
     )
     segment.add_argument("--quiet", action="store_true", help="no line per image, only progress and the summary")
-    add_model_arguments(segment)
+    common.add_model_arguments(segment)
 
 
 def model_request(args: argparse.Namespace, *names: str) -> dict:
@@ -116,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from pacl_fast.bulk import already_done, collect_inputs, segment_bulk
 
     if not args.images and not args.file_list:
-        raise UsageError("give images, folders, shards or --file-list")
-    check_weights_files(args)
-    check_text(args.labels, args.templates)
-    encoder_choice(args)
+        raise common.UsageError("give images, folders, shards or --file-list")
+    common.check_weights_files(args)
+    common.check_text(args.labels, args.templates)
+    common.encoder_choice(args)
     inputs = collect_inputs(args.images, args.file_list)
     missing = missing_inputs(inputs)
     if len(missing) == len(inputs.files) + len(inputs.shards):  # nothing to segment: no model, no --out
@@ -133,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if skipped is not None:  # a finished rerun: no model to load, no text to encode
             print(f"0 written, {skipped} skipped (already written), 0 failed")
             return 0
-    dist, device = distributed(args)
-    segmenter = make_segmenter(args, device)
+    dist, device = common.distributed(args)
+    segmenter = common.make_segmenter(args, device)
 
     written = 0  # by this rank, for the line Ctrl-C leaves
 
@@ -165,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         by = " by this rank" if dist.enabled else ""
-        raise Interrupted(
+        raise common.Interrupted(
             f"{written} images written to {args.out}{by}; run the same command again to resume (images already "
             "written are skipped)"
         ) from None

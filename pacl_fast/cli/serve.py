@@ -17,20 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pacl_fast.cli.common import (
-    HELP,
-    Options,
-    Subcommands,
-    UsageError,
-    add_model_arguments,
-    add_verbose,
-    check_weights_files,
-    checked_number,
-    encoder_choice,
-    make_segmenter,
-    run_command,
-    say,
-)
+from pacl_fast.cli import common
 from pacl_fast.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +30,7 @@ DESCRIPTION = (
 )
 
 
-port_number = checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
+port_number = common.checked_number("--port", int, lambda value: 0 <= value <= 65535, "0..65535")
 
 #: What a setting's text must be, by the field's type.
 _EXPECTED = {int: "an integer", float: "a number", str: "text"}
@@ -75,7 +62,7 @@ def setting_type(settings: type[ServeSettings], name: str, kind: type) -> Callab
     return parse
 
 
-def add_settings_options(group: Options, settings: type[ServeSettings] = ServeSettings) -> None:
+def add_settings_options(group: common.Options, settings: type[ServeSettings] = ServeSettings) -> None:
     """One option per field of ``settings``, from its type and metadata (see :mod:`pacl_fast.serve.settings`),
     so that a new field is an option without a line here."""
     hints = typing.get_type_hints(settings)
@@ -107,14 +94,14 @@ def add_settings_options(group: Options, settings: type[ServeSettings] = ServeSe
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` options, on ``parser`` (the subcommand's, or ``python -m pacl_fast.serve``'s)."""
-    add_verbose(parser)
+    common.add_verbose(parser)
     parser.set_defaults(show_loggers=("uvicorn.access",))  # the access log is the service's own output
     group = parser.add_argument_group("service")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=port_number, default=8000, help="TCP port")
     add_settings_options(group)
     group.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
-    add_model_arguments(
+    common.add_model_arguments(
         parser,
         # --batch-size (images per encoder call) follows --max-batch unless given.
         batch_size={"default": None, "help": "images (or sliding windows) per encoder call (default: --max-batch)"},
@@ -129,11 +116,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(sub: Subcommands) -> None:
+def add_parser(sub: common.Subcommands) -> None:
     """Register ``pacl-fast serve`` on the CLI's subcommands."""
     parser = sub.add_parser(
         "serve",
-        formatter_class=HELP,
+        formatter_class=common.HELP,
         help="HTTP segmentation service with dynamic batching, and a web page to try it",
         description=DESCRIPTION,
     )
@@ -149,7 +136,7 @@ def settings_from_args(args: argparse.Namespace, settings: type[ServeSettings] =
     try:
         return settings(**values)
     except ValueError as error:
-        raise UsageError(str(error)) from error
+        raise common.UsageError(str(error)) from error
 
 
 @contextmanager
@@ -185,7 +172,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise UsageError(f"cannot listen on --host {host} --port {port}: {error.strerror or error}") from None
+        raise common.UsageError(f"cannot listen on --host {host} --port {port}: {error.strerror or error}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -201,17 +188,17 @@ def run(args: argparse.Namespace) -> int:
 
     from pacl_fast.serve.app import create_app
 
-    check_weights_files(args)
-    encoder_choice(args)  # its option checks, before the port opens
+    common.check_weights_files(args)
+    common.encoder_choice(args)  # its option checks, before the port opens
     settings = settings_from_args(args)
     resolve_model_options(args)
     sock = listen(args.host, args.port)
-    say(f"serving {url(sock)} (API, page, /docs); the model loads meanwhile, /readyz answers 200 once it is ready")
+    common.say(f"serving {url(sock)} (API, page, /docs); the model loads meanwhile, /readyz says when it is ready")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the service has no authentication; put it behind your own proxy", args.host)
 
     def build():  # on the worker thread; the batcher logs "model loaded: Segmenter(...)"
-        return make_segmenter(args, args.device, max_pixels=args.max_pixels, announce=False)
+        return common.make_segmenter(args, args.device, max_pixels=args.max_pixels, announce=False)
 
     server: uvicorn.Server | None = None
 
@@ -239,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pacl_fast.serve``: the same as ``pacl-fast serve``."""
-    parser = argparse.ArgumentParser(prog="python -m pacl_fast.serve", description=DESCRIPTION, formatter_class=HELP)
+    parser = argparse.ArgumentParser(
+        prog="python -m pacl_fast.serve", description=DESCRIPTION, formatter_class=common.HELP
+    )
     configure_parser(parser)
-    return run_command("serve", run, parser.parse_args(argv))
+    return common.run_command("serve", run, parser.parse_args(argv))
