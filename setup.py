@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pacl_fast", "pacl_fast.encoders", "pacl_fast.data", "pacl_fast.serve", "kernels"],
+    packages=["pacl_fast", "pacl_fast.cli", "pacl_fast.encoders", "pacl_fast.data", "pacl_fast.serve", "kernels"],
     # the demo weights: a synthetic-world CLIP (open_clip local-dir) and PACL weights on it
     package_data={
         "pacl_fast": ["assets/demo/*.safetensors", "assets/demo/clip/*", "assets/class_names/*/*.txt"],
@@ -50,7 +50,14 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["onnx", "onnxscript", "tensorrt>=10.1"],
         "openvino": ["openvino>=2024.0", "nncf>=2.10", "onnx", "onnxscript"],
-        "serve": ["fastapi>=0.100", "uvicorn[standard]>=0.29", "python-multipart>=0.0.13", "prometheus-client>=0.17"],
+        "serve": [
+            "fastapi>=0.100",
+            "uvicorn[standard]>=0.29",
+            "python-multipart>=0.0.13",
+            "prometheus-client>=0.17",
+            "requests",  # the README's Python client
+        ],
+        "client": ["requests"],  # only to call a service (the README's Python client)
         "train": ["webdataset"],
     },
     entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},

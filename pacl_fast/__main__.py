@@ -1,3 +1,5 @@
+"""``python -m pacl_fast``: the same as ``pacl-fast``."""
+
 from pacl_fast.cli import main
 
 raise SystemExit(main())

@@ -74,7 +74,7 @@ IMAGE_FIELDS = tuple(suffix[1:] for suffix in IMAGE_SUFFIXES)
 OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
 #: Options of a bulk run that say what to read, where to write and how to report, never how a label
 #: map is made: left out of :func:`request_record` (every other option is in it, new ones included).
-NOT_SETTINGS = frozenset({"images", "file_list", "out", "overwrite", "quiet", "workers"})
+NOT_SETTINGS = frozenset({"images", "file_list", "out", "overwrite", "quiet", "verbose", "workers"})
 
 
 def printable(text: str) -> str:

@@ -3,11 +3,12 @@
 The package carries a CLIP trained from scratch on the synthetic world and PACL weights trained
 on top of it (``train/make_demo_weights.sh`` reproduces both). The demo renders scenes the
 training never saw, segments them with the shape names as labels, writes overlays next to the
-ground truth, and prints the mIoU over the shape classes (background ignored).
+ground truth, and reports the mIoU over the shape classes (background ignored); the command prints it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from pacl_fast.build import DEMO
 from pacl_fast.data.synthetic import CLASS_NAMES, IGNORE_INDEX, SYNTHETIC_TEMPLATES, WorldConfig, render_scene
+from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
 from pacl_fast.results import palette
 from pacl_fast.segmenter import Segmenter
 
@@ -77,26 +79,49 @@ def demo_panel(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray, zoo
     return panel
 
 
-def run_demo(out_dir: str | Path = "pacl-demo", num_images: int = 8, seed: int = DEMO_SEED) -> dict:
-    """Segment ``num_images`` fresh scenes; write ``sceneN.png`` (photo | prediction | truth, with a
-    legend), ``sceneN_labels.png`` and ``sceneN_overlay.png``; print the mIoU."""
-    from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
+@dataclass
+class DemoReport:
+    """What :func:`run_demo` did: each scene's objects and accuracy, the metrics over all, where the pictures are."""
 
-    segmenter = demo_segmenter()
+    scenes: list[tuple[str, float]]  # (objects, fraction of object pixels right), one per scene
+    metrics: SegmentationMetrics
+    seed: int
+    out_dir: Path
+
+    def summary(self) -> str:
+        """A line per scene, the per-class table and the mIoU, as ``pacl-fast demo`` prints them."""
+        lines = [f"scene{i} ({objects}): {accuracy:.0%} of object pixels right" for i, (objects, accuracy)
+                 in enumerate(self.scenes)]  # fmt: skip
+        lines.append(self.metrics.table())
+        lines.append(
+            f"mIoU over {len(self.scenes)} fresh scenes (seed {self.seed}): {self.metrics.miou:.3f}; "
+            f"pictures in {self.out_dir}/sceneN.png"
+        )
+        return "\n".join(lines)
+
+
+def run_demo(
+    out_dir: str | Path = "pacl-demo",
+    num_images: int = 8,
+    seed: int = DEMO_SEED,
+    segmenter: Segmenter | None = None,
+) -> DemoReport:
+    """Segment ``num_images`` fresh scenes with ``segmenter`` (default :func:`demo_segmenter`); write
+    ``sceneN.png`` (photo | prediction | truth, with a legend), ``sceneN_labels.png`` and
+    ``sceneN_overlay.png``; return what was scored (the command prints :meth:`DemoReport.summary`)."""
+    segmenter = segmenter or demo_segmenter()
     scenes = [render_scene(i, seed, WorldConfig(image_size=segmenter.image_size)) for i in range(num_images)]
     results = segmenter.predict([s.image for s in scenes], CLASS_NAMES, templates=SYNTHETIC_TEMPLATES)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = 0
+    scored = []
     for index, (scene, result) in enumerate(zip(scenes, results)):
         result.save(out_dir, stem=f"scene{index}", overwrite=True)
         demo_panel(scene.image, result.labels, scene.mask).save(out_dir / f"scene{index}.png")
         scene_confusion = confusion_matrix(result.labels, scene.mask, len(CLASS_NAMES), IGNORE_INDEX)
         confusion = confusion + scene_confusion
         accuracy = SegmentationMetrics(CLASS_NAMES, scene_confusion.numpy()).aacc
-        objects = ", ".join(f"{colour} {CLASS_NAMES[kind]}" for kind, colour in scene.objects)
-        print(f"scene{index} ({objects}): {accuracy:.0%} of object pixels right")
+        scored.append((", ".join(f"{colour} {CLASS_NAMES[kind]}" for kind, colour in scene.objects), accuracy))
     metrics = SegmentationMetrics(CLASS_NAMES, confusion.numpy())
-    print(metrics.table())
-    print(f"mIoU over {num_images} fresh scenes (seed {seed}): {metrics.miou:.3f}; pictures in {out_dir}/sceneN.png")
-    return metrics.to_dict()
+    return DemoReport(scored, metrics, seed, out_dir)

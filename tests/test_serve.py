@@ -32,10 +32,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from pacl_fast.cli.serve import add_parser as add_serve_parser
+from pacl_fast.cli.serve import resolve_model_options, settings_from_args
+from pacl_fast.cli.serve import run as run_serve
 from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
 from pacl_fast.serve.batcher import Batcher, NotReady
-from pacl_fast.serve.cli import add_serve_parser, resolve_model_options, run_serve, settings_from_args
 from pacl_fast.serve.inputs import MULTIPART_OVERHEAD, SEGMENT_OPTIONS, SegmentOptions, parse_segment_options
 from pacl_fast.serve.jobs import SegmentKey
 from pacl_fast.serve.local import LocalServer, free_port

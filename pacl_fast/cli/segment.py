@@ -1,0 +1,140 @@
+"""``pacl-fast segment``: images, folders, file lists and WebDataset shards -> label maps and overlays."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pacl_fast.cli import common
+from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
+
+if TYPE_CHECKING:
+    from pacl_fast.bulk import Inputs
+
+
+def add_parser(sub: common.Subcommands) -> None:
+    segment = sub.add_parser(
+        "segment",
+        formatter_class=common.HELP,
+        help="segment images, folders, file lists or WebDataset shards into the given classes",
+        description="Segment images; writes OUT/<key>_labels.png (palette PNG, background 255) and "
+        "OUT/<key>_overlay.png per image (key: a file's stem; below a folder, its relative path; in a "
+        "shard, its __key__) and prints the share of pixels per class. Images whose outputs exist are "
+        "skipped, so a killed run resumes. Under torchrun each rank takes its own share. Exits 1 naming "
+        "every image that failed, after writing all the others.",
+    )
+    common.add_verbose(segment)
+    segment.add_argument("images", nargs="*", help="image files, folders (searched recursively) and .tar shards")
+    segment.add_argument("--file-list", action="append", default=[], help="a text file of image paths, one a line")
+    segment.add_argument("--labels", required=True, type=common.labels_list, help="comma-separated class names: a,b,c")
+    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    segment.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
+    segment.add_argument(
+        "--background-threshold",
+        type=common.probability,
+        default=None,
+        help="winner probability under which a pixel is background (label 255 in PNGs)",
+    )
+    segment.add_argument(
+        "--sliding-window",
+        type=common.sliding_window,
+        default=None,
+        metavar="CROP,STRIDE[,SHORT]",
+        help="sliding-window inference, e.g. 448,224,448",
+    )
+    segment.add_argument(
+        "--max-member-bytes",
+        type=common.positive_int("--max-member-bytes"),
+        default=DEFAULT_MAX_MEMBER_BYTES,
+        help="a WebDataset shard member larger than this is not read; its sample fails",
+    )
+    segment.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
+    segment.add_argument("--overwrite", action="store_true", help="segment again images whose outputs exist")
+    segment.add_argument(
+        "--workers", type=common.non_negative_int("--workers"), default=0, help="image-decoding processes per rank"
+    )
+    segment.add_argument("--quiet", action="store_true", help="no line per image, only progress and the summary")
+    common.add_model_arguments(segment)
+
+
+def print_summary(written: int, skipped: int, failures: list[tuple[str, str]], total: int) -> None:
+    """Counts on stdout; every failure on stderr, with its reason."""
+    print(f"{written} written, {skipped} skipped (already written), {len(failures)} failed")
+    if failures:
+        print(f"{len(failures)} of {total} images failed:", file=sys.stderr)
+        for source, error in failures:
+            print(f"  {source}: {error}", file=sys.stderr)
+
+
+def missing_inputs(inputs: Inputs) -> list[tuple[str, str]]:
+    """Files and shards named as inputs that do not exist (each fails; the rest are segmented)."""
+    from pacl_fast.bulk import printable
+
+    paths = [item.path for item in inputs.files] + list(inputs.shards)
+    return [(printable(str(path)), "no such file") for path in paths if not path.is_file()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
+
+    if not args.images and not args.file_list:
+        raise common.UsageError("give images, folders, shards or --file-list")
+    common.check_weights_files(args)
+    common.check_text(args.labels, args.templates)
+    common.encoder_choice(args)
+    inputs = collect_inputs(args.images, args.file_list)
+    missing = missing_inputs(inputs)
+    if len(missing) == len(inputs.files) + len(inputs.shards):  # nothing to segment: no model, no --out
+        if os.environ.get("RANK", "0") == "0":
+            failures = [*inputs.refused, *missing]
+            print_summary(0, 0, failures, len(failures))
+        return 1
+    check_output_folder(args.out, "--out")
+    request = request_record(vars(args))
+    if not args.overwrite and "WORLD_SIZE" not in os.environ:
+        skipped = already_done(inputs, args.out, not args.no_overlay, request)
+        if skipped is not None:  # a finished rerun: no model to load, no text to encode
+            print(f"0 written, {skipped} skipped (already written), 0 failed")
+            return 0
+    dist, device = common.distributed(args)
+    segmenter = common.make_segmenter(args, device)
+
+    written = 0  # by this rank, for the line Ctrl-C leaves
+
+    def report(key: str, source: str, result) -> None:
+        nonlocal written
+        written += 1
+        if not args.quiet:
+            shares = ", ".join(f"{name} {share:.1%}" for name, share in result.class_shares().items())
+            sys.stdout.write(f"{source}: {shares}\n")  # one write: ranks share the stream, lines stay whole
+            sys.stdout.flush()
+
+    try:
+        summary = segment_bulk(
+            segmenter,
+            inputs,
+            args.labels,
+            args.out,
+            templates=args.templates,
+            background_threshold=args.background_threshold,
+            sliding_window=args.sliding_window,
+            overlays=not args.no_overlay,
+            overwrite=args.overwrite,
+            dist=dist,
+            workers=args.workers,
+            max_member_bytes=args.max_member_bytes,
+            on_result=report,
+            request=request,
+        )
+    except KeyboardInterrupt:
+        by = " by this rank" if dist.enabled else ""
+        raise common.Interrupted(
+            f"{written} images written to {args.out}{by}; run the same command again to resume (images already "
+            "written are skipped)"
+        ) from None
+    if dist.is_main:
+        print_summary(summary.written, summary.skipped, summary.failures, summary.total)
+    return 1 if summary.failures else 0
