@@ -15,7 +15,7 @@
 #
 # Sections run in order, each with its own timeout, its full log in $LOG_DIR/<section>.log and a PASS or
 # FAIL line; the tables come last. Budget on one H100/H200: under 8 minutes with the set-up (the timeouts
-# below add up to 7.3 minutes). Exit status 0 when every section passed.
+# below add up to 7.75 minutes on the GPU). Exit status 0 when every section passed.
 # Adding a section: `run_section <name> <timeout_s> <command...>` (use $DRY to pick the tiny sizes), and
 # add its log to TABLE_LOGS when it prints a table.
 
@@ -102,7 +102,7 @@ export -f gpu_tests
 export DRY PYTHON
 
 # ---- 0. environment ------------------------------------------------------------------------------
-run_section environment 60 "$PYTHON" - "$DEVICE" <<'PY'
+run_section environment 30 "$PYTHON" - "$DEVICE" <<'PY'
 import importlib, sys
 import torch
 device = sys.argv[1]
@@ -145,25 +145,25 @@ TABLE_LOGS+=("$LOG_DIR/head_benchmark.log")
 # torch fp16/bf16 and torch.compile against the torch fp32 reference, tiny config and ViT-B-16 (random
 # init); the four training-free last blocks through torch / compile. TensorRT cannot run on the lent
 # machine (its wheels are over a gigabyte): its tests skip there with that reason.
-run_section encoders 90 bash -c 'gpu_tests "$@"' gpu_tests "gpu and not slow" tests/test_encoders.py tests/test_methods.py
+run_section encoders 75 bash -c 'gpu_tests "$@"' gpu_tests "gpu and not slow" tests/test_encoders.py tests/test_methods.py
 
 # ---- 4. training: the pacl stage on ViT-B-16 in bf16, ~40 steps, kill and resume (issue 21) ---------
 if [ $DRY -eq 1 ]; then
     run_section training 60 "$PYTHON" -m benchmarks.train_check --dry-run --work "$WORK/train" \
         --json "$LOG_DIR/train_check.json"
 else
-    run_section training 120 "$PYTHON" -m benchmarks.train_check --work "$WORK/train" --json "$LOG_DIR/train_check.json"
+    run_section training 90 "$PYTHON" -m benchmarks.train_check --work "$WORK/train" --json "$LOG_DIR/train_check.json"
 fi
 TABLE_LOGS+=("$LOG_DIR/training.log")
 
 # ---- 5. end-to-end throughput: ViT-B-16 at 448 px, batch 1/32/128, C=150 (issues 5, 15, 20) ----------
 if [ $DRY -eq 1 ]; then
     # torch.compile's C++ build takes minutes on this CPU: the dry run leaves the compile rows to the GPU run.
-    run_section throughput 60 "$PYTHON" -m benchmarks.throughput --device cpu --image-size 32 --batch 1,2 \
+    run_section throughput 60 "$PYTHON" -m benchmarks.throughput --device cpu --model tiny --image-size 32 --batch 1,2 \
         --backends torch:fp32,torch:bf16,onnxruntime:fp32 --classes 5 --output-size 32x48 --warmup 0 --iters 1 \
         --json "$LOG_DIR/throughput.json"
 else
-    run_section throughput 90 "$PYTHON" -m benchmarks.throughput --device cuda --image-size 448 --batch 1,32,128 \
+    run_section throughput 75 "$PYTHON" -m benchmarks.throughput --device cuda --image-size 448 --batch 1,32,128 \
         --classes 150 --output-size 512x512 --warmup 2 --iters 6 --json "$LOG_DIR/throughput_448.json"
 fi
 TABLE_LOGS+=("$LOG_DIR/throughput.log")
@@ -179,11 +179,12 @@ TABLE_LOGS+=("$LOG_DIR/text.log")
 
 # ---- 7. service under load with --device cuda: batching >= 1.5x a --max-batch 1 server (issue 11) ----
 if [ $DRY -eq 1 ]; then
-    run_section serve 60 "$PYTHON" -m benchmarks.serve --device cpu --models demo --requests 16 --clients 4 \
-        --rounds 1 --time-limit 20 --images 4 --json "$LOG_DIR/serve.json"
+    run_section serve 90 "$PYTHON" -m benchmarks.serve --batching-only --device cpu --models demo --requests 8 \
+        --clients 4 --rounds 1 --time-limit 10 --images 4 --json "$LOG_DIR/serve.json"
 else
-    run_section serve 60 "$PYTHON" -m benchmarks.serve --device cuda --models vit-b-16 --requests 400 --clients 64 \
-        --rounds 1 --time-limit 20 --json "$LOG_DIR/serve_cuda.json"
+    run_section serve 60 "$PYTHON" -m benchmarks.serve --batching-only --min-speedup 1.5 --device cuda \
+        --models vit-b-16 --dtype bfloat16 --requests 400 --clients 64 --rounds 1 --time-limit 15 \
+        --json "$LOG_DIR/serve_cuda.json"
 fi
 TABLE_LOGS+=("$LOG_DIR/serve.log")
 

@@ -431,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slow-clients test: seconds of load, alone and beside the slow clients")  # fmt: skip
     parser.add_argument("--slow-only", action="store_true", help="run the slow-clients test only")
     parser.add_argument(
+        "--batching-only", action="store_true", help="run the batched and --max-batch 1 servers only (the GPU check)"
+    )
+    parser.add_argument(
+        "--min-speedup", type=float, default=None,
+        help="fail unless the batched server's throughput is at least this times the --max-batch 1 server's",
+    )  # fmt: skip
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 96 requests, 16 clients, 60 s caps, 20 s slow-clients phases"
     )
     return parser
@@ -475,8 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             del reference
             if not args.slow_only:
                 runs.extend(run_pair(model, args, bodies, expected, work))
+            if not args.slow_only and not args.batching_only:
                 runs.append(run_small_queue(model, args, bodies, expected, work))
-            runs.extend(run_slow_clients(model, args, bodies, expected, work))
+            if not args.batching_only:
+                runs.extend(run_slow_clients(model, args, bodies, expected, work))
     print()
     print(table(runs))
     print("(* load stopped by --time-limit: the requests sent by then completed and count;")
@@ -484,12 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     speedups = {}
     for name in args.models:
         by_mode = {r.mode: r for r in runs if r.model == name}
-        alone, beside = by_mode["normal alone"], by_mode["normal + slow"]
-        print(
-            f"{name}: {beside.slow_clients} slow clients: normal clients' p50 {beside.p50_ms:.1f} ms "
-            f"(alone {alone.p50_ms:.1f}), {beside.throughput:.2f} req/s (alone {alone.throughput:.2f}); "
-            f"the slow sockets got {beside.slow_answers}"
-        )
+        if "normal + slow" in by_mode:
+            alone, beside = by_mode["normal alone"], by_mode["normal + slow"]
+            print(
+                f"{name}: {beside.slow_clients} slow clients: normal clients' p50 {beside.p50_ms:.1f} ms "
+                f"(alone {alone.p50_ms:.1f}), {beside.throughput:.2f} req/s (alone {alone.throughput:.2f}); "
+                f"the slow sockets got {beside.slow_answers}"
+            )
         if "max-batch 1" in by_mode and by_mode["max-batch 1"].throughput:
             speedups[name] = by_mode["batched"].throughput / by_mode["max-batch 1"].throughput
             print(f"{name}: batched throughput {speedups[name]:.2f}x the --max-batch 1 server's")
@@ -503,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{r.model}/{r.mode}: no answer 200")
         if r.slow_clients and set(r.slow_answers) - {"408"}:
             failures.append(f"{r.model}/{r.mode}: a slow client got something other than 408: {r.slow_answers}")
+    for name, speedup in speedups.items():
+        if args.min_speedup is not None and speedup < args.min_speedup:
+            failures.append(f"{name}: batched throughput {speedup:.2f}x the --max-batch 1 server's, "
+                            f"under the goal {args.min_speedup:g}x")  # fmt: skip
     payload = {
         "machine": machine_line(torch.device(args.device)),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
