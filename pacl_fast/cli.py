@@ -642,7 +642,7 @@ PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 def run_export(args: argparse.Namespace) -> int:
     from pacl_fast.build import build_model
-    from pacl_fast.encoders import resolve_dtype
+    from pacl_fast.encoders import export_artifacts
 
     allowed, default = EXPORT_PRECISIONS[args.format]
     precision = PRECISION_NAMES.get(args.precision, args.precision) or default
@@ -655,14 +655,16 @@ def run_export(args: argparse.Namespace) -> int:
     model, _ = build_model(args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device)
     size = model.backbone.image_size
     sizes = args.image_sizes or [(size, size)]
-    if args.format == "openvino":
-        from pacl_fast.encoders.openvino_encoder import export_openvino
-
-        export_openvino(model, args.out, sizes, precision, calibration, args.calibration_size)
-    else:
-        from pacl_fast.encoders.export import export_artifacts
-
-        export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
+    export_artifacts(
+        model,
+        args.format,
+        args.out,
+        precision,
+        sizes,
+        max_batch=args.max_batch,
+        calibration=calibration,
+        calibration_size=args.calibration_size,
+    )
     return 0
 
 

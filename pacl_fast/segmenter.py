@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pacl_fast.encoders import Encoder, make_encoder
+from pacl_fast.encoders.base import fused_embedder
 from pacl_fast.head import Head
 from pacl_fast.images import (
     DEFAULT_MAX_PIXELS,
@@ -152,12 +153,11 @@ class Segmenter:
         if text_cache is None:
             text_cache = not os.environ.get("PACL_FAST_NO_TEXT_CACHE")
         self.text_embedder = TextEmbedder.for_model(backbone, encoder, use_disk_cache=text_cache)
-        # PACL through the eager torch encoder on a Triton head: the encoder stops at the CLIP's
-        # patch tokens and one fused kernel applies the embedder, the L2 norm and the similarity
-        # (kernels/patch_similarity.py). Compiled encoders already fuse the embedder into their graph.
-        self.fused_embedder = (
-            model.method == "pacl" and getattr(encoder, "name", None) == "torch" and head.uses_triton(self.device)
-        )
+        # PACL on a Triton head, through an encoder that can stop at the CLIP's patch tokens (the capability
+        # base.FusedEmbedderEncoder): one fused kernel applies the embedder, the L2 norm and the similarity
+        # (kernels/patch_similarity.py). Compiled and exported encoders already fuse the embedder in their graph.
+        self._embedder = fused_embedder(encoder) if head.uses_triton(self.device) else None
+        self.fused_embedder = self._embedder is not None
 
     @property
     def method(self) -> str:
@@ -186,9 +186,9 @@ class Segmenter:
     def patch_logits(self, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """Normalised pixels ``[B, 3, H, W]`` -> cosine logits on the patch grid ``[B, H/p, W/p, C]`` (float32)."""
         class_embeddings = class_embeddings.to(self.device)
-        if self.fused_embedder:
+        if self._embedder is not None:
             tokens = self.encoder.encode_tokens(pixels)  # [B, h, w, D]
-            return self.head.embed_similarity(tokens, self.encoder.model.embedder, class_embeddings)
+            return self.head.embed_similarity(tokens, self._embedder, class_embeddings)
         return self.head.similarity(self.encoder.encode_image(pixels), class_embeddings)
 
     def grid_logits(

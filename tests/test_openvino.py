@@ -23,7 +23,8 @@ from PIL import Image
 
 from pacl_fast.data.synthetic import WorldConfig, render_scene
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder
-from pacl_fast.encoders.export import OnnxCache, weights_digest
+from pacl_fast.encoders.artifacts import weights_digest
+from pacl_fast.encoders.export import OnnxCache
 from pacl_fast.images import fit_to_model, load_image, normalize, plan_resize
 from pacl_fast.model import PACL
 
@@ -315,6 +316,47 @@ def test_broken_cache_entries_are_named_and_rebuilt(model, fresh, caplog):
         assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
         assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+
+
+@needs_openvino
+def test_a_broken_entry_of_any_shape_is_rebuilt_once(model, fresh, caplog):
+    """Issue 23 item 6, for OpenVINO: a file where the entry's folder belongs, a folder where its model belongs,
+    a record naming files outside, a record that is a FIFO (a reader must not hang on it)."""
+    pixels = torch.randn(2, 3, *SIZE)
+    expected = reference(model, pixels)
+    folder = OpenVINOEncoder(model, cache_dir=fresh).model_path(SIZE).parent
+
+    def to_file() -> None:
+        shutil.rmtree(folder)
+        folder.write_bytes(b"a file")
+
+    def xml_to_folder() -> None:
+        (folder / MODEL_XML).unlink()
+        (folder / MODEL_XML).mkdir()
+
+    def forged() -> None:
+        record = json.loads((folder / ENTRY_JSON).read_text())
+        record["files"]["../../model.bin"] = 5
+        (folder / ENTRY_JSON).write_text(json.dumps(record))
+
+    def fifo() -> None:
+        (folder / ENTRY_JSON).unlink()
+        os.mkfifo(folder / ENTRY_JSON)
+
+    breakages = {
+        "it is not a folder": to_file,
+        "model.xml is not a regular file": xml_to_folder,
+        "entry.json names a file outside its folder": forged,
+        "entry.json cannot be read": fifo,
+    }
+    for message, breakage in breakages.items():
+        breakage()
+        caplog.clear()
+        encoder = OpenVINOEncoder(model, cache_dir=fresh)
+        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=1e-4, rtol=0)
+        assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
+        assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
 @needs_openvino
