@@ -360,6 +360,43 @@ def test_a_broken_entry_of_any_shape_is_rebuilt_once(model, fresh, caplog):
 
 
 @needs_openvino
+def test_auto_runs_a_cached_openvino_model_and_says_so(model, shared, tmp_path):
+    """encoder='auto' takes OpenVINO when a model of these weights is cached (nothing to build), in the
+    precision the CPU runs best; the segmenter's repr says what runs and why."""
+    from pacl_fast.encoders import choose
+    from pacl_fast.encoders.auto import native_dtype
+    from pacl_fast.encoders.base import dtype_name
+    from pacl_fast.segmenter import Segmenter
+
+    OpenVINOEncoder(model, cache_dir=shared).model_path(SIZE)  # cached (built here if this test runs alone)
+    precision = dtype_name(native_dtype(torch.device("cpu"))[0])
+    choice = choose(model, options={"cache_dir": shared})
+    assert (choice.encoder, choice.precision) == ("openvino", precision)
+    assert "OpenVINO installed, cached model found (48x80)" in str(choice)
+    segmenter = Segmenter(model, encoder_options={"cache_dir": shared})
+    assert segmenter.encoder.name == "openvino" and segmenter.precision == precision
+    assert f"encoder=openvino, dtype={precision}" in repr(segmenter) and "cached model found (48x80)" in repr(segmenter)
+    # Another cache, or other weights: nothing cached, and a few images do not pay a build.
+    assert choose(model, options={"cache_dir": tmp_path}).encoder == "torch"
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.embedder.fc1.weight[0, 0] += 1e-3
+    assert choose(edited, options={"cache_dir": shared}).encoder == "torch"
+    # Named choices win over the cache.
+    assert choose(model, "torch", "float32", options={"cache_dir": shared}).encoder == "torch"
+
+
+@needs_openvino
+def test_repr_names_the_real_precision(model, int8_encoder):
+    """``--dtype int8`` printed dtype=torch.float32 (OpenVINO returns float32 tensors whatever it computes in)."""
+    from pacl_fast.segmenter import Segmenter
+
+    segmenter = Segmenter(model, encoder=int8_encoder)
+    assert segmenter.precision == "int8" and "dtype=int8" in repr(segmenter) and "torch.float32" not in repr(segmenter)
+    assert segmenter.choices == "encoder=openvino int8 (as given)"
+
+
+@needs_openvino
 def test_cache_key_follows_weights_and_precision(model, shared):
     encoder = OpenVINOEncoder(model, cache_dir=shared)
     assert encoder.root.parent == shared / "openvino" and encoder.root.name.startswith(encoder.onnx.key)

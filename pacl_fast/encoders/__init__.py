@@ -27,7 +27,7 @@ option ``precision="fp32" | "bf16" | "int8"``; int8 is only an option (its outpu
 Modules, each with one job, importing one another in one direction only: ``base`` (the protocol, its
 capabilities, dtypes) and ``graph`` (the traceable towers) below everything; ``artifacts`` (cache keys,
 entry records, manifests, rebuilt-once); ``export`` (ONNX graphs); one module per backend;
-this package's face on top.
+``auto`` (``dtype="auto"`` / ``encoder="auto"``, :func:`choose`); this package's face on top.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from torch import nn
 
 from pacl_fast.choices import ENCODERS, EXPORT_PRECISIONS
 from pacl_fast.encoders.artifacts import check_writable
+from pacl_fast.encoders.auto import AUTO, Choice, choose
 from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, dtype_name, resolve_dtype
 from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE
 from pacl_fast.encoders.torch_encoder import TorchEncoder
@@ -137,11 +138,14 @@ def export_artifacts(
 
 
 __all__ = [
+    "AUTO",
+    "Choice",
     "DEFAULT_DTYPES",
     "ENCODERS",
     "Encoder",
     "EncoderUnavailableError",
     "TorchEncoder",
+    "choose",
     "export_artifacts",
     "make_encoder",
     "resolve_dtype",

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from pacl_fast.encoders.artifacts import (
     ENTRY_JSON,
     ArtifactStore,
     export_all,
+    export_key,
     image_artifact,
     image_entry,
     read_record,
@@ -60,7 +62,7 @@ from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE, Calibration
 from pacl_fast.encoders.export import OnnxCache
 from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
-from pacl_fast.files import atomic_folder
+from pacl_fast.files import atomic_folder, default_cache_dir
 from pacl_fast.profiling import cpu_name
 
 logger = logging.getLogger(__name__)
@@ -158,6 +160,26 @@ def cache_key(onnx_key: str, openvino_version: str, cpu: str) -> str:
     """The key of a model's OpenVINO folder: built from its fp32 ONNX graph, so that graph's key, extended
     by what changes the conversion (this format, OpenVINO's version, the CPU)."""
     return f"{onnx_key}-{short_digest({'format': OPENVINO_FORMAT, 'openvino': openvino_version, 'cpu': cpu})}"
+
+
+def cached_sizes(model: nn.Module, cache_dir: str | os.PathLike | None = None) -> list[tuple[int, int]]:
+    """The input sizes whose fp32 (and so bf16) OpenVINO model of ``model`` is whole in the cache: what an
+    encoder loads without building. Cheap when there is none: the weights are hashed (to find this model's
+    folder) only when a folder of this method's models exists."""
+    base = Path(cache_dir or default_cache_dir()) / "openvino"
+    try:
+        candidates = [p.name for p in base.iterdir() if p.name.startswith(f"{model.method}-fp32-")]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    key = cache_key(export_key(model, torch.float32), import_openvino().__version__, cpu_name())
+    sizes = []
+    for folder in sorted((base / key).glob("image-*-fp32")):
+        match = re.fullmatch(r"image-(\d+)x(\d+)-fp32", folder.name)
+        if match and entry_problem(folder) is None:
+            sizes.append((int(match[1]), int(match[2])))
+    return sizes
 
 
 @dataclass
