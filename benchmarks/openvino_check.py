@@ -283,8 +283,13 @@ def run_accuracy(args: argparse.Namespace) -> dict:
             options = {**options, "cache_dir": args.cache, "threads": args.threads}
         start = time.perf_counter()
         try:
-            segmenter = Segmenter(
-                f"local-dir:{DEMO_CLIP}", pacl_weights=DEMO_PACL, device="cpu", encoder=encoder, encoder_options=options
+            segmenter = Segmenter(  # named choices: the rows are these precisions, not what "auto" would pick
+                f"local-dir:{DEMO_CLIP}",
+                pacl_weights=DEMO_PACL,
+                device="cpu",
+                dtype="float32" if encoder == "torch" else None,
+                encoder=encoder,
+                encoder_options=options,
             )
         except EncoderUnavailableError as error:
             skipped[label] = str(error)

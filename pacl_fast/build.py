@@ -8,7 +8,9 @@
 
 Which method runs (:func:`pacl_fast.methods.resolve_method`): ``"pacl"`` when PACL weights are
 given, else NACLIP, the best training-free method; ``clip="demo"`` is the CLIP and PACL weights
-shipped in the package (trained on the synthetic world).
+shipped in the package (trained on the synthetic world). Which encoder and precision run:
+``"auto"`` by default, the fastest this machine runs for the work announced (``expected_images``),
+decided and explained by :func:`pacl_fast.encoders.choose`; ``Parts.choice`` says what and why.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ import torch
 from torch import nn
 
 from pacl_fast.backbone import LOCAL_DIR_PREFIX, RandomWeightsWarning, load_clip
-from pacl_fast.encoders import DEFAULT_DTYPES, ENCODERS, Encoder, make_encoder, resolve_dtype
+from pacl_fast.encoders import (
+    AUTO,
+    DEFAULT_DTYPES,
+    ENCODERS,
+    Choice,
+    Encoder,
+    EncoderUnavailableError,
+    choose,
+    make_encoder,
+    resolve_dtype,
+)
 from pacl_fast.encoders.torch_encoder import DEFAULT_TEXT_DTYPE, resolve_text_dtype
 from pacl_fast.head import Head
 from pacl_fast.methods import TrainingFreeCLIP, resolve_method
@@ -40,12 +52,14 @@ DEMO_PACL = DEMO_ASSETS / "pacl.safetensors"
 
 @dataclass
 class Parts:
-    """What :func:`build` makes: the model, the encoder that runs it, the head, and the PACL metadata."""
+    """What :func:`build` makes: the model, the encoder that runs it, the head, the PACL metadata, and
+    which encoder and precision were chosen and why (``str(parts.choice)``)."""
 
     model: nn.Module
     encoder: Encoder
     head: Head
     metadata: PACLMetadata | None = None
+    choice: Choice | None = None
 
 
 def resolve_demo(
@@ -116,6 +130,52 @@ def cast_model(model: nn.Module, dtype: torch.dtype, text_dtype: torch.dtype) ->
     return model._apply(cast)  # what Module.to does, per tensor; the modules' _apply hooks drop their caches
 
 
+def check_choices(encoder: str, dtype: str | torch.dtype | None) -> None:
+    """ValueError for an encoder or dtype name that is neither known nor ``"auto"``, before anything loads."""
+    if encoder != AUTO and encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS} or {AUTO!r}, got {encoder!r}")
+    if dtype not in (AUTO, None):
+        resolve_dtype(dtype)
+
+
+def encoder_for(
+    model: nn.Module,
+    encoder: str = AUTO,
+    dtype: str | torch.dtype | None = AUTO,
+    *,
+    expected_images: float | None = None,
+    options: dict | None = None,
+    owned: bool = False,
+) -> tuple[Encoder, Choice]:
+    """The encoder for ``model``, each ``"auto"`` decided by :func:`pacl_fast.encoders.choose`, and the choice.
+
+    ``owned``: the caller built the model for this encoder alone, so a torch encoder gets it cast in
+    place (no second copy). An encoder chosen automatically that cannot run here (its library finds no
+    support on this CPU) gives way to eager torch, with a warning.
+    """
+    options = dict(options or {})
+    choice = choose(model, encoder, dtype, expected_images=expected_images, options=options)
+    try:
+        return _make(model, choice, options, owned), choice
+    except EncoderUnavailableError as error:
+        if encoder != AUTO or choice.encoder == "torch":
+            raise
+        logger.warning("encoder='auto' chose %s, which cannot run here (%s): eager torch runs", choice.encoder, error)
+        fallback = choose(model, "torch", dtype, options=options)
+        reasons = (f"eager: {choice.encoder} unavailable", *fallback.reasons)
+        fallback = Choice(fallback.encoder, fallback.dtype, fallback.precision, reasons)
+        return _make(model, fallback, options, owned), fallback
+
+
+def _make(model: nn.Module, choice: Choice, options: dict, owned: bool) -> Encoder:
+    dtype = choice.dtype
+    if owned and choice.encoder in ("torch", "compile"):  # the builder owns this model: cast it, keep one copy
+        dtype = DEFAULT_DTYPES[choice.encoder] if dtype is None else dtype
+        text_dtype = resolve_text_dtype(options.get("text_dtype", DEFAULT_TEXT_DTYPE), dtype)
+        cast_model(model, dtype, text_dtype)
+    return make_encoder(choice.encoder, model, dtype, **options)
+
+
 def build(
     clip: str | dict = "ViT-B-16",
     clip_weights: str | os.PathLike | None = None,
@@ -123,11 +183,12 @@ def build(
     *,
     method: str | None = None,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    encoder: str = "torch",
+    dtype: str | torch.dtype | None = AUTO,
+    encoder: str = AUTO,
     encoder_options: dict | None = None,
     backend: str = "fast",
     strict_clip: bool = True,
+    expected_images: float | None = None,
 ) -> Parts:
     """Build the model, its encoder and the head from names.
 
@@ -138,23 +199,24 @@ def build(
         method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip"``; None: ``"pacl"`` with
             PACL weights, else ``"naclip"``.
         device: default CUDA when available.
-        dtype: encoder precision (None: the encoder's default); torch encoders get the model built
-            in that precision, so no second copy is made.
-        encoder: ``"torch" | "compile" | "onnxruntime" | "tensorrt" | "openvino"`` (``pacl_fast.encoders``).
+        dtype: encoder precision; ``"auto"`` (default): the fastest the device runs natively (bf16 on CPUs
+            with AVX512-BF16 or AMX and on GPUs from Ampere, see :mod:`pacl_fast.encoders.auto`); None: the
+            encoder's default. Torch encoders get the model built in that precision, so no second copy is made.
+        encoder: ``"torch" | "compile" | "onnxruntime" | "tensorrt" | "openvino"`` (``pacl_fast.encoders``), or
+            ``"auto"`` (default): eager torch, unless an OpenVINO model of these weights is cached or
+            ``expected_images`` is enough to pay for building one (or a compiled graph).
         encoder_options: backend arguments (``cache_dir``, ``max_batch``, ``precision``...).
         backend: head backend (``pacl_fast.head.BACKENDS``).
         strict_clip: refuse PACL weights recorded for another CLIP.
+        expected_images: how many images the caller will segment (the CLI: its inputs or the dataset's
+            size; a service: ``math.inf``); None: unknown (a few). Only ``encoder="auto"`` reads it.
     """
     head = Head(backend)  # bad names fail before anything is loaded
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
-    torch_encoder = encoder in ("torch", "compile")
-    if torch_encoder:
-        dtype = DEFAULT_DTYPES[encoder] if dtype is None else resolve_dtype(dtype)
+    check_choices(encoder, dtype)
     model, metadata = build_model(
         clip, clip_weights, pacl_weights, method=method, device=device, strict_clip=strict_clip
     )
-    if torch_encoder:  # the builder owns this model: cast it rather than keep two copies
-        text_dtype = resolve_text_dtype((encoder_options or {}).get("text_dtype", DEFAULT_TEXT_DTYPE), dtype)
-        model = cast_model(model, dtype, text_dtype)
-    return Parts(model, make_encoder(encoder, model, dtype, **(encoder_options or {})), head, metadata)
+    made, choice = encoder_for(
+        model, encoder, dtype, expected_images=expected_images, options=encoder_options, owned=True
+    )
+    return Parts(model, made, head, metadata, choice)

@@ -17,7 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pacl_fast.encoders import Encoder, make_encoder
+from pacl_fast.build import build, encoder_for
+from pacl_fast.encoders import AUTO, Encoder
+from pacl_fast.encoders.base import fused_embedder, precision_name
 from pacl_fast.head import Head
 from pacl_fast.images import (
     DEFAULT_MAX_PIXELS,
@@ -65,14 +67,18 @@ class Segmenter:
             PACL weights are given, else ``"naclip"``.
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names);
-            None: the encoder's default (float16 for tensorrt, else float32).
+            ``"auto"`` (default): the fastest the device runs natively (bf16 on CPUs with AVX512-BF16 or
+            AMX and on GPUs from Ampere; see :mod:`pacl_fast.encoders.auto`); None: the encoder's default
+            (float16 for tensorrt, else float32).
         image_size: short side the model sees; default the CLIP's native size (224 for ViT-B-16).
         backend: head backend (``pacl_fast.head``): ``"fast"`` (Triton on CUDA, tiled PyTorch on
             CPU), ``"reference"`` (plain PyTorch), ``"tiled"`` or ``"triton"``.
         encoder: a backend name, ``"torch"`` (eager), ``"compile"`` (torch.compile),
-            ``"onnxruntime"``, ``"tensorrt"`` or ``"openvino"`` (see :mod:`pacl_fast.encoders`), or an
-            encoder already built. A missing library or device raises
-            :class:`~pacl_fast.encoders.EncoderUnavailableError` naming what to install.
+            ``"onnxruntime"``, ``"tensorrt"`` or ``"openvino"`` (see :mod:`pacl_fast.encoders`), an
+            encoder already built, or ``"auto"`` (default): eager torch unless an OpenVINO model of these
+            weights is cached or ``expected_images`` pays for building one. A missing library or device
+            raises :class:`~pacl_fast.encoders.EncoderUnavailableError` naming what to install.
+            :attr:`choices` (and ``repr``) says which encoder and precision run, and why.
         head: a :class:`~pacl_fast.head.Head` already built (default ``Head(backend)``).
         encoder_options: backend arguments, e.g. ``{"cache_dir": ..., "max_batch": 32}``.
         strict_clip: refuse PACL weights recorded for another CLIP (default True).
@@ -83,6 +89,8 @@ class Segmenter:
         text_cache: keep class-name embeddings on disk too (``$PACL_FAST_CACHE/text``), so that every
             process and rank after the first skips the text tower (:class:`pacl_fast.prompts.TextEmbedder`);
             None: yes unless ``$PACL_FAST_NO_TEXT_CACHE`` is set. They are always kept in memory.
+        expected_images: how many images this segmenter will segment, for ``encoder="auto"`` (a build
+            pays only over many images); None: unknown, a few; ``math.inf``: a service.
     """
 
     def __init__(
@@ -93,10 +101,10 @@ class Segmenter:
         *,
         method: str | None = None,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = AUTO,
         image_size: int | None = None,
         backend: str = "fast",
-        encoder: str | Encoder = "torch",
+        encoder: str | Encoder = AUTO,
         head: Head | None = None,
         encoder_options: dict | None = None,
         strict_clip: bool = True,
@@ -104,6 +112,7 @@ class Segmenter:
         batch_size: int = 8,
         logit_scale: float | None = None,
         text_cache: bool | None = None,
+        expected_images: float | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -115,15 +124,15 @@ class Segmenter:
                                               ("method", method)) if value is not None]  # fmt: skip
             if given:
                 raise TypeError(f"{', '.join(given)} build a model: pass them with a CLIP name, not with a built model")
-            model = clip
+            model, choice = clip, None
             if isinstance(encoder, str):
-                encoder = make_encoder(encoder, model, dtype, **(encoder_options or {}))
+                encoder, choice = encoder_for(
+                    model, encoder, dtype, expected_images=expected_images, options=encoder_options
+                )
             head = head or Head(backend)
         else:
             if not isinstance(encoder, str):
                 raise TypeError("encoder must be a backend name when the model is built from names")
-            from pacl_fast.build import build
-
             parts = build(
                 clip,
                 clip_weights,
@@ -135,12 +144,18 @@ class Segmenter:
                 encoder_options=encoder_options,
                 backend=backend,
                 strict_clip=strict_clip,
+                expected_images=expected_images,
             )
             model, encoder, head, self.metadata = parts.model, parts.encoder, head or parts.head, parts.metadata
+            choice = parts.choice
         self.model, self.encoder, self.head = model, encoder, head
         backbone = model.backbone
         self.device = backbone.visual.conv1.weight.device
         self.dtype = encoder.dtype
+        self.precision = precision_name(encoder)  # fp32, bf16, fp16, int8: what the encoder computes in
+        #: Which encoder and precision run, and why: the short line the CLI prints first and /v1/info shows.
+        self._why = "; ".join(choice.reasons) if choice is not None and choice.reasons else "as given"
+        self.choices = f"encoder={encoder.name} {self.precision} ({self._why})"
         self.image_size = image_size or backbone.image_size
         if self.image_size < backbone.patch_size:
             raise ValueError(f"image_size={self.image_size} is smaller than the patch size {backbone.patch_size}")
@@ -152,12 +167,11 @@ class Segmenter:
         if text_cache is None:
             text_cache = not os.environ.get("PACL_FAST_NO_TEXT_CACHE")
         self.text_embedder = TextEmbedder.for_model(backbone, encoder, use_disk_cache=text_cache)
-        # PACL through the eager torch encoder on a Triton head: the encoder stops at the CLIP's
-        # patch tokens and one fused kernel applies the embedder, the L2 norm and the similarity
-        # (kernels/patch_similarity.py). Compiled encoders already fuse the embedder into their graph.
-        self.fused_embedder = (
-            model.method == "pacl" and getattr(encoder, "name", None) == "torch" and head.uses_triton(self.device)
-        )
+        # PACL on a Triton head, through an encoder that can stop at the CLIP's patch tokens (the capability
+        # base.FusedEmbedderEncoder): one fused kernel applies the embedder, the L2 norm and the similarity
+        # (kernels/patch_similarity.py). Compiled and exported encoders already fuse the embedder in their graph.
+        self._embedder = fused_embedder(encoder) if head.uses_triton(self.device) else None
+        self.fused_embedder = self._embedder is not None
 
     @property
     def method(self) -> str:
@@ -186,9 +200,9 @@ class Segmenter:
     def patch_logits(self, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """Normalised pixels ``[B, 3, H, W]`` -> cosine logits on the patch grid ``[B, H/p, W/p, C]`` (float32)."""
         class_embeddings = class_embeddings.to(self.device)
-        if self.fused_embedder:
+        if self._embedder is not None:
             tokens = self.encoder.encode_tokens(pixels)  # [B, h, w, D]
-            return self.head.embed_similarity(tokens, self.encoder.model.embedder, class_embeddings)
+            return self.head.embed_similarity(tokens, self._embedder, class_embeddings)
         return self.head.similarity(self.encoder.encode_image(pixels), class_embeddings)
 
     def grid_logits(
@@ -483,6 +497,6 @@ class Segmenter:
         pacl = f", pacl={'trained' if self.metadata else 'untrained'}" if self.method == "pacl" else ""
         return (
             f"Segmenter(method={self.method}, clip={self.model.backbone.identity}{pacl}, device={self.device}, "
-            f"encoder={self.encoder.name}, dtype={self.dtype}, image_size={self.image_size}, "
-            f"backend={self.head.backend})"
+            f"encoder={self.encoder.name}, dtype={self.precision}, image_size={self.image_size}, "
+            f"backend={self.head.backend}, why={self._why!r})"
         )

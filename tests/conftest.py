@@ -59,6 +59,10 @@ def make_segmenter(config, pacl_weights=None, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         kwargs.setdefault("method", "pacl")  # most tests exercise PACL; training-free methods ask for theirs
+        # Eager fp32 unless a test asks: tolerances here are fp32's, and the auto choice (bf16 or OpenVINO on
+        # some machines) would make them depend on the machine. The auto choice has tests of its own.
+        kwargs.setdefault("dtype", None)
+        kwargs.setdefault("encoder", "torch")
         return Segmenter(config, pacl_weights=pacl_weights, device="cpu", **kwargs)
 
 

@@ -19,7 +19,8 @@ from conftest import quiet_load_clip, skip_unavailable
 from torch import nn
 
 from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
-from pacl_fast.encoders.export import OnnxCache, _export, export_key, weights_digest
+from pacl_fast.encoders.artifacts import export_key, weights_digest
+from pacl_fast.encoders.export import OnnxCache, _export
 from pacl_fast.encoders.graph import ImageTower, SelfAttention, TextTower, supports_sdpa
 from pacl_fast.model import PACL
 
@@ -435,3 +436,326 @@ def test_cache_dir_environment_variable(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path))
     cache = OnnxCache(tiny_model, torch.float32)
     assert cache.root.parent.parent == tmp_path and os.fspath(cache.root).startswith(os.fspath(tmp_path))
+
+
+# --- the house: encoders/ imports in one direction, no print, short functions (issue 22) ---------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ENCODERS_DIR = ROOT / "pacl_fast" / "encoders"
+
+
+def encoder_imports(path) -> set[str]:  # noqa: ANN001
+    """The ``pacl_fast.encoders`` modules ``path`` imports, also inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pacl_fast.encoders"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if (ENCODERS_DIR / f"{a.name}.py").is_file())
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pacl_fast.encoders"))
+    return found
+
+
+def test_encoder_modules_import_each_other_in_one_direction_only():
+    def name(path) -> str:  # noqa: ANN001
+        return "pacl_fast.encoders" + ("" if path.stem == "__init__" else f".{path.stem}")
+
+    graph = {name(path): encoder_imports(path) - {name(path)} for path in sorted(ENCODERS_DIR.glob("*.py"))}
+    assert graph["pacl_fast.encoders.export"] and graph["pacl_fast.encoders.tensorrt_encoder"]  # the parser sees them
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    cycles = sorted(module for module in graph if reaches(module, module, {module}))
+    assert cycles == [], f"modules of encoders/ that import themselves through others: {cycles}"
+
+
+def test_no_print_in_encoders_and_no_function_over_110_lines():
+    import ast
+
+    paths = [*sorted(ENCODERS_DIR.glob("*.py")), ROOT / "pacl_fast" / "build.py", ROOT / "pacl_fast" / "segmenter.py"]
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "print", f"{path.name}:{node.lineno}: print in library code (use logging)"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 110, f"{path.name}: {node.name} is {length} lines long (at most 110)"
+
+
+def test_the_segmenter_chooses_the_fused_path_by_capability_not_by_name(tiny_config, tiny_pacl, tmp_path):
+    """Any encoder declaring ``embedder`` + ``encode_tokens`` (base.FusedEmbedderEncoder) gets the fused PACL
+    head, whatever its name; the torch encoder offers it only eagerly and only for PACL."""
+    from pacl_fast.encoders.base import FusedEmbedderEncoder, fused_embedder
+    from pacl_fast.head import Head
+    from pacl_fast.segmenter import Segmenter
+
+    class Wrapped:  # a third-party encoder: delegates to the torch encoder, under another name
+        name = "mine"
+
+        def __init__(self, inner: TorchEncoder):
+            self.inner, self.dtype = inner, inner.dtype
+
+        def __getattr__(self, attribute: str):  # noqa: ANN204
+            return getattr(self.inner, attribute)
+
+        @property
+        def embedder(self):  # noqa: ANN201
+            return self.inner.embedder
+
+        def encode_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.inner.encode_tokens(pixels)
+
+    eager = TorchEncoder(tiny_pacl)
+    assert isinstance(eager, FusedEmbedderEncoder) and fused_embedder(eager) is tiny_pacl.embedder
+    assert fused_embedder(make_encoder("onnxruntime", tiny_pacl, cache_dir=tmp_path)) is None  # no such capability
+    from pacl_fast.methods import TrainingFreeCLIP
+
+    assert fused_embedder(TorchEncoder(TrainingFreeCLIP(tiny_pacl.backbone, "naclip"))) is None  # no embedder
+    mine = Segmenter(tiny_pacl, encoder=Wrapped(eager), head=Head("triton"))
+    plain = Segmenter(tiny_pacl, encoder=eager, head=Head("reference"))
+    assert mine.fused_embedder and not plain.fused_embedder and "encoder=mine" in repr(mine)
+    calls = []
+    mine.encoder.encode_tokens = lambda pixels: calls.append(pixels.shape) or eager.encode_tokens(pixels)
+    pixels, classes = torch.randn(2, 3, 40, 64), torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    expected = plain.patch_logits(pixels, classes)
+    torch.testing.assert_close(mine.patch_logits(pixels, classes), expected, atol=1e-5, rtol=0)
+    assert calls == [(2, 3, 40, 64)]  # the tokens path ran
+
+
+# --- cache entries broken in any shape are rebuilt once; an unwritable cache is still used (issue 23) ----
+
+
+def onnx_breakages(key_folder):  # noqa: ANN001, ANN201
+    """name -> (a function breaking the 64x128 entry in ``key_folder`` (onnx/<key>), the reason it is named by)."""
+    entry = key_folder / "image-64x128"
+
+    def replace_by_file(path, data=b"not a folder") -> None:  # noqa: ANN001
+        import shutil
+
+        shutil.rmtree(path)
+        path.write_bytes(data)
+
+    def edit_record(change) -> None:  # noqa: ANN001
+        import json
+
+        record = json.loads((entry / "entry.json").read_text())
+        change(record)
+        (entry / "entry.json").write_text(json.dumps(record))
+
+    def onnx_to_folder() -> None:
+        (entry / "model.onnx").unlink()
+        (entry / "model.onnx").mkdir()
+
+    def garbage_graph() -> None:
+        size = (entry / "model.onnx").stat().st_size
+        (entry / "model.onnx").write_bytes(b"\x07" * size)  # the recorded size, not a graph
+
+    def fifo_record() -> None:
+        (entry / "entry.json").unlink()
+        os.mkfifo(entry / "entry.json")
+
+    return {
+        "entry is a file": (lambda: replace_by_file(entry), "it is not a folder"),
+        "key folder is a file": (lambda: replace_by_file(key_folder), "should be a folder"),
+        "model.onnx is a folder": (onnx_to_folder, "model.onnx is not a regular file"),
+        "model.onnx missing": (lambda: (entry / "model.onnx").unlink(), "model.onnx is missing"),
+        "weights truncated": (
+            lambda: (entry / "model.onnx.data").write_bytes((entry / "model.onnx.data").read_bytes()[:100]),
+            "model.onnx.data has 100 bytes",
+        ),
+        "garbage graph": (garbage_graph, "not a readable ONNX file"),
+        "record truncated": (
+            lambda: (entry / "entry.json").write_text((entry / "entry.json").read_text()[:20]),
+            "entry.json is not valid JSON",
+        ),
+        "record missing": (lambda: (entry / "entry.json").unlink(), "entry.json is missing"),
+        "record forged outside": (
+            lambda: edit_record(lambda r: r["files"].update({"../../../etc/passwd": 1})),
+            "names a file outside its folder",
+        ),
+        "record forged sizes": (
+            lambda: edit_record(lambda r: r["files"].update({"model.onnx": 3})),
+            "model.onnx has",
+        ),
+        "record nested": (lambda: (entry / "entry.json").write_text("[" * 100_000), "entry.json is not valid JSON"),
+        "record is a FIFO": (fifo_record, "entry.json cannot be read"),
+        "record not an object": (lambda: (entry / "entry.json").write_text("[1, 2]"), "not a JSON object"),
+    }
+
+
+def test_a_broken_onnx_entry_of_any_shape_is_rebuilt_once(tiny_model, tmp_path, caplog):
+    """Issue 23 item 6: a file at onnx/<key>/image-64x128 failed every 64x128 image on every run."""
+    from pacl_fast.encoders.export import entry_problem
+
+    caplog.set_level("WARNING", logger="pacl_fast.encoders")
+    pixels = torch.randn(2, 3, 64, 128)
+    expected = reference_patches(tiny_model, pixels)
+    first = make_encoder("onnxruntime", tiny_model, cache_dir=tmp_path)
+    torch.testing.assert_close(first.encode_image(pixels), expected, atol=FP32_ATOL["tiny"], rtol=0)
+    key_folder = first.cache.root
+    entry = key_folder / "image-64x128"
+    assert entry_problem(entry) is None
+    for case, (breakage, reason) in onnx_breakages(key_folder).items():
+        breakage()
+        caplog.clear()
+        encoder = make_encoder("onnxruntime", tiny_model, cache_dir=tmp_path)
+        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=FP32_ATOL["tiny"], rtol=0)
+        assert reason in caplog.text and str(key_folder) in caplog.text, (case, caplog.text)
+        assert entry_problem(entry) is None, case  # whole again, where it belongs
+        caplog.clear()
+        make_encoder("onnxruntime", tiny_model, cache_dir=tmp_path).encode_image(pixels[:1])
+        assert caplog.text == "", (case, caplog.text)  # the next run reuses it: rebuilt once
+    assert sorted(p.name for p in key_folder.iterdir()) == ["image-64x128"]  # no temporary folders left
+
+
+def test_a_graph_the_runtime_cannot_load_is_rebuilt_once_then_named(tmp_path, caplog):
+    """The store's own contract, on file entries (TensorRT's shape): a folder where the file belongs, a file
+    its runtime refuses once, and a file it refuses right after building it (an error naming the entry)."""
+    from pacl_fast.encoders.artifacts import ArtifactStore, file_problem
+    from pacl_fast.files import atomic_write
+
+    caplog.set_level("WARNING", logger="pacl_fast.encoders")
+    store = ArtifactStore(tmp_path, "kind/key", "Thing")
+    builds = []
+
+    def build(path):  # noqa: ANN001, ANN202
+        builds.append(path)
+        return atomic_write(path, b"good")
+
+    def load(path):  # noqa: ANN001, ANN202
+        data = path.read_bytes()
+        if data != b"good":
+            raise RuntimeError(f"cannot deserialise {data[:4]!r}\nsecond line")
+        return data
+
+    assert store.get("a.bin", "the thing", build, load, problem=file_problem) == b"good" and len(builds) == 1
+    assert store.get("a.bin", "the thing", build, load, problem=file_problem) == b"good" and len(builds) == 1
+    (tmp_path / "kind/key/a.bin").unlink()
+    (tmp_path / "kind/key/a.bin").mkdir()  # a folder where the file belongs
+    assert store.get("a.bin", "the thing", build, load, problem=file_problem) == b"good" and len(builds) == 2
+    assert "Thing cache entry" in caplog.text and "it is not a regular file" in caplog.text
+    (tmp_path / "kind/key/a.bin").write_bytes(b"stale")
+    caplog.clear()
+    assert store.get("a.bin", "the thing", build, load, problem=file_problem) == b"good" and len(builds) == 3
+    assert "is broken (it failed to load: cannot deserialise b'stal'); building it again" in caplog.text
+
+    def bad_build(path):  # noqa: ANN001, ANN202
+        return atomic_write(path, b"bad")
+
+    with pytest.raises(RuntimeError, match=r"Thing cannot load the thing it built in .*b\.bin: cannot deserialise"):
+        store.get("b.bin", "the thing", bad_build, load, problem=file_problem)
+
+
+def run_as_nobody(function):  # noqa: ANN001, ANN201
+    """``function()`` where a read-only folder is read-only: here when not root, else in a forked child that
+    drops to the ``nobody`` user (root writes through permissions). Its return value is pickled back."""
+    import multiprocessing
+    import pickle
+
+    if os.geteuid() != 0:
+        return function()
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def child() -> None:
+        torch.set_num_threads(1)  # OpenMP's pool does not survive fork: run single-threaded
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            result = ("ok", function())
+        except BaseException as error:  # noqa: BLE001 - carried back to the parent
+            result = ("error", f"{type(error).__name__}: {error}")
+        writer.send_bytes(pickle.dumps(result))
+
+    process = context.Process(target=child)
+    process.start()
+    status, value = pickle.loads(reader.recv_bytes())
+    process.join(60)
+    assert status == "ok", value
+    return value
+
+
+def read_only_tree(folder) -> None:  # noqa: ANN001
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    folder.chmod(0o555)
+
+
+def test_a_read_only_cache_is_read_and_what_is_missing_is_built_in_a_temporary_folder(tiny_model):
+    """Issue 23 item 5: ``--encoder onnxruntime`` with a read-only cache was a traceback. Cached graphs are
+    read from it; missing ones are exported into a temporary folder, with one warning saying what it costs."""
+    import logging
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="pacl-read-only-"))
+    base.chmod(0o755)
+    cache = base / "cache"
+    try:
+        make_encoder("onnxruntime", tiny_model, cache_dir=cache).image_session((48, 80))  # cached before
+        read_only_tree(cache)
+        before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+        torch.manual_seed(11)
+        pixels = {size: torch.randn(2, 3, *size) for size in ((48, 80), (40, 56), (32, 32))}
+        tokens = tiny_model.backbone.tokenize(PROMPTS[:3])
+
+        def run() -> tuple:
+            records = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = records.append
+            logging.getLogger("pacl_fast.encoders").addHandler(handler)
+            encoder = make_encoder("onnxruntime", tiny_model, cache_dir=cache)
+            patches = {size: encoder.encode_image(p) for size, p in pixels.items()}
+            texts = encoder.encode_text(tokens)
+            return patches, texts, [r.getMessage() for r in records]
+
+        patches, texts, warnings_seen = run_as_nobody(run)
+        for size, got in patches.items():
+            torch.testing.assert_close(got, reference_patches(tiny_model, pixels[size]), atol=FP32_ATOL["tiny"], rtol=0)
+        torch.testing.assert_close(texts, reference_outputs(tiny_model, pixels[(32, 32)], tokens)[1], atol=1e-5, rtol=0)
+        assert len(warnings_seen) == 1, warnings_seen  # one warning for the run, not one per graph
+        assert f"the encoder cache {cache} cannot be written" in warnings_seen[0]
+        assert "every run pays the export again" in warnings_seen[0]
+        assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before  # nothing written there
+    finally:
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_exporting_into_a_read_only_folder_fails_in_one_line(tiny_clip_dir):
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pacl_fast.cli import main
+
+    base = Path(tempfile.mkdtemp(prefix="pacl-read-only-out-"))
+    shutil.copytree(tiny_clip_dir, base / "clip")
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755)
+    out = base / "out"
+    out.mkdir()
+    read_only_tree(out)
+    argv = ["export", "--format", "onnx", "--out", str(out), "--clip", f"local-dir:{base / 'clip'}"]
+    argv += ["--method", "maskclip", "--device", "cpu", "--image-sizes", "48x80"]
+
+    def run() -> tuple[int, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            return main(argv), err.getvalue()
+
+    try:
+        code, err = run_as_nobody(run)
+        assert code == 2 and list(out.iterdir()) == []
+        assert f"pacl-fast export: error: cannot write the export folder {out}" in err and "Traceback" not in err
+    finally:
+        out.chmod(0o755)
+        shutil.rmtree(base)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from pacl_fast.data.synthetic import WorldConfig, render_scene
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder
-from pacl_fast.encoders.export import OnnxCache, weights_digest
+from pacl_fast.encoders.artifacts import weights_digest
+from pacl_fast.encoders.export import OnnxCache
 from pacl_fast.images import fit_to_model, load_image, normalize, plan_resize
 from pacl_fast.model import PACL
 
@@ -315,6 +316,84 @@ def test_broken_cache_entries_are_named_and_rebuilt(model, fresh, caplog):
         assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
         assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+
+
+@needs_openvino
+def test_a_broken_entry_of_any_shape_is_rebuilt_once(model, fresh, caplog):
+    """Issue 23 item 6, for OpenVINO: a file where the entry's folder belongs, a folder where its model belongs,
+    a record naming files outside, a record that is a FIFO (a reader must not hang on it)."""
+    pixels = torch.randn(2, 3, *SIZE)
+    expected = reference(model, pixels)
+    folder = OpenVINOEncoder(model, cache_dir=fresh).model_path(SIZE).parent
+
+    def to_file() -> None:
+        shutil.rmtree(folder)
+        folder.write_bytes(b"a file")
+
+    def xml_to_folder() -> None:
+        (folder / MODEL_XML).unlink()
+        (folder / MODEL_XML).mkdir()
+
+    def forged() -> None:
+        record = json.loads((folder / ENTRY_JSON).read_text())
+        record["files"]["../../model.bin"] = 5
+        (folder / ENTRY_JSON).write_text(json.dumps(record))
+
+    def fifo() -> None:
+        (folder / ENTRY_JSON).unlink()
+        os.mkfifo(folder / ENTRY_JSON)
+
+    breakages = {
+        "it is not a folder": to_file,
+        "model.xml is not a regular file": xml_to_folder,
+        "entry.json names a file outside its folder": forged,
+        "entry.json cannot be read": fifo,
+    }
+    for message, breakage in breakages.items():
+        breakage()
+        caplog.clear()
+        encoder = OpenVINOEncoder(model, cache_dir=fresh)
+        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=1e-4, rtol=0)
+        assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
+        assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
+@needs_openvino
+def test_auto_runs_a_cached_openvino_model_and_says_so(model, shared, tmp_path):
+    """encoder='auto' takes OpenVINO when a model of these weights is cached (nothing to build), in the
+    precision the CPU runs best; the segmenter's repr says what runs and why."""
+    from pacl_fast.encoders import choose
+    from pacl_fast.encoders.auto import native_dtype
+    from pacl_fast.encoders.base import dtype_name
+    from pacl_fast.segmenter import Segmenter
+
+    OpenVINOEncoder(model, cache_dir=shared).model_path(SIZE)  # cached (built here if this test runs alone)
+    precision = dtype_name(native_dtype(torch.device("cpu"))[0])
+    choice = choose(model, options={"cache_dir": shared})
+    assert (choice.encoder, choice.precision) == ("openvino", precision)
+    assert "OpenVINO installed, cached model found (48x80)" in str(choice)
+    segmenter = Segmenter(model, encoder_options={"cache_dir": shared})
+    assert segmenter.encoder.name == "openvino" and segmenter.precision == precision
+    assert f"encoder=openvino, dtype={precision}" in repr(segmenter) and "cached model found (48x80)" in repr(segmenter)
+    # Another cache, or other weights: nothing cached, and a few images do not pay a build.
+    assert choose(model, options={"cache_dir": tmp_path}).encoder == "torch"
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.embedder.fc1.weight[0, 0] += 1e-3
+    assert choose(edited, options={"cache_dir": shared}).encoder == "torch"
+    # Named choices win over the cache.
+    assert choose(model, "torch", "float32", options={"cache_dir": shared}).encoder == "torch"
+
+
+@needs_openvino
+def test_repr_names_the_real_precision(model, int8_encoder):
+    """``--dtype int8`` printed dtype=torch.float32 (OpenVINO returns float32 tensors whatever it computes in)."""
+    from pacl_fast.segmenter import Segmenter
+
+    segmenter = Segmenter(model, encoder=int8_encoder)
+    assert segmenter.precision == "int8" and "dtype=int8" in repr(segmenter) and "torch.float32" not in repr(segmenter)
+    assert segmenter.choices == "encoder=openvino int8 (as given)"
 
 
 @needs_openvino

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +269,162 @@ def test_segment_logits_takes_one_grid_extent_for_every_size(segmenter):
     for (labels, scores), (labels_each, scores_each) in zip(shared, each):
         assert labels.shape == labels_each.shape and torch.equal(labels, labels_each)
         assert torch.equal(scores, scores_each)
+
+
+# --- defaults choose (issue 20): dtype and encoder "auto", the reason said, every choice overridable ---------
+
+
+@pytest.fixture()
+def cpuinfo(tmp_path, monkeypatch):
+    """Point the auto choice at a /proc/cpuinfo of our writing: ``cpuinfo("avx512f amx_bf16")``."""
+    from pacl_fast.encoders import auto
+
+    count = iter(range(1000))
+
+    def write(flags: str | None) -> None:
+        path = tmp_path / f"cpuinfo-{next(count)}"  # a new path each time: readings are cached by path
+        if flags is not None:
+            path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 {flags}\n\n")
+        monkeypatch.setattr(auto, "CPUINFO", path)
+
+    return write
+
+
+def test_auto_dtype_is_what_the_device_runs_natively(cpuinfo, monkeypatch):
+    from pacl_fast.encoders.auto import choose_dtype, native_dtype
+
+    cpu = torch.device("cpu")
+    cpuinfo("avx2 avx512f avx512_bf16")
+    assert native_dtype(cpu) == (torch.bfloat16, "CPU has AVX512-BF16")
+    cpuinfo("avx512f amx_tile amx_bf16 avx512_bf16")
+    assert native_dtype(cpu) == (torch.bfloat16, "CPU has AMX-BF16")
+    cpuinfo("avx2 avx512f")
+    assert native_dtype(cpu) == (torch.float32, "CPU lacks AVX512-BF16 and AMX")
+    cpuinfo(None)  # no /proc/cpuinfo (another system): nothing is assumed
+    assert native_dtype(cpu)[0] == torch.float32
+    cpuinfo("avx512_bf16")  # what each encoder runs comes first
+    assert choose_dtype("onnxruntime", cpu, {})[0] == torch.float32
+    assert choose_dtype("openvino", cpu, {})[0] == torch.bfloat16
+    assert choose_dtype("openvino", cpu, {"precision": "int8"})[0] is None  # int8 only when named
+    assert choose_dtype("tensorrt", torch.device("cuda"), {})[0] == torch.float16
+    for capability, dtype in [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
+                              ((7, 0), torch.float16), ((6, 1), torch.float32)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert native_dtype(torch.device("cuda", 0))[0] == dtype, capability
+
+
+def test_auto_encoder_is_eager_unless_the_work_pays_a_build(tiny_pacl, tmp_path, cpuinfo, monkeypatch):
+    from pacl_fast.encoders import auto, choose
+
+    if not auto.openvino_installed():
+        pytest.skip("needs OpenVINO (pip install pacl-fast[openvino]); not installed")
+    cache = {"cache_dir": tmp_path}  # nothing cached here
+    for flags, units, dtype in [("amx_bf16", "AMX-BF16", "auto"), ("avx512_bf16", "AVX512-BF16", "auto"),
+                                ("avx2", "fp32", "auto"), ("amx_bf16", "fp32", "float32")]:  # fmt: skip
+        cpuinfo(flags)
+        needed = auto.OPENVINO_MIN_IMAGES[units]
+        for images in (None, 0, 1, 12, needed - 1):
+            choice = choose(tiny_pacl, dtype=dtype, expected_images=images, options=cache)
+            assert choice.encoder == "torch", (flags, images, str(choice))
+        for images in (needed, 10**7, math.inf):
+            choice = choose(tiny_pacl, dtype=dtype, expected_images=images, options=cache)
+            assert choice.encoder == "openvino", (flags, images, str(choice))
+            assert choice.precision == ("fp32" if units == "fp32" else "bf16")
+    cpuinfo("amx_bf16")
+    assert "image count not given (expected_images)" in str(choose(tiny_pacl, options=cache))
+    assert "12 images do not pay its build (>= 300 would)" in str(choose(tiny_pacl, expected_images=12, options=cache))
+    assert "an unending stream of images pay" in str(choose(tiny_pacl, expected_images=math.inf, options=cache))
+    # What OpenVINO cannot run, or options only torch takes, keep eager torch; compile is never chosen.
+    for dtype, options in [("float16", cache), ("auto", {**cache, "text_dtype": "bfloat16"})]:
+        assert choose(tiny_pacl, dtype=dtype, expected_images=math.inf, options=options).encoder == "torch"
+    monkeypatch.setattr(auto, "openvino_installed", lambda: False)
+    choice = choose(tiny_pacl, expected_images=math.inf, options=cache)
+    assert choice.encoder == "torch" and "OpenVINO not installed" in str(choice)
+    # Named choices are kept as named.
+    named = choose(tiny_pacl, "onnxruntime", "float32", expected_images=math.inf, options=cache)
+    assert (named.encoder, named.dtype, named.reasons) == ("onnxruntime", torch.float32, ())
+    with pytest.raises(ValueError, match="expected_images must be a number of images >= 0"):
+        choose(tiny_pacl, expected_images=-1)
+
+
+def test_segmenter_defaults_choose_and_say_why(tiny_config):
+    from pacl_fast.encoders.auto import native_dtype
+    from pacl_fast.encoders.base import dtype_name
+
+    native, why = native_dtype(torch.device("cpu"))
+    auto = make_segmenter(tiny_config, dtype="auto", encoder="auto")  # what Segmenter(...) does by default
+    assert pacl_fast.Segmenter.__init__.__kwdefaults__["dtype"] == "auto"
+    assert pacl_fast.Segmenter.__init__.__kwdefaults__["encoder"] == "auto"
+    assert auto.encoder.name == "torch" and auto.dtype == native and auto.precision == dtype_name(native)
+    assert auto.choices.startswith(f"encoder=torch {dtype_name(native)} (eager: ") and why in auto.choices
+    assert f"encoder=torch, dtype={dtype_name(native)}," in repr(auto) and why in repr(auto)
+    assert "torch.float" not in repr(auto) and "torch.bfloat" not in repr(auto)
+    named = make_segmenter(tiny_config, dtype="float32", encoder="torch")
+    assert named.dtype == torch.float32 and named.choices == "encoder=torch fp32 (as given)"
+    assert "dtype=fp32" in repr(named) and "why='as given'" in repr(named)
+    bf16 = make_segmenter(tiny_config, dtype="bfloat16", encoder="auto")
+    assert bf16.dtype == torch.bfloat16 and "dtype=bf16" in repr(bf16) and "eager:" in bf16.choices
+    image = np.random.default_rng(12).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    assert auto.predict(image, LABELS, templates="single").labels.shape == (40, 56)
+    with pytest.raises(ValueError, match="expected_images must be a number of images"):
+        make_segmenter(tiny_config, encoder="auto", expected_images="many")
+
+
+def test_auto_choice_keeps_the_demo_models_accuracy():
+    """Accuracy guard: the shipped demo model's mIoU on held-out synthetic scenes under the auto choice (and
+    under bf16, whatever this CPU is) is within 0.5 point of eager fp32."""
+    from pacl_fast.data.segmentation import open_dataset
+    from pacl_fast.evaluate import evaluate_segmentation
+
+    validation = open_dataset("synthetic", None, "val")
+    scores: dict[tuple[str, str], float] = {}
+
+    def miou(**options) -> float:
+        segmenter = pacl_fast.Segmenter("demo", device="cpu", **options)
+        key = (segmenter.encoder.name, segmenter.precision)  # on a bf16 CPU, auto is the bf16 row: run it once
+        if key not in scores:
+            scores[key] = evaluate_segmentation(segmenter, validation, limit=48, progress=False).metrics.miou
+        return scores[key]
+
+    fp32 = miou(dtype="float32", encoder="torch")
+    assert fp32 >= 0.70
+    for options in ({}, {"dtype": "bfloat16", "encoder": "torch"}):
+        assert abs(miou(**options) - fp32) <= 0.005, options
+
+
+@pytest.mark.slow
+def test_auto_choice_for_a_long_run_keeps_the_demo_models_accuracy(tmp_path):
+    """The same guard for what a long run gets (OpenVINO where installed, or compile), built in a fresh cache."""
+    from pacl_fast.data.segmentation import open_dataset
+    from pacl_fast.evaluate import evaluate_segmentation
+
+    validation = open_dataset("synthetic", None, "val")
+
+    def miou(**options) -> float:
+        segmenter = pacl_fast.Segmenter("demo", device="cpu", encoder_options={"cache_dir": tmp_path}, **options)
+        return evaluate_segmentation(segmenter, validation, limit=48, progress=False).metrics.miou
+
+    assert abs(miou(expected_images=math.inf) - miou(dtype="float32", encoder="torch")) <= 0.005
+
+
+@pytest.mark.slow
+def test_vit_b_16_patch_tokens_under_the_auto_dtype_match_fp32():
+    """bf16 (what the auto choice runs on CPUs with AVX512-BF16 or AMX; named here so every CPU checks it):
+    ViT-B-16's patch tokens and PACL embeddings have cosine >= 0.99 to fp32's. The fast check of the same is
+    test_encoders.py::test_backend_matches_reference_vit_b_16[torch-bfloat16] (PACL embeddings)."""
+    import copy
+
+    from conftest import quiet_load_clip
+
+    from pacl_fast.encoders import TorchEncoder
+    from pacl_fast.model import PACL
+
+    torch.manual_seed(0)
+    model = PACL(quiet_load_clip("ViT-B-16")).eval()
+    pixels = torch.randn(2, 3, 224, 224)
+    fp32 = TorchEncoder(copy.deepcopy(model))
+    bf16 = TorchEncoder(model, torch.bfloat16)
+    for name in ("encode_tokens", "encode_image"):
+        ours, reference = getattr(bf16, name)(pixels).float(), getattr(fp32, name)(pixels)
+        cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1)
+        assert cosine.min() >= 0.99, (name, cosine.min())

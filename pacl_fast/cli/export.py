@@ -76,7 +76,7 @@ PRECISION_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 def run(args: argparse.Namespace) -> int:
     from pacl_fast.build import build_model
-    from pacl_fast.encoders import resolve_dtype
+    from pacl_fast.encoders import export_artifacts
 
     allowed, default = EXPORT_PRECISIONS[args.format]
     precision = PRECISION_NAMES.get(args.precision, args.precision) or default
@@ -96,14 +96,16 @@ def run(args: argparse.Namespace) -> int:
     common.say(f"export {args.format} {precision} of method={model.method}, clip={model.backbone.identity}, "
         f"image sizes {shown} -> {args.out}")  # fmt: skip
     try:
-        if args.format == "openvino":
-            from pacl_fast.encoders.openvino_encoder import export_openvino
-
-            export_openvino(model, args.out, sizes, precision, calibration, args.calibration_size)
-        else:
-            from pacl_fast.encoders.export import export_artifacts
-
-            export_artifacts(model, args.format, args.out, resolve_dtype(precision), sizes, max_batch=args.max_batch)
+        export_artifacts(
+            model,
+            args.format,
+            args.out,
+            precision,
+            sizes,
+            max_batch=args.max_batch,
+            calibration=calibration,
+            calibration_size=args.calibration_size,
+        )
     except KeyboardInterrupt:
         raise common.Interrupted(
             f"what was finished is in {args.out} and is reused: run the same command again to resume"

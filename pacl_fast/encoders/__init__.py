@@ -23,17 +23,26 @@ openvino    ONNX export, OpenVINO CPU plugin; int8 by  fp32, bf16, int8         
 
 ``openvino`` takes its precision from ``dtype`` (float32 -> fp32, bfloat16 -> bf16) or from the
 option ``precision="fp32" | "bf16" | "int8"``; int8 is only an option (its outputs are float32).
+
+Modules, each with one job, importing one another in one direction only: ``base`` (the protocol, its
+capabilities, dtypes) and ``graph`` (the traceable towers) below everything; ``artifacts`` (cache keys,
+entry records, manifests, rebuilt-once); ``export`` (ONNX graphs); one module per backend;
+``auto`` (``dtype="auto"`` / ``encoder="auto"``, :func:`choose`); this package's face on top.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from pacl_fast.choices import ENCODERS
+from pacl_fast.choices import ENCODERS, EXPORT_PRECISIONS
+from pacl_fast.encoders.artifacts import check_writable
+from pacl_fast.encoders.auto import AUTO, Choice, choose
 from pacl_fast.encoders.base import Encoder, EncoderUnavailableError, dtype_name, resolve_dtype
+from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE
 from pacl_fast.encoders.torch_encoder import TorchEncoder
 
 DEFAULT_DTYPES = {
@@ -89,12 +98,55 @@ def make_encoder(
     return TensorRTEncoder(model, dtype, cache_dir=cache_dir, **options)
 
 
+def export_artifacts(
+    model: nn.Module,
+    fmt: str,
+    out: str | os.PathLike,
+    precision: str,
+    image_sizes: list[tuple[int, int]],
+    *,
+    max_batch: int = 32,
+    calibration: str | os.PathLike | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    progress: bool = True,
+) -> dict:
+    """Export ``model``'s towers to ``out`` (an encoder cache folder: point an encoder at it) as ``fmt``
+    (``onnx``, ``tensorrt`` or ``openvino``, in ``precision``: see ``choices.EXPORT_PRECISIONS``) and write
+    ``out/manifest.json`` describing every artifact; returns the manifest.
+
+    Raises :class:`EncoderUnavailableError` when the format's library (or, for TensorRT, a GPU) is missing,
+    PermissionError when ``out`` cannot be written.
+    """
+    if fmt not in EXPORT_PRECISIONS:
+        raise ValueError(f"format must be one of {tuple(EXPORT_PRECISIONS)}, got {fmt!r}")
+    if precision not in EXPORT_PRECISIONS[fmt][0]:
+        raise ValueError(f"format {fmt} builds {', '.join(EXPORT_PRECISIONS[fmt][0])}, not precision {precision!r}")
+    check_writable(Path(out), f"the export folder {out}")  # before the weights are hashed and graphs exported
+    if fmt == "openvino":
+        from pacl_fast.encoders.openvino_encoder import export_openvino
+
+        return export_openvino(model, out, image_sizes, precision, calibration, calibration_size, progress=progress)
+    if calibration is not None:
+        raise ValueError(f"calibration is used only by format openvino with precision int8, not {fmt}")
+    if fmt == "onnx":
+        from pacl_fast.encoders.export import export_onnx
+
+        return export_onnx(model, out, resolve_dtype(precision), image_sizes, progress=progress)
+    from pacl_fast.encoders.tensorrt_encoder import export_tensorrt
+
+    return export_tensorrt(model, out, resolve_dtype(precision), image_sizes, max_batch=max_batch, progress=progress)
+
+
 __all__ = [
+    "AUTO",
+    "Choice",
     "DEFAULT_DTYPES",
     "ENCODERS",
     "Encoder",
     "EncoderUnavailableError",
     "TorchEncoder",
+    "choose",
+    "export_artifacts",
     "make_encoder",
     "resolve_dtype",
 ]

@@ -1,14 +1,19 @@
-"""What every encoder backend shares: the protocol, the error for a missing backend, dtypes and checks.
+"""What every encoder backend shares: the protocol and its optional capabilities, the error for a missing
+backend, dtypes and checks.
 
 An encoder runs a segmentation model's towers (``pacl_fast.methods``: PACL or a training-free
 method) and never changes the model it is given: a backend that needs another precision than
 the model's works on a cast copy (:func:`cast_copy`).
+
+What the segmenter may do with an encoder beyond :class:`Encoder` is declared here as a capability,
+never inferred from the encoder's name or its private parts: :class:`FusedEmbedderEncoder` (the
+fused PACL head), :func:`precision_name` (what the encoder really computes in, int8 included).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -43,6 +48,36 @@ class Encoder(Protocol):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     def encode_global(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FusedEmbedderEncoder(Protocol):
+    """Capability: an encoder that can stop at the CLIP's patch tokens and hand over PACL's embedder, so
+    that the head applies the embedder, the L2 norm and the similarity in one fused kernel
+    (``Head.embed_similarity``). ``embedder`` is None where the encoder cannot: a model without a PACL
+    embedder, or a graph that already fuses it (compiled, exported)."""
+
+    @property
+    def embedder(self) -> nn.Module | None: ...
+
+    def encode_tokens(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+def fused_embedder(encoder: object) -> nn.Module | None:
+    """The PACL embedder ``encoder`` offers to the fused head (:class:`FusedEmbedderEncoder`), or None."""
+    return encoder.embedder if isinstance(encoder, FusedEmbedderEncoder) else None
+
+
+def precision_name(encoder: object) -> str:
+    """What the encoder computes in: its ``precision`` when it declares one (OpenVINO's int8 and bf16 return
+    float32 tensors), else its dtype's short name (``fp32``, ``bf16``, ``fp16``)."""
+    precision = getattr(encoder, "precision", None)
+    return precision if isinstance(precision, str) else dtype_name(encoder.dtype)
+
+
+def as_size(size: tuple[int, int] | torch.Size) -> tuple[int, int]:
+    """``(H, W)`` as plain ints (a cache key and a file name part)."""
+    return int(size[0]), int(size[1])
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -8,8 +8,6 @@ cropped and normalised as the encoder's inputs are. Used by the OpenVINO encoder
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pacl_fast.encoders.artifacts import short_digest
 from pacl_fast.images import IMAGE_SUFFIXES, cover_crop, load_image, normalize
 
 logger = logging.getLogger(__name__)
@@ -26,11 +25,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALIBRATION_SIZE = 300
 #: The synthetic world's training seed: calibration scenes are training scenes, never the held-out ones (seed 1).
 SYNTHETIC_CALIBRATION_SEED = 0
-
-
-def short_digest(description: object) -> str:
-    """12 hex digits of the sha256 of a JSON-able description (cache folder names)."""
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def list_images(folder: Path) -> list[Path]:

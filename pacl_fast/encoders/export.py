@@ -1,48 +1,63 @@
-"""ONNX export of a model's towers, and the on-disk cache that compiled encoders share.
+"""ONNX export of a model's towers, and the cache of exported graphs that every compiled encoder builds on.
 
 The image tower's positional embeddings are interpolated for one patch grid, so an image graph
 serves one input size ``(H, W)``; its batch axis is dynamic. The text graph serves any number of
 prompts; the global graph is CLIP's own pooled image embedding at its native size (zero-shot
-classification). Exports land in a cache folder keyed by everything that changes the graph::
+classification). Exports land in a cache folder keyed by everything that changes the graph
+(:func:`~pacl_fast.encoders.artifacts.export_key`)::
 
-    <cache>/onnx/<key>/image-224x224/model.onnx (+ model.onnx.data)
-    <cache>/onnx/<key>/text/model.onnx          (+ model.onnx.data)
-    <cache>/onnx/<key>/global/model.onnx        (+ model.onnx.data)
+    <cache>/onnx/<key>/image-224x224/model.onnx (+ model.onnx.data, entry.json)
+    <cache>/onnx/<key>/text-v2/model.onnx       (+ model.onnx.data, entry.json)
+    <cache>/onnx/<key>/global/model.onnx        (+ model.onnx.data, entry.json)
 
-``key`` hashes the weights themselves (every tensor of the model), the CLIP config, the method
-and its config, the precision and the exporter versions. Each artifact is written to a temporary
-folder and renamed into place, so an interrupted export leaves nothing half-written and the next
-run redoes only what is missing. A cache entry that is there but broken (truncated or garbage
-``model.onnx``, truncated or missing ``model.onnx.data``) is named in a warning and exported again,
-once.
+Each artifact is written to a temporary folder and renamed into place, so an interrupted export
+leaves nothing half-written and the next run redoes only what is missing. An entry that is there
+but broken (not a folder, a missing or broken ``entry.json``, truncated or garbage ``model.onnx``,
+truncated or missing ``model.onnx.data``, a graph the runtime cannot load) is named in a warning
+and exported again, once (:class:`~pacl_fast.encoders.artifacts.ArtifactStore`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from pacl_fast.encoders.base import EncoderUnavailableError, cast_copy, dtype_name
-from pacl_fast.encoders.graph import GlobalTower, ImageTower, TextTower, model_device
-from pacl_fast.files import atomic_folder, atomic_write, default_cache_dir
+from pacl_fast.encoders.artifacts import (
+    ArtifactStore,
+    export_all,
+    export_key,
+    image_artifact,
+    image_entry,
+    record_problem,
+    weights_digest,
+    write_record,
+)
+from pacl_fast.encoders.base import EncoderUnavailableError, as_size, cast_copy, dtype_name
+from pacl_fast.encoders.graph import (
+    GLOBAL_OUTPUT,
+    IMAGE_INPUT,
+    IMAGE_OUTPUT,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    GlobalTower,
+    ImageTower,
+    TextTower,
+    model_device,
+)
+from pacl_fast.files import atomic_folder
 
-logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-EXPORT_FORMAT = 1  # bump when the exported graph changes for the same model
 ONNX_FILE = "model.onnx"
-IMAGE_INPUT, IMAGE_OUTPUT = "pixels", "patches"
-TEXT_INPUT, TEXT_OUTPUT = "tokens", "texts"
-GLOBAL_OUTPUT = "images"
 MAX_EXPORT_BATCH = 4096  # upper bound of the dynamic batch axis in exported graphs
+TEXT_ARTIFACT = "text-v2"  # v2: any token length (graphs named "text" took the full context only)
+GLOBAL_ARTIFACT = "global"
 
 
 def require_onnx() -> None:
@@ -60,47 +75,6 @@ def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of every tensor that defines the encoders (the CLIP and the method's), in a fixed order.
-
-    Hashing the tensors, not the weights' file names, keeps two randomly initialised models (or a
-    model whose weights were edited in memory) from sharing cache entries.
-    """
-    digest = hashlib.sha256()
-    tensors = model.state_dict()  # the CLIP (``backbone.*``) and what the method adds
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def export_key(model: nn.Module, dtype: torch.dtype, weights_sha256: str | None = None) -> str:
-    """Cache key of a model's exports in ``dtype`` (see the module docstring); starts with the method's name."""
-    import onnxscript
-
-    description = {
-        "format": EXPORT_FORMAT,
-        "weights": weights_sha256 or weights_digest(model),
-        "clip": str(model.backbone.identity.arch),
-        "clip_config": model.backbone.model_cfg,
-        **model.describe(),
-        "dtype": dtype_name(dtype),
-        "torch": torch.__version__,
-        "onnxscript": onnxscript.__version__,
-    }
-    canonical = json.dumps(description, sort_keys=True, default=str)
-    return f"{model.method}-{dtype_name(dtype)}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
-
-
-def image_artifact(size: tuple[int, int]) -> str:
-    return f"image-{size[0]}x{size[1]}"
-
-
-TEXT_ARTIFACT = "text-v2"  # v2: any token length (graphs named "text" took the full context only)
-GLOBAL_ARTIFACT = "global"
-
-
 def _export(
     module: torch.nn.Module,
     example: torch.Tensor,
@@ -108,14 +82,14 @@ def _export(
     folder: Path,
     dynamic: dict[int, object] | None = None,
 ) -> Path:
-    """``torch.onnx.export`` into ``folder/model.onnx`` atomically (temp folder, then rename).
+    """``torch.onnx.export`` into ``folder/model.onnx`` with its record, atomically (temp folder, then rename).
 
     ``dynamic``: the input's dynamic axes (``torch.export.Dim`` by axis); default the batch axis.
     """
     dynamic = dynamic or {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}
     input_name, output_name = names
     # Another process that finished the same export first wins: its graph is the same.
-    whole = lambda done: (done / ONNX_FILE).is_file()  # noqa: E731
+    whole = lambda done: entry_problem(done) is None  # noqa: E731
     with atomic_folder(folder, whole) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
         torch.onnx.export(
@@ -129,6 +103,7 @@ def _export(
             external_data=True,
             verbose=False,
         )
+        write_record(tmp, {"format": "onnx", "artifact": folder.name, "torch": torch.__version__})
     return folder / ONNX_FILE
 
 
@@ -215,123 +190,103 @@ def onnx_problem(folder: Path) -> str | None:
     return None
 
 
+def entry_problem(folder: Path) -> str | None:
+    """Why an ONNX cache entry cannot be used (its record, then its graph), or None if it looks whole."""
+    return record_problem(folder, (ONNX_FILE,)) or onnx_problem(folder)
+
+
 class OnnxCache:
     """Where one model's ONNX graphs live, exporting each on first use.
 
     Args:
         model: the model (not modified).
         dtype: precision of the exported graphs.
-        cache_dir: root folder (default :func:`default_cache_dir`).
+        cache_dir: root folder (default :func:`~pacl_fast.files.default_cache_dir`).
+        temporary: export into a temporary folder when ``cache_dir`` cannot be written (False: raise).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        temporary: bool = True,
+    ):
         require_onnx()
         self.model = model
         self.dtype = dtype
         self.weights_sha256 = weights_digest(model)
         self.key = export_key(model, dtype, self.weights_sha256)
-        self.root = Path(cache_dir or default_cache_dir()) / "onnx" / self.key
+        self.store = ArtifactStore(cache_dir, f"onnx/{self.key}", "ONNX", temporary=temporary)
+        self.root = self.store.root
 
-    def _artifact(self, name: str, what: str, export: Callable[[Path], Path], *, rebuild: bool = False) -> Path:
-        """``root/name/model.onnx``: reused when whole, else (or with ``rebuild``) exported again."""
-        folder = self.root / name
-        problem = "it failed to load" if rebuild else (onnx_problem(folder) if folder.exists() else None)
-        if problem is not None:
-            logger.warning("ONNX cache entry %s is broken (%s); exporting it again", folder, problem)
-            shutil.rmtree(folder, ignore_errors=True)
-        if not (folder / ONNX_FILE).is_file():
-            logger.info("exporting %s to ONNX (once; cached in %s)", what, self.root)
-            export(folder)
-        return folder / ONNX_FILE
-
-    def image(self, image_size: tuple[int, int], *, rebuild: bool = False) -> Path:
-        """Path of the image graph for this input size, exported now if missing or broken."""
-        what = f"the image tower for {image_size[0]}x{image_size[1]} inputs"
-        return self._artifact(
-            image_artifact(image_size),
-            what,
-            lambda folder: export_image_onnx(self.model, image_size, folder, self.dtype),
-            rebuild=rebuild,
+    def _artifact(
+        self, name: str, what: str, export: Callable[[Path], Path], load: Callable[[Path], T] | None
+    ) -> T | Path:
+        """``load(path of model.onnx)`` (default: the path) of a whole entry, exported first when missing or
+        broken; a graph ``load`` fails on is exported again, once."""
+        return self.store.get(
+            name, what, export, lambda folder: (load or _same)(folder / ONNX_FILE), problem=entry_problem
         )
 
-    def text(self, *, rebuild: bool = False) -> Path:
-        """Path of the text graph, exported now if missing or broken."""
+    def image(self, image_size: tuple[int, int], load: Callable[[Path], T] | None = None) -> T | Path:
+        """The image graph for this input size (its path, or what ``load`` makes of it), exported if needed."""
+        size = as_size(image_size)
         return self._artifact(
-            TEXT_ARTIFACT,
-            "the text tower",
-            lambda folder: export_text_onnx(self.model, folder, self.dtype),
-            rebuild=rebuild,
+            image_artifact(size),
+            f"the image tower for {size[0]}x{size[1]} inputs",
+            lambda folder: export_image_onnx(self.model, size, folder, self.dtype),
+            load,
         )
 
-    def global_image(self, *, rebuild: bool = False) -> Path:
-        """Path of the global image-embedding graph, exported now if missing or broken."""
+    def text(self, load: Callable[[Path], T] | None = None) -> T | Path:
+        """The text graph (its path, or what ``load`` makes of it), exported if needed."""
+        return self._artifact(
+            TEXT_ARTIFACT, "the text tower", lambda folder: export_text_onnx(self.model, folder, self.dtype), load
+        )
+
+    def global_image(self, load: Callable[[Path], T] | None = None) -> T | Path:
+        """The global image-embedding graph (its path, or what ``load`` makes of it), exported if needed."""
         return self._artifact(
             GLOBAL_ARTIFACT,
             "CLIP's global image embedding",
             lambda folder: export_global_onnx(self.model, folder, self.dtype),
-            rebuild=rebuild,
+            load,
         )
 
 
-def export_artifacts(
-    model: nn.Module,
-    fmt: str,
-    out: str | os.PathLike,
-    dtype: torch.dtype,
-    image_sizes: list[tuple[int, int]],
-    *,
-    max_batch: int = 32,
+def _same(path: Path) -> Path:
+    return path
+
+
+def export_onnx(
+    model: nn.Module, out: str | os.PathLike, dtype: torch.dtype, image_sizes: list[tuple[int, int]], *,
     progress: bool = True,
-) -> dict:
-    """Export ``model``'s towers to ``out`` (an encoder cache folder) as ``fmt`` (``onnx`` or ``tensorrt``)
-    and write ``out/manifest.json`` describing every artifact; returns the manifest.
-
-    Raises :class:`EncoderUnavailableError` when the format's library (or, for TensorRT, a GPU) is missing.
-    """
-    from tqdm.auto import tqdm
-
+) -> dict:  # fmt: skip
+    """Export ``model``'s image graphs for ``image_sizes`` and its text graph into ``out`` (an encoder cache
+    folder: point an encoder at it) and write ``out/manifest.json``; returns the manifest."""
     out = Path(out)
-    onnx = OnnxCache(model, dtype, out)
-    trt_encoder = None
-    if fmt == "tensorrt":
-        from pacl_fast.encoders.tensorrt_encoder import TensorRTEncoder
+    cache = OnnxCache(model, dtype, out, temporary=False)
+    name, backbone = dtype_name(dtype), model.backbone
+    context, truncatable = backbone.context_length, backbone.text_truncatable
 
-        trt_encoder = TensorRTEncoder(model, dtype, max_batch=max_batch, cache_dir=out)
-    elif fmt != "onnx":
-        raise ValueError(f"format must be onnx or tensorrt, got {fmt!r}")
-    name = dtype_name(dtype)
-    patch, embed_dim = model.backbone.patch_size, model.backbone.embed_dim
-    manifest = {"format": fmt, "method": model.method, "dtype": name, "key": onnx.key, "artifacts": []}
-    steps = [("image", size) for size in image_sizes] + ([("text", None)] if fmt == "onnx" else [])
-    context = model.backbone.context_length
-    truncatable = model.backbone.text_truncatable
-    for tower, size in tqdm(steps, desc=f"export {fmt}", unit="graph", disable=not progress):
-        if tower == "text":
-            path = onnx.text()
-            entry = {
-                "input": {"name": TEXT_INPUT, "shape": ["T", "L" if truncatable else context], "dtype": "int64"},
-                "output": {"name": TEXT_OUTPUT, "shape": ["T", embed_dim], "dtype": name},
-            }
-            if truncatable:  # prompts run at their own length: up to their end-of-text token
-                entry["length_range"] = [1, context]
-        else:
-            if trt_encoder is not None:
-                path = trt_encoder.engine_path(size)
-                if not path.is_file():
-                    trt_encoder.build(size)
-            else:
-                path = onnx.image(size)
-            entry = {
-                "input": {"name": IMAGE_INPUT, "shape": ["B", 3, *size], "dtype": name},
-                "output": {
-                    "name": IMAGE_OUTPUT,
-                    "shape": ["B", size[0] // patch, size[1] // patch, embed_dim],
-                    "dtype": name,
-                },
-            }
-            if trt_encoder is not None:
-                entry["batch_range"] = [1, max_batch]
-        manifest["artifacts"].append({"tower": tower, "path": path.relative_to(out).as_posix(), **entry})
-        tqdm.write(f"{tower}{' ' + 'x'.join(map(str, size)) if size else ''}: {path}")
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
-    return manifest
+    def image(size: tuple[int, int]) -> Callable[[], dict]:
+        path = lambda: cache.image(size).relative_to(out).as_posix()  # noqa: E731
+        return lambda: image_entry(path(), size, backbone.patch_size, backbone.embed_dim, name)
+
+    def text() -> dict:
+        entry = {
+            "tower": "text",
+            "path": cache.text().relative_to(out).as_posix(),
+            "input": {"name": TEXT_INPUT, "shape": ["T", "L" if truncatable else context], "dtype": "int64"},
+            "output": {"name": TEXT_OUTPUT, "shape": ["T", backbone.embed_dim], "dtype": name},
+        }
+        if truncatable:  # prompts run at their own length: up to their end-of-text token
+            entry["length_range"] = [1, context]
+        return entry
+
+    sizes = [as_size(size) for size in image_sizes]
+    jobs = [(f"image {h}x{w}", image((h, w))) for h, w in sizes] + [("text", text)]
+    header = {"format": "onnx", "method": model.method, "dtype": name, "key": cache.key}
+    return export_all(out, header, jobs, progress=progress)

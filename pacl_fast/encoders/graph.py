@@ -17,6 +17,11 @@ from torch import nn
 
 from pacl_fast.backbone import ClipBackbone
 
+#: Input and output names of the exported graphs (ONNX, TensorRT engines, OpenVINO models) and their manifests.
+IMAGE_INPUT, IMAGE_OUTPUT = "pixels", "patches"
+TEXT_INPUT, TEXT_OUTPUT = "tokens", "texts"
+GLOBAL_OUTPUT = "images"
+
 
 class SelfAttention(nn.Module):
     """``nn.MultiheadAttention`` self-attention, batch first, as one ``scaled_dot_product_attention``.

@@ -10,17 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
-from pacl_fast.encoders.export import (
-    GLOBAL_OUTPUT,
-    IMAGE_INPUT,
-    IMAGE_OUTPUT,
-    TEXT_INPUT,
-    TEXT_OUTPUT,
-    OnnxCache,
-    require_onnx,
-)
-from pacl_fast.encoders.graph import model_device
+from pacl_fast.encoders.base import EncoderUnavailableError, as_size, check_out, check_pixels
+from pacl_fast.encoders.export import OnnxCache, require_onnx
+from pacl_fast.encoders.graph import GLOBAL_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, model_device
 
 _NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -95,21 +87,16 @@ class OnnxRuntimeEncoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return self.ort.InferenceSession(str(path), options, providers=self.providers)
 
-    def _cached_session(self, key: object, artifact: Callable[..., Path]):  # noqa: ANN202
+    def _cached_session(self, key: object, artifact: Callable[..., object]):  # noqa: ANN202
         """The session of one cached graph; a graph onnxruntime cannot load is exported again, once."""
         if key not in self._sessions:
-            try:
-                session = self._session(artifact())
-            except Exception:  # noqa: BLE001 - onnxruntime's own types (Fail, InvalidProtobuf, InvalidGraph...)
-                # A cache entry broken in a way the cache's checks missed: export it again, once.
-                session = self._session(artifact(rebuild=True))
-            self._sessions[key] = session
+            self._sessions[key] = artifact(load=self._session)
         return self._sessions[key]
 
     def image_session(self, image_size: tuple[int, int]):  # noqa: ANN201
         """The session for inputs of this size, exporting its graph on first use."""
-        image_size = (int(image_size[0]), int(image_size[1]))
-        return self._cached_session(image_size, lambda **kw: self.cache.image(image_size, **kw))
+        size = as_size(image_size)
+        return self._cached_session(size, lambda load: self.cache.image(size, load))
 
     def text_session(self):  # noqa: ANN201
         return self._cached_session("text", self.cache.text)

@@ -10,14 +10,15 @@ cache folder keyed by everything that changes them::
     <cache>/openvino/<export key>-<hash>/image-224x224-int8-synthetic300-<hash>/model.xml
     <cache>/openvino/<export key>-<hash>/image-224x224-int8-images300-<hash>/model.xml
 
-The export key covers the weights, the CLIP config and the method (:func:`~.export.export_key`);
+The export key covers the weights, the CLIP config and the method (:func:`~.artifacts.export_key`);
 the first hash the OpenVINO version and the CPU model (``/proc/cpuinfo``); an int8 folder names
 its calibration source and image count, and its hash covers NNCF's version and the calibration
 set (for a folder: the chosen files' paths, sizes and times). bf16 is a compile-time setting of
 the CPU plugin (``INFERENCE_PRECISION_HINT``) over the fp32 graph, so it shares the fp32 folder.
 Each folder is written to a temporary folder and renamed into place, with an ``entry.json`` that
-records what it is and the sizes of its files: a folder whose files are missing, truncated or
-unloadable is named in a warning and built again, once.
+records what it is and the sizes of its files: an entry that is not a folder, or whose record or
+files are missing, truncated or unloadable, is named in a warning and built again, once
+(:class:`~pacl_fast.encoders.artifacts.ArtifactStore`).
 
 Calibration images are preprocessed as the segmenter's inputs are (:mod:`pacl_fast.images`):
 resized (bicubic, antialiased, aspect kept) so that the image just covers the graph's ``H x W``,
@@ -31,10 +32,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
 import logging
 import os
-import shutil
+import re
 import sys
 import threading
 import time
@@ -45,12 +45,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
-from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE, Calibration, CalibrationImages, short_digest
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache, image_artifact
+from pacl_fast.encoders.artifacts import (
+    ENTRY_JSON,
+    ArtifactStore,
+    export_all,
+    export_key,
+    image_artifact,
+    image_entry,
+    read_record,
+    record_problem,
+    short_digest,
+    write_record,
+)
+from pacl_fast.encoders.base import EncoderUnavailableError, as_size, check_out, check_pixels
+from pacl_fast.encoders.calibration import DEFAULT_CALIBRATION_SIZE, Calibration, CalibrationImages
+from pacl_fast.encoders.export import OnnxCache
 from pacl_fast.encoders.graph import model_device
 from pacl_fast.encoders.torch_encoder import TorchEncoder
-from pacl_fast.files import atomic_folder, atomic_write, default_cache_dir
+from pacl_fast.files import atomic_folder, default_cache_dir
 from pacl_fast.profiling import cpu_name
 
 logger = logging.getLogger(__name__)
@@ -58,7 +70,7 @@ logger = logging.getLogger(__name__)
 OPENVINO_FORMAT = 1  # bump when what is saved in a cache folder changes for the same inputs
 PRECISIONS = ("fp32", "bf16", "int8")
 HINTS = ("LATENCY", "THROUGHPUT")
-MODEL_XML, MODEL_BIN, ENTRY_JSON = "model.xml", "model.bin", "entry.json"
+MODEL_XML, MODEL_BIN = "model.xml", "model.bin"
 #: NNCF settings; part of the int8 cache key.
 QUANTIZE_SETTINGS = {"model_type": "transformer", "preset": "default (mixed for transformers)", "batch": 1}
 EXTRA = "pip install pacl-fast[openvino]"
@@ -140,23 +152,34 @@ def _libc():  # noqa: ANN202 - ctypes.CDLL or None
 
 
 def entry_problem(folder: Path) -> str | None:
-    """Why the cache folder cannot be used, or None if it looks whole (files present, sizes as recorded)."""
+    """Why the cache folder cannot be used, or None if it looks whole (record and files present, sizes as recorded)."""
+    return record_problem(folder, (MODEL_XML, MODEL_BIN))
+
+
+def cache_key(onnx_key: str, openvino_version: str, cpu: str) -> str:
+    """The key of a model's OpenVINO folder: built from its fp32 ONNX graph, so that graph's key, extended
+    by what changes the conversion (this format, OpenVINO's version, the CPU)."""
+    return f"{onnx_key}-{short_digest({'format': OPENVINO_FORMAT, 'openvino': openvino_version, 'cpu': cpu})}"
+
+
+def cached_sizes(model: nn.Module, cache_dir: str | os.PathLike | None = None) -> list[tuple[int, int]]:
+    """The input sizes whose fp32 (and so bf16) OpenVINO model of ``model`` is whole in the cache: what an
+    encoder loads without building. Cheap when there is none: the weights are hashed (to find this model's
+    folder) only when a folder of this method's models exists."""
+    base = Path(cache_dir or default_cache_dir()) / "openvino"
     try:
-        entry = json.loads((folder / ENTRY_JSON).read_text())
-        files = entry["files"]
-        if not isinstance(files, dict) or set(files) != {MODEL_XML, MODEL_BIN}:
-            raise ValueError("unexpected files")
-    except FileNotFoundError:
-        return f"{ENTRY_JSON} is missing"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{ENTRY_JSON} is unreadable"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {ENTRY_JSON} recorded {size}"
-    return None
+        candidates = [p.name for p in base.iterdir() if p.name.startswith(f"{model.method}-fp32-")]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    key = cache_key(export_key(model, torch.float32), import_openvino().__version__, cpu_name())
+    sizes = []
+    for folder in sorted((base / key).glob("image-*-fp32")):
+        match = re.fullmatch(r"image-(\d+)x(\d+)-fp32", folder.name)
+        if match and entry_problem(folder) is None:
+            sizes.append((int(match[1]), int(match[2])))
+    return sizes
 
 
 @dataclass
@@ -249,8 +272,9 @@ class OpenVINOEncoder:
         self.patch_size, self.embed_dim = backbone.patch_size, backbone.embed_dim
         self.image_size, (self.mean, self.std) = backbone.image_size, backbone.mean_std
         self.onnx = OnnxCache(model, torch.float32, cache_dir)
-        description = {"format": OPENVINO_FORMAT, "openvino": self.ov.__version__, "cpu": self.cpu}
-        self.root = Path(cache_dir or default_cache_dir()) / "openvino" / f"{self.onnx.key}-{short_digest(description)}"
+        key = cache_key(self.onnx.key, self.ov.__version__, self.cpu)
+        self.store = ArtifactStore(cache_dir, f"openvino/{key}", "OpenVINO")
+        self.root = self.store.root
         self.torch = TorchEncoder(model, torch.float32)  # text and global image embeddings
         self._compiled: dict[tuple[int, int], _Compiled] = {}
         self._lock = threading.Lock()
@@ -259,13 +283,16 @@ class OpenVINOEncoder:
 
     def model_folder(self, image_size: tuple[int, int]) -> Path:
         """The cache folder of this precision's model for inputs ``(H, W)`` (it may not exist yet)."""
-        return self._plan(self._size(image_size))[0]
+        name = self._plan(as_size(image_size))[0]
+        found = [root / name for root in self.store.roots() if os.path.lexists(root / name)]
+        return found[0] if found else self.store.build_root / name
 
-    def _plan(self, image_size: tuple[int, int]) -> tuple[Path, Calibration | None]:
-        """The cache folder for this size and the calibration that builds it (None: fp32, or a cached int8 model)."""
+    def _plan(self, image_size: tuple[int, int]) -> tuple[str, Calibration | None]:
+        """The cache entry's name for this size and the calibration that builds it (None: fp32, or a cached
+        int8 model)."""
         stem = image_artifact(image_size)
         if self.precision != "int8":
-            return self.root / f"{stem}-fp32", None  # bf16 is a compile setting over the fp32 graph
+            return f"{stem}-fp32", None  # bf16 is a compile setting over the fp32 graph
         calibration = self.calibration
         if calibration is None:
             cached = self._cached_int8(stem)
@@ -278,33 +305,26 @@ class OpenVINOEncoder:
             )
             calibration = self.synthetic_calibration
         slug = calibration.slug({"nncf": self.nncf.__version__, "settings": QUANTIZE_SETTINGS})
-        return self.root / f"{stem}-int8-{slug}", calibration
+        return f"{stem}-int8-{slug}", calibration
 
-    def _cached_int8(self, stem: str) -> Path | None:
-        """The newest whole int8 folder for this size, whatever its calibration, or None."""
-        whole = [f for f in self.root.glob(f"{stem}-int8-*") if f.is_dir() and entry_problem(f) is None]
+    def _cached_int8(self, stem: str) -> str | None:
+        """The name of the newest whole int8 entry for this size, whatever its calibration, or None."""
+        whole = [f for root in self.store.roots() for f in root.glob(f"{stem}-int8-*") if entry_problem(f) is None]
         if not whole:
             return None
         newest = max(whole, key=lambda f: (f / ENTRY_JSON).stat().st_mtime_ns)
         logger.info("precision='int8' without calibration: using the cached int8 model %s", newest)
-        return newest
+        return newest.name
 
     def model_path(self, image_size: tuple[int, int]) -> Path:
         """Path of the IR (``model.xml``) for inputs ``(H, W)``, building it now if missing or broken."""
-        return self._prepare(self._size(image_size)).folder / MODEL_XML
-
-    @staticmethod
-    def _size(image_size: tuple[int, int]) -> tuple[int, int]:
-        return int(image_size[0]), int(image_size[1])
+        return self._prepare(as_size(image_size)).folder / MODEL_XML
 
     # --- building ------------------------------------------------------------------------------------
 
     def _convert(self, image_size: tuple[int, int]):  # noqa: ANN202 - openvino.Model
         """The fp32 OpenVINO model from the cached ONNX export; an export OpenVINO cannot read is redone, once."""
-        try:
-            return self.ov.convert_model(str(self.onnx.image(image_size)))
-        except Exception:  # noqa: BLE001 - OpenVINO's frontends raise their own types (OpConversionFailure...)
-            return self.ov.convert_model(str(self.onnx.image(image_size, rebuild=True)))
+        return self.onnx.image(image_size, load=lambda path: self.ov.convert_model(str(path)))
 
     def _quantize(self, ov_model, image_size: tuple[int, int], calibration: Calibration):  # noqa: ANN001, ANN202
         """NNCF post-training quantization of an ``openvino.Model`` on the calibration images (transformer preset)."""
@@ -330,7 +350,7 @@ class OpenVINOEncoder:
         # Another process that finished the same model first wins when its folder is whole.
         with atomic_folder(folder, lambda done: entry_problem(done) is None) as tmp:
             self.ov.save_model(ov_model, str(tmp / MODEL_XML), compress_to_fp16=False)
-            entry = {
+            record = {
                 "format": OPENVINO_FORMAT,
                 "onnx_key": self.onnx.key,
                 "image_size": list(image_size),
@@ -340,12 +360,11 @@ class OpenVINOEncoder:
                 "calibration": None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "build_seconds": round(time.perf_counter() - start, 1),
-                "files": {name: (tmp / name).stat().st_size for name in (MODEL_XML, MODEL_BIN)},
             }
             if calibration is not None:
-                entry["calibration"] = {**calibration.describe(), "nncf": self.nncf.__version__}
-                entry["quantize"] = QUANTIZE_SETTINGS
-            atomic_write(tmp / ENTRY_JSON, json.dumps(entry, indent=2))
+                record["calibration"] = {**calibration.describe(), "nncf": self.nncf.__version__}
+                record["quantize"] = QUANTIZE_SETTINGS
+            write_record(tmp, record)
 
     def _config(self) -> dict:
         precision = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[self.precision]
@@ -362,38 +381,23 @@ class OpenVINOEncoder:
         return _Compiled(folder, compiled, [compiled.create_infer_request() for _ in range(streams)], threading.Lock())
 
     def _prepare(self, image_size: tuple[int, int]) -> _Compiled:
-        """The compiled model for this size: from the cache when whole, else built; a broken folder is rebuilt once."""
+        """The compiled model for this size: from the cache when whole, else built; a broken entry is rebuilt once."""
         with self._lock, keep_signal_stack():
-            if image_size in self._compiled:
-                return self._compiled[image_size]
-            for attempt in range(2):
-                folder, calibration = self._plan(image_size)
-                problem = entry_problem(folder) if folder.exists() else None
-                if problem is not None:
-                    logger.warning("OpenVINO cache entry %s is broken (%s); building it again", folder, problem)
-                    shutil.rmtree(folder, ignore_errors=True)
-                built = not folder.exists()
-                if built:
-                    what = "converting" if calibration is None else "quantizing to int8"
-                    logger.info("%s the %dx%d image model for OpenVINO (once; cached in %s)", what, *image_size, folder)
-                    self._build(image_size, folder, calibration)
-                try:
-                    compiled = self._load(folder)
-                    break
-                except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
-                    if built or attempt:
-                        raise RuntimeError(f"OpenVINO cannot load the model it built in {folder}: {error}") from error
-                    reason = (str(error).splitlines() or [type(error).__name__])[0]
-                    logger.warning(
-                        "OpenVINO cache entry %s is broken (it failed to load: %s); building it again", folder, reason
-                    )
-                    shutil.rmtree(folder, ignore_errors=True)
-            self._compiled[image_size] = compiled
-            return compiled
+            if image_size not in self._compiled:
+                name, calibration = self._plan(image_size)
+                kind = "image model" if calibration is None else "int8 image model (quantizing)"
+                self._compiled[image_size] = self.store.get(
+                    name,
+                    f"the {image_size[0]}x{image_size[1]} {kind}",
+                    lambda folder: self._build(image_size, folder, calibration),
+                    self._load,
+                    problem=entry_problem,
+                )
+            return self._compiled[image_size]
 
     def compiled_model(self, image_size: tuple[int, int]):  # noqa: ANN201 - openvino.CompiledModel
         """OpenVINO's compiled model for inputs ``(H, W)`` (built or loaded now): its properties and runtime graph."""
-        return self._prepare(self._size(image_size)).compiled
+        return self._prepare(as_size(image_size)).compiled
 
     # --- running -------------------------------------------------------------------------------------
 
@@ -406,7 +410,7 @@ class OpenVINOEncoder:
         grid = check_pixels(pixels, self.patch_size)
         pixels = pixels.to("cpu", torch.float32).contiguous()
         patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), torch.float32, torch.device("cpu"))
-        model = self._prepare(self._size(pixels.shape[-2:]))
+        model = self._prepare(as_size(pixels.shape[-2:]))
         # A batch is split among the plugin's streams (one with the LATENCY hint); each request reads
         # and writes its slice of the torch tensors in place.
         chunks = min(len(model.requests), pixels.shape[0])
@@ -453,8 +457,6 @@ def export_openvino(
     ``out`` (``cache_dir=out``; for int8 with ``calibration=None`` it finds the quantized model).
     Arguments as :class:`OpenVINOEncoder`'s; ``calibration`` defaults to ``"synthetic"`` for int8.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if precision == "int8" and calibration is None:
         calibration = "synthetic"
@@ -467,35 +469,28 @@ def export_openvino(
         threads=threads,
         progress=progress,
     )
-    patch, embed_dim = encoder.patch_size, encoder.embed_dim
-    manifest = {
+    encoder.store.temporary = encoder.onnx.store.temporary = False  # an export writes where it is asked, or fails
+
+    def job(size: tuple[int, int]) -> dict:
+        path = encoder.model_path(size)  # built now, not on the first batch
+        return image_entry(
+            path.relative_to(out).as_posix(),
+            size,
+            encoder.patch_size,
+            encoder.embed_dim,
+            "float32",
+            precision=precision,
+            calibration=read_record(path.parent).get("calibration"),
+        )
+
+    sizes = [as_size(size) for size in image_sizes]
+    jobs = [(f"image {h}x{w} ({precision})", lambda size=(h, w): job(size)) for h, w in sizes]
+    header = {
         "format": "openvino",
         "method": model.method,
         "precision": precision,
         "key": encoder.root.name,
         "openvino": encoder.ov.__version__,
         "cpu": encoder.cpu,
-        "artifacts": [],
     }
-    for size in tqdm(
-        [encoder._size(s) for s in image_sizes], desc="export openvino", unit="model", disable=not progress
-    ):
-        path = encoder.model_path(size)  # built now, not on the first batch
-        entry = json.loads((path.parent / ENTRY_JSON).read_text())
-        manifest["artifacts"].append(
-            {
-                "tower": "image",
-                "path": path.relative_to(out).as_posix(),
-                "precision": precision,
-                "calibration": entry.get("calibration"),
-                "input": {"name": IMAGE_INPUT, "shape": ["B", 3, *size], "dtype": "float32"},
-                "output": {
-                    "name": IMAGE_OUTPUT,
-                    "shape": ["B", size[0] // patch, size[1] // patch, embed_dim],
-                    "dtype": "float32",
-                },
-            }
-        )
-        logger.info("image %dx%d (%s): %s", *size, precision, path)
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
-    return manifest
+    return export_all(out, header, jobs, progress=progress)

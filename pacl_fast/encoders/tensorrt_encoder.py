@@ -17,23 +17,29 @@ Engines are cached on disk, keyed by the weights' sha256 and the configs (the ON
 the input size, the batch profile, the TensorRT version and the GPU::
 
     <cache>/tensorrt/<export key>-trt<version>-<gpu>/image-448x448-b128.engine
+
+An engine that is not a regular file, or that TensorRT cannot deserialise, is built again once
+(:class:`~pacl_fast.encoders.artifacts.ArtifactStore`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pacl_fast.encoders.base import EncoderUnavailableError, check_out, check_pixels
-from pacl_fast.encoders.export import IMAGE_INPUT, IMAGE_OUTPUT, OnnxCache
-from pacl_fast.encoders.graph import model_device
+from pacl_fast.encoders.artifacts import ArtifactStore, export_all, file_problem, image_entry
+from pacl_fast.encoders.base import EncoderUnavailableError, as_size, check_out, check_pixels, dtype_name
+from pacl_fast.encoders.export import OnnxCache
+from pacl_fast.encoders.graph import IMAGE_INPUT, IMAGE_OUTPUT, model_device
 from pacl_fast.files import atomic_write, default_cache_dir
+
+logger = logging.getLogger(__name__)
 
 MIN_TENSORRT = (10, 1)  # set_device_memory / device_memory_size_v2
 ALIGNMENT = 256  # bytes TensorRT asks of tensor addresses
@@ -222,7 +228,9 @@ class TensorRTEncoder:
         self.embed_dim = model.backbone.embed_dim
         self.onnx = OnnxCache(model, dtype, cache_dir)
         cache_root = Path(cache_dir or default_cache_dir())
-        self.root = engine_folder(cache_root, self.onnx.key, self.trt.__version__, gpu_slug(self.device))
+        folder = engine_folder(cache_root, self.onnx.key, self.trt.__version__, gpu_slug(self.device))
+        self.store = ArtifactStore(cache_root, folder.relative_to(cache_root).as_posix(), "TensorRT")
+        self.root = self.store.root
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)  # must outlive its engines
         self._engines: dict[tuple[int, int], _Engine] = {}
@@ -230,35 +238,32 @@ class TensorRTEncoder:
         self._pending = False
 
     def engine_path(self, image_size: tuple[int, int]) -> Path:
-        return self.root / engine_name(image_size, self.max_batch)
+        """Where the engine for this input size is (or will be built)."""
+        name = engine_name(as_size(image_size), self.max_batch)
+        found = [root / name for root in self.store.roots() if os.path.lexists(root / name)]
+        return found[0] if found else self.store.build_root / name
 
     def engine(self, image_size: tuple[int, int]) -> _Engine:
-        """The engine for inputs of this size, built (from the cached ONNX export) on first use."""
-        image_size = (int(image_size[0]), int(image_size[1]))
-        if image_size not in self._engines:
-            path = self.engine_path(image_size)
-            if not path.is_file():
-                self.build(image_size)
-            try:
-                self._engines[image_size] = _Engine(self.trt, self.runtime, path, self.device)
-            except RuntimeError:  # a stale or truncated file: build again once
-                self.build(image_size)
-                self._engines[image_size] = _Engine(self.trt, self.runtime, path, self.device)
-        return self._engines[image_size]
-
-    def build(self, image_size: tuple[int, int]) -> Path:
-        """Export (if needed) and build the engine for this input size; returns its path."""
-        if self.progress:
-            print(
-                f"pacl-fast: building a TensorRT engine for {image_size[0]}x{image_size[1]} inputs, batch "
-                f"1..{self.max_batch} (minutes; cached in {self.root})",
-                file=sys.stderr,
+        """The engine for inputs of this size, built (from the cached ONNX export) on first use; an engine
+        file TensorRT cannot load (stale, truncated) is built again once."""
+        size = as_size(image_size)
+        if size not in self._engines:
+            self._engines[size] = self.store.get(
+                engine_name(size, self.max_batch),
+                f"the engine for {size[0]}x{size[1]} inputs, batch 1..{self.max_batch} (minutes)",
+                lambda path: self._build(size, path),
+                lambda path: _Engine(self.trt, self.runtime, path, self.device),
+                problem=file_problem,
             )
+        return self._engines[size]
+
+    def _build(self, image_size: tuple[int, int], path: Path) -> Path:
+        """Export (if needed) and build the engine for this input size at ``path``."""
         onnx_path = self.onnx.image(image_size)
         shape = (3, *image_size)
         return build_engine(
             onnx_path,
-            self.engine_path(image_size),
+            path,
             IMAGE_INPUT,
             ((1, *shape), (self.max_batch, *shape), (self.max_batch, *shape)),
             workspace_bytes=self.workspace_bytes,
@@ -317,3 +322,25 @@ class TensorRTEncoder:
         (classification only: not worth an engine of its own)."""
         weight = self.model.backbone.visual.conv1.weight
         return self.model.encode_global(pixels.to(weight.device, weight.dtype)).float()
+
+
+def export_tensorrt(
+    model: nn.Module, out: str | os.PathLike, dtype: torch.dtype, image_sizes: list[tuple[int, int]], *,
+    max_batch: int = 32, progress: bool = True,
+) -> dict:  # fmt: skip
+    """Build ``model``'s engines for ``image_sizes`` into ``out`` (an encoder cache folder: point an encoder at
+    it) and write ``out/manifest.json``; returns the manifest."""
+    out = Path(out)
+    encoder = TensorRTEncoder(model, dtype, max_batch=max_batch, cache_dir=out, progress=progress)
+    encoder.store.temporary = encoder.onnx.store.temporary = False  # an export writes where it is asked, or fails
+    patch, embed_dim, name = encoder.patch_size, encoder.embed_dim, dtype_name(dtype)
+
+    def job(size: tuple[int, int]) -> dict:
+        encoder.engine(size)
+        path = encoder.engine_path(size).relative_to(out).as_posix()
+        return image_entry(path, size, patch, embed_dim, name, batch_range=[1, max_batch])
+
+    sizes = [as_size(size) for size in image_sizes]
+    jobs = [(f"image {h}x{w}", lambda size=(h, w): job(size)) for h, w in sizes]
+    header = {"format": "tensorrt", "method": model.method, "dtype": name, "key": encoder.onnx.key}
+    return export_all(out, header, jobs, progress=progress)

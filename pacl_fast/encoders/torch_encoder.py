@@ -9,6 +9,7 @@ from torch import nn
 
 from pacl_fast.encoders.base import SHORT_NAMES, cast_copy, check_pixels, resolve_dtype
 from pacl_fast.encoders.graph import GlobalTower, ImageTower, TextTower, model_device
+from pacl_fast.model import VisionEmbedder
 
 #: The text tower's precision unless ``text_dtype`` says otherwise (see :class:`TorchEncoder`).
 DEFAULT_TEXT_DTYPE = torch.float32
@@ -96,10 +97,17 @@ class TorchEncoder:
         pixels = self._pixels(pixels)
         return self._image(pixels) if self.compiled else self.model.encode_image(pixels)
 
+    @property
+    def embedder(self) -> nn.Module | None:
+        """PACL's embedder, for the fused head (``base.FusedEmbedderEncoder``): eager PACL models only; a
+        compiled graph already fuses it, and training-free methods have none."""
+        embedder = getattr(self.model, "embedder", None)
+        return embedder if not self.compiled and isinstance(embedder, VisionEmbedder) else None
+
     @torch.inference_mode()
     def encode_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> the CLIP's patch tokens ``[B, h, w, D]`` (in ``dtype``), eagerly: the fused
-        PACL head (``Head.embed_similarity``) then applies the embedder, normalisation and similarity."""
+        PACL head (``Head.embed_similarity``) then applies :attr:`embedder`, normalisation and similarity."""
         check_pixels(pixels, self.patch_size)
         return self.model.backbone.patch_tokens(pixels.to(self.device, self.dtype))
 
