@@ -9,6 +9,7 @@ from the model's own modules and config (:func:`truncation_problem`); the others
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,29 +113,37 @@ def pool_index(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
 
 #: What one more pass through the text tower costs, in token positions: per-op overhead and reading
 #: every weight once (CPU, ViT-B-16: ~40 tokens' work measured on 2 cores), kernel launches (CUDA).
+#: Used where rows run whole, in passes by length (:func:`length_groups`).
 PASS_OVERHEAD_TOKENS = {"cpu": 32, "cuda": 4096}
+#: Most token positions one pass runs at once (sequences x length): bounds the activations a pass
+#: holds (ViT-B-16 fp32: ~25 kB a position, so ~200 MB on a CPU) whatever the caller sends.
+PASS_POSITIONS = {"cpu": 8192, "cuda": 65536}
+#: Length of the packed sequences (positions) the eager tower runs: long enough that a template's
+#: prefix is shared by dozens of prompts, short enough that attention over it (``4 D S`` FLOPs a
+#: position against ``24 D^2`` for the rest, ~4% for CLIP's text width 512) stays small.
+PACK_LENGTH = 128
 
 
-def _pass_overhead(device: torch.device) -> int:
-    return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cpu"])
+def _device_value(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
 
 
-def length_groups(lengths: torch.Tensor, offset: int = 0) -> list[tuple[int, torch.Tensor]]:
+def length_groups(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """Rows in passes by length: ``[(length, row indices)]``, each pass run at the longest length in it.
 
     Rows of one length need no padding; merging lengths saves passes. The grouping minimises the
-    positions run past ``offset`` (a shared prefix) plus :data:`PASS_OVERHEAD_TOKENS` per pass, by
-    dynamic programming over the distinct lengths (at most the context length of them).
+    positions run plus :data:`PASS_OVERHEAD_TOKENS` per pass, by dynamic programming over the
+    distinct lengths (at most the context length of them).
     """
     values, counts = lengths.unique(return_counts=True)
     values, counts = values.tolist(), counts.tolist()
-    overhead = _pass_overhead(lengths.device)
+    overhead = _device_value(PASS_OVERHEAD_TOKENS, lengths.device)
     best, start = [0.0] * (len(values) + 1), [0] * (len(values) + 1)  # best[j]: the first j lengths
     for j in range(1, len(values) + 1):
         rows, best[j] = 0, float("inf")
         for i in range(j, 0, -1):  # the last pass holds lengths i..j
             rows += counts[i - 1]
-            cost = best[i - 1] + overhead + rows * (values[j - 1] - offset)
+            cost = best[i - 1] + overhead + rows * values[j - 1]
             if cost < best[j]:
                 best[j], start[j] = cost, i
     groups, j = [], len(values)
@@ -146,11 +155,14 @@ def length_groups(lengths: torch.Tensor, offset: int = 0) -> list[tuple[int, tor
     return groups[::-1]
 
 
-def _text_embed(parts: TextParts, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Token + positional embeddings of tokens at positions ``start, start + 1, ...``: ``[n, l, D]``."""
+def _text_embed(parts: TextParts, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Token + positional embeddings ``[n, l, D]`` of tokens ``[n, l]`` at positions ``0..l-1``, or at
+    ``positions [n, l]``."""
     cast_dtype = parts.transformer.get_cast_dtype()
     x = parts.token_embedding(tokens).to(cast_dtype)
-    return x + parts.positional_embedding[start : start + tokens.shape[1]].to(cast_dtype)
+    if positions is None:
+        return x + parts.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+    return x + parts.positional_embedding[positions].to(cast_dtype)
 
 
 def text_hidden(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
@@ -159,16 +171,21 @@ def text_hidden(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
     return parts.transformer(_text_embed(parts, tokens), attn_mask=parts.attn_mask[:length, :length])
 
 
-def text_head(parts: TextParts, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Transformer outputs ``[n, l, D]`` pooled at ``index [n]`` -> unit embeddings ``[n, E]``
-    (``ln_final`` is per token, so applying it after pooling gives open_clip's numbers)."""
-    x = parts.ln_final(hidden[torch.arange(hidden.shape[0], device=hidden.device), index])  # [n, D]
+def _project(parts: TextParts, pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled transformer outputs ``[n, D]`` -> unit embeddings ``[n, E]``."""
+    x = parts.ln_final(pooled)
     projection = parts.text_projection
     if isinstance(projection, nn.Linear):
         x = projection(x)
     elif projection is not None:
         x = x @ projection
     return F.normalize(x, dim=-1)
+
+
+def text_head(parts: TextParts, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Transformer outputs ``[n, l, D]`` pooled at ``index [n]`` -> unit embeddings ``[n, E]``
+    (``ln_final`` is per token, so applying it after pooling gives open_clip's numbers)."""
+    return _project(parts, hidden[torch.arange(hidden.shape[0], device=hidden.device), index])  # [n, D] pooled
 
 
 def _attention_of(block: nn.Module) -> nn.MultiheadAttention | None:
@@ -188,82 +205,248 @@ def _attention_of(block: nn.Module) -> nn.MultiheadAttention | None:
     return None
 
 
-def _shares_prefix(parts: TextParts) -> bool:
-    """Whether every block is open_clip's plain residual attention block (whose keys and values
-    :func:`_prefix_keys_values` can compute); custom blocks (qk-norm, scaled cosine) are not."""
+def _plain_blocks(parts: TextParts) -> bool:
+    """Whether every block is open_clip's plain residual attention block, whose arithmetic
+    :func:`_block` repeats under a mask of its own; custom blocks (qk-norm, scaled cosine attention)
+    run through their own modules, whole rows in passes by length."""
     return getattr(parts.transformer, "batch_first", False) and all(
         _attention_of(block) is not None for block in parts.transformer.resblocks
     )
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[n, l, D]`` -> ``[n, H, l, D/H]``."""
-    n, length, width = x.shape
-    return x.view(n, length, heads, width // heads).transpose(1, 2)
+# --- shared prefixes, packed -----------------------------------------------------------------------
+#
+# Rows that begin with the same tokens compute the same thing at those positions (the mask is causal),
+# and a prompt list is mostly such rows: every prompt of a template shares the template's beginning
+# (and all share the start token). So the eager tower runs each shared run of leading tokens (a chain)
+# once, and each row only from the end of its shared prefix to its pooled (end-of-text) token. They
+# are packed into sequences of :data:`PACK_LENGTH` positions, each holding chains followed by rows
+# that use them, under a mask that lets a row's positions see the first ``prefix`` positions of its
+# chain and its own earlier positions: the attention each position computes is exactly the one it
+# computes in its own prompt, at the same positional embedding. Passes are these sequences, so they
+# are long (a matmul's worth of rows) whatever the prompts' lengths.
 
 
-def _prefix_keys_values(parts: TextParts, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each block's attention keys and values ``[1, H, p, d]`` for a prefix ``[1, p]`` that many prompts share."""
-    x = _text_embed(parts, prefix)  # [1, p, D]
-    length, width = prefix.shape[1], x.shape[-1]
-    blocks = parts.transformer.resblocks
-    keys_values = []
-    for i, block in enumerate(blocks):
-        attention = _attention_of(block)
-        bias = attention.in_proj_bias
-        kv = F.linear(block.ln_1(x), attention.in_proj_weight[width:], None if bias is None else bias[width:])
-        key, value = kv.chunk(2, dim=-1)  # [1, p, D] each
-        keys_values.append((_split_heads(key, attention.num_heads), _split_heads(value, attention.num_heads)))
-        if i < len(blocks) - 1:  # the last block's output at the prefix is never read
-            x = block(x, attn_mask=parts.attn_mask[:length, :length])
-    return keys_values
+@dataclass(frozen=True)
+class TextPlan:
+    """Which positions of token ids ``[T, L]`` run: each shared chain once, then each row's rest."""
+
+    index: torch.Tensor  # [T] pooled position of each row
+    prefix: torch.Tensor  # [T] leading positions each row takes from its chain (0: none)
+    chain: torch.Tensor  # [T] the chain of each row (meaningful where prefix > 0)
+    chain_tokens: torch.Tensor  # [C, l] the chains' tokens (each valid up to its length)
+    chain_lengths: torch.Tensor  # [C]
+
+    @property
+    def positions(self) -> int:
+        """Token positions the plan needs: the chains once, then every row's rest up to its pooled token."""
+        return int(self.chain_lengths.sum()) + int((self.index + 1 - self.prefix).sum())
 
 
-def _suffix_hidden(
-    parts: TextParts, tokens: torch.Tensor, start: int, keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+def _shared_prefixes(tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """How many leading tokens of each row at least one other row shares ``[T]`` (stopping before the
+    pooled position), and the rows' trie node ids at each of those depths (``[T]`` per depth: equal
+    ids at a depth mean equal tokens up to it)."""
+    rows = tokens.shape[0]
+    ids = torch.zeros(rows, dtype=torch.long, device=tokens.device)
+    prefix = torch.zeros(rows, dtype=torch.long, device=tokens.device)
+    alive = torch.ones(rows, dtype=torch.bool, device=tokens.device)
+    shifted = tokens.long() - tokens.min()  # >= 0, so (node, token) pairs map to distinct integers
+    span = int(shifted.max()) + 1
+    nodes = []
+    for depth in range(int(index.max())):
+        _, ids, counts = torch.unique(ids * span + shifted[:, depth], return_inverse=True, return_counts=True)
+        alive &= (counts[ids] >= 2) & (index > depth)
+        if not bool(alive.any()):
+            break
+        nodes.append(ids)
+        prefix += alive
+    return prefix, nodes
+
+
+def plan_text(tokens: torch.Tensor, index: torch.Tensor) -> TextPlan:
+    """The plan for token ids ``[T, L]`` pooled at ``index [T]``: each row's shared prefix comes from
+    the longest chain (maximal shared run of leading tokens) through it."""
+    rows = tokens.shape[0]
+    device = tokens.device
+    prefix, nodes = _shared_prefixes(tokens, index) if rows > 1 else (torch.zeros_like(index), [])
+    # Each row's chain: the row with the longest shared run through the node where its own prefix ends.
+    source = torch.arange(rows, device=device)
+    score = prefix * rows + source  # the longest run first, then the highest row: one choice per node
+    for depth, ids in enumerate(nodes):
+        through = prefix > depth
+        best = torch.full((rows,), -1, dtype=torch.long, device=device)
+        best.scatter_reduce_(0, ids[through], score[through], "amax")
+        ending = prefix == depth + 1
+        source[ending] = best[ids[ending]] % rows
+    sharing = prefix > 0
+    chain_rows, chain = torch.unique(source[sharing], return_inverse=True)
+    chain_of = torch.zeros(rows, dtype=torch.long, device=device)
+    chain_of[sharing] = chain
+    lengths = prefix[chain_rows]
+    width = int(lengths.max()) if len(lengths) else 0
+    return TextPlan(index, prefix, chain_of, tokens[chain_rows, :width], lengths)
+
+
+@dataclass(frozen=True)
+class TextPass:
+    """Packed sequences run through the tower together."""
+
+    tokens: torch.Tensor  # [N, S] token ids (padding: any id)
+    positions: torch.Tensor  # [N, S] positional embedding of each (padding: 0)
+    mask: torch.Tensor  # [N, 1, S, S] bool: which positions each position attends to
+    pooled: torch.Tensor  # [R] flat indices (into N * S) of the pooled positions
+    rows: torch.Tensor  # [R] the rows of the call they are
+    filled: int  # positions holding a token (the rest, N * S - filled, is padding)
+
+
+def _pack_units(plan: TextPlan, capacity: int) -> tuple[list[tuple[int, int, int, list[int]]], int]:
+    """Units that must share a sequence: ``(length, chain positions, chain or -1, rows)``: a chain's
+    first positions and rows that use them, up to ``capacity`` positions; the sequence length (capacity,
+    or the longest unit when one row alone is longer)."""
+    prefix, chain = plan.prefix.tolist(), plan.chain.tolist()
+    suffix = (plan.index + 1 - plan.prefix).tolist()
+    units, by_chain = [], {}
+    for row, (shared, own) in enumerate(zip(prefix, suffix)):
+        if shared:
+            by_chain.setdefault(chain[row], []).append(row)
+        else:
+            units.append((own, 0, -1, [row]))
+    for number, rows in by_chain.items():
+        rows.sort(key=lambda row: -prefix[row])  # the longest prefixes first: they set each unit's chain length
+        group, width, total = [], 0, 0
+        for row in rows:
+            if group and width + total + suffix[row] > capacity:
+                units.append((width + total, width, number, group))
+                group, width, total = [], 0, 0
+            group.append(row)
+            width, total = max(width, prefix[row]), total + suffix[row]
+        units.append((width + total, width, number, group))
+    return units, max(capacity, max(unit[0] for unit in units))
+
+
+def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -> list[TextPass]:
+    """The passes that run ``plan`` on ``tokens [T, L]``: units (:func:`_pack_units`) placed first-fit
+    by decreasing length into sequences of at most ``length`` (default :data:`PACK_LENGTH`) positions
+    (or the longest unit), cut to the fullest one, at most :data:`PASS_POSITIONS` positions a pass."""
+    device = tokens.device
+    units, length = _pack_units(plan, length or PACK_LENGTH)
+    units.sort(key=lambda unit: -unit[0])
+    free: list[int] = []  # room left in each sequence
+    placed = []  # (sequence, offset, unit)
+    for unit in units:
+        sequence = next((i for i, room in enumerate(free) if room >= unit[0]), len(free))
+        if sequence == len(free):
+            free.append(length)
+        placed.append((sequence, length - free[sequence], unit))
+        free[sequence] -= unit[0]
+    length -= min(free)  # no sequence needs more (a short call runs short sequences)
+    # Where each row's own positions and each unit's chain positions go (flat, sequence * length + offset).
+    count = tokens.shape[0]
+    row_start = [0] * count
+    row_parent = [-1] * count  # the segment holding its chain: count + unit number
+    chain_parts = []  # (flat start, chain positions, chain, segment)
+    suffix = (plan.index + 1 - plan.prefix).tolist()
+    for number, (sequence, offset, (_, width, chain, rows)) in enumerate(placed):
+        flat = sequence * length + offset
+        if width:
+            chain_parts.append((flat, width, chain, count + number))
+            flat += width
+        for row in rows:
+            row_start[row], row_parent[row] = flat, count + number if width else -1
+            flat += suffix[row]
+    total = len(free) * length
+    flat_tokens = torch.zeros(total, dtype=tokens.dtype, device=device)
+    flat_positions = torch.zeros(total, dtype=torch.long, device=device)
+    segment = -2 - torch.arange(total, device=device)  # padding: a segment of its own, sees only itself
+    parent = torch.full((total,), -1, dtype=torch.long, device=device)
+    limit = torch.zeros(total, dtype=torch.long, device=device)
+
+    def fill(starts: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Write runs of ``lengths`` tokens from ``source [n, l]`` (columns ``first..``) at flat ``starts``;
+        returns ``(flat indices, run number)`` of every written position as a [2, m] tensor."""
+        span = torch.arange(int(lengths.max()), device=device)
+        valid = span < lengths[:, None]  # [n, w]
+        where = (starts[:, None] + span)[valid]
+        columns = (first[:, None] + span)[valid]
+        run = torch.arange(len(starts), device=device)[:, None].expand_as(valid)[valid]
+        flat_tokens[where] = source[run, columns]
+        flat_positions[where] = columns
+        return torch.stack([where, run])
+
+    if chain_parts:
+        starts, widths, chains, segments = (torch.tensor(c, device=device) for c in zip(*chain_parts))
+        where, run = fill(starts, widths, torch.zeros_like(widths), plan.chain_tokens[chains])
+        segment[where] = segments[run]
+    starts = torch.tensor(row_start, device=device)
+    own = plan.index + 1 - plan.prefix
+    where, run = fill(starts, own, plan.prefix, tokens)
+    segment[where] = run
+    parent[where] = torch.tensor(row_parent, device=device)[run]
+    limit[where] = plan.prefix[run]
+
+    sequences = len(free)
+    per_pass = max(1, _device_value(PASS_POSITIONS, device) // length)
+    pooled = starts + own - 1  # [T] flat index of each row's pooled position
+    passes = []
+    for first in range(0, sequences, per_pass):
+        n = min(per_pass, sequences - first)
+        cut = slice(first * length, (first + n) * length)
+        seg, par, lim, pos = (t[cut].view(n, length) for t in (segment, parent, limit, flat_positions))
+        mask = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])  # own, causal
+        mask |= (par[:, :, None] == seg[:, None, :]) & (pos[:, None, :] < lim[:, :, None])  # the chain's prefix
+        rows = ((pooled >= cut.start) & (pooled < cut.stop)).nonzero().flatten()
+        tokens_in = flat_tokens[cut].view(n, length)
+        passes.append(TextPass(tokens_in, pos, mask[:, None], pooled[rows] - cut.start, rows, int((seg >= 0).sum())))
+    return passes
+
+
+def _block(
+    block: ResidualAttentionBlock,
+    attention: nn.MultiheadAttention,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The transformer's output at positions ``start..L-1`` of tokens ``[n, L]`` whose first ``start``
-    tokens are the prefix of ``keys_values``: ``[n, L - start, D]``. The same block arithmetic as
-    open_clip's ``ResidualAttentionBlock`` (pre-norm attention and MLP, layer scales)."""
-    n, length = tokens.shape
-    x = _text_embed(parts, tokens[:, start:], start)  # [n, s, D]
-    s, width = length - start, x.shape[-1]
-    mask = parts.attn_mask[start:length, :length].to(x.dtype)  # [s, L]: position start + i sees 0..start + i
-    for block, (prefix_key, prefix_value) in zip(parts.transformer.resblocks, keys_values):
-        attention = _attention_of(block)
-        heads = attention.num_heads
-        qkv = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias)  # [n, s, 3D]
-        query, key, value = qkv.view(n, s, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [n, H, s, d]
-        key = torch.cat([prefix_key.expand(n, -1, -1, -1), key], dim=2)  # [n, H, L, d]
-        value = torch.cat([prefix_value.expand(n, -1, -1, -1), value], dim=2)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [n, H, s, d]
-        x = x + block.ls_1(attention.out_proj(attended.transpose(1, 2).reshape(n, s, width)))
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x
+    """open_clip's ``ResidualAttentionBlock`` on ``x [N, S, D]`` (pre-norm attention and MLP, layer
+    scales) under the additive ``mask [N, 1, S, S]`` (made once a pass, not converted by every call)
+    -> ``[N, S, D]``; with ``keep`` (flat indices into ``N * S``), only those positions' outputs
+    ``[K, D]`` (the last block: only pooled positions are read)."""
+    n, s, width = x.shape
+    heads = attention.num_heads
+    qkv = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias)  # [N, S, 3D]
+    query, key, value = qkv.view(n, s, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, S, d]
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [N, H, S, d]
+    attended = attended.transpose(1, 2).reshape(n, s, width)  # [N, S, D]
+    if keep is not None:
+        x, attended = x.reshape(n * s, width)[keep], attended.reshape(n * s, width)[keep]  # [K, D]
+    x = x + block.ls_1(attention.out_proj(attended))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def encode_text_eager(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
-    """:meth:`ClipBackbone.encode_text` on a truncatable tower, eagerly: rows trimmed to their
-    pooled position + 1, run in passes by that length, and the prefix all rows share computed once
-    (when that saves more than a pass costs)."""
+    """:meth:`ClipBackbone.encode_text` on a truncatable tower, eagerly: each row runs only up to its
+    pooled position, and the leading tokens rows share run once (:func:`plan_text`), packed into long
+    sequences (:func:`pack_text`). Towers with custom blocks run whole rows through their own modules,
+    in passes by length."""
     index = pool_index(parts, tokens)  # [T]
-    lengths = index + 1
-    tokens = tokens[:, : int(lengths.max())]
-    prefix = 0
-    if tokens.shape[0] > 1 and _shares_prefix(parts):
-        same = (tokens == tokens[:1]).all(dim=0)  # [L]
-        prefix = min(int(same.long().cumprod(0).sum()), int(index.min()))  # every pooled position after it
-        if (tokens.shape[0] - 1) * prefix <= _pass_overhead(tokens.device):  # not worth a pass of its own
-            prefix = 0
-    keys_values = _prefix_keys_values(parts, tokens[:1, :prefix]) if prefix else None
+    tokens = tokens[:, : int(index.max()) + 1]
     out = None
-    for length, rows in length_groups(lengths, prefix):
-        group = tokens[rows, :length]
-        if keys_values is not None:
-            embeddings = text_head(parts, _suffix_hidden(parts, group, prefix, keys_values), index[rows] - prefix)
-        else:
-            embeddings = text_head(parts, text_hidden(parts, group), index[rows])
+    if not _plain_blocks(parts):
+        for length, rows in length_groups(index + 1):
+            embeddings = text_head(parts, text_hidden(parts, tokens[rows, :length]), index[rows])
+            if out is None:
+                out = embeddings.new_full((tokens.shape[0], embeddings.shape[-1]), math.nan)
+            out[rows] = embeddings
+        return out
+    blocks = parts.transformer.resblocks
+    for step in pack_text(tokens, plan_text(tokens, index)):
+        x = _text_embed(parts, step.tokens, step.positions)  # [N, S, D]
+        mask = torch.zeros(step.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~step.mask, -math.inf)
+        for block in blocks[:-1]:
+            x = _block(block, _attention_of(block), x, mask)
+        embeddings = _project(parts, _block(blocks[-1], _attention_of(blocks[-1]), x, mask, step.pooled))
         if out is None:
-            out = embeddings.new_empty((tokens.shape[0], embeddings.shape[-1]))
-        out[rows] = embeddings
+            out = embeddings.new_full((tokens.shape[0], embeddings.shape[-1]), math.nan)  # a row never written shows
+        out[step.rows] = embeddings
     return out
