@@ -13,9 +13,9 @@ its metadata, which a read checks.
 * Writes are atomic (:func:`pacl_fast.files.atomic_write`): processes computing the same entry
   each publish a whole file (the last one wins; both hold the same numbers), and a reader never
   sees half of one. No locks: torchrun ranks that start cold each compute, then all share.
-* Reads trust nothing: an entry that is truncated, not safetensors, of the wrong shape or dtype,
-  not finite, not unit length, or made for another key is named in a warning and computed again
-  (then rewritten).
+* Reads trust nothing: an entry that is not a regular file (a FIFO would block the reader forever),
+  truncated, not safetensors, of the wrong shape or dtype, not finite, not unit length, or made for
+  another key is named in a warning and computed again (then rewritten; a folder in its place is left).
 * Size cap (default 1 GiB, about 400,000 ViT-B entries) with least-recently-used eviction by
   modification time, which a read refreshes.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pacl_fast.encoders.base import dtype_name
-from pacl_fast.files import atomic_write, default_cache_dir
+from pacl_fast.files import atomic_write, default_cache_dir, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ class TextCache:
         broken (a broken one is named in a warning)."""
         path = self.path(model_key, templates, label)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO or device where an entry should be must not block the reader
                 data = f.read(MAX_ENTRY_BYTES + 1)
         except FileNotFoundError:
             return None
-        except OSError as error:
+        except OSError as error:  # NotARegularFileError included: a broken entry, replaced by the next store
             logger.warning("text cache entry %s cannot be read (%s); computing it again", path, error)
             return None
         expected = {"format": TEXT_CACHE_FORMAT, "model": model_key, "templates": templates, "label": label}
@@ -153,9 +153,13 @@ class TextCache:
             "cut": "1" if cut else "0",
         }
         data = save({TENSOR_NAME: embedding.detach().float().cpu().contiguous()}, metadata=metadata)
+        path = self.path(model_key, templates, label)
         try:
-            atomic_write(self.path(model_key, templates, label), data)
+            atomic_write(path, data)
         except OSError as error:
+            if path.is_dir():  # this entry's name is taken by a folder (a FIFO or file is replaced): skip it alone
+                logger.warning("text cache entry %s is a folder, left alone (%s); label not cached", path, error)
+                return
             self.writable = False
             logger.warning("cannot write the text cache in %s (%s); continuing without it", self.root, error)
             return

@@ -1,6 +1,8 @@
+import contextlib
 import copy
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -224,6 +226,53 @@ def test_broken_entries_are_recomputed_and_rewritten(tiny_model, encoder, tmp_pa
     again = embedder(tiny_model, encoder, tmp_path)  # rewritten whole
     torch.testing.assert_close(again(CLASSES, TEMPLATES), expected)
     assert again.encoded_prompts == 0
+
+
+class Blocked(Exception):  # noqa: N818 - not an OSError, so no reader's error handling can swallow it
+    """A block ran past its :func:`deadline`."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise :class:`Blocked` in the test if the block takes longer (a blocking open is interrupted), so
+    a regression fails instead of hanging the run."""
+
+    def expire(signum, frame):
+        raise Blocked(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_entries_that_are_not_regular_files_are_broken_entries_not_hangs(tiny_model, encoder, tmp_path, caplog):
+    """A FIFO where an entry is expected blocked the reader forever (in the service, every later request).
+    It is now a broken entry: named in a warning, computed again and replaced; a folder in an entry's
+    place is left alone and that label alone goes uncached."""
+    text = embedder(tiny_model, encoder, tmp_path)
+    expected = text(CLASSES[:3], TEMPLATES)
+    fifo, folder = entry_paths(text, CLASSES[:2])
+    fifo.unlink()
+    os.mkfifo(fifo)
+    folder.unlink()
+    folder.mkdir()
+    fresh = embedder(tiny_model, encoder, tmp_path)
+    with deadline(30), caplog.at_level(logging.WARNING, logger="pacl_fast.text_cache"):
+        got = fresh(CLASSES[:3], TEMPLATES)
+    torch.testing.assert_close(got, expected)
+    assert fresh.encoded_prompts == 10  # the two broken ones, not the third
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"{fifo} cannot be read" in messages and "FIFO" in messages and str(folder) in messages
+    assert fifo.is_file() and folder.is_dir() and fresh.disk.writable
+    again = embedder(tiny_model, encoder, tmp_path)
+    with deadline(30):
+        torch.testing.assert_close(again(CLASSES[:1], TEMPLATES), expected[:1])
+    assert again.encoded_prompts == 0  # served by the entry that replaced the FIFO
 
 
 def test_size_cap_evicts_least_recently_used(tiny_model, encoder, tmp_path):
