@@ -2,8 +2,8 @@
 
 A label's embedding is the mean of its unit prompt embeddings over the templates, renormalised
 (CLIP's prompt ensembling). :class:`TextEmbedder` is the one way to get them: it runs the text
-tower on the prompts no cache holds (template by template, so that the prompts of one call share
-their prefix; the encoders run each prompt only up to its end-of-text token, see
+tower on the prompts no cache holds (many templates a call: the eager tower runs the beginning
+that prompts share once and each prompt only up to its end-of-text token, see
 ``ClipBackbone.encode_text``) and keeps the results in memory and on disk
 (:mod:`pacl_fast.text_cache`).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -106,10 +107,12 @@ class TextEmbedder:
 
     Each label's embedding is the template ensemble (each prompt's embedding normalised, the mean
     over templates normalised again, as :func:`ensemble_text_embeddings`). Labels that neither cache
-    holds are encoded in chunks of at most ``batch_size`` labels (balanced), one ``encode_text`` call
-    per template and chunk (so the prompts of a call share their prefix, run once), with tqdm
-    progress past :data:`PROGRESS_MIN_PROMPTS` prompts; each chunk's entries are written as it
-    finishes, so an interrupted run resumes from them.
+    holds are encoded in chunks of whole labels (balanced) of at most ``batch_size`` prompts where the
+    templates allow, each chunk's prompts tokenized at once and sent in ``encode_text`` calls of at most
+    ``batch_size`` prompts, template-major (the eager tower runs what prompts share once, however
+    many templates a call holds), with tqdm progress past :data:`PROGRESS_MIN_PROMPTS` prompts; each
+    chunk's entries are written as it finishes, so an interrupted run resumes from them.
+    :attr:`seconds` says where the time went (tokenizing, the tower, cache reads and writes).
 
     Build it with :meth:`for_model` for a CLIP and an encoder; the arguments below are the parts.
 
@@ -127,7 +130,7 @@ class TextEmbedder:
         cache_dir: the disk cache's folder (default ``$PACL_FAST_CACHE/text`` or ``~/.cache/pacl-fast/text``).
         use_disk_cache: False keeps embeddings in memory only.
         max_cache_bytes: the disk cache's size cap (least recently used entries are removed past it).
-        batch_size: most prompts per ``encode_text`` call, and labels per chunk.
+        batch_size: most prompts per ``encode_text`` call (a chunk's labels x templates, when that fits).
         progress: show a progress bar (None: when more than :data:`PROGRESS_MIN_PROMPTS` prompts are encoded).
         memory_entries: labels kept in memory (least recently used dropped first).
         device: where returned embeddings live.
@@ -145,7 +148,7 @@ class TextEmbedder:
         cache_dir: str | Path | None = None,
         use_disk_cache: bool = True,
         max_cache_bytes: int = DEFAULT_MAX_BYTES,
-        batch_size: int = 256,
+        batch_size: int = 1024,
         progress: bool | None = None,
         memory_entries: int = 8192,
         device: str | torch.device = "cpu",
@@ -168,6 +171,7 @@ class TextEmbedder:
         self._memory: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
         self.encoded_prompts = 0  # prompts run through the text tower so far (cache misses x templates)
+        self.seconds = dict.fromkeys(("tokenize", "encode", "cache_read", "cache_write"), 0.0)  # spent so far
 
     @classmethod
     def for_model(
@@ -220,7 +224,9 @@ class TextEmbedder:
             if missing:
                 entries.update(self._compute(missing, templates, key))
                 if self.disk is not None:
+                    began = time.perf_counter()
                     self.disk.evict()
+                    self.seconds["cache_write"] += time.perf_counter() - began
         cut = [label for label in labels if entries[label]["cut"]]
         if cut:
             shown = ", ".join(repr(label) for label in cut[:10]) + (", ..." if len(cut) > 10 else "")
@@ -239,7 +245,10 @@ class TextEmbedder:
             self._memory.move_to_end((key, label))
             return entry
         if self.disk is not None:
-            entry = self.disk.load(self.model_key, key, label, self.embed_dim)
+            model_key = self.model_key
+            start = time.perf_counter()
+            entry = self.disk.load(model_key, key, label, self.embed_dim)
+            self.seconds["cache_read"] += time.perf_counter() - start
             if entry is not None:
                 self._remember(key, label, entry)
         return entry
@@ -257,20 +266,25 @@ class TextEmbedder:
         count = len(templates)
         total = len(labels) * count
         show = self.progress if self.progress is not None else total > PROGRESS_MIN_PROMPTS
-        per_chunk = math.ceil(len(labels) / math.ceil(len(labels) / self.batch_size))  # balanced chunks
+        chunks = math.ceil(len(labels) / max(1, self.batch_size // count))
+        per_chunk = math.ceil(len(labels) / chunks)  # balanced chunks of whole labels
         computed = {}
         with tqdm(total=total, desc="text embeddings", unit="prompt", disable=not show) as bar:
             for start in range(0, len(labels), per_chunk):
                 chunk = labels[start : start + per_chunk]
                 n = len(chunk)
                 prompts = [template.format(label) for template in templates for label in chunk]  # template-major
+                began = time.perf_counter()
                 tokens = self.tokenize(prompts)  # [count * n, context]
                 cut_rows = set(self.find_cut(prompts, tokens)) if self.find_cut is not None else set()
-                tokens = tokens.reshape(count, n, -1)
-                units = []  # per template: [n, E]
-                for batch in tokens:  # [n, context]: one template, so one shared prefix
+                self.seconds["tokenize"] += time.perf_counter() - began
+                units = []  # [m, E] per call
+                for first in range(0, len(prompts), self.batch_size):
+                    batch = tokens[first : first + self.batch_size]  # [m, context]: whole templates mostly
+                    began = time.perf_counter()
                     units.append(F.normalize(self.encode_text(batch).float().cpu(), dim=-1))
-                    bar.update(n)
+                    self.seconds["encode"] += time.perf_counter() - began
+                    bar.update(len(batch))
                 self.encoded_prompts += count * n
                 embeddings = ensemble(torch.cat(units).reshape(count, n, -1).transpose(0, 1))  # [n, E]
                 for j, label in enumerate(chunk):
@@ -281,5 +295,7 @@ class TextEmbedder:
                     computed[label] = entry
                     self._remember(key, label, entry)
                     if self.disk is not None:
+                        began = time.perf_counter()
                         self.disk.store(self.model_key, key, label, entry["embedding"], entry["cut"])
+                        self.seconds["cache_write"] += time.perf_counter() - began
         return computed

@@ -94,7 +94,7 @@ def reference_embeddings(backbone, labels, templates) -> torch.Tensor:
 
 
 def test_embedder_equals_the_full_tower_ensemble(tiny_model, encoder, tmp_path):
-    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # chunks of 3, 3 and 1 labels
+    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # a label a chunk, calls of 3 and 2 prompts
     got = text(CLASSES, TEMPLATES)
     expected = reference_embeddings(tiny_model.backbone, CLASSES, TEMPLATES)
     assert got.shape == (7, 64) and got.dtype == torch.float32
