@@ -5,7 +5,8 @@ A label's embedding is the mean of its unit prompt embeddings over the templates
 tower on the prompts no cache holds (many templates a call: the eager tower runs the beginning
 that prompts share once and each prompt only up to its end-of-text token, see
 ``ClipBackbone.encode_text``) and keeps the results in memory and on disk
-(:mod:`pacl_fast.text_cache`).
+(:mod:`pacl_fast.text_cache`). :func:`template_set` is what every door (library, CLI, service) calls
+on a user's templates.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+from pacl_fast.choices import TEMPLATE_PRESETS
 from pacl_fast.text_cache import DEFAULT_MAX_BYTES, TextCache, templates_key, text_model_key
 from pacl_fast.text_tower import PromptTruncatedWarning
 
@@ -33,23 +35,53 @@ SHORT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLA
 #: One template, the cheapest.
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
-TEMPLATE_SETS = {"imagenet": IMAGENET_TEMPLATES, "short": SHORT_TEMPLATES, "single": SINGLE_TEMPLATE}
+
+def _preset(name: str) -> tuple[str, ...]:
+    """The templates of a preset of :data:`pacl_fast.choices.TEMPLATE_PRESETS`."""
+    if name == "synthetic":  # the synthetic world's own (its module needs numpy: imported when asked for)
+        from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
+
+        return SYNTHETIC_TEMPLATES
+    return {"imagenet": IMAGENET_TEMPLATES, "short": SHORT_TEMPLATES, "single": SINGLE_TEMPLATE}[name]
 
 
-def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A named template set (``imagenet``, ``short``, ``single``) or a list of ``{}`` templates."""
+def _check_template(template: object) -> str:
+    """A template that formats one label, else ValueError naming it."""
+    problem = None
+    if not isinstance(template, str):
+        problem = f"is not a string ({type(template).__name__})"
+    elif template.count("{}") != 1:
+        problem = "must have exactly one '{}' (where the label goes)"
+    else:
+        try:
+            template.format("label")
+        except (IndexError, KeyError, ValueError) as error:
+            problem = f"does not format a label ({type(error).__name__}: {error}; a literal brace is {{{{ or }}}})"
+    if problem is not None:
+        raise ValueError(f"template {template!r} {problem}")
+    return template
+
+
+def template_set(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset name (:data:`pacl_fast.choices.TEMPLATE_PRESETS`: ``imagenet``, ``short``, ``single``,
+    ``synthetic``), one template with ``{}`` where the label goes, or a list of them -> the templates.
+
+    The one way every door (``predict``, ``segment``, ``eval``, the service) turns what a user gave into
+    templates; the result is what cache keys and embeddings are made from."""
     if isinstance(templates, str):
-        if templates in TEMPLATE_SETS:
-            return TEMPLATE_SETS[templates]
-        if "{}" in templates:
-            return (templates,)
-        raise ValueError(f"templates must be one of {sorted(TEMPLATE_SETS)} or contain '{{}}', got {templates!r}")
-    resolved = tuple(templates)
+        if templates in TEMPLATE_PRESETS:
+            return _preset(templates)
+        if "{" not in templates:
+            raise ValueError(
+                f"templates must be one of {', '.join(TEMPLATE_PRESETS)} or a template with '{{}}' where the label "
+                f"goes, got {templates!r}"
+            )
+        return (_check_template(templates),)
+    if isinstance(templates, (bytes, bytearray)) or not isinstance(templates, Sequence):
+        raise TypeError(f"templates must be a preset name, a template or a list of templates, got {type(templates)}")
+    resolved = tuple(_check_template(template) for template in templates)
     if not resolved:
-        raise ValueError("templates is empty")
-    for template in resolved:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"each template must be a string with exactly one '{{}}', got {template!r}")
+        raise ValueError("templates is empty: give at least one template, or a preset name")
     return resolved
 
 
@@ -216,7 +248,7 @@ class TextEmbedder:
     def __call__(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Class names (and a template set name or list) -> unit embeddings ``[C, E]`` float32."""
         labels = validate_labels(labels)
-        templates = resolve_templates(templates)
+        templates = template_set(templates)
         key = templates_key(templates)
         with self._lock:
             entries = {label: self._cached(key, label) for label in labels}

@@ -2,6 +2,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from pacl_fast.prompts import (
     SHORT_TEMPLATES,
     TextEmbedder,
     ensemble_text_embeddings,
-    resolve_templates,
+    template_set,
     validate_labels,
 )
 from pacl_fast.text_cache import TextCache, templates_key, text_model_key
@@ -33,12 +34,43 @@ def test_template_sets():
     assert len(IMAGENET_TEMPLATES) == 80 and len(set(IMAGENET_TEMPLATES)) == 80
     assert len(SHORT_TEMPLATES) == 7
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES + SHORT_TEMPLATES)
-    assert resolve_templates("imagenet") == IMAGENET_TEMPLATES
-    assert resolve_templates("a sketch of a {}.") == ("a sketch of a {}.",)
+    assert template_set("imagenet") == IMAGENET_TEMPLATES
+    assert template_set("a sketch of a {}.") == ("a sketch of a {}.",)
+    assert template_set(["a {}.", "the {} {{here}}"]) == ("a {}.", "the {} {{here}}")
     with pytest.raises(ValueError, match="exactly one"):
-        resolve_templates(["no placeholder"])
-    with pytest.raises(ValueError, match="templates must be one of"):
-        resolve_templates("imagenet80")
+        template_set(["no placeholder"])
+    with pytest.raises(ValueError, match="templates must be one of imagenet, short, single, synthetic"):
+        template_set("imagenet80")
+
+
+def test_every_preset_the_doors_offer_is_accepted():
+    """``choices.TEMPLATE_PRESETS`` is what the CLI and the service offer: the library takes each of them
+    (``synthetic`` was refused by ``predict`` although the service answered with it)."""
+    from pacl_fast.choices import TEMPLATE_PRESETS
+    from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
+
+    for name in TEMPLATE_PRESETS:
+        templates = template_set(name)
+        assert templates and all(isinstance(t, str) and t.count("{}") == 1 for t in templates), name
+    assert template_set("synthetic") == SYNTHETIC_TEMPLATES
+    assert template_set("short") == SHORT_TEMPLATES and template_set("single") == ("a photo of a {}.",)
+
+
+@pytest.mark.parametrize(
+    "templates,error,message",
+    [
+        ("a {} and {}", ValueError, "'a {} and {}' must have exactly one"),
+        (["a {}", "the {0}"], ValueError, "'the {0}' must have exactly one"),
+        (["{} of {name}"], ValueError, "'{} of {name}' does not format a label (KeyError"),
+        (["a {}", 3], ValueError, "template 3 is not a string"),
+        ([], ValueError, "templates is empty"),
+        (b"a {}", TypeError, "templates must be a preset name"),
+        ("photo", ValueError, "templates must be one of"),
+    ],
+)
+def test_bad_templates_are_named(templates, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        template_set(templates)
 
 
 def test_ensemble_is_mean_of_unit_embeddings_renormalised():
@@ -94,7 +126,7 @@ def reference_embeddings(backbone, labels, templates) -> torch.Tensor:
 
 
 def test_embedder_equals_the_full_tower_ensemble(tiny_model, encoder, tmp_path):
-    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # a label a chunk, calls of 3 and 2 prompts
+    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # chunks of 3, 3 and 1 labels
     got = text(CLASSES, TEMPLATES)
     expected = reference_embeddings(tiny_model.backbone, CLASSES, TEMPLATES)
     assert got.shape == (7, 64) and got.dtype == torch.float32
