@@ -5,8 +5,8 @@ A label's embedding is the mean of its unit prompt embeddings over the templates
 tower on the prompts no cache holds (many templates a call: the eager tower runs the beginning
 that prompts share once and each prompt only up to its end-of-text token, see
 ``ClipBackbone.encode_text``) and keeps the results in memory and on disk
-(:mod:`pacl_fast.text_cache`). :func:`template_set` is what every door (library, CLI, service) calls
-on a user's templates.
+(:mod:`pacl_fast.text_cache`). :func:`template_set` and :func:`validate_labels` are what every door
+(library, CLI, service) calls on a user's templates and labels, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -85,8 +85,25 @@ def template_set(templates: str | Sequence[str]) -> tuple[str, ...]:
     return resolved
 
 
-def validate_labels(labels: Sequence[str]) -> tuple[str, ...]:
-    """Class names as a tuple; empty lists, blank names and duplicates are errors."""
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer() -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's CLIP tokenizer (BPE, lowercasing, whitespace cleaning; ~0.1 s to build, once): what
+    :func:`validate_labels` compares labels with when it is not given a model's own."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def validate_labels(
+    labels: Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+) -> tuple[str, ...]:
+    """Class names as a tuple; empty lists, blank names and duplicates are errors, also labels that the
+    tokenizer makes identical (``Circle`` and ``circle``; ``a  b`` and ``a b``): they would get one
+    embedding and split the pixels between them.
+
+    Needs a tokenizer only, no model, so every door can call it before loading one: ``tokenizer``
+    (texts -> token ids ``[T, L]``, a model's own) or open_clip's CLIP tokenizer (:func:`clip_tokenizer`).
+    """
     if isinstance(labels, str):
         raise TypeError("labels must be a list of class names, not one string (split 'a,b,c' first)")
     labels = tuple(labels)
@@ -101,6 +118,17 @@ def validate_labels(labels: Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"labels has duplicates: {sorted(set(duplicates))}")
     if len(labels) > 32767:
         raise ValueError(f"at most 32767 labels fit int16 label maps, got {len(labels)}")
+    tokens = (tokenizer or clip_tokenizer())(list(labels))  # [C, L]
+    if len(labels) > 1:
+        _, group = torch.unique(tokens, dim=0, return_inverse=True)  # [C]: equal rows, equal group
+        first: dict[int, str] = {}
+        same = [(first[g], label) for label, g in zip(labels, group.tolist()) if first.setdefault(g, label) != label]
+        if same:
+            shown = "; ".join(f"{a!r} and {b!r}" for a, b in same[:5]) + ("; ..." if len(same) > 5 else "")
+            raise ValueError(
+                f"labels has duplicates to the tokenizer, which lowercases and cleans whitespace: {shown} "
+                "are the same text to the model (one embedding, the pixels split between them); keep one of each"
+            )
     return labels
 
 
@@ -247,7 +275,7 @@ class TextEmbedder:
 
     def __call__(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Class names (and a template set name or list) -> unit embeddings ``[C, E]`` float32."""
-        labels = validate_labels(labels)
+        labels = validate_labels(labels, self.tokenize)
         templates = template_set(templates)
         key = templates_key(templates)
         with self._lock:

@@ -22,6 +22,7 @@ from pacl_fast.prompts import (
     IMAGENET_TEMPLATES,
     SHORT_TEMPLATES,
     TextEmbedder,
+    clip_tokenizer,
     ensemble_text_embeddings,
     template_set,
     validate_labels,
@@ -97,6 +98,36 @@ def test_bad_labels(labels, message):
         validate_labels(labels)
 
 
+@pytest.mark.parametrize(
+    "labels,pair",
+    [
+        (["Circle", "square", "circle"], "'Circle' and 'circle'"),  # the tokenizer lowercases
+        (["ice  cream", "cake", "ice cream "], "'ice  cream' and 'ice cream '"),  # and cleans whitespace
+        (["stop sign!", "stop sign !"], "'stop sign!' and 'stop sign !'"),  # punctuation is its own token
+    ],
+)
+def test_labels_the_tokenizer_makes_identical_are_refused_before_any_model(labels, pair):
+    """Such labels would get one embedding and split the pixels between them. Only the tokenizer is
+    needed (no model is built here); both labels are named."""
+    with pytest.raises(ValueError, match=f"duplicates to the tokenizer.*{pair}"):
+        validate_labels(labels)
+    distinct = ("circle", "Circles", "ice cream", "icecream")
+    assert validate_labels(list(distinct)) == distinct
+
+
+def test_the_embedder_checks_labels_with_its_models_tokenizer(tiny_model, encoder, tmp_path):
+    calls = []
+
+    def tokenize(texts):
+        calls.append(list(texts))
+        return clip_tokenizer()(texts)[:, :16]  # the tiny model's context
+
+    text = TextEmbedder(encoder.encode_text, tokenize, "tiny", cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="'Cat' and 'cat'"):
+        text(["Cat", "dog", "cat"], TEMPLATES)
+    assert calls == [["Cat", "dog", "cat"]] and text.encoded_prompts == 0  # refused before any prompt runs
+
+
 # --- TextEmbedder: the template ensemble through the text tower, cached in memory and on disk ---------
 
 CLASSES = ["cat", "traffic light", "sky", "chest of drawers", "grass", "person", "swimming pool"]  # 7: odd
@@ -126,7 +157,7 @@ def reference_embeddings(backbone, labels, templates) -> torch.Tensor:
 
 
 def test_embedder_equals_the_full_tower_ensemble(tiny_model, encoder, tmp_path):
-    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # chunks of 3, 3 and 1 labels
+    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # a label a chunk, calls of 3 and 2 prompts
     got = text(CLASSES, TEMPLATES)
     expected = reference_embeddings(tiny_model.backbone, CLASSES, TEMPLATES)
     assert got.shape == (7, 64) and got.dtype == torch.float32
