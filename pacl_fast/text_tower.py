@@ -300,62 +300,50 @@ class TextPass:
     filled: int  # positions holding a token (the rest, N * S - filled, is padding)
 
 
-def _pack_units(plan: TextPlan, capacity: int) -> tuple[list[tuple[int, int, int, list[int]]], int]:
-    """Units that must share a sequence: ``(length, chain positions, chain or -1, rows)``: a chain's
-    first positions and rows that use them, up to ``capacity`` positions; the sequence length (capacity,
-    or the longest unit when one row alone is longer)."""
+def _layout(plan: TextPlan, capacity: int) -> tuple[int, int, list[tuple[int, int, int, int]], list[int], list[int]]:
+    """Where each position goes, filling sequences of ``capacity`` positions (or a longer prompt's
+    length) in order: each chain's prefix, then the rows that use it; a chain whose rows do not fit
+    goes on in the next sequence with its prefix again (rows sorted by prefix length, longest first,
+    so each repeat is as short as the rows still to place allow).
+
+    Returns the sequence length (the fullest sequence's), the number of sequences, the chain segments
+    ``(flat start, positions, chain, segment number)``, and each row's flat start and chain segment
+    (-1: none). Flat is ``sequence * length + offset``; rows are segments ``0..T-1``, chains after them.
+    """
     prefix, chain = plan.prefix.tolist(), plan.chain.tolist()
     suffix = (plan.index + 1 - plan.prefix).tolist()
-    units, by_chain = [], {}
-    for row, (shared, own) in enumerate(zip(prefix, suffix)):
-        if shared:
-            by_chain.setdefault(chain[row], []).append(row)
-        else:
-            units.append((own, 0, -1, [row]))
+    count = len(prefix)
+    by_chain: dict[int, list[int]] = {}
+    for row in range(count):
+        by_chain.setdefault(chain[row] if prefix[row] else -1 - row, []).append(row)  # unshared: alone
+    capacity = max(capacity, max(p + s for p, s in zip(prefix, suffix)))
+    sequence, used, fullest = -1, capacity, 0
+    segments, place, parent = [], [(0, 0)] * count, [-1] * count  # place: (sequence, offset)
     for number, rows in by_chain.items():
-        rows.sort(key=lambda row: -prefix[row])  # the longest prefixes first: they set each unit's chain length
-        group, width, total = [], 0, 0
+        rows.sort(key=lambda row: -prefix[row])
+        segment = -1  # the chain's segment in the current sequence
         for row in rows:
-            if group and width + total + suffix[row] > capacity:
-                units.append((width + total, width, number, group))
-                group, width, total = [], 0, 0
-            group.append(row)
-            width, total = max(width, prefix[row]), total + suffix[row]
-        units.append((width + total, width, number, group))
-    return units, max(capacity, max(unit[0] for unit in units))
+            if used + suffix[row] + (prefix[row] if segment < 0 else 0) > capacity:
+                sequence, used, segment = sequence + 1, 0, -1
+            if segment < 0 and prefix[row]:
+                segment = count + len(segments)
+                segments.append((sequence, used, prefix[row], number, segment))
+                used += prefix[row]
+            place[row], parent[row] = (sequence, used), segment
+            used += suffix[row]
+            fullest = max(fullest, used)
+    length = fullest  # no sequence needs more (a short call runs short sequences)
+    chain_parts = [(s * length + offset, width, number, segment) for s, offset, width, number, segment in segments]
+    return length, sequence + 1, chain_parts, [s * length + offset for s, offset in place], parent
 
 
 def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -> list[TextPass]:
-    """The passes that run ``plan`` on ``tokens [T, L]``: units (:func:`_pack_units`) placed first-fit
-    by decreasing length into sequences of at most ``length`` (default :data:`PACK_LENGTH`) positions
-    (or the longest unit), cut to the fullest one, at most :data:`PASS_POSITIONS` positions a pass."""
+    """The passes that run ``plan`` on ``tokens [T, L]``: sequences of at most ``length`` (default
+    :data:`PACK_LENGTH`) positions laid out by :func:`_layout`, at most :data:`PASS_POSITIONS`
+    positions a pass."""
     device = tokens.device
-    units, length = _pack_units(plan, length or PACK_LENGTH)
-    units.sort(key=lambda unit: -unit[0])
-    free: list[int] = []  # room left in each sequence
-    placed = []  # (sequence, offset, unit)
-    for unit in units:
-        sequence = next((i for i, room in enumerate(free) if room >= unit[0]), len(free))
-        if sequence == len(free):
-            free.append(length)
-        placed.append((sequence, length - free[sequence], unit))
-        free[sequence] -= unit[0]
-    length -= min(free)  # no sequence needs more (a short call runs short sequences)
-    # Where each row's own positions and each unit's chain positions go (flat, sequence * length + offset).
-    count = tokens.shape[0]
-    row_start = [0] * count
-    row_parent = [-1] * count  # the segment holding its chain: count + unit number
-    chain_parts = []  # (flat start, chain positions, chain, segment)
-    suffix = (plan.index + 1 - plan.prefix).tolist()
-    for number, (sequence, offset, (_, width, chain, rows)) in enumerate(placed):
-        flat = sequence * length + offset
-        if width:
-            chain_parts.append((flat, width, chain, count + number))
-            flat += width
-        for row in rows:
-            row_start[row], row_parent[row] = flat, count + number if width else -1
-            flat += suffix[row]
-    total = len(free) * length
+    length, sequences, chain_parts, row_start, row_parent = _layout(plan, length or PACK_LENGTH)
+    total = sequences * length
     flat_tokens = torch.zeros(total, dtype=tokens.dtype, device=device)
     flat_positions = torch.zeros(total, dtype=torch.long, device=device)
     segment = -2 - torch.arange(total, device=device)  # padding: a segment of its own, sees only itself
@@ -385,7 +373,6 @@ def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -
     parent[where] = torch.tensor(row_parent, device=device)[run]
     limit[where] = plan.prefix[run]
 
-    sequences = len(free)
     per_pass = max(1, _device_value(PASS_POSITIONS, device) // length)
     pooled = starts + own - 1  # [T] flat index of each row's pooled position
     passes = []
