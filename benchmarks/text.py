@@ -3,6 +3,7 @@
     python -m benchmarks.text                      # ViT-B-16, 20 and 150 ADE20K names x CLIP's 80 templates
     python -m benchmarks.text --names 20           # one count
     python -m benchmarks.text --peer-names 150     # time the peer on every prompt (~10 min on 2 cores)
+    python -m benchmarks.text --labels 3 --templates 2 --today-prompts 6   # older spellings, still taken
 
 Paths, all on a random-init open_clip ViT-B-16 (the same weights; random weights cost what
 pretrained ones do), in one run:
@@ -14,11 +15,12 @@ pretrained ones do), in one run:
   and its time per prompt is scaled to each ``--names`` count.
 * ``cold``: ``prompts.TextEmbedder`` through the eager torch encoder in a new Python process that has
   loaded the model and never run its text tower, with an empty disk cache: what a user's first
-  ``segment`` pays (tokenizing, the tower's first calls, writing the entries). Said apart: the same
-  again in that process (another empty cache: first-call costs gone), and with ``text_dtype=bfloat16``.
-* ``warm``: a fresh ``TextEmbedder`` over the filled cache, in that process and in another new one
-  (the key of random weights needs a hash of the text tower's tensors, timed apart: a pretrained tag
-  or a checkpoint file names its weights without it).
+  ``segment`` pays (tokenizing, the tower's first calls, writing the entries, and where those seconds
+  went). Then in that process: the same again (another empty cache: first-call costs gone), and with
+  ``text_dtype=bfloat16`` (an empty cache).
+* ``warm``: a fresh ``TextEmbedder`` over the filled cache, in that process and (largest count) in
+  another new one (the key of random weights needs a hash of the text tower's tensors, timed apart: a
+  pretrained tag or a checkpoint file names its weights without it).
 
 Work is counted first, from the calls the embedder makes: positions the tower runs (ours: each
 shared run of leading tokens once per packed sequence, then each prompt up to its end-of-text token,
@@ -126,33 +128,41 @@ def make_row(
 
 
 def child(args: argparse.Namespace) -> None:
-    """``--child``: a new process: cold (empty cache) and warm timings of one dtype, as JSON on stdout;
-    the cold embeddings go to ``<cache>/embeddings-<names>-<dtype>.safetensors``."""
-    mode, cache, names, dtype = args.child.split(":")
+    """``--child cold:<cache>:<names>:<dtypes>`` in a new process: the first dtype cold (empty cache), then
+    again in this process (another empty cache), the other dtypes in this process (empty caches), and
+    warm over ``<cache>``; ``--child warm:<cache>:<names>:fp32``: warm only. JSON on stdout; each dtype's
+    embeddings go to ``<cache>/embeddings-<names>-<dtype>.safetensors``."""
+    mode, cache, names, dtypes = args.child.split(":")
+    dtypes = dtypes.split(",")
     labels, templates = list(ADE20K_CLASSES[: int(names)]), IMAGENET_TEMPLATES[: args.templates]
     start = time.perf_counter()
     model = load_model(args.arch, args.device)
-    encoder = TorchEncoder(model, text_dtype=DTYPES[dtype])
+    encoders = {dtype: TorchEncoder(model, text_dtype=DTYPES[dtype]) for dtype in dtypes}
     result = {"model_seconds": time.perf_counter() - start}
     start = time.perf_counter()
-    text_model_key(model.backbone, backend=encoder.name, dtype=encoder.text_dtype)  # hashes the random weights
+    for encoder in encoders.values():  # hashes the random weights (once: the digest is kept)
+        text_model_key(model.backbone, backend=encoder.name, dtype=encoder.text_dtype)
     result["key_seconds"] = time.perf_counter() - start
 
-    def timed(folder: str) -> tuple[float, TextEmbedder, torch.Tensor]:
-        text = TextEmbedder.for_model(model.backbone, encoder, cache_dir=folder, progress=False)
+    def timed(folder: str | Path, dtype: str) -> tuple[float, TextEmbedder, torch.Tensor]:
+        text = TextEmbedder.for_model(model.backbone, encoders[dtype], cache_dir=folder, progress=False)
         start = time.perf_counter()
         embeddings = text(labels, templates)
         return time.perf_counter() - start, text, embeddings
 
     if mode == "cold":
-        result["cold_seconds"], text, embeddings = timed(cache)
-        result["cold_parts"], result["cold_encoded"] = text.seconds, text.encoded_prompts
-        save_file({"embeddings": embeddings.contiguous()}, str(Path(cache) / f"embeddings-{names}-{dtype}.safetensors"))
-        with tempfile.TemporaryDirectory(prefix="pacl-text-again-") as again:
-            result["again_seconds"], text, _ = timed(again)
-            result["again_parts"] = text.seconds
-    result["warm_seconds"], text, _ = timed(cache)
-    result["warm_encoded"] = text.encoded_prompts
+        for number, dtype in enumerate(dtypes):
+            folder = Path(cache) / dtype
+            seconds, text, embeddings = timed(folder, dtype)
+            result[dtype] = {"seconds": seconds, "parts": text.seconds, "encoded": text.encoded_prompts}
+            save_file(
+                {"embeddings": embeddings.contiguous()}, str(Path(cache) / f"embeddings-{names}-{dtype}.safetensors")
+            )
+            if number == 0:
+                with tempfile.TemporaryDirectory(prefix="pacl-text-again-") as again:
+                    result["again_seconds"] = timed(again, dtype)[0]
+    seconds, text, _ = timed(Path(cache) / dtypes[0], dtypes[0])
+    result["warm_seconds"], result["warm_encoded"] = seconds, text.encoded_prompts
     print(json.dumps(result))
 
 
@@ -177,13 +187,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/text_cpu.json"))
+    old = parser.add_argument_group("older spellings (scripts such as benchmarks/gpu_check.sh may pass them)")
+    old.add_argument("--labels", type=int, default=None, help="--names N")
+    old.add_argument("--today-prompts", type=int, default=None, help="the peer on this many prompts, in whole names")
+    old.add_argument("--today-full", action="store_true", help="the peer on every name of --names")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.labels is not None:
+        args.names = str(args.labels)
+    if args.today_prompts is not None:
+        args.peer_names = max(1, -(-args.today_prompts // max(1, args.templates)))
     try:
         counts = sorted({int(count) for count in args.names.split(",")})
     except ValueError:
         parser.error(f"--names must be comma-separated counts, got {args.names!r}")
     most = len(ADE20K_CLASSES)
+    if args.today_full:
+        args.peer_names = max(counts)
     if not all(1 <= count <= most for count in counts) or not 1 <= args.peer_names <= most:
         parser.error(f"--names and --peer-names must be 1..{most}")
     if not 1 <= args.templates <= len(IMAGENET_TEMPLATES):
@@ -240,15 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="pacl-text-bench-") as folder:
         for count in counts:
+            cache = Path(folder) / str(count)
+            cache.mkdir()
+            results[count] = run_child(args, f"cold:{cache}:{count}:{','.join(dtypes)}")
             for dtype in dtypes:
-                cache = Path(folder) / f"{count}-{dtype}"
-                cache.mkdir()
-                results[count, dtype] = run_child(args, f"cold:{cache}:{count}:{dtype}")
-                results[count, dtype]["embeddings"] = load_file(cache / f"embeddings-{count}-{dtype}.safetensors")[
-                    "embeddings"
-                ]
-            cache = Path(folder) / f"{count}-fp32"
-            results[count, "warm"] = run_child(args, f"warm:{cache}:{count}:fp32")
+                stored = load_file(cache / f"embeddings-{count}-{dtype}.safetensors")
+                results[count][dtype]["embeddings"] = stored["embeddings"]
+        results["warm"] = run_child(args, f"warm:{Path(folder) / str(counts[-1])}:{counts[-1]}:fp32")
     second_seconds, second = peer(peer_labels[half:]) if args.peer_names > half else (0.0, first[:0])
     peer_embeddings = torch.cat([first, second])  # [peer names, E]
     per_prompt = (first_seconds + second_seconds) / (args.peer_names * len(templates))
@@ -265,26 +283,28 @@ def main(argv: list[str] | None = None) -> dict:
 
         scaled = "" if count == args.peer_names else f"timed on {args.peer_names} names, scaled"
         rows.append(row("peer: open_clip fp32, 77 tokens", peer_seconds, numbers["peer_flops"], "fp32", 1.0, scaled))
-        for dtype in dtypes:
-            result = results[count, dtype]
-            assert result["cold_encoded"] == numbers["prompts"], result
-            parts = result["cold_parts"]
-            other = result["cold_seconds"] - sum(parts.values())
+        result = results[count]
+        for number, dtype in enumerate(dtypes):
+            assert result[dtype]["encoded"] == numbers["prompts"], result
+            parts = result[dtype]["parts"]
+            other = result[dtype]["seconds"] - sum(parts.values())
             note = (
                 f"tokenize {parts['tokenize']:.2f} s, tower {parts['encode']:.2f} s, "
                 f"cache {parts['cache_write']:.2f} s, other {other:.2f} s"
             )
-            cos = cosine(result["embeddings"])
-            rows.append(
-                row(f"cold: new process, {dtype} text", result["cold_seconds"], numbers["flops"], dtype, cos, note)
-            )
-            path = f"cold again: same process, {dtype} text"
-            rows.append(row(path, result["again_seconds"], numbers["flops"], dtype, cos, "first-call costs gone"))
-        warm = results[count, "warm"]
-        assert warm["warm_encoded"] == 0 and results[count, "fp32"]["warm_encoded"] == 0, "a warm run missed the cache"
-        rows.append(row("warm: fresh TextEmbedder", results[count, "fp32"]["warm_seconds"], 0.0, "fp32", None, ""))
-        note = f"+ {warm['key_seconds']:.2f} s hashing random weights, + {warm['model_seconds']:.1f} s model"
-        rows.append(row("warm: new process", warm["warm_seconds"], 0.0, "fp32", None, note))
+            cos = cosine(result[dtype]["embeddings"])
+            path = f"cold: new process, {dtype} text" if number == 0 else f"cold: same process, {dtype} text"
+            rows.append(row(path, result[dtype]["seconds"], numbers["flops"], dtype, cos, note))
+            if number == 0:
+                path = f"cold again: same process, {dtype} text"
+                rows.append(row(path, result["again_seconds"], numbers["flops"], dtype, cos, "first-call costs gone"))
+        assert result["warm_encoded"] == 0, "a warm run missed the cache"
+        rows.append(row("warm: fresh TextEmbedder", result["warm_seconds"], 0.0, "fp32", None, "same process"))
+        if count == counts[-1]:
+            warm = results["warm"]
+            assert warm["warm_encoded"] == 0, "a warm run missed the cache"
+            note = f"+ {warm['key_seconds']:.2f} s hashing random weights, + {warm['model_seconds']:.1f} s model"
+            rows.append(row("warm: new process", warm["warm_seconds"], 0.0, "fp32", None, note))
 
     summary = {
         "machine": machine,
