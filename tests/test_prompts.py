@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
@@ -455,3 +456,40 @@ def test_evict_walks_the_cache_only_when_its_known_size_passes_the_cap(tmp_path)
     for i in range(10_000 // entry + 1):  # this process alone passes the cap: the next evict walks
         cache.store("m", "t", f"label {i}", unit)
     assert cache.evict() >= 1 and not outsider.exists() and cache.size() <= cache.max_bytes
+
+
+def test_a_new_process_trusts_the_size_hint_instead_of_walking_the_cache(tmp_path):
+    """Walking the cache to learn its size (a stat per entry, seconds for a large cache) was the first
+    evict() of every process that computed a label. The last walk's total, with what was stored since,
+    is kept in size.json: a new process walks only when that passes the cap, or the walk is a day old,
+    or the hint is not a hint (garbage, a FIFO: read without blocking)."""
+    from pacl_fast.text_cache import SIZE_HINT, WALK_EVERY_SECONDS
+
+    unit = F.normalize(torch.randn(64), dim=0)
+    first = TextCache(tmp_path, max_bytes=10_000)
+    first.store("m", "t", "a", unit)
+    assert first.evict() == 0  # no hint yet: a walk, which writes one
+    entry = first.path("m", "t", "a").stat().st_size
+    first.store("m", "t", "b", unit)
+    assert first.evict() == 0
+    hint = json.loads((tmp_path / SIZE_HINT).read_text())
+    assert hint["bytes"] == 2 * entry  # the walk's entry, then this process's second store
+
+    outsider = first.path("m", "t", "outsider")  # written behind every process's back: seen by a walk only
+    outsider.write_bytes(first.path("m", "t", "a").read_bytes() * (10_000 // entry))
+    os.utime(outsider, (1, 1))  # the oldest
+    second = TextCache(tmp_path, max_bytes=10_000)
+    second.store("m", "t", "c", unit)
+    assert second.evict() == 0 and outsider.exists()  # trusted the hint: no walk
+    assert json.loads((tmp_path / SIZE_HINT).read_text())["bytes"] == 3 * entry
+
+    for broken in (b"{garbage", json.dumps({"bytes": 10, "walked": time.time() - WALK_EVERY_SECONDS - 1}).encode()):
+        (tmp_path / SIZE_HINT).write_bytes(broken)
+        assert TextCache(tmp_path, max_bytes=10_000).evict() == 1 and not outsider.exists()  # walked
+        outsider.write_bytes(first.path("m", "t", "a").read_bytes() * (10_000 // entry))
+        os.utime(outsider, (1, 1))
+    (tmp_path / SIZE_HINT).unlink()
+    os.mkfifo(tmp_path / SIZE_HINT)
+    with deadline(30):
+        assert TextCache(tmp_path, max_bytes=10_000).evict() == 1 and not outsider.exists()
+    assert (tmp_path / SIZE_HINT).is_file()  # the walk's total replaced the FIFO
