@@ -1,9 +1,10 @@
 """The text tower exactly as open_clip computes it, at any length.
 
 CLIP's text transformer is causal and pools at the end-of-text token, so the tokens after a prompt's
-end change nothing it outputs: each prompt can run only up to its end (:func:`encode_text_eager`),
-in passes by length, with the prefix every prompt shares run once. Which towers allow it is decided
-from the model's own modules and config (:func:`truncation_problem`); the others keep the full length.
+end change nothing it outputs, and prompts that begin alike compute the same thing there: each
+prompt can run only up to its end, the beginnings prompts share once, packed into long sequences
+under an exact mask (:func:`encode_text_eager`). Which towers allow it is decided from the model's
+own modules and config (:func:`truncation_problem`); the others keep the full length.
 :class:`pacl_fast.backbone.ClipBackbone` is the interface; this module is its text-side machinery.
 """
 
