@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
@@ -230,13 +231,17 @@ def _plain_blocks(parts: TextParts) -> bool:
 
 @dataclass(frozen=True)
 class TextPlan:
-    """Which positions of token ids ``[T, L]`` run: each shared chain once, then each row's rest."""
+    """Which positions of token ids ``[T, L]`` run: each shared chain once, then each row's rest.
 
-    index: torch.Tensor  # [T] pooled position of each row
-    prefix: torch.Tensor  # [T] leading positions each row takes from its chain (0: none)
-    chain: torch.Tensor  # [T] the chain of each row (meaningful where prefix > 0)
-    chain_tokens: torch.Tensor  # [C, l] the chains' tokens (each valid up to its length)
-    chain_lengths: torch.Tensor  # [C]
+    Bookkeeping of a few thousand integers, kept in NumPy on the host: torch would enter an OpenMP
+    region for each small op, and on a busy machine every one of them waits for the other threads
+    (measured: plan and packing ~10 ms with idle threads sleeping, ~100 ms with them spinning)."""
+
+    index: np.ndarray  # [T] pooled position of each row
+    prefix: np.ndarray  # [T] leading positions each row takes from its chain (0: none)
+    chain: np.ndarray  # [T] the chain of each row (meaningful where prefix > 0)
+    chain_tokens: np.ndarray  # [C, l] the chains' tokens (each valid up to its length)
+    chain_lengths: np.ndarray  # [C]
 
     @property
     def positions(self) -> int:
@@ -244,21 +249,22 @@ class TextPlan:
         return int(self.chain_lengths.sum()) + int((self.index + 1 - self.prefix).sum())
 
 
-def _shared_prefixes(tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _shared_prefixes(tokens: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """How many leading tokens of each row at least one other row shares ``[T]`` (stopping before the
     pooled position), and the rows' trie node ids at each of those depths (``[T]`` per depth: equal
     ids at a depth mean equal tokens up to it)."""
     rows = tokens.shape[0]
-    ids = torch.zeros(rows, dtype=torch.long, device=tokens.device)
-    prefix = torch.zeros(rows, dtype=torch.long, device=tokens.device)
-    alive = torch.ones(rows, dtype=torch.bool, device=tokens.device)
-    shifted = tokens.long() - tokens.min()  # >= 0, so (node, token) pairs map to distinct integers
+    ids = np.zeros(rows, dtype=np.int64)
+    prefix = np.zeros(rows, dtype=np.int64)
+    alive = np.ones(rows, dtype=bool)
+    shifted = tokens - tokens.min()  # >= 0, so (node, token) pairs map to distinct integers
     span = int(shifted.max()) + 1
     nodes = []
     for depth in range(int(index.max())):
-        _, ids, counts = torch.unique(ids * span + shifted[:, depth], return_inverse=True, return_counts=True)
+        _, ids, counts = np.unique(ids * span + shifted[:, depth], return_inverse=True, return_counts=True)
+        ids = ids.reshape(rows)
         alive &= (counts[ids] >= 2) & (index > depth)
-        if not bool(alive.any()):
+        if not alive.any():
             break
         nodes.append(ids)
         prefix += alive
@@ -268,22 +274,22 @@ def _shared_prefixes(tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.T
 def plan_text(tokens: torch.Tensor, index: torch.Tensor) -> TextPlan:
     """The plan for token ids ``[T, L]`` pooled at ``index [T]``: each row's shared prefix comes from
     the longest chain (maximal shared run of leading tokens) through it."""
+    tokens, index = tokens.cpu().numpy().astype(np.int64), index.cpu().numpy().astype(np.int64)
     rows = tokens.shape[0]
-    device = tokens.device
-    prefix, nodes = _shared_prefixes(tokens, index) if rows > 1 else (torch.zeros_like(index), [])
+    prefix, nodes = _shared_prefixes(tokens, index) if rows > 1 else (np.zeros_like(index), [])
     # Each row's chain: the row with the longest shared run through the node where its own prefix ends.
-    source = torch.arange(rows, device=device)
+    source = np.arange(rows)
     score = prefix * rows + source  # the longest run first, then the highest row: one choice per node
     for depth, ids in enumerate(nodes):
         through = prefix > depth
-        best = torch.full((rows,), -1, dtype=torch.long, device=device)
-        best.scatter_reduce_(0, ids[through], score[through], "amax")
+        best = np.full(rows, -1, dtype=np.int64)
+        np.maximum.at(best, ids[through], score[through])
         ending = prefix == depth + 1
         source[ending] = best[ids[ending]] % rows
     sharing = prefix > 0
-    chain_rows, chain = torch.unique(source[sharing], return_inverse=True)
-    chain_of = torch.zeros(rows, dtype=torch.long, device=device)
-    chain_of[sharing] = chain
+    chain_rows, chain = np.unique(source[sharing], return_inverse=True)
+    chain_of = np.zeros(rows, dtype=np.int64)
+    chain_of[sharing] = chain.reshape(-1)
     lengths = prefix[chain_rows]
     width = int(lengths.max()) if len(lengths) else 0
     return TextPlan(index, prefix, chain_of, tokens[chain_rows, :width], lengths)
@@ -338,6 +344,13 @@ def _layout(plan: TextPlan, capacity: int) -> tuple[int, int, list[tuple[int, in
     return length, sequence + 1, chain_parts, [s * length + offset for s, offset in place], parent
 
 
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of ``lengths`` positions from flat ``starts``: ``(flat index, run number, offset in run)`` of each."""
+    run = np.repeat(np.arange(len(lengths)), lengths)
+    offset = np.arange(len(run)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return starts[run] + offset, run, offset
+
+
 def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -> list[TextPass]:
     """The passes that run ``plan`` on ``tokens [T, L]``: sequences of at most ``length`` (default
     :data:`PACK_LENGTH`) positions laid out by :func:`_layout`, at most :data:`PASS_POSITIONS`
@@ -345,47 +358,46 @@ def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -
     device = tokens.device
     length, sequences, chain_parts, row_start, row_parent = _layout(plan, length or PACK_LENGTH)
     total = sequences * length
-    flat_tokens = torch.zeros(total, dtype=tokens.dtype, device=device)
-    flat_positions = torch.zeros(total, dtype=torch.long, device=device)
-    segment = -2 - torch.arange(total, device=device)  # padding: a segment of its own, sees only itself
-    parent = torch.full((total,), -1, dtype=torch.long, device=device)
-    limit = torch.zeros(total, dtype=torch.long, device=device)
-
-    def fill(starts: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Write runs of ``lengths`` tokens from ``source [n, l]`` (columns ``first..``) at flat ``starts``;
-        returns ``(flat indices, run number)`` of every written position as a [2, m] tensor."""
-        span = torch.arange(int(lengths.max()), device=device)
-        valid = span < lengths[:, None]  # [n, w]
-        where = (starts[:, None] + span)[valid]
-        columns = (first[:, None] + span)[valid]
-        run = torch.arange(len(starts), device=device)[:, None].expand_as(valid)[valid]
-        flat_tokens[where] = source[run, columns]
-        flat_positions[where] = columns
-        return torch.stack([where, run])
-
+    flat_tokens = np.zeros(total, dtype=np.int64)
+    flat_positions = np.zeros(total, dtype=np.int64)
+    segment = -2 - np.arange(total)  # padding: a segment of its own, sees only itself
+    parent = np.full(total, -1, dtype=np.int64)
+    limit = np.zeros(total, dtype=np.int64)
     if chain_parts:
-        starts, widths, chains, segments = (torch.tensor(c, device=device) for c in zip(*chain_parts))
-        where, run = fill(starts, widths, torch.zeros_like(widths), plan.chain_tokens[chains])
+        starts, widths, chains, segments = (np.array(column, dtype=np.int64) for column in zip(*chain_parts))
+        where, run, offset = _runs(starts, widths)
+        flat_tokens[where] = plan.chain_tokens[chains[run], offset]
+        flat_positions[where] = offset
         segment[where] = segments[run]
-    starts = torch.tensor(row_start, device=device)
-    own = plan.index + 1 - plan.prefix
-    where, run = fill(starts, own, plan.prefix, tokens)
+    own = plan.index + 1 - plan.prefix  # [T]
+    where, run, offset = _runs(np.array(row_start, dtype=np.int64), own)
+    columns = plan.prefix[run] + offset
+    flat_tokens[where] = tokens.cpu().numpy()[run, columns]
+    flat_positions[where] = columns
     segment[where] = run
-    parent[where] = torch.tensor(row_parent, device=device)[run]
+    parent[where] = np.array(row_parent, dtype=np.int64)[run]
     limit[where] = plan.prefix[run]
+    pooled = np.array(row_start, dtype=np.int64) + own - 1  # [T] flat index of each row's pooled position
 
     per_pass = max(1, _device_value(PASS_POSITIONS, device) // length)
-    pooled = starts + own - 1  # [T] flat index of each row's pooled position
     passes = []
     for first in range(0, sequences, per_pass):
         n = min(per_pass, sequences - first)
         cut = slice(first * length, (first + n) * length)
-        seg, par, lim, pos = (t[cut].view(n, length) for t in (segment, parent, limit, flat_positions))
+        seg, par, lim, pos = (t[cut].reshape(n, length) for t in (segment, parent, limit, flat_positions))
         mask = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])  # own, causal
         mask |= (par[:, :, None] == seg[:, None, :]) & (pos[:, None, :] < lim[:, :, None])  # the chain's prefix
-        rows = ((pooled >= cut.start) & (pooled < cut.stop)).nonzero().flatten()
-        tokens_in = flat_tokens[cut].view(n, length)
-        passes.append(TextPass(tokens_in, pos, mask[:, None], pooled[rows] - cut.start, rows, int((seg >= 0).sum())))
+        rows = np.flatnonzero((pooled >= cut.start) & (pooled < cut.stop))
+        passes.append(
+            TextPass(
+                torch.from_numpy(flat_tokens[cut].reshape(n, length)).to(device),
+                torch.from_numpy(pos).to(device),
+                torch.from_numpy(mask[:, None]).to(device),
+                torch.from_numpy(pooled[rows] - cut.start).to(device),
+                torch.from_numpy(rows).to(device),
+                int((segment[cut] >= 0).sum()),
+            )
+        )
     return passes
 
 
