@@ -451,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     from pacl_fast.backbone import RandomWeightsWarning
     from pacl_fast.data.synthetic import CLASS_NAMES, WorldConfig, render_scene
     from pacl_fast.segmenter import Segmenter
-    from pacl_fast.serve.jobs import template_set
 
     args.labels = list(CLASS_NAMES)
     print(f"machine: {machine_line(torch.device(args.device))}")
@@ -474,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             expected = [
                 reference.predict(
-                    Image.open(io.BytesIO(body)), args.labels, templates=template_set(model.templates)
+                    Image.open(io.BytesIO(body)), args.labels, templates=model.templates
                 ).labels
                 for body in bodies
             ]
