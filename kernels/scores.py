@@ -48,7 +48,7 @@ import torch
 
 from kernels import cells, fine_grid
 
-# Elements of a float32 evaluation chunk ([rows, segments, depth, C] or [K, blocks, dy, dx]): 4 MiB.
+# Elements of a float32 evaluation chunk ([rows, segments, depth, C] or [K, dy, dx, blocks]): 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
 # Elements of a band's refined grid ([rows, refined columns, C + 1] float32): 4 MiB.
 BAND_ELEMENTS = 1 << 20
@@ -306,10 +306,7 @@ def _evaluate_sparse(work: _Band, keep: torch.Tensor, count: torch.Tensor) -> No
     sizes = torch.bincount(group, minlength=len(_GROUP_SLOTS)).tolist()
     flat_grid = grid.view(-1)
     step_x, step_y = col_cells.upper * padded, row_cells.upper * fine_w * padded
-    descending = torch.arange(widest, 0, -1, dtype=torch.float32, device=grid.device)[:, None, None, None]
-    largest = max(CHUNK_ELEMENTS, depth_y * depth_x * widest)
-    buffer = _workspace.buffer(2 * largest, grid.device)  # kept between calls: no page faults
-    scratch, evaluated = buffer[:largest], buffer[largest:]
+    evaluated = _workspace.buffer(max(CHUNK_ELEMENTS, depth_y * depth_x * widest), grid.device)  # no page faults
     first = 0
     for group_id, size in enumerate(sizes):
         blocks, first = order[first : first + size], first + size
@@ -333,13 +330,7 @@ def _evaluate_sparse(work: _Band, keep: torch.Tensor, count: torch.Tensor) -> No
             weight_y = row_cells.weight.index_select(0, rs).T.contiguous()[None, :, None]  # [1, dy, 1, q]
             exponent = evaluated[: k * depth_y * depth_x * chunk.numel()].view(k, depth_y, depth_x, -1)
             torch.lerp(top, bottom, weight_y, out=exponent)  # [k, dy, dx, q]
-            peak = exponent.amax(dim=0)  # [dy, dx, q]
-            # The first slot at the peak (slots ascend by class: the lowest class wins ties): flag the
-            # maxima, weight them k, k-1, ..., 1 and take the largest (max with indices over dim 0 is
-            # not vectorised on CPUs: 7x slower than this).
-            flags = scratch[: exponent.numel()].view(exponent.shape)
-            first_max = torch.ge(exponent, peak, out=flags).mul_(descending[-k:]).amax(dim=0)
-            slot = (k - first_max).long()  # [dy, dx, q]
+            peak, slot = exponent.max(dim=0)  # [dy, dx, q]: the first maximal slot (classes ascend)
             label = block_classes.gather(0, slot.view(-1, slot.shape[-1])).view(slot.shape)
             if bool(peak.min() < UNDERFLOW):
                 exponent.sub_(peak)
