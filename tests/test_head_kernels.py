@@ -8,7 +8,9 @@ Which path each test proves:
   (``TRITON_INTERPRET=1``, set by ``conftest.py`` before triton is imported). The kernel reads
   the logits as float32 whatever their dtype, so the fp16/bf16 cases prove the same code as on a
   GPU; what the interpreter cannot prove (compilation, the GPU's float rounding) is covered by the
-  ``gpu``-marked tests at the end, which ``benchmarks/gpu_check.sh`` runs on CUDA.
+  ``gpu``-marked tests at the end, which ``benchmarks/gpu_check.sh`` runs on CUDA. The interpreter runs
+  each program in Python, so its costliest cases are smaller versions of the CPU paths' (``INTERPRETER_SHAPES``:
+  the same classes, dtypes, batches, extents, scales and thresholds on fewer grid points).
 
 With scores, the tiled path is ``kernels/scores.py``: a dense evaluation (every class) where cells
 keep most classes, blocks of gathered classes elsewhere; ``test_both_score_paths_*`` force each.
@@ -180,9 +182,30 @@ CASES = [
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def case_arguments(index: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
+# The interpreter's versions of the cases whose grids cost it most (5-25 s each at full size): the same
+# batch, classes and kind (and, by index, dtype, extent, scale and threshold) on 3-6 grid points a side,
+# outputs at non-integer scales again. The CPU paths and CUDA run every case at full size.
+INTERPRETER_SHAPES = {
+    7: (2, 4, 6, 150, 17, 13, "scene"),
+    8: (1, 4, 6, 21, 22, 37, "scene"),
+    11: (2, 5, 3, 33, 9, 43, "scene"),
+    13: (1, 5, 6, 5, 13, 15, "scene"),
+    16: (1, 6, 4, 171, 13, 9, "scene"),
+    18: (2, 4, 4, 1, 15, 15, "scene"),
+    20: (1, 5, 6, 250, 21, 14, "scene"),
+}
+
+
+def case_shape(index: int, backend: str = "tiled") -> tuple:
+    """``CASES[index]``, or its smaller version for the Triton interpreter."""
+    if backend == "triton" and interpreting is not None and interpreting():
+        return INTERPRETER_SHAPES.get(index, CASES[index])
+    return CASES[index]
+
+
+def case_arguments(index: int, backend: str = "tiled") -> tuple[torch.Tensor, tuple[int, int], dict]:
     """Logits and head arguments of case ``index``: dtype, crop extent, scale and background vary."""
-    batch, h, w, classes, height, width, kind = CASES[index]
+    batch, h, w, classes, height, width, kind = case_shape(index, backend)
     generator = torch.Generator().manual_seed(1000 + index)
     logits = make_logits(generator, batch, h, w, classes, kind, DTYPES[index % 3])
     extent = None
@@ -208,7 +231,7 @@ def run_segment(backend: str, logits: torch.Tensor, out_size: tuple[int, int], *
 @pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
 def test_segment_matches_reference(backend, index):
-    logits, out_size, kwargs = case_arguments(index)
+    logits, out_size, kwargs = case_arguments(index, backend)
     labels, scores = run_segment(backend, logits, out_size, **kwargs)
     assert_matches_reference(labels, scores, logits, out_size, **kwargs)
 
@@ -229,7 +252,7 @@ def run_labels_only(backend: str, logits: torch.Tensor, out_size: tuple[int, int
 def test_labels_only_matches_reference(backend, index, kind):
     """Labels without scores: the same labels as the reference's upsample + argmax, on scene-like
     logits and on structureless ones (where the score bound keeps almost every class)."""
-    logits, out_size, kwargs = case_arguments(index)
+    logits, out_size, kwargs = case_arguments(index, backend)
     if kind == "random":
         generator = torch.Generator().manual_seed(2000 + index)
         logits = (torch.randn(logits.shape, generator=generator) * 0.04).to(logits.dtype)
@@ -289,19 +312,19 @@ def test_photo_sized_outputs(backend, grid):
 
 @pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
 def test_many_bands_match_one_band(backend, monkeypatch):
-    """Bands of cell rows are an implementation detail: a budget forcing 3-4 rows per band gives
+    """Bands of cell rows are an implementation detail: a budget forcing 2-5 rows per band gives
     the same labels as one band (with and without scores) and the same scores to rounding."""
     import kernels.scores
     import kernels.upsample_argmax
 
-    logits, out_size, kwargs = case_arguments(16)  # 13 x 9 grid, 171 classes
+    logits, out_size, kwargs = case_arguments(16, backend)  # 13 x 9 grid (interpreter: 6 x 4), 171 classes
     one_band = run_segment(backend, logits, out_size, **kwargs)
     labels_only = run_labels_only(backend, logits, out_size, grid_extent=kwargs["grid_extent"])
     if backend == "tiled":  # 3 rows of refined cells a band (17 refined columns), chunks of 2-3 blocks
         monkeypatch.setattr(kernels.scores, "BAND_ELEMENTS", 3 * 17 * 172)
         monkeypatch.setattr(kernels.scores, "CHUNK_ELEMENTS", 3 * 7 * 172)
-    else:
-        monkeypatch.setattr(kernels.upsample_argmax, "PRUNE_ELEMENTS", 4 * 9 * 171 * 4)  # 4 rows per band at most
+    else:  # 2 rows of refined cells a band with scores (7 refined columns), 3 grid rows without
+        monkeypatch.setattr(kernels.upsample_argmax, "PRUNE_ELEMENTS", 2 * 4 * 7 * 171)
     banded = run_segment(backend, logits, out_size, **kwargs)
     assert torch.equal(banded[0], one_band[0])
     # Bands group pixels differently, so a score's sum runs over differently padded slots: ulps.
