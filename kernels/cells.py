@@ -26,6 +26,7 @@ Everything here works on grid-sized tensors (``[B, rows, w, C]``), never on outp
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -69,7 +70,15 @@ def axis_sampling(grid_size: int, out_size: int, extent: float, device: torch.de
     ``max(ratio * (i + 0.5) - 0.5, 0)`` with ``ratio = float32(1 / scale)``, ``scale = out_size / extent``,
     clamped to the last grid index; an axis whose output size equals the grid size is copied
     (ATen's shortcut, which ignores the scale). ``index1`` is ``index0 + 1`` except at the last index.
+
+    The same sizes return the same object (the last 64 kept; reading them costs ~1 ms an axis): its
+    tensors are shared, never to be written to.
     """
+    return _axis_sampling(int(grid_size), int(out_size), float(extent), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_sampling(grid_size: int, out_size: int, extent: float, device: torch.device) -> AxisSampling:
     index0, lambda1 = sampling_positions(grid_size, out_size, extent)
     index0, lambda1 = index0.to(device), lambda1.to(device)
     index1 = index0 + (index0 < grid_size - 1).long()

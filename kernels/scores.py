@@ -19,6 +19,14 @@ lo``, so ``b_win >= 1``) and ``Z - D >= 1``; nor is any class that can win a pix
 are exact. (Float32 rounding of ``X``, ~1e-6 of an exponent, moves the bounds by ``exp(1e-6)``.)
 At scale 100 and ``tolerance`` 1e-7 a cell of a scene keeps ~30 of 150 classes.
 
+**The native kernel** (``kernels/native.py``, where a C compiler builds it: what the CPU head runs):
+every block of pixels of one refined cell in vector lanes, its kept classes broadcast one at a time
+(every class where the cells of a band keep ``NATIVE_DENSE_FRACTION`` of them), the largest value,
+its first class and the sum of exps in one pass (``kernels/_native_source.py``). The eager
+evaluations below are its fallback; per (pixel, class) they cost one pass over memory per step, the
+kernel about 0.4 ns for all of them together (``kernels/native.py``). Labels alone
+(:func:`segment_labels`) run it on the grid itself, each cell keeping the classes that can win there.
+
 **Dense bands** (cells keep most classes: structureless logits, where at scale 100 nearly every
 class is within ``exp(-20)`` of the winner; or blocks of a few pixels, where gathering a cell's
 classes costs more than evaluating all of them): every class at every pixel, no gathers. Each output
@@ -42,11 +50,12 @@ below ``UNDERFLOW`` (huge logit scales or slopes), each pixel's largest exponent
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from kernels import cells, fine_grid
+from kernels import cells, fine_grid, native
 
 # Elements of a float32 evaluation chunk ([rows, segments, depth, C] or [K, dy, dx, blocks]): 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -57,6 +66,8 @@ BAND_ELEMENTS = 1 << 20
 # the classes its cells keep (a gathered corner value cost ~4 evaluated ones: 4 corners, 16).
 DENSE_FRACTION = 0.8
 GATHER_COST = 16.0
+# The native kernel evaluates every class (contiguous loads, no list) where cells keep this share of them.
+NATIVE_DENSE_FRACTION = 0.9
 # Lowest exponent exp() is given (exp(-87) ~ 1.6e-38: float32's smallest normal numbers are near it).
 FLOOR = -87.0
 # A band whose winners may fall below this exponent subtracts each pixel's largest first.
@@ -74,6 +85,7 @@ def segment_with_scores(
     logit_scale: float,
     tolerance: float,
     tally: list[int] | None = None,
+    kernel: native.NativeKernel | None = None,
 ) -> None:
     """Write each pixel's label (the argmax) and score (its softmax probability) into ``labels``
     ``[B, H, W]`` (int16) and ``scores`` ``[B, H, W]`` (float32), both contiguous.
@@ -84,16 +96,19 @@ def segment_with_scores(
         tolerance: the most the pruning may change a score (module docstring).
         tally: if given (``[0, 0]``), gets the (pixel, class) evaluations (padding included) and the
             pixels evaluated (padding included) added.
+        kernel: evaluate with this native kernel (``kernels.native``); None: eager torch.
 
-    Works along the output rows, or along the columns (the transposed problem) when the image is
-    taller than wide relative to the grid; on one intra-op thread (``cells.one_intra_op_thread``).
+    Eager torch works along the output rows, or along the columns (the transposed problem) when the
+    image is taller than wide relative to the grid; on one intra-op thread (``cells.one_intra_op_thread``).
     """
     if not (0 < tolerance < 1):
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
     _, grid_h, grid_w, _ = values.shape
     height, width = labels.shape[1:]
     with cells.one_intra_op_thread(values.device):
-        if width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
+        if kernel is not None:
+            _segment_native(kernel, values, rows, cols, labels, scores, logit_scale, tolerance, fine_grid.REFINE, tally)
+        elif width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
             shape = (labels.shape[0], width, height)
             out_labels, out_scores = labels.new_empty(shape), scores.new_empty(shape)
             _segment_rows(values.transpose(1, 2), cols, rows, out_labels, out_scores, logit_scale, tolerance, tally)
@@ -101,6 +116,25 @@ def segment_with_scores(
             scores.copy_(out_scores.transpose(1, 2))
         else:
             _segment_rows(values, rows, cols, labels, scores, logit_scale, tolerance, tally)
+
+
+def segment_labels(
+    kernel: native.NativeKernel,
+    values: torch.Tensor,
+    rows: cells.AxisSampling,
+    cols: cells.AxisSampling,
+    labels: torch.Tensor,
+    tally: list[int] | None = None,
+) -> None:
+    """Labels only (upsample + argmax, the lowest class on ties) with the native kernel, into ``labels``
+    ``[B, H, W]`` int16; ``values`` ``[B, h, w, C]`` float32 as in :func:`segment_with_scores`.
+
+    On the grid itself (not refined), each point shifted by its largest class (the argmax ignores
+    it), every cell evaluating only the classes that can win in it (``max_k X[c, k] >= max_c' min_k
+    X[c', k]``). The eager path for labels only is ``kernels.separable``.
+    """
+    with cells.one_intra_op_thread(values.device):
+        _segment_native(kernel, values, rows, cols, labels, None, 1.0, None, 1, tally)
 
 
 def workspace_bytes() -> int:
@@ -135,6 +169,26 @@ class _AxisCells:
     cells: int
 
 
+_REFINED_CELLS: dict[tuple[int, int, int], tuple[cells.AxisSampling, _AxisCells]] = {}
+_REFINED_CELLS_LOCK = threading.Lock()
+
+
+def _refined_cells(axis: cells.AxisSampling, grid_size: int, factor: int) -> _AxisCells:
+    """``_axis_cells`` of ``axis`` refined ``factor`` times, kept for the same ``axis`` object (what
+    ``cells.axis_sampling`` returns for the same sizes): an image size seen before costs nothing."""
+    key = (id(axis), grid_size, factor)
+    with _REFINED_CELLS_LOCK:
+        found = _REFINED_CELLS.get(key)
+    if found is not None and found[0] is axis:
+        return found[1]
+    grouped = _axis_cells(fine_grid.refine_sampling(axis, grid_size, factor), fine_grid.refined_size(grid_size, factor))
+    with _REFINED_CELLS_LOCK:
+        if len(_REFINED_CELLS) >= 64:
+            _REFINED_CELLS.pop(next(iter(_REFINED_CELLS)))
+        _REFINED_CELLS[key] = (axis, grouped)  # the axis is kept alive with it, so its id is not reused
+    return grouped
+
+
 def _axis_cells(axis: cells.AxisSampling, points: int) -> _AxisCells:
     """Group an axis refined to ``points`` points (``fine_grid.refine_sampling``) by cell."""
     last = max(points - 2, 0)
@@ -159,6 +213,57 @@ def _axis_cells(axis: cells.AxisSampling, points: int) -> _AxisCells:
     return _AxisCells(cell[index[:, 0]], index, weight[index], cell, weight, int(points > 1), last + 1)
 
 
+def _segment_native(
+    kernel: native.NativeKernel,
+    values: torch.Tensor,
+    rows: cells.AxisSampling,
+    cols: cells.AxisSampling,
+    labels: torch.Tensor,
+    scores: torch.Tensor | None,
+    logit_scale: float,
+    tolerance: float | None,
+    factor: int,
+    tally: list[int] | None,
+) -> None:
+    """Bands of cell rows of the grid refined ``factor`` times (``fine_grid.relative_logits``), each
+    evaluated by the native kernel, block by block; with scores (``tolerance`` set) each cell keeps the
+    classes whose terms can matter, without (None) those that can win."""
+    batch, grid_h, grid_w, num_classes = values.shape
+    fine_w = fine_grid.refined_size(grid_w, factor)
+    row_cells, col_cells = _refined_cells(rows, grid_h, factor), _refined_cells(cols, grid_w, factor)
+    columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
+    band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * num_classes, BAND_ELEMENTS)
+    block = row_cells.index.shape[1] * col_cells.index.shape[1]
+    lanes = -(-block // 16) * 16  # pixels a block evaluates, its vectors' spare lanes included
+    for b in range(batch):
+        for first in range(0, row_cells.cells, band_cells):
+            band = range(first, min(first + band_cells, row_cells.cells))
+            in_band = ((row_cells.cell >= band.start) & (row_cells.cell < band.stop)).nonzero()[:, 0]
+            if in_band.numel() == 0:  # downsampling: no pixel in these cells
+                continue
+            points = range(band.start, band.stop + row_cells.upper)
+            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
+            keep = _kept_classes(grid, row_cells.upper, col_cells.upper, tolerance)  # [cy, cx, C]
+            # Each cell's list where the lists drop classes; every class (contiguous loads) where they barely would.
+            dense = int(torch.count_nonzero(keep)) >= NATIVE_DENSE_FRACTION * keep.numel()
+            band_rows = row_cells.cell.index_select(0, in_band) - band.start
+            kernel.segment_blocks(
+                grid,
+                torch.arange(in_band.numel()),
+                (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
+                columns,
+                None if dense else keep,
+                labels[b],
+                None if scores is None else scores[b],
+            )
+            if tally is not None:
+                count = keep.sum(dim=-1)  # [cy, cx]
+                per_block = count.index_select(0, band_rows).index_select(1, col_cells.cell)  # [s, S]
+                evaluated = per_block.numel() * num_classes if dense else int(per_block.sum())
+                tally[0] += evaluated * lanes
+                tally[1] += per_block.numel() * lanes
+
+
 def _segment_rows(
     values: torch.Tensor,
     rows: cells.AxisSampling,
@@ -171,9 +276,9 @@ def _segment_rows(
 ) -> None:
     """:func:`segment_with_scores` along the output rows (``values`` may be a transposed view)."""
     batch, grid_h, grid_w, num_classes = values.shape
-    fine_h, fine_w = fine_grid.refined_size(grid_h), fine_grid.refined_size(grid_w)
-    row_cells = _axis_cells(fine_grid.refine_sampling(rows, grid_h), fine_h)
-    col_cells = _axis_cells(fine_grid.refine_sampling(cols, grid_w), fine_w)
+    fine_w = fine_grid.refined_size(grid_w)
+    row_cells = _refined_cells(rows, grid_h, fine_grid.REFINE)
+    col_cells = _refined_cells(cols, grid_w, fine_grid.REFINE)
     band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * (num_classes + 1), BAND_ELEMENTS)
     for b in range(batch):
         for first in range(0, row_cells.cells, band_cells):
@@ -204,12 +309,13 @@ def _cell_extremes(grid: torch.Tensor, upper_y: int, upper_x: int) -> tuple[torc
     return highest, lowest
 
 
-def _kept_classes(grid: torch.Tensor, upper_y: int, upper_x: int, tolerance: float) -> torch.Tensor:
-    """``[cells_y, cells_x, C]`` bool: the classes each refined cell evaluates (module docstring)."""
+def _kept_classes(grid: torch.Tensor, upper_y: int, upper_x: int, tolerance: float | None) -> torch.Tensor:
+    """``[cells_y, cells_x, C]`` bool: the classes each refined cell evaluates (module docstring); with
+    ``tolerance`` None, only those that can win a pixel (``highest >= floor``: ties kept)."""
     num_classes = grid.shape[-1]
     highest, lowest = _cell_extremes(grid, upper_y, upper_x)
     floor = lowest.amax(dim=-1, keepdim=True)  # the winner's exponent is at least this in the cell
-    return highest.sub_(floor) >= math.log(tolerance / num_classes)
+    return highest.sub_(floor) >= (0.0 if tolerance is None else math.log(tolerance / num_classes))
 
 
 @dataclass

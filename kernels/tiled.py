@@ -1,13 +1,18 @@
 """Upsample + argmax + winner score in PyTorch, for CPUs (and any device torch runs on).
 
-The same result as ``upsample_argmax.py`` without Triton, in two exact passes that never hold
-anything of size ``C x H x W``:
+The same result as ``upsample_argmax.py`` without Triton, never holding anything of size
+``C x H x W``. On CPU tensors, where the native kernel is built (``kernels/native.py``: a C
+compiler, ``$PACL_FAST_NATIVE``), it computes both, block of pixels by block in registers:
 
-* labels: ``kernels/separable.py``, one output row at a time, evaluating at each pixel only the
-  classes on the upper envelope of its row of its cell (3-4 even on structureless logits);
-* scores: ``kernels/scores.py``, the labels' softmax probabilities from exponents interpolated on
-  a refined, shifted grid (``kernels/fine_grid.py``), evaluating the classes whose terms can reach
-  ``score_tolerance / C`` of the winner's (all of them on structureless logits, a few on scenes).
+* with scores, ``kernels/scores.py`` on a refined, shifted grid (``kernels/fine_grid.py``), each
+  cell evaluating the classes whose terms can reach ``score_tolerance / C`` of the winner's (all
+  of them on structureless logits, a few on scenes);
+* labels only, the classes that can win in each cell of the grid.
+
+Elsewhere (no compiler, other devices) eager torch: labels only, ``kernels/separable.py``, one
+output row at a time, evaluating at each pixel only the classes on the upper envelope of its row
+of its cell (3-4 even on structureless logits); with scores, ``kernels/scores.py``'s dense or
+gathered torch evaluation.
 
 A pixel is background when its float32 score is strictly below ``background_threshold``, whatever
 path computed it (the same rule as ``kernels.reference.segment_reference``).
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cells, scores, separable
+from kernels import cells, native, scores, separable
 from kernels.reference import BACKGROUND
 
 
@@ -52,10 +57,17 @@ def segment_tiled(
     values = logits.float().contiguous()  # [B, h, w, C]
     rows = cells.axis_sampling(grid_h, height, extent_h, logits.device)
     cols = cells.axis_sampling(grid_w, width, extent_w, logits.device)
-    if not with_scores:
+    kernel = native.kernel() if logits.device.type == "cpu" else None
+    if kernel is not None and not with_scores:
+        scores.segment_labels(kernel, values, rows, cols, labels)
+    elif not with_scores:
         separable.segment_labels(values, rows, cols, labels)
+    else:
+        scores.segment_with_scores(
+            values, rows, cols, labels, probabilities, logit_scale, score_tolerance, kernel=kernel
+        )
+    if not with_scores:
         return labels, None
-    scores.segment_with_scores(values, rows, cols, labels, probabilities, logit_scale, score_tolerance)
     if background_threshold is not None:
         labels.masked_fill_(probabilities < background_threshold, BACKGROUND)
     return labels, probabilities
