@@ -38,7 +38,7 @@ typedef float vf8 __attribute__((vector_size(32)));
 #define UNDERFLOW (-40.0f)
 
 /* Bump with any change of an exported signature: native.py refuses a library of another version. */
-int64_t pacl_native_abi(void) { return 2; }
+int64_t pacl_native_abi(void) { return 3; }
 
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vi splat_i(int32_t x) { return (vi){0} + x; }
@@ -124,6 +124,43 @@ static inline __attribute__((always_inline)) void evaluate(const Block* block, i
     }
 }
 
+/* The classes a block evaluates (kernels/scores.py's bound): every pixel of it is a convex combination of
+   its four corners, so class c is at most hi_c = max of its corners and the winner at least floor =
+   max_c min of its corners; c is kept when hi_c - floor >= bound. Writes them ascending into classes and
+   returns their number (never 0: the class whose lowest corner is the floor has hi_c >= floor). */
+static int64_t kept_classes(const Block* block, int64_t C, float bound, int32_t* classes) {
+    const float *c00 = block->c00, *c01 = block->c01, *c10 = block->c10, *c11 = block->c11;
+    vf floor_v = splat(-__builtin_inff());
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+        vf a, b, d, e;
+        __builtin_memcpy(&a, c00 + c, sizeof a);
+        __builtin_memcpy(&b, c01 + c, sizeof b);
+        __builtin_memcpy(&d, c10 + c, sizeof d);
+        __builtin_memcpy(&e, c11 + c, sizeof e);
+        vf low = select_f(a < b, a, b);
+        low = select_f(d < low, d, low);
+        low = select_f(e < low, e, low);
+        floor_v = select_f(low > floor_v, low, floor_v);
+    }
+    float floor = -__builtin_inff();
+    for (int l = 0; l < L; l++) floor = floor_v[l] > floor ? floor_v[l] : floor;
+    for (; c < C; c++) {
+        float low = c00[c] < c01[c] ? c00[c] : c01[c];
+        low = c10[c] < low ? c10[c] : low;
+        low = c11[c] < low ? c11[c] : low;
+        floor = low > floor ? low : floor;
+    }
+    int64_t count = 0;
+    for (c = 0; c < C; c++) {
+        float high = c00[c] > c01[c] ? c00[c] : c01[c];
+        high = c10[c] > high ? c10[c] : high;
+        high = c11[c] > high ? c11[c] : high;
+        if (high - floor >= bound) classes[count++] = (int32_t)c;
+    }
+    return count;
+}
+
 /* Scores of one vector whose peak is far below 0: each lane's peak subtracted from its exponents. */
 static void shifted_scores(const Block* block, vf wy, vf wx, vf peak, float* out) {
     vd total[2] = {(vd){0}, (vd){0}};
@@ -150,19 +187,21 @@ static void shifted_scores(const Block* block, vf wy, vf wx, vf peak, float* out
    grid: [points, grid_w, C] float32, class innermost. Row segment s (s = row_segment[i], i < row_segments)
    covers output rows row_index[s * depth_y + t] (t < depth_y; a short segment repeats its last row) at
    weights row_weight[...] between grid rows row_cell[s] and row_cell[s] + row_upper; column segment s
-   likewise (all col_segments of them). keep (or 0 for every class): [cells_y, cells_x, C] bytes, nonzero
-   for the classes cell (row_cell, col_cell) evaluates (a cell keeping none evaluates all). labels /
-   scores: the image's [H, width], written at each pixel (scores only if with_scores). work: 64-byte
-   aligned, pacl_native_work_floats() floats; classes: C int32 of room. Returns 0. */
+   likewise (all col_segments of them). prune: each block evaluates the classes kept_classes keeps with
+   bound, as a list where they are fewer than dense * C, else every class (prune 0: every class).
+   labels / scores: the image's [H, width], written at each pixel (scores only if with_scores). work:
+   64-byte aligned, pacl_native_work_floats() floats; classes: C int32 of room. Returns the (lane,
+   class) evaluations, spare lanes included. */
 int64_t pacl_native_work_floats(void) { return 9 * CHUNK * L; }
 
 int64_t pacl_segment_blocks(const float* grid, int64_t grid_w, int64_t num_classes, int64_t row_segments,
                             const int64_t* row_segment, const int64_t* row_cell, const int64_t* row_index,
                             const float* row_weight, int64_t depth_y, int64_t row_upper, int64_t col_segments,
                             const int64_t* col_cell, const int64_t* col_index, const float* col_weight,
-                            int64_t depth_x, int64_t col_upper, const uint8_t* keep, int64_t cells_x,
+                            int64_t depth_x, int64_t col_upper, int64_t prune, float bound, float dense,
                             int64_t with_scores, int64_t width, int16_t* labels, float* scores, float* work,
                             int32_t* classes) {
+    int64_t evaluated = 0;
     const int64_t C = num_classes, plane = grid_w * C, pixels = depth_y * depth_x;
     vf* wy = (vf*)work;
     vf* wx = wy + CHUNK;
@@ -189,12 +228,9 @@ int64_t pacl_segment_blocks(const float* grid, int64_t grid_w, int64_t num_class
             block.c11 = block.c10 + col_upper * C;
             block.classes = 0;
             block.count = C;
-            if (keep) { /* the cell's kept classes, ascending */
-                const uint8_t* kept = keep + (row_cell[s] * cells_x + col_cell[cs]) * C;
-                int64_t count = 0;
-                for (int64_t c = 0; c < C; c++)
-                    if (kept[c]) classes[count++] = (int32_t)c;
-                if (count > 0) {
+            if (prune) {
+                const int64_t count = kept_classes(&block, C, bound, classes);
+                if (count > 0 && (float)count < dense * (float)C) {
                     block.classes = classes;
                     block.count = count;
                 }
@@ -203,6 +239,7 @@ int64_t pacl_segment_blocks(const float* grid, int64_t grid_w, int64_t num_class
             for (int64_t start = 0; start < pixels; start += CHUNK * L) {
                 const int64_t lanes = pixels - start < CHUNK * L ? pixels - start : CHUNK * L;
                 const int64_t n = (lanes + L - 1) / L;
+                evaluated += n * L * block.count;
                 for (int64_t l = 0; l < lanes; l++) {
                     wy_lanes[l] = row_weights[y];
                     wx_lanes[l] = col_weights[x];
@@ -246,6 +283,6 @@ int64_t pacl_segment_blocks(const float* grid, int64_t grid_w, int64_t num_class
             }
         }
     }
-    return 0;
+    return evaluated;
 }
 """

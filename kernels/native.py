@@ -53,7 +53,7 @@ MODES = ("auto", "on", "off")
 #: A temporary build file left by a killed process is removed once it is this old.
 STALE_SECONDS = 3600
 #: Version of the exported signatures the Python side calls (``pacl_native_abi`` in the source).
-ABI = 2
+ABI = 3
 #: Seconds a compile may take before it counts as failed.
 COMPILE_TIMEOUT = 120
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing")
@@ -88,8 +88,8 @@ class NativeKernel:
         self._segment = library.pacl_segment_blocks
         self._segment.restype = size
         self._segment.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, size, size, size]
-        self._segment.argtypes += [pointer, pointer, pointer, size, size, pointer, size, size, size]
-        self._segment.argtypes += [pointer, pointer, pointer, pointer]
+        self._segment.argtypes += [pointer, pointer, pointer, size, size, size, ctypes.c_float, ctypes.c_float]
+        self._segment.argtypes += [size, size, pointer, pointer, pointer, pointer]
         self._exp = library.pacl_native_exp
         self._exp.restype = None
         self._exp.argtypes = [pointer, pointer, size]
@@ -121,11 +121,13 @@ class NativeKernel:
         row_segments: torch.Tensor,
         rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
         cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
-        keep: torch.Tensor | None,
+        bound: float | None,
+        dense: float,
         labels: torch.Tensor,
         scores: torch.Tensor | None,
-    ) -> None:
-        """Write the labels (and scores) of every pixel of row segments ``row_segments`` (all columns).
+    ) -> int:
+        """Write the labels (and scores) of every pixel of row segments ``row_segments`` (all columns);
+        returns the (pixel, class) evaluations, spare lanes of a block's last vector included.
 
         Args:
             grid: ``[points, grid_w, C]`` float32, contiguous (``fine_grid.relative_logits``: with scores
@@ -133,8 +135,10 @@ class NativeKernel:
             row_segments: ``[s]`` int64, the row segments to evaluate.
             rows, cols: ``(cell [S], index [S, depth], weight [S, depth], upper)`` of each axis (cells
                 index ``grid``'s rows / columns; see ``kernels.scores._AxisCells``).
-            keep: ``[cells_y, cells_x, C]`` bool, the classes each cell evaluates (a cell keeping none
-                evaluates all), or None for all.
+            bound: each block evaluates the classes whose largest corner is at least its floor (the
+                largest of the classes' smallest corners) plus ``bound``: ``log(tolerance / C)`` with
+                scores, 0 for labels only (``kernels/scores.py``); None: every class.
+            dense: evaluate every class of a block whose kept classes are at least this share of them.
             labels: ``[H, W]`` int16 of one image; scores ``[H, W]`` float32 or None (labels only).
         """
         points, grid_w, num_classes = _checked(grid, "grid", torch.float32, 3).shape
@@ -148,15 +152,10 @@ class NativeKernel:
         row_segments = _checked(row_segments, "row_segments", torch.int64, 1)
         if row_segments.numel() and not 0 <= int(row_segments.min()) <= int(row_segments.max()) < row_cell.numel():
             raise ValueError("row_segments out of range")
-        cells_x = 0
-        if keep is not None:
-            cells_y, cells_x, keep_classes = _checked(keep, "keep", torch.bool, 3).shape
-            if keep_classes != num_classes:
-                raise ValueError(f"keep has {keep_classes} classes, the grid {num_classes}")
-            if (row_cell.numel() and int(row_cell.max()) >= cells_y) or int(col_cell.max()) >= cells_x:
-                raise ValueError(f"keep's {cells_y} x {cells_x} cells miss a segment's cell")
+        if bound is not None and not bound <= 0.0:  # NaN too
+            raise ValueError(f"bound must be a number at most 0 (or None), got {bound!r}")
         work, classes = self._work(num_classes)
-        self._segment(
+        return self._segment(
             grid.data_ptr(),
             grid_w,
             num_classes,
@@ -173,8 +172,9 @@ class NativeKernel:
             col_weight.data_ptr(),
             col_index.shape[1],
             col_upper,
-            None if keep is None else keep.data_ptr(),
-            cells_x,
+            int(bound is not None),
+            0.0 if bound is None else bound,
+            min(float(dense), 2.0),
             int(scores is not None),
             width,
             labels.data_ptr(),
@@ -445,7 +445,7 @@ def _load(path: Path) -> NativeKernel:
 
 
 def _self_test(native: NativeKernel) -> None:
-    """A small case against float64: labels and scores, every class and a kept list, and an exp sweep.
+    """A small case against float64: labels and scores, every class and each block's list, and an exp sweep.
     A miscompiled or foreign library fails here, before any image reaches it."""
     generator = torch.Generator().manual_seed(0)
     grid = (torch.rand(3, 4, 21, generator=generator, dtype=torch.float64) * -12.0).float()
@@ -461,30 +461,27 @@ def _self_test(native: NativeKernel) -> None:
     upper = torch.lerp(exact[ys], exact[ys + 1], wy[:, None, None])  # [5, 4, C]
     want = torch.lerp(upper[:, xs], upper[:, xs + 1], wx[None, :, None])  # [5, 6, C]
     want_labels = want.argmax(-1)
-    want_scores = torch.softmax(want, -1).amax(-1)
-    keep = torch.arange(21) % 3 == 2  # a kept list without class 5: another winner
-    kept_want = want[..., keep]
-    kept_scores = torch.softmax(kept_want, -1).amax(-1)
-    cases = ((None, want_labels, want_scores), (keep.expand(2, 3, -1).contiguous(), None, kept_scores))
+    # With a bound of -6, each block evaluates the classes whose largest corner is within 6 of its floor.
+    listed = torch.empty_like(want)
+    for s in range(2):
+        for c in range(3):
+            corners = exact[row_cell[s] : row_cell[s] + 2, col_cell[c] : col_cell[c] + 2].reshape(4, -1)  # [4, C]
+            dropped = corners.amax(0) - corners.amin(0).amax() < -6.0
+            block = want[row_index[s][:, None], col_index[c][None, :]]
+            listed[row_index[s][:, None], col_index[c][None, :]] = block.masked_fill(dropped, -torch.inf)
     x = torch.linspace(-87.0, 0.0, 4096)
     relative = (native.exp(x).double() / torch.exp(x.double()) - 1).abs().max()
     problems = [f"exp off by {float(relative):.2e} relative"] if not relative < 2e-7 else []
-    for kept, labels_want, scores_want in cases:
+    for bound, dense, values in ((None, 0.0, want), (-6.0, 2.0, listed)):
         labels, scores = torch.full((5, 6), -7, dtype=torch.int16), torch.full((5, 6), float("nan"))
+        rows = (row_cell, row_index, row_weight, 1)
         native.segment_blocks(
-            grid,
-            torch.arange(2),
-            (row_cell, row_index, row_weight, 1),
-            (col_cell, col_index, col_weight, 1),
-            kept,
-            labels,
-            scores,
+            grid, torch.arange(2), rows, (col_cell, col_index, col_weight, 1), bound, dense, labels, scores
         )
-        if labels_want is None:
-            labels_want = torch.nonzero(keep)[:, 0][kept_want.argmax(-1)]
-        if not torch.equal(labels.long(), labels_want):
-            problems.append("labels differ")
-        if not (scores.double() - scores_want).abs().max() < 1e-6:
-            problems.append(f"scores off by {float((scores.double() - scores_want).abs().max()):.2e}")
+        if not torch.equal(labels.long(), want_labels):
+            problems.append(f"labels differ (bound {bound})")
+        error = float((scores.double() - torch.softmax(values, -1).amax(-1)).abs().max())
+        if not error < 1e-6:
+            problems.append(f"scores off by {error:.2e} (bound {bound})")
     if problems:
         raise NativeUnavailable(f"{native.path} fails its self-test: {', '.join(problems)}")

@@ -20,8 +20,8 @@ are exact. (Float32 rounding of ``X``, ~1e-6 of an exponent, moves the bounds by
 At scale 100 and ``tolerance`` 1e-7 a cell of a scene keeps ~30 of 150 classes.
 
 **The native kernel** (``kernels/native.py``, where a C compiler builds it: what the CPU head runs):
-every block of pixels of one refined cell in vector lanes, its kept classes broadcast one at a time
-(every class where the cells of a band keep ``NATIVE_DENSE_FRACTION`` of them), the largest value,
+every block of pixels of one refined cell in vector lanes, the classes the bound below keeps for it
+broadcast one at a time (every class where it keeps ``NATIVE_DENSE_FRACTION`` of them), the largest value,
 its first class and the sum of exps in one pass (``kernels/_native_source.py``). The eager
 evaluations below are its fallback; per (pixel, class) they cost one pass over memory per step, the
 kernel about 0.4 ns for all of them together (``kernels/native.py``). Labels alone
@@ -66,7 +66,7 @@ BAND_ELEMENTS = 1 << 20
 # the classes its cells keep (a gathered corner value cost ~4 evaluated ones: 4 corners, 16).
 DENSE_FRACTION = 0.8
 GATHER_COST = 16.0
-# The native kernel evaluates every class (contiguous loads, no list) where cells keep this share of them.
+# The native kernel evaluates every class (contiguous loads, no list) of a block keeping this share of them.
 NATIVE_DENSE_FRACTION = 0.9
 # Lowest exponent exp() is given (exp(-87) ~ 1.6e-38: float32's smallest normal numbers are near it).
 FLOOR = -87.0
@@ -226,12 +226,14 @@ def _segment_native(
     tally: list[int] | None,
 ) -> None:
     """Bands of cell rows of the grid refined ``factor`` times (``fine_grid.relative_logits``), each
-    evaluated by the native kernel, block by block; with scores (``tolerance`` set) each cell keeps the
+    evaluated by the native kernel, block by block; with scores (``tolerance`` set) each block keeps the
     classes whose terms can matter, without (None) those that can win."""
     batch, grid_h, grid_w, num_classes = values.shape
     fine_w = fine_grid.refined_size(grid_w, factor)
     row_cells, col_cells = _refined_cells(rows, grid_h, factor), _refined_cells(cols, grid_w, factor)
     columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
+    # The pruning of the module docstring, per block in the kernel; without scores, the classes that can win.
+    bound = 0.0 if tolerance is None else math.log(tolerance / num_classes)
     band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * num_classes, BAND_ELEMENTS)
     block = row_cells.index.shape[1] * col_cells.index.shape[1]
     lanes = -(-block // 16) * 16  # pixels a block evaluates, its vectors' spare lanes included
@@ -243,25 +245,20 @@ def _segment_native(
                 continue
             points = range(band.start, band.stop + row_cells.upper)
             grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
-            keep = _kept_classes(grid, row_cells.upper, col_cells.upper, tolerance)  # [cy, cx, C]
-            # Each cell's list where the lists drop classes; every class (contiguous loads) where they barely would.
-            dense = int(torch.count_nonzero(keep)) >= NATIVE_DENSE_FRACTION * keep.numel()
             band_rows = row_cells.cell.index_select(0, in_band) - band.start
-            kernel.segment_blocks(
+            evaluated = kernel.segment_blocks(
                 grid,
                 torch.arange(in_band.numel()),
                 (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
                 columns,
-                None if dense else keep,
+                bound,
+                NATIVE_DENSE_FRACTION,
                 labels[b],
                 None if scores is None else scores[b],
             )
             if tally is not None:
-                count = keep.sum(dim=-1)  # [cy, cx]
-                per_block = count.index_select(0, band_rows).index_select(1, col_cells.cell)  # [s, S]
-                evaluated = per_block.numel() * num_classes if dense else int(per_block.sum())
-                tally[0] += evaluated * lanes
-                tally[1] += per_block.numel() * lanes
+                tally[0] += evaluated
+                tally[1] += in_band.numel() * col_cells.cell.numel() * lanes
 
 
 def _segment_rows(
@@ -309,13 +306,12 @@ def _cell_extremes(grid: torch.Tensor, upper_y: int, upper_x: int) -> tuple[torc
     return highest, lowest
 
 
-def _kept_classes(grid: torch.Tensor, upper_y: int, upper_x: int, tolerance: float | None) -> torch.Tensor:
-    """``[cells_y, cells_x, C]`` bool: the classes each refined cell evaluates (module docstring); with
-    ``tolerance`` None, only those that can win a pixel (``highest >= floor``: ties kept)."""
+def _kept_classes(grid: torch.Tensor, upper_y: int, upper_x: int, tolerance: float) -> torch.Tensor:
+    """``[cells_y, cells_x, C]`` bool: the classes each refined cell evaluates (module docstring)."""
     num_classes = grid.shape[-1]
     highest, lowest = _cell_extremes(grid, upper_y, upper_x)
     floor = lowest.amax(dim=-1, keepdim=True)  # the winner's exponent is at least this in the cell
-    return highest.sub_(floor) >= (0.0 if tolerance is None else math.log(tolerance / num_classes))
+    return highest.sub_(floor) >= math.log(tolerance / num_classes)
 
 
 @dataclass

@@ -981,46 +981,38 @@ def native_blocks_case():
 
 def test_native_kernel_checks_what_the_c_code_trusts():
     """Every index the C code follows is checked first: a wrong dtype, a cell past the grid, an index past
-    the output, a keep mask of other classes or cells are each one ValueError naming it (and never reach C).
-    A cell keeping no class evaluates them all."""
+    the output, a segment past the list, a bound that is no number are each one ValueError naming it (and
+    never reach C). A bound keeping every class, evaluated as lists, gives what every class gives."""
     with native_kernel():
         kernel = native.kernel()
     grid, segments, rows, cols, labels, scores = native_blocks_case()
-    kernel.segment_blocks(grid, segments, rows, cols, None, labels, scores)  # the case itself is valid
-    assert (labels == 0).all() and (scores > 0.25).all()
-    none_kept = torch.zeros(1, 2, 4, dtype=torch.bool)
+    evaluated = kernel.segment_blocks(grid, segments, rows, cols, None, 0.9, labels, scores)  # valid
+    assert (labels == 0).all() and (scores > 0.25).all() and evaluated == 2 * 16 * 4  # 2 blocks, 16 lanes, 4 classes
     again = labels.clone(), scores.clone()
-    kernel.segment_blocks(grid, segments, rows, cols, none_kept, *again)
+    assert kernel.segment_blocks(grid, segments, rows, cols, -1e30, 2.0, *again) == evaluated
     assert torch.equal(again[0], labels) and torch.equal(again[1], scores)
+    assert kernel.segment_blocks(grid, segments, rows, cols, 0.0, 2.0, *again) < evaluated  # winners only
+    assert torch.equal(again[0], labels)
     bad = {
-        "grid must be a 3-d torch.float32": (grid.double(), segments, rows, cols, None, labels, scores),
-        "rows: a cell outside the grid": (grid, segments, (torch.tensor([1]), *rows[1:]), cols, None, labels, scores),
+        "grid must be a 3-d torch.float32": (grid.double(), segments, rows, cols),
+        "rows: a cell outside the grid": (grid, segments, (torch.tensor([1]), *rows[1:]), cols),
         "cols: an index outside the output": (
             grid,
             segments,
             rows,
             (cols[0], torch.tensor([[0, 1], [2, 4]]), *cols[2:]),
-            None,
-            labels,
-            scores,
         ),
-        "row_segments out of range": (grid, torch.tensor([1]), rows, cols, None, labels, scores),
-        "labels must be a 2-d torch.int16": (grid, segments, rows, cols, None, labels.int(), scores),
-        "keep has 5 classes": (grid, segments, rows, cols, torch.ones(1, 2, 5, dtype=torch.bool), labels, scores),
-        "keep's 1 x 1 cells miss": (grid, segments, rows, cols, torch.ones(1, 1, 4, dtype=torch.bool), labels, scores),
-        "keep must be a 3-d torch.bool": (
-            grid,
-            segments,
-            rows,
-            cols,
-            torch.ones(1, 2, 4, dtype=torch.int32),
-            labels,
-            scores,
-        ),
+        "row_segments out of range": (grid, torch.tensor([1]), rows, cols),
+        "cols: cell": (grid, segments, rows, (cols[0][:1], *cols[1:])),
     }
     for message, arguments in bad.items():
         with pytest.raises(ValueError, match=message):
-            kernel.segment_blocks(*arguments)
+            kernel.segment_blocks(*arguments, None, 0.9, labels, scores)
+    with pytest.raises(ValueError, match="labels must be a 2-d torch.int16"):
+        kernel.segment_blocks(grid, segments, rows, cols, None, 0.9, labels.int(), scores)
+    for bound in (float("nan"), 1.0):
+        with pytest.raises(ValueError, match="bound must be a number at most 0"):
+            kernel.segment_blocks(grid, segments, rows, cols, bound, 0.9, labels, scores)
 
 
 def test_native_mode_is_read_and_checked(monkeypatch):
