@@ -494,7 +494,8 @@ class Segmenter:
                 ``"return"`` returns that list without raising.
             keep_images: keep the decoded image on each result for ``overlay()``.
         Returns:
-            A :class:`Segmentation` for a single image; for a list, a list in input order.
+            A :class:`Segmentation` for a single image; for a list, a list in input order. Each result's
+            ``name`` (the stem ``save`` uses) is its file's stem, else ``image<position in the list>``.
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
@@ -521,7 +522,7 @@ class Segmenter:
             class_names,
             class_embeddings,
             sources=[describe(items[i]) for i in order],
-            names=[image_name(items[i]) for i in order],
+            names=[image_name(items[i]) or f"image{i}" for i in order],  # distinct stems within one call
             sliding_window=sliding_window,
             background_threshold=background_threshold,
         )
