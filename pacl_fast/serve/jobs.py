@@ -25,15 +25,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def template_set(name: str) -> str | tuple[str, ...]:
-    """A preset name -> what ``Segmenter.encode_labels`` takes."""
-    if name == "synthetic":
-        from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
-
-        return SYNTHETIC_TEMPLATES
-    return name
-
-
 @dataclass(frozen=True)
 class SegmentKey:
     """Jobs that may share one ``segment_prepared`` call: equal in every option and in canvas size.
@@ -58,11 +49,12 @@ class SegmentPayload:
     options: SegmentOptions
 
 
-def warmup(model: Segmenter, templates: str) -> None:
-    """Text tower, image tower and head once each, so that the first request pays no lazy set-up."""
+def warmup(model: Segmenter, templates: str | None) -> None:
+    """Text tower, image tower and head once each, so that the first request pays no lazy set-up
+    (``templates``: the service's default; None: the model's)."""
     blank = Image.new("RGB", (model.image_size, model.image_size), (128, 128, 128))
     prepared = model.preprocessor()(blank)
-    embeddings = model.encode_labels(("object",), template_set(templates))
+    embeddings = model.encode_labels(("object",), templates)
     model.segment_prepared([prepared], embeddings)
 
 
@@ -71,7 +63,7 @@ def segment_group(segmenter: Segmenter, jobs: list[Job]) -> list:
     from pacl_fast.images import SlidingWindow
 
     options: SegmentOptions = jobs[0].payload.options
-    embeddings = segmenter.encode_labels(options.labels, template_set(options.templates))  # [C, E], cached
+    embeddings = segmenter.encode_labels(options.labels, options.templates)  # [C, E], cached
     window = SlidingWindow(*options.sliding_window) if options.sliding_window else None
     # Scores are always computed, as predict does: the labels then equal predict's exactly.
     return segmenter.segment_prepared(
@@ -86,7 +78,7 @@ def segment_group(segmenter: Segmenter, jobs: list[Job]) -> list:
 def embed_group(segmenter: Segmenter, jobs: list[Job]) -> list:
     """Worker side: the text embeddings of one label set (cached by the model), their shape per job."""
     labels, templates = jobs[0].key
-    embeddings = segmenter.encode_labels(labels, template_set(templates))  # [C, E]
+    embeddings = segmenter.encode_labels(labels, templates)  # [C, E]
     return [tuple(embeddings.shape)] * len(jobs)
 
 
