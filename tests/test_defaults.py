@@ -332,3 +332,26 @@ def test_model_id_records_the_precision_the_encoder_computes_in(tiny_config, tmp
         ids[precision] = segmenter.model_id
         assert segmenter.model_id.endswith(f"|{precision}") and segmenter.precision == precision
     assert ids["fp32"] != ids["bf16"]
+
+
+def test_every_door_accepts_every_template_preset(tiny_config):
+    """``predict(templates="synthetic")`` was refused while the service offered that preset (issue 19 item 4):
+    the library, the command line's early check and the service take each preset of ``choices.TEMPLATE_PRESETS``,
+    and each names the same templates."""
+    from conftest import make_segmenter
+
+    from pacl_fast.choices import TEMPLATE_PRESETS
+    from pacl_fast.cli.common import check_text
+    from pacl_fast.defaults import templates_of
+    from pacl_fast.serve.inputs import parse_segment_options
+    from pacl_fast.serve.settings import ServeSettings
+
+    segmenter = make_segmenter(tiny_config)
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    for preset in TEMPLATE_PRESETS:
+        check_text(["cat"], preset)  # no UsageError
+        asked = parse_segment_options({"labels": ["cat,dog"], "templates": [preset]}, ServeSettings(), segmenter)
+        assert asked.templates == preset
+        by_name = segmenter.encode_labels(["cat"], preset)
+        assert torch.equal(by_name, segmenter.encode_labels(["cat"], templates_of(preset)))
+        assert segmenter.predict(image, ["cat", "dog"], templates=preset).labels.shape == (24, 40)
