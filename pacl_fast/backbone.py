@@ -67,7 +67,12 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LOCAL_DIR_PREFIX = "local-dir:"
-POSITIONAL_RESIZES = ("size", "scale_factor")
+#: How positional embeddings meet another patch grid (:meth:`ClipBackbone.positional_embedding`):
+#: ``"size"`` (PACL's: bicubic to ``(h, w)`` whenever the grid differs from the native one);
+#: ``"scale_factor_if_count_differs"`` (SCLIP's, ClearCLIP's and NACLIP's ``interpolate_pos_encoding``:
+#: :func:`resize_positional_scale_factor`, only when the number of patches differs from the native grid's);
+#: ``"size_if_count_differs"`` (MaskCLIP's ``_pos_embeding``: bicubic to ``(h, w)``, only then).
+POSITIONAL_RESIZES = ("size", "scale_factor_if_count_differs", "size_if_count_differs")
 
 #: Seconds to wait for the hub's host to accept a connection before treating the machine as offline.
 HUB_CONNECT_TIMEOUT = 3.0
@@ -277,9 +282,14 @@ class ClipBackbone(nn.Module):
     ) -> torch.Tensor:
         """Class + patch positional embeddings for a grid ``(h, w)``: ``[1 + h*w, D]``.
 
-        ``resize`` picks how the native grid is resized (bicubic, both): ``"size"`` (exactly ``(h, w)``,
-        what PACL trains and evaluates with) or ``"scale_factor"`` (the training-free papers' way, see
-        :func:`resize_positional_scale_factor`). Cached per (grid, dtype, device, resize).
+        ``resize`` (one of :data:`POSITIONAL_RESIZES`) picks how and when the native ``g0 x g1`` table
+        is resized, bicubic in all three: ``"size"`` (exactly ``(h, w)``, what PACL trains and evaluates
+        with, whenever ``(h, w) != (g0, g1)``), or the training-free repositories' rule, which resizes
+        only when ``h * w != g0 * g1`` and otherwise adds the native table as it is, in its row-major
+        order (SCLIP ``clip/model.py`` l. 239-242, NACLIP ``clip/model.py`` l. 104-107, ClearCLIP
+        ``open_clip/transformer.py`` l. 510-513, MaskCLIP ``mmseg/models/backbones/vit.py`` l. 367-379):
+        by scale factor (:func:`resize_positional_scale_factor`) or by size. The class position is never
+        resized. Cached per (grid, dtype, device, resize).
         """
         if resize not in POSITIONAL_RESIZES:
             raise ValueError(f"resize must be one of {POSITIONAL_RESIZES}, got {resize!r}")
@@ -289,15 +299,16 @@ class ClipBackbone(nn.Module):
             return cached
         pos = self.visual.positional_embedding.detach()  # [1 + g0*g1, D]
         g0, g1 = self.visual.grid_size
-        if tuple(grid) == (g0, g1):
+        by_count = resize != "size"
+        if tuple(grid) == (g0, g1) or (by_count and grid[0] * grid[1] == g0 * g1):
             resized = pos
         else:
             cls_pos, patch_pos = pos[:1], pos[1:]
             patch_pos = patch_pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2).float()  # [1, D, g0, g1]
-            if resize == "size":
-                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            else:
+            if resize == "scale_factor_if_count_differs":
                 patch_pos = resize_positional_scale_factor(patch_pos, grid)
+            else:
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             resized = torch.cat([cls_pos, patch_pos], dim=0)
         resized = resized.to(device=device, dtype=dtype)
