@@ -452,3 +452,92 @@ def get_protocol(name: str, dataset: str) -> EvalProtocol:
         configured = ", ".join(d for p, d in PRESETS if p == name)
         raise ValueError(f"protocol {name} does not configure dataset {dataset!r}; it configures: {configured}")
     return PRESETS[name, dataset]
+
+
+# --------------------------------------------------------------------------------------------
+# What --protocol still computes otherwise than the repositories
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One step where ``--protocol`` computes otherwise than the repositories, and what that does.
+
+    ``effect`` is measured on the synthetic world with the demo CLIP by ``benchmarks/protocol_differences.py``
+    (the presets scaled to a 64 px, patch-8 CLIP; 200 held-out scenes; mIoU over the six shapes, and the share
+    of scored pixels whose label changes), or says why the synthetic world cannot show it.
+    """
+
+    step: str
+    repositories: str
+    engine: str
+    effect: str
+
+
+#: Every remaining difference between ``--protocol`` and the repositories' pipelines, with its measured effect
+#: (``python -m benchmarks.protocol_differences --scenes 200``; JSON in ``benchmarks/results``). Settings of
+#: the synthetic-world runs: SCLIP (short side 96, windows 64/32), NACLIP whole image and windows (96; 64/32;
+#: PAMR), ClearCLIP (128; 128/64); mIoU under the engine's ``--protocol``: 0.285, 0.230, 0.234, 0.075 (ClearCLIP
+#: at twice the demo CLIP's size is near chance, 0.090, so its rows say little).
+DIFFERENCES: tuple[Difference, ...] = (
+    Difference(
+        step="precision",
+        repositories="CLIP in fp16 on CUDA (clip.load / create_model(precision='fp16')); SCLIP sums windows and "
+        "post-processes in float32 (preds = img.new_zeros, clip_segmentor.py l. 98), NACLIP runs PAMR in float32 "
+        "and the softmax in fp16 (naclip.py l. 132), ClearCLIP everything in fp16 from inputs.half() "
+        "(clearclip_segmentor.py l. 208); positional embeddings are resized in fp16",
+        engine="the towers in the encoder's precision (float32 unless --dtype float16 --text-dtype float16); "
+        "window sums, PAMR, softmax and thresholds in float32; positional embeddings resized in float32",
+        effect="fp16 towers and fp16 cosines against float32: 0.03-0.15% of pixels change, mIoU within +0.0002",
+    ),
+    Difference(
+        step="window averaging",
+        repositories="each window's patch cosines upsampled (bilinear) to the window's pixels, summed into the "
+        "canvas, divided by the count, then resized to the image (forward_slide, e.g. naclip.py l. 71-108); a "
+        "whole image is upsampled to the network input, then to the image",
+        engine="windows averaged on the patch grid, upsampled once to the image (Segmenter._window_logits, the "
+        "head's grid_extent mapping)",
+        effect="with sides that are whole patches: 1.4-1.9% of pixels change with windows, 0.15% for NACLIP's "
+        "whole image, 0% for one window; mIoU within 0.0007",
+    ),
+    Difference(
+        step="pixels past the last whole patch, and where windows sit",
+        repositories="windows placed on the resized image in pixels (the last one flush with its border); SCLIP "
+        "and NACLIP let the stride-16 patch convolution drop a window's last H % 16 rows and W % 16 columns and "
+        "stretch its logits over all its pixels; ClearCLIP pads each window to the patch multiple, centred, with "
+        "zeros after normalisation, and crops the logits back (clearclip_segmentor.py l. 168-183)",
+        engine="the resized image padded bottom and right to the patch multiple (zeros after normalisation), "
+        "windows on the patch grid of that canvas (crop_remainder records the repositories' way per preset)",
+        effect="with sides of 12.5 patches (a remainder in every window): 12-24% of pixels change; mIoU -0.001 "
+        "(SCLIP), +0.008 and +0.013 (NACLIP whole image, windows), -0.001 (ClearCLIP). Benchmark images whose "
+        "resized sides are multiples of 16 (VOC's 500 x 375 at 336: 448 x 336) have none",
+    ),
+    Difference(
+        step="normalisation constants",
+        repositories="SegDataPreProcessor(mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323]) on "
+        "0..255 pixels (e.g. naclip.py l. 24): CLIP's mean/std rounded to 3 decimals",
+        engine="(pixels / 255 - mean) / std with the CLIP's own mean/std (open_clip's, e.g. 0.48145466)",
+        effect="no pixel changes in 200 scenes x 4 presets (the inputs differ by about 1e-5 relative)",
+    ),
+    Difference(
+        step="decoding",
+        repositories="mmcv LoadImageFromFile: OpenCV's decoder (BGR, turned to RGB by the data preprocessor)",
+        engine="Pillow's decoder, EXIF orientation applied (images.load_image)",
+        effect="not measurable on the synthetic world: its scenes are arrays, never encoded; JPEG decoders can "
+        "differ by a unit in some pixels, and an EXIF-rotated photo would be read rotated otherwise",
+    ),
+    Difference(
+        step="OpenCV build",
+        repositories="cv2.resize from the OpenCV their environment installed (mmcv 2.x era, OpenCV 4)",
+        engine="cv2.resize from opencv-python-headless as installed (any version >= 4.5)",
+        effect="not measurable here: only OpenCV 5.1 was run (the tests hold the engine to it); results of "
+        "other builds on uint8 images were not compared",
+    ),
+    Difference(
+        step="PAMR out of memory",
+        repositories="NACLIP catches a RuntimeError from PAMR (naclip.py l. 131-135) and keeps the unrefined "
+        "logits for that image, with a warning",
+        engine="pacl_fast.refine.pamr holds about three copies of the logits (never [B, C, P, H, W]); an error "
+        "fails that image, which the report lists",
+        effect="not measurable on the synthetic world (no image comes near the memory)",
+    ),
+)
