@@ -433,6 +433,11 @@ def test_batched_evaluation_equals_one_image_at_a_time(tmp_path, tiny_config):
     np.testing.assert_array_equal(batched.metrics.confusion, expected)
 
 
+def opencv():
+    """OpenCV, which --protocol resizes with (a dependency of pacl-fast; CI fails on this skip)."""
+    return pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
+
+
 def authors_input(image: np.ndarray, protocol, segmenter):
     """The repositories' network input for one image, written out: mmcv's ``Resize(scale=(2048, S),
     keep_ratio=True)`` (``rescale_size``: factor ``min(2048 / long, S / short)``, sides ``int(x * f + 0.5)``;
@@ -440,7 +445,7 @@ def authors_input(image: np.ndarray, protocol, segmenter):
     multiple as the engine's canvas is. Returns (Prepared, the unpadded normalised input [1, 3, h, w])."""
     from pacl_fast.images import Geometry, Prepared, normalize
 
-    cv2 = pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
+    cv2 = opencv()
     h, w = image.shape[:2]
     factor = min(max(2048, protocol.short_side) / max(h, w), min(2048, protocol.short_side) / min(h, w))
     new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
@@ -464,6 +469,7 @@ def test_windowed_protocol_presets_drive_the_evaluation(tmp_path, tiny_config, n
 
     from pacl_fast.protocols import get_protocol
 
+    opencv()
     protocol = get_protocol(name, dataset_name)
     masks = _voc_masks(2)
     if dataset_name == "cocoobject":
@@ -504,6 +510,7 @@ def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
     from pacl_fast.protocols import get_protocol
     from pacl_fast.refine import pamr
 
+    opencv()
     protocol = get_protocol("naclip", "voc21")
     masks = _voc_masks(2)
     write_voc(tmp_path, masks)
