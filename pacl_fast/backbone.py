@@ -535,7 +535,7 @@ def _random_init_warning(arch: str) -> None:
         f"CLIP {arch} is randomly initialised (clip_weights=None): fine for tests and benchmarks, "
         "meaningless for segmentation. Pass a pretrained tag or a checkpoint path.",
         RandomWeightsWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of load_clip (load_clip -> _load_clip -> here)
     )
 
 
@@ -607,7 +607,10 @@ def _offline_reason(settings: dict[str, Any]) -> str | None:
 
 @contextlib.contextmanager
 def _hub_offline(offline: bool) -> Iterator[None]:
-    """The hub client in offline mode (cache only, no requests, no retries) while the block runs."""
+    """The hub client in offline mode (cache only, no requests, no retries) while the block runs.
+
+    It flips ``huggingface_hub.constants.HF_HUB_OFFLINE``, a process-wide setting, and restores it: a hub
+    download in another thread during those milliseconds would be refused too (and could be retried)."""
     if not offline:
         yield
         return
