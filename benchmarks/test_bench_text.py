@@ -4,12 +4,14 @@ Random-init open_clip ViT-B-16. Groups:
 
 * the text tower on 32 prompts of one template (ADE20K names): open_clip's own tower at the full
   77 tokens (the baseline) against ``ClipBackbone.encode_text`` (each prompt up to its end-of-text
-  token, the template's prefix run once), in fp32 and with bf16 text, and through onnxruntime;
+  token, what prompts share run once, packed into sequences), in fp32 and with bf16 text, and
+  through onnxruntime;
 * class embeddings of 8 labels x 10 templates: today's path (open_clip's tower in
   ``ensemble_text_embeddings``, the baseline) against ``TextEmbedder`` cold (an empty disk cache
   each round), warm from disk (a fresh embedder each round) and from its memory.
 
-The full-benchmark counterpart, with ADE20K's 150 names x 80 templates, is ``python -m benchmarks.text``.
+The full-benchmark counterpart, with 20 and 150 ADE20K names x 80 templates, cold in a new process, is
+``python -m benchmarks.text``.
 """
 
 from __future__ import annotations

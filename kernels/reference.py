@@ -86,6 +86,57 @@ def upsample_logits(
     )
 
 
+def sampling_positions(grid_size: int, out_size: int, extent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :func:`upsample_logits` samples one axis, read from ATen itself.
+
+    Returns ``index0`` ``[out_size]`` int64 and ``lambda1`` ``[out_size]`` float32: output index ``y``
+    is at grid position ``index0 + lambda1`` (``lambda1`` weighs grid index ``index0 + 1``; it is 0
+    where ATen samples a single index: its clamped border, or its copy when the sizes are equal).
+    Got by upsampling the identity (grid index ``g`` as channel ``g``, one-hot) with the same size
+    and scale (the other axis 1 -> 1), so that no detail of ATen's float32 arithmetic (the order of
+    its operations, a fused multiply-add) has to be guessed: a position off by one float32 ulp
+    (5e-7 at index 8) moves a score at logit scale 100 by ~1e-5 on a region border.
+    """
+    identity = torch.eye(grid_size, dtype=torch.float32)[None, :, :, None]  # [1, g, g, 1]
+    spread = torch.ops.aten.upsample_bilinear2d(identity, [out_size, 1], False, out_size / extent, 1.0)
+    spread = spread[0, :, :, 0].T  # [out, g]: each row's weights of the grid indices
+    index0 = (spread > 0).to(torch.uint8).argmax(dim=1)  # the first index with weight
+    following = (index0 + 1).clamp_max(grid_size - 1)
+    lambda1 = torch.where(following > index0, spread.gather(1, following[:, None])[:, 0], 0.0)
+    return index0, lambda1
+
+
+def sampling_weights(grid_size: int, out_size: int, extent: float) -> torch.Tensor:
+    """The bilinear weights of one axis, ``[out_size, grid_size]`` float64: ``1 - lambda1`` at ``index0``
+    and ``lambda1`` at ``index0 + 1`` (:func:`sampling_positions`), exactly (they sum to 1)."""
+    index0, lambda1 = sampling_positions(grid_size, out_size, extent)
+    following = (index0 + 1).clamp_max(grid_size - 1)
+    outputs = torch.arange(out_size)
+    weights = torch.zeros(out_size, grid_size, dtype=torch.float64)
+    weights[outputs, index0] = 1.0 - lambda1.double()
+    weights[outputs, following] += lambda1.double()
+    return weights
+
+
+def upsample_logits_exact(
+    logits: torch.Tensor, out_size: tuple[int, int], grid_extent: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """:func:`upsample_logits` computed exactly: ``[B, C, H, W]`` float64.
+
+    The same sampling positions (ATen's float32 ``lambda`` values, :func:`sampling_positions`), and
+    the bilinear interpolation between them computed in float64, where the products and sums round
+    at 2^-53: the interpolated value itself, not float32 arithmetic's approximation of it (off by
+    ~2^-24 of the logits: 1.5e-8 at 0.3).
+    """
+    height, width = out_size
+    grid_h, grid_w = logits.shape[1:3]
+    extent_h, extent_w = grid_extent if grid_extent is not None else (grid_h, grid_w)
+    rows = sampling_weights(grid_h, height, extent_h)  # [H, h]
+    cols = sampling_weights(grid_w, width, extent_w)  # [W, w]
+    along_rows = torch.einsum("yh,bhwc->bcyw", rows, logits.double())  # [B, C, H, w]
+    return along_rows @ cols.T  # [B, C, H, W]
+
+
 def segment_reference(
     logits: torch.Tensor,
     out_size: tuple[int, int],
@@ -102,23 +153,32 @@ def segment_reference(
         out_size, grid_extent: see :func:`upsample_logits`.
         logit_scale: the model's logit scale; the score is the winner's softmax probability over
             ``logit_scale * logits``.
-        background_threshold: pixels whose score is below it get label ``BACKGROUND`` (-1).
+        background_threshold: a pixel is background (label ``BACKGROUND``, -1) when its score is
+            strictly below the threshold (both as float32): a score equal to it keeps its class.
         with_scores: False skips the softmax and returns ``None`` for the scores (labels only:
-            upsample + argmax, what the public re-implementations compute).
+            upsample + argmax in float32, what the public re-implementations compute).
     Returns:
         labels ``[B, H, W]`` int16 (ties go to the lowest class index, as ``torch.argmax``) and
         scores ``[B, H, W]`` float32 (or None).
+
+    With scores, everything is computed in float64 from the logits (:func:`upsample_logits_exact`,
+    then the softmax): the score is the exact probability rounded once to float32, and the label
+    the exact argmax. Float32 arithmetic is not exact enough to be the truth here: at
+    ``logit_scale`` 100 its rounding of the upsampled logits moves the exponents by ~1e-6, and
+    torch's float32 softmax sums its terms in order, both of which moved scores by up to 1.5e-6
+    (measured on C=150, 512x512). Labels differ from the float32 labels-only argmax only where two
+    classes are within float32 rounding (~1e-7) of each other.
     """
     check_scores_request(with_scores, background_threshold)
-    upsampled = upsample_logits(logits, out_size, grid_extent)  # [B, C, H, W]
     if not with_scores:
-        return upsampled.argmax(dim=1).to(torch.int16), None
-    probabilities = torch.softmax(upsampled * logit_scale, dim=1)  # [B, C, H, W]
-    labels = upsampled.argmax(dim=1)  # [B, H, W]
-    scores = probabilities.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B, H, W]
+        return upsample_logits(logits, out_size, grid_extent).argmax(dim=1).to(torch.int16), None
+    scaled = upsample_logits_exact(logits, out_size, grid_extent).mul_(logit_scale)  # [B, C, H, W] float64
+    labels = scaled.argmax(dim=1)  # [B, H, W]
+    # The winner's probability, 1 / sum_c exp(x_c - x_max), in place (one float64 [B, C, H, W] tensor).
+    scores = scaled.sub_(scaled.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_().float()  # [B, H, W]
     if background_threshold is not None:
         labels = torch.where(scores < background_threshold, torch.full_like(labels, BACKGROUND), labels)
-    return labels.to(torch.int16), scores.float()
+    return labels.to(torch.int16), scores
 
 
 def check_scores_request(with_scores: bool, background_threshold: float | None) -> None:

@@ -39,7 +39,6 @@ dimension, ``argmax`` included, are 5-20x slower on the CPU), in bands of output
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,7 @@ _SLACK = 2.0**-18
 # Pixels evaluated at once: [pixels] int64 indices of 2 MiB.
 ITEM_PIXELS = 1 << 18
 _TINY = torch.finfo(torch.float32).tiny
-_workspace = threading.local()
+_workspace = cells.Workspace()
 
 
 def segment_labels(
@@ -88,31 +87,18 @@ def segment_labels(
 
 
 def workspace_bytes() -> int:
-    """Bytes this thread's workspace holds (kept between calls; see :func:`_workspace_buffer`)."""
-    buffers = getattr(_workspace, "buffers", {})
-    return sum(buffer.numel() * buffer.element_size() for buffer in buffers.values())
+    """Bytes this thread's workspace holds (kept between calls; see ``cells.Workspace``)."""
+    return _workspace.bytes()
 
 
 def release_workspace() -> None:
     """Drop this thread's workspace (the next call makes it again, at the size it needs)."""
-    _workspace.buffers = {}
+    _workspace.release()
 
 
 def _workspace_buffer(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of at least ``numel`` elements, kept per thread and device between calls.
-
-    The two band-sized tables live here. Allocated afresh on each call, their run time depended
-    on the C allocator's state: glibc hands freed memory of this size back to the system, and
-    every page is faulted in again on the next call (measured: two 5 MB buffers cost 12 ms of
-    page faults in a call against 0.3 ms of arithmetic on them, on this project's VMs).
-    """
-    buffers = getattr(_workspace, "buffers", None)
-    if buffers is None:
-        buffers = _workspace.buffers = {}
-    buffer = buffers.get(device)
-    if buffer is None or buffer.numel() < numel:
-        buffers[device] = buffer = torch.empty(numel, dtype=torch.float32, device=device)
-    return buffer[:numel]
+    """The two band-sized tables' float32 buffer, of at least ``numel`` elements."""
+    return _workspace.buffer(numel, device)
 
 
 @dataclass(frozen=True)

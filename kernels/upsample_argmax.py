@@ -1,4 +1,4 @@
-"""Triton: bilinear upsample + argmax + winner score, one program per grid cell.
+"""Triton: bilinear upsample + argmax + winner score, one program per (refined) grid cell.
 
 The reference upsamples to ``[B, C, H, W]`` and reads it back twice (softmax, argmax). Here one
 program owns one grid cell (the output pixels that interpolate between the same four grid
@@ -7,11 +7,19 @@ of DESIGN §4, computed on the grid by ``cells.cell_candidates``), interpolates 
 pixel tile in registers, and keeps a running argmax and an online softmax denominator. The only
 output traffic is ``H * W`` int16 labels and float32 scores.
 
+With scores, the kernel reads ``kernels.fine_grid.relative_logits`` (the logits on a grid refined
+twice, each point's classes minus its largest, times ``logit_scale``, computed in float64 and
+rounded once) instead of the logits: the same pixels' values up to a per-pixel shift the softmax
+and the argmax ignore, but small numbers where float32 is precise (scores within 4e-7 of the
+float64 reference at scale 100, where float32 values of ``logit_scale * v ~ 30`` were off by 1e-6).
+Labels alone read the logits (the argmax needs no such precision: ties within ~1e-7 may go either
+way, as in the reference's float32 labels-only path).
+
 Semantics are ``kernels.reference.segment_reference``'s: ``F.interpolate(mode="bilinear",
 align_corners=False)`` with the crop mapping of ``grid_extent`` (the sampling positions come
-from ``cells.axis_sampling``, which mirrors ATen), ties to the lowest class index, score = the
-winner's softmax probability over all classes at ``logit_scale`` (to ``score_tolerance``),
-label ``-1`` under ``background_threshold``.
+from ``cells.axis_sampling``, ATen's own), ties to the lowest class index, score = the winner's
+softmax probability over all classes at ``logit_scale`` (to ``score_tolerance``), label ``-1``
+where the score is strictly below ``background_threshold``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import cells
+from kernels import cells, fine_grid
 from kernels._triton import interpreting, launchable, next_power_of_2
 
 # Elements of the [B, rows, w, 4, C] corner tensor of the pruning per launch (16 MiB); larger
@@ -30,7 +38,7 @@ PRUNE_ELEMENTS = 1 << 22
 
 @triton.jit
 def _upsample_argmax(
-    logits_ptr,  # [B, h, w, C] float32, contiguous
+    logits_ptr,  # [B, grid_rows, w, C] float32, contiguous: grid rows first_grid_row.. of [B, h, w, C]
     classes_ptr,  # [B, band_rows, w, slots] int32: candidate classes, ascending
     count_ptr,  # [B, band_rows, w] int32
     used_row_ptr,  # [cells] int32: the band's cells that own output pixels (band-local row)
@@ -47,6 +55,8 @@ def _upsample_argmax(
     grid_w,
     num_classes,
     first_row,
+    first_grid_row,
+    grid_rows,
     band_rows,
     used_cells,
     slots,
@@ -74,23 +84,24 @@ def _upsample_argmax(
     x_end = tl.load(col_end_ptr + cell_col)
     count = tl.load(count_ptr + cell)
     candidates = classes_ptr + cell.to(tl.int64) * slots
-    image_logits = logits_ptr + image.to(tl.int64) * grid_h * grid_w * num_classes
-    corner00 = image_logits + (cell_row * grid_w + cell_col).to(tl.int64) * num_classes
-    corner01 = image_logits + (cell_row * grid_w + next_col).to(tl.int64) * num_classes
-    corner10 = image_logits + (next_row * grid_w + cell_col).to(tl.int64) * num_classes
-    corner11 = image_logits + (next_row * grid_w + next_col).to(tl.int64) * num_classes
+    # logits_ptr holds grid rows first_grid_row .. first_grid_row + grid_rows - 1 of each image.
+    image_logits = logits_ptr + image.to(tl.int64) * grid_rows * grid_w * num_classes
+    row0, row1 = cell_row - first_grid_row, next_row - first_grid_row
+    corner00 = image_logits + (row0 * grid_w + cell_col).to(tl.int64) * num_classes
+    corner01 = image_logits + (row0 * grid_w + next_col).to(tl.int64) * num_classes
+    corner10 = image_logits + (row1 * grid_w + cell_col).to(tl.int64) * num_classes
+    corner11 = image_logits + (row1 * grid_w + next_col).to(tl.int64) * num_classes
+
     image_out = image.to(tl.int64) * out_h * out_w
 
     for y0 in range(y_start, y_end, BLOCK_Y):
         ys = y0 + tl.arange(0, BLOCK_Y)
         y_inside = ys < y_end
         wy1 = tl.load(row_lambda_ptr + ys, mask=y_inside, other=0.0)[None, :, None]  # [1, BY, 1]
-        wy0 = 1.0 - wy1
         for x0 in range(x_start, x_end, BLOCK_X):
             xs = x0 + tl.arange(0, BLOCK_X)
             x_inside = xs < x_end
             wx1 = tl.load(col_lambda_ptr + xs, mask=x_inside, other=0.0)[None, :]  # [1, BX]
-            wx0 = 1.0 - wx1
             best = tl.full((BLOCK_Y, BLOCK_X), float("-inf"), tl.float32)
             label = tl.full((BLOCK_Y, BLOCK_X), 0, tl.int32)
             running_max = tl.full((BLOCK_Y, BLOCK_X), float("-inf"), tl.float32)
@@ -100,9 +111,12 @@ def _upsample_argmax(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_inside = ks < count
                 c = tl.load(candidates + ks, mask=k_inside, other=0)  # [BK] int32, ascending
-                top = wx0 * tl.load(corner00 + c)[:, None] + wx1 * tl.load(corner01 + c)[:, None]  # [BK, BX]
-                bottom = wx0 * tl.load(corner10 + c)[:, None] + wx1 * tl.load(corner11 + c)[:, None]
-                value = wy0 * top[:, None, :] + wy1 * bottom[:, None, :]  # [BK, BY, BX]: ATen's order
+                # a + w * (b - a): the weights 1 - w and w summing to 1 exactly, as torch.lerp.
+                left = tl.load(corner00 + c)[:, None]
+                top = left + wx1 * (tl.load(corner01 + c)[:, None] - left)  # [BK, BX]
+                left = tl.load(corner10 + c)[:, None]
+                bottom = left + wx1 * (tl.load(corner11 + c)[:, None] - left)
+                value = top[:, None, :] + wy1 * (bottom[:, None, :] - top[:, None, :])  # [BK, BY, BX]
                 value = tl.where(k_inside[:, None, None], value, float("-inf"))
                 chunk_best = tl.max(value, axis=0)  # [BY, BX]
                 # The lowest class among the chunk's maxima (torch.argmax's tie rule), then the
@@ -161,6 +175,9 @@ def segment_triton(
     values = logits.float().contiguous()  # [B, h, w, C]; a copy only for half inputs (grid-sized)
     rows = cells.axis_sampling(grid_h, height, extent_h, device)
     cols = cells.axis_sampling(grid_w, width, extent_w, device)
+    if with_scores:  # the refined, shifted grid (module docstring), at scale 1: it is scaled already
+        rows, cols = fine_grid.refine_sampling(rows, grid_h), fine_grid.refine_sampling(cols, grid_w)
+        grid_h, grid_w = fine_grid.refined_size(grid_h), fine_grid.refined_size(grid_w)
     # A [BLOCK_K, BLOCK_Y, BLOCK_X] float32 tile per program: 8K elements on a GPU (registers);
     # the interpreter runs one numpy op per tile, so there it is larger and loops less.
     tile = 1 << 17 if interpreting() else 1 << 13
@@ -175,14 +192,21 @@ def segment_triton(
     for first in range(0, len(used), band_rows):
         band_used = used[first : first + band_rows]
         band = range(band_used[0], band_used[-1] + 1)
-        candidates = cells.cell_candidates(values, band, logit_scale, score_tolerance if with_scores else None)
+        read = range(band.start, min(band.stop + 1, grid_h))  # the grid rows the band's cells read
+        if with_scores:
+            grid = fine_grid.relative_logits(values, read, logit_scale)  # [B, rows read, wf, C]
+            scale = 1.0
+        else:
+            grid, scale = values[:, read.start : read.stop].contiguous(), float(logit_scale)
+        local = range(0, len(band))
+        candidates = cells.cell_candidates(grid, local, scale, score_tolerance if with_scores else None)
         # One program per cell that owns output pixels (downsampling leaves most cells empty).
         local_rows = torch.tensor(band_used, dtype=torch.int32, device=device) - band.start
         used_row = local_rows.repeat_interleave(used_cols.numel())  # [cells]
         used_col = used_cols.repeat(local_rows.numel())  # [cells]
         block_k = min(next_power_of_2(candidates.classes.shape[-1]), max(1, tile // (block_y * block_x)), 32)
         kernel[(batch * used_row.numel(),)](
-            values,
+            grid,
             candidates.classes,
             candidates.count,
             used_row,
@@ -199,12 +223,14 @@ def segment_triton(
             grid_w,
             num_classes,
             band.start,
+            read.start,
+            len(read),
             len(band),
             used_row.numel(),
             candidates.classes.shape[-1],
             height,
             width,
-            float(logit_scale),
+            scale,
             float(background_threshold or 0.0),
             HAS_BACKGROUND=background_threshold is not None,
             WITH_SCORES=with_scores,

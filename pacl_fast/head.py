@@ -100,11 +100,18 @@ class Head:
         """Logits ``[B, h, w, C]`` -> labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32.
 
         See :func:`kernels.reference.segment_reference` for the exact semantics; the fast
-        backends match it (labels wherever the top-2 margin exceeds 1e-4, scores to 1e-4).
+        backends match it (labels wherever the top-2 margin exceeds 1e-6, scores to 1e-6 of the
+        reference's float64 probabilities). ``background_threshold`` is a probability in [0, 1]: a
+        pixel is background (label -1) when its score is strictly below it, so a score equal to the
+        threshold keeps its class (0 keeps every pixel; 1 keeps only scores of exactly 1.0).
         ``with_scores=False`` returns ``(labels, None)``: the fast backends then skip every class
         that cannot win, which is most of the work when many classes are close (the softmax
-        score needs all classes within ~1e-4 of the winner's weight, the argmax does not).
+        score needs all classes within ~exp(-20) of the winner's weight, the argmax does not).
         """
+        if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
+            raise ValueError(
+                f"background_threshold must be a probability in [0, 1] (or None), got {background_threshold!r}"
+            )
         if self.backend == "reference":
             segment = reference.segment_reference
         elif self.uses_triton(logits.device):

@@ -2,10 +2,11 @@
 
 A label's embedding is the mean of its unit prompt embeddings over the templates, renormalised
 (CLIP's prompt ensembling). :class:`TextEmbedder` is the one way to get them: it runs the text
-tower on the prompts no cache holds (template by template, so that the prompts of one call share
-their prefix; the encoders run each prompt only up to its end-of-text token, see
+tower on the prompts no cache holds (many templates a call: the eager tower runs the beginning
+that prompts share once and each prompt only up to its end-of-text token, see
 ``ClipBackbone.encode_text``) and keeps the results in memory and on disk
-(:mod:`pacl_fast.text_cache`).
+(:mod:`pacl_fast.text_cache`). :func:`template_set` and :func:`validate_labels` are what every door
+(library, CLI, service) calls on a user's templates and labels, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+from pacl_fast.choices import TEMPLATE_PRESETS
 from pacl_fast.text_cache import DEFAULT_MAX_BYTES, TextCache, templates_key, text_model_key
 from pacl_fast.text_tower import PromptTruncatedWarning
 
@@ -32,28 +35,75 @@ SHORT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLA
 #: One template, the cheapest.
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
-TEMPLATE_SETS = {"imagenet": IMAGENET_TEMPLATES, "short": SHORT_TEMPLATES, "single": SINGLE_TEMPLATE}
+
+def _preset(name: str) -> tuple[str, ...]:
+    """The templates of a preset of :data:`pacl_fast.choices.TEMPLATE_PRESETS`."""
+    if name == "synthetic":  # the synthetic world's own (its module needs numpy: imported when asked for)
+        from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
+
+        return SYNTHETIC_TEMPLATES
+    return {"imagenet": IMAGENET_TEMPLATES, "short": SHORT_TEMPLATES, "single": SINGLE_TEMPLATE}[name]
 
 
-def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A named template set (``imagenet``, ``short``, ``single``) or a list of ``{}`` templates."""
+def _check_template(template: object) -> str:
+    """A template that formats one label, else ValueError naming it."""
+    problem = None
+    if not isinstance(template, str):
+        problem = f"is not a string ({type(template).__name__})"
+    elif template.count("{}") != 1:
+        problem = "must have exactly one '{}' (where the label goes)"
+    else:
+        try:
+            template.format("label")
+        except (IndexError, KeyError, ValueError) as error:
+            problem = f"does not format a label ({type(error).__name__}: {error}; a literal brace is {{{{ or }}}})"
+    if problem is not None:
+        raise ValueError(f"template {template!r} {problem}")
+    return template
+
+
+def template_set(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset name (:data:`pacl_fast.choices.TEMPLATE_PRESETS`: ``imagenet``, ``short``, ``single``,
+    ``synthetic``), one template with ``{}`` where the label goes, or a list of them -> the templates.
+
+    The one way every door (``predict``, ``segment``, ``eval``, the service) turns what a user gave into
+    templates; the result is what cache keys and embeddings are made from."""
     if isinstance(templates, str):
-        if templates in TEMPLATE_SETS:
-            return TEMPLATE_SETS[templates]
-        if "{}" in templates:
-            return (templates,)
-        raise ValueError(f"templates must be one of {sorted(TEMPLATE_SETS)} or contain '{{}}', got {templates!r}")
-    resolved = tuple(templates)
+        if templates in TEMPLATE_PRESETS:
+            return _preset(templates)
+        if "{" not in templates:
+            raise ValueError(
+                f"templates must be one of {', '.join(TEMPLATE_PRESETS)} or a template with '{{}}' where the label "
+                f"goes, got {templates!r}"
+            )
+        return (_check_template(templates),)
+    if isinstance(templates, (bytes, bytearray)) or not isinstance(templates, Sequence):
+        raise TypeError(f"templates must be a preset name, a template or a list of templates, got {type(templates)}")
+    resolved = tuple(_check_template(template) for template in templates)
     if not resolved:
-        raise ValueError("templates is empty")
-    for template in resolved:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"each template must be a string with exactly one '{{}}', got {template!r}")
+        raise ValueError("templates is empty: give at least one template, or a preset name")
     return resolved
 
 
-def validate_labels(labels: Sequence[str]) -> tuple[str, ...]:
-    """Class names as a tuple; empty lists, blank names and duplicates are errors."""
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer() -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's CLIP tokenizer (BPE, lowercasing, whitespace cleaning; ~0.1 s to build, once): what
+    :func:`validate_labels` compares labels with when it is not given a model's own."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def validate_labels(
+    labels: Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+) -> tuple[str, ...]:
+    """Class names as a tuple; empty lists, blank names and duplicates are errors, also labels that the
+    tokenizer makes identical (``Circle`` and ``circle``; ``a  b`` and ``a b``): they would get one
+    embedding and split the pixels between them.
+
+    Needs a tokenizer only, no model, so every door can call it before loading one: ``tokenizer``
+    (texts -> token ids ``[T, L]``, a model's own) or open_clip's CLIP tokenizer (:func:`clip_tokenizer`).
+    """
     if isinstance(labels, str):
         raise TypeError("labels must be a list of class names, not one string (split 'a,b,c' first)")
     labels = tuple(labels)
@@ -68,6 +118,17 @@ def validate_labels(labels: Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"labels has duplicates: {sorted(set(duplicates))}")
     if len(labels) > 32767:
         raise ValueError(f"at most 32767 labels fit int16 label maps, got {len(labels)}")
+    tokens = (tokenizer or clip_tokenizer())(list(labels))  # [C, L]
+    if len(labels) > 1:
+        _, group = torch.unique(tokens, dim=0, return_inverse=True)  # [C]: equal rows, equal group
+        first: dict[int, str] = {}
+        same = [(first[g], label) for label, g in zip(labels, group.tolist()) if first.setdefault(g, label) != label]
+        if same:
+            shown = "; ".join(f"{a!r} and {b!r}" for a, b in same[:5]) + ("; ..." if len(same) > 5 else "")
+            raise ValueError(
+                f"labels has duplicates to the tokenizer, which lowercases and cleans whitespace: {shown} "
+                "are the same text to the model (one embedding, the pixels split between them); keep one of each"
+            )
     return labels
 
 
@@ -106,10 +167,12 @@ class TextEmbedder:
 
     Each label's embedding is the template ensemble (each prompt's embedding normalised, the mean
     over templates normalised again, as :func:`ensemble_text_embeddings`). Labels that neither cache
-    holds are encoded in chunks of at most ``batch_size`` labels (balanced), one ``encode_text`` call
-    per template and chunk (so the prompts of a call share their prefix, run once), with tqdm
-    progress past :data:`PROGRESS_MIN_PROMPTS` prompts; each chunk's entries are written as it
-    finishes, so an interrupted run resumes from them.
+    holds are encoded in chunks of whole labels (balanced) of at most ``batch_size`` prompts where the
+    templates allow, each chunk's prompts tokenized at once and sent in ``encode_text`` calls of at most
+    ``batch_size`` prompts, template-major (the eager tower runs what prompts share once, however
+    many templates a call holds), with tqdm progress past :data:`PROGRESS_MIN_PROMPTS` prompts; each
+    chunk's entries are written as it finishes, so an interrupted run resumes from them.
+    :attr:`seconds` says where the time went (tokenizing, the tower, cache reads and writes).
 
     Build it with :meth:`for_model` for a CLIP and an encoder; the arguments below are the parts.
 
@@ -127,7 +190,7 @@ class TextEmbedder:
         cache_dir: the disk cache's folder (default ``$PACL_FAST_CACHE/text`` or ``~/.cache/pacl-fast/text``).
         use_disk_cache: False keeps embeddings in memory only.
         max_cache_bytes: the disk cache's size cap (least recently used entries are removed past it).
-        batch_size: most prompts per ``encode_text`` call, and labels per chunk.
+        batch_size: most prompts per ``encode_text`` call (a chunk's labels x templates, when that fits).
         progress: show a progress bar (None: when more than :data:`PROGRESS_MIN_PROMPTS` prompts are encoded).
         memory_entries: labels kept in memory (least recently used dropped first).
         device: where returned embeddings live.
@@ -145,7 +208,7 @@ class TextEmbedder:
         cache_dir: str | Path | None = None,
         use_disk_cache: bool = True,
         max_cache_bytes: int = DEFAULT_MAX_BYTES,
-        batch_size: int = 256,
+        batch_size: int = 1024,
         progress: bool | None = None,
         memory_entries: int = 8192,
         device: str | torch.device = "cpu",
@@ -168,6 +231,7 @@ class TextEmbedder:
         self._memory: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
         self.encoded_prompts = 0  # prompts run through the text tower so far (cache misses x templates)
+        self.seconds = dict.fromkeys(("tokenize", "encode", "cache_read", "cache_write"), 0.0)  # spent so far
 
     @classmethod
     def for_model(
@@ -211,8 +275,8 @@ class TextEmbedder:
 
     def __call__(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Class names (and a template set name or list) -> unit embeddings ``[C, E]`` float32."""
-        labels = validate_labels(labels)
-        templates = resolve_templates(templates)
+        labels = validate_labels(labels, self.tokenize)
+        templates = template_set(templates)
         key = templates_key(templates)
         with self._lock:
             entries = {label: self._cached(key, label) for label in labels}
@@ -220,7 +284,9 @@ class TextEmbedder:
             if missing:
                 entries.update(self._compute(missing, templates, key))
                 if self.disk is not None:
+                    began = time.perf_counter()
                     self.disk.evict()
+                    self.seconds["cache_write"] += time.perf_counter() - began
         cut = [label for label in labels if entries[label]["cut"]]
         if cut:
             shown = ", ".join(repr(label) for label in cut[:10]) + (", ..." if len(cut) > 10 else "")
@@ -239,7 +305,10 @@ class TextEmbedder:
             self._memory.move_to_end((key, label))
             return entry
         if self.disk is not None:
-            entry = self.disk.load(self.model_key, key, label, self.embed_dim)
+            model_key = self.model_key
+            start = time.perf_counter()
+            entry = self.disk.load(model_key, key, label, self.embed_dim)
+            self.seconds["cache_read"] += time.perf_counter() - start
             if entry is not None:
                 self._remember(key, label, entry)
         return entry
@@ -257,20 +326,25 @@ class TextEmbedder:
         count = len(templates)
         total = len(labels) * count
         show = self.progress if self.progress is not None else total > PROGRESS_MIN_PROMPTS
-        per_chunk = math.ceil(len(labels) / math.ceil(len(labels) / self.batch_size))  # balanced chunks
+        chunks = math.ceil(len(labels) / max(1, self.batch_size // count))
+        per_chunk = math.ceil(len(labels) / chunks)  # balanced chunks of whole labels
         computed = {}
         with tqdm(total=total, desc="text embeddings", unit="prompt", disable=not show) as bar:
             for start in range(0, len(labels), per_chunk):
                 chunk = labels[start : start + per_chunk]
                 n = len(chunk)
                 prompts = [template.format(label) for template in templates for label in chunk]  # template-major
+                began = time.perf_counter()
                 tokens = self.tokenize(prompts)  # [count * n, context]
                 cut_rows = set(self.find_cut(prompts, tokens)) if self.find_cut is not None else set()
-                tokens = tokens.reshape(count, n, -1)
-                units = []  # per template: [n, E]
-                for batch in tokens:  # [n, context]: one template, so one shared prefix
+                self.seconds["tokenize"] += time.perf_counter() - began
+                units = []  # [m, E] per call
+                for first in range(0, len(prompts), self.batch_size):
+                    batch = tokens[first : first + self.batch_size]  # [m, context]: whole templates mostly
+                    began = time.perf_counter()
                     units.append(F.normalize(self.encode_text(batch).float().cpu(), dim=-1))
-                    bar.update(n)
+                    self.seconds["encode"] += time.perf_counter() - began
+                    bar.update(len(batch))
                 self.encoded_prompts += count * n
                 embeddings = ensemble(torch.cat(units).reshape(count, n, -1).transpose(0, 1))  # [n, E]
                 for j, label in enumerate(chunk):
@@ -281,5 +355,7 @@ class TextEmbedder:
                     computed[label] = entry
                     self._remember(key, label, entry)
                     if self.disk is not None:
+                        began = time.perf_counter()
                         self.disk.store(self.model_key, key, label, entry["embedding"], entry["cut"])
+                        self.seconds["cache_write"] += time.perf_counter() - began
         return computed

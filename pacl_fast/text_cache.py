@@ -13,11 +13,15 @@ its metadata, which a read checks.
 * Writes are atomic (:func:`pacl_fast.files.atomic_write`): processes computing the same entry
   each publish a whole file (the last one wins; both hold the same numbers), and a reader never
   sees half of one. No locks: torchrun ranks that start cold each compute, then all share.
-* Reads trust nothing: an entry that is truncated, not safetensors, of the wrong shape or dtype,
-  not finite, not unit length, or made for another key is named in a warning and computed again
-  (then rewritten).
+* Reads trust nothing: an entry that is not a regular file (a FIFO would block the reader forever),
+  truncated, not safetensors, of the wrong shape or dtype, not finite, not unit length, or made for
+  another key is named in a warning and computed again (then rewritten; a folder in its place is left).
 * Size cap (default 1 GiB, about 400,000 ViT-B entries) with least-recently-used eviction by
-  modification time, which a read refreshes.
+  modification time, which a read refreshes. Knowing the size takes a walk of the tree (a stat per
+  entry: ~2 s for 50,000 entries on this machine), which a process that computed one label used to
+  pay before returning it. The walk's total is kept in ``<root>/size.json`` with what processes
+  stored since (a hint: concurrent writers may lose each other's additions), and a process walks only
+  when that passes the cap or the last walk is a day old.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pacl_fast.encoders.base import dtype_name
-from pacl_fast.files import atomic_write, default_cache_dir
+from pacl_fast.files import atomic_write, default_cache_dir, open_regular, read_regular_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ TEXT_CACHE_FORMAT = "1"  # bump when an entry's content changes for the same key
 DEFAULT_MAX_BYTES = 1 << 30
 MAX_ENTRY_BYTES = 1 << 20  # a [E] float32 vector and its metadata: kilobytes; anything bigger is not ours
 STALE_TEMPORARY_SECONDS = 3600  # temporary files of writers killed mid-write are removed after this
+SIZE_HINT = "size.json"  # at the root: {"bytes": total at the last walk + stores since, "walked": its time}
+MAX_HINT_BYTES = 256
+WALK_EVERY_SECONDS = 24 * 3600  # a hint older than this is not trusted: the tree is walked again
 UNIT_TOLERANCE = 1e-3
 TENSOR_NAME = "embedding"
 
@@ -109,10 +116,13 @@ class TextCache:
         self.root = Path(root) if root is not None else default_text_cache_dir()
         self.max_bytes = max_bytes
         self.writable = True
-        # Bytes the cache held at the last walk plus what this process stored since: evict() walks the
-        # tree (a stat per entry) only on first use and when this passes max_bytes. Other processes'
-        # writes are seen at the next walk, so the cap holds up to what they added meanwhile.
+        # Bytes the cache held at the last walk plus what was stored since (this process's stores, and
+        # others' as far as the size hint records them): evict() walks the tree (a stat per entry) only
+        # when there is no fresh hint and when this passes max_bytes. The cap holds up to what other
+        # processes added unrecorded since the last walk.
         self._known_bytes: int | None = None
+        self._walked = 0.0  # when the walk the known bytes count from was made
+        self._unrecorded = 0  # bytes this process stored that the size hint does not count yet
 
     def path(self, model_key: str, templates: str, label: str) -> Path:
         """Where the entry for (model, templates digest, label) lives."""
@@ -123,11 +133,11 @@ class TextCache:
         broken (a broken one is named in a warning)."""
         path = self.path(model_key, templates, label)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO or device where an entry should be must not block the reader
                 data = f.read(MAX_ENTRY_BYTES + 1)
         except FileNotFoundError:
             return None
-        except OSError as error:
+        except OSError as error:  # NotARegularFileError included: a broken entry, replaced by the next store
             logger.warning("text cache entry %s cannot be read (%s); computing it again", path, error)
             return None
         expected = {"format": TEXT_CACHE_FORMAT, "model": model_key, "templates": templates, "label": label}
@@ -153,12 +163,17 @@ class TextCache:
             "cut": "1" if cut else "0",
         }
         data = save({TENSOR_NAME: embedding.detach().float().cpu().contiguous()}, metadata=metadata)
+        path = self.path(model_key, templates, label)
         try:
-            atomic_write(self.path(model_key, templates, label), data)
+            atomic_write(path, data)
         except OSError as error:
+            if path.is_dir():  # this entry's name is taken by a folder (a FIFO or file is replaced): skip it alone
+                logger.warning("text cache entry %s is a folder, left alone (%s); label not cached", path, error)
+                return
             self.writable = False
             logger.warning("cannot write the text cache in %s (%s); continuing without it", self.root, error)
             return
+        self._unrecorded += len(data)
         if self._known_bytes is not None:
             self._known_bytes += len(data)
 
@@ -169,9 +184,17 @@ class TextCache:
     def evict(self) -> int:
         """Remove least recently used entries until the cache fits ``max_bytes``, and temporary files
         that writers left when they were killed; returns how many entries were removed. Walks the
-        cache only on first use and once the bytes known to be in it pass ``max_bytes``."""
+        cache only when the bytes known to be in it (the size hint's, else a walk's) pass ``max_bytes``
+        or the last walk is :data:`WALK_EVERY_SECONDS` old."""
+        if self._known_bytes is None:
+            hint = self._read_hint()
+            if hint is not None:
+                self._known_bytes, self._walked = hint[0] + self._unrecorded, hint[1]
         if self._known_bytes is not None and self._known_bytes <= self.max_bytes:
+            if self._unrecorded:
+                self._write_hint()
             return 0
+        walked = time.time()
         entries = sorted(self._entries(), key=lambda entry: entry[1])  # oldest first
         total = sum(size for _, _, size in entries)
         removed = 0
@@ -187,10 +210,39 @@ class TextCache:
                 logger.warning("cannot remove text cache entry %s (%s)", path, error)
                 continue
             total -= size
-        self._known_bytes = total
+        self._known_bytes, self._walked = total, walked
+        self._write_hint()
         if removed:
             logger.info("text cache over %d bytes: removed %d least recently used entries", self.max_bytes, removed)
         return removed
+
+    def _read_hint(self) -> tuple[int, float] | None:
+        """``(bytes, walk time)`` from the size hint, or None when it is missing, broken or a day old."""
+        try:
+            hint = json.loads(read_regular_bytes(self.root / SIZE_HINT, MAX_HINT_BYTES))
+            size, walked = hint["bytes"], hint["walked"]
+        except (OSError, ValueError, TypeError, KeyError) as error:  # missing, not a file, not ours: walk
+            if not isinstance(error, FileNotFoundError):
+                logger.debug("text cache size hint in %s unusable (%s); walking the cache", self.root, error)
+            return None
+        now = time.time()
+        if (
+            type(size) is not int
+            or size < 0
+            or type(walked) not in (int, float)
+            or not now - WALK_EVERY_SECONDS < walked <= now
+        ):
+            return None
+        return size, float(walked)
+
+    def _write_hint(self) -> None:
+        """Record the known bytes for the next process (best effort: a cache that cannot be written has none)."""
+        try:
+            atomic_write(self.root / SIZE_HINT, json.dumps({"bytes": self._known_bytes, "walked": self._walked}))
+        except OSError as error:
+            logger.debug("cannot write the text cache size hint in %s (%s)", self.root, error)
+            return
+        self._unrecorded = 0
 
     def _entries(self) -> list[tuple[Path, float, int]]:
         """``(path, mtime, size)`` of every entry; stale temporary files are removed on the way."""

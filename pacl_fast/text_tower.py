@@ -1,16 +1,19 @@
 """The text tower exactly as open_clip computes it, at any length.
 
 CLIP's text transformer is causal and pools at the end-of-text token, so the tokens after a prompt's
-end change nothing it outputs: each prompt can run only up to its end (:func:`encode_text_eager`),
-in passes by length, with the prefix every prompt shares run once. Which towers allow it is decided
-from the model's own modules and config (:func:`truncation_problem`); the others keep the full length.
+end change nothing it outputs, and prompts that begin alike compute the same thing there: each
+prompt can run only up to its end, the beginnings prompts share once, packed into long sequences
+under an exact mask (:func:`encode_text_eager`). Which towers allow it is decided from the model's
+own modules and config (:func:`truncation_problem`); the others keep the full length.
 :class:`pacl_fast.backbone.ClipBackbone` is the interface; this module is its text-side machinery.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
@@ -112,29 +115,37 @@ def pool_index(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
 
 #: What one more pass through the text tower costs, in token positions: per-op overhead and reading
 #: every weight once (CPU, ViT-B-16: ~40 tokens' work measured on 2 cores), kernel launches (CUDA).
+#: Used where rows run whole, in passes by length (:func:`length_groups`).
 PASS_OVERHEAD_TOKENS = {"cpu": 32, "cuda": 4096}
+#: Most token positions one pass runs at once (sequences x length): bounds the activations a pass
+#: holds (ViT-B-16 fp32: ~25 kB a position, so ~200 MB on a CPU) whatever the caller sends.
+PASS_POSITIONS = {"cpu": 8192, "cuda": 65536}
+#: Length of the packed sequences (positions) the eager tower runs: long enough that a template's
+#: prefix is shared by dozens of prompts, short enough that attention over it (``4 D S`` FLOPs a
+#: position against ``24 D^2`` for the rest, ~4% for CLIP's text width 512) stays small.
+PACK_LENGTH = 128
 
 
-def _pass_overhead(device: torch.device) -> int:
-    return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cpu"])
+def _device_value(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
 
 
-def length_groups(lengths: torch.Tensor, offset: int = 0) -> list[tuple[int, torch.Tensor]]:
+def length_groups(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """Rows in passes by length: ``[(length, row indices)]``, each pass run at the longest length in it.
 
     Rows of one length need no padding; merging lengths saves passes. The grouping minimises the
-    positions run past ``offset`` (a shared prefix) plus :data:`PASS_OVERHEAD_TOKENS` per pass, by
-    dynamic programming over the distinct lengths (at most the context length of them).
+    positions run plus :data:`PASS_OVERHEAD_TOKENS` per pass, by dynamic programming over the
+    distinct lengths (at most the context length of them).
     """
     values, counts = lengths.unique(return_counts=True)
     values, counts = values.tolist(), counts.tolist()
-    overhead = _pass_overhead(lengths.device)
+    overhead = _device_value(PASS_OVERHEAD_TOKENS, lengths.device)
     best, start = [0.0] * (len(values) + 1), [0] * (len(values) + 1)  # best[j]: the first j lengths
     for j in range(1, len(values) + 1):
         rows, best[j] = 0, float("inf")
         for i in range(j, 0, -1):  # the last pass holds lengths i..j
             rows += counts[i - 1]
-            cost = best[i - 1] + overhead + rows * (values[j - 1] - offset)
+            cost = best[i - 1] + overhead + rows * values[j - 1]
             if cost < best[j]:
                 best[j], start[j] = cost, i
     groups, j = [], len(values)
@@ -146,11 +157,14 @@ def length_groups(lengths: torch.Tensor, offset: int = 0) -> list[tuple[int, tor
     return groups[::-1]
 
 
-def _text_embed(parts: TextParts, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Token + positional embeddings of tokens at positions ``start, start + 1, ...``: ``[n, l, D]``."""
+def _text_embed(parts: TextParts, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Token + positional embeddings ``[n, l, D]`` of tokens ``[n, l]`` at positions ``0..l-1``, or at
+    ``positions [n, l]``."""
     cast_dtype = parts.transformer.get_cast_dtype()
     x = parts.token_embedding(tokens).to(cast_dtype)
-    return x + parts.positional_embedding[start : start + tokens.shape[1]].to(cast_dtype)
+    if positions is None:
+        return x + parts.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+    return x + parts.positional_embedding[positions].to(cast_dtype)
 
 
 def text_hidden(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
@@ -159,16 +173,21 @@ def text_hidden(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
     return parts.transformer(_text_embed(parts, tokens), attn_mask=parts.attn_mask[:length, :length])
 
 
-def text_head(parts: TextParts, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Transformer outputs ``[n, l, D]`` pooled at ``index [n]`` -> unit embeddings ``[n, E]``
-    (``ln_final`` is per token, so applying it after pooling gives open_clip's numbers)."""
-    x = parts.ln_final(hidden[torch.arange(hidden.shape[0], device=hidden.device), index])  # [n, D]
+def _project(parts: TextParts, pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled transformer outputs ``[n, D]`` -> unit embeddings ``[n, E]``."""
+    x = parts.ln_final(pooled)
     projection = parts.text_projection
     if isinstance(projection, nn.Linear):
         x = projection(x)
     elif projection is not None:
         x = x @ projection
     return F.normalize(x, dim=-1)
+
+
+def text_head(parts: TextParts, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Transformer outputs ``[n, l, D]`` pooled at ``index [n]`` -> unit embeddings ``[n, E]``
+    (``ln_final`` is per token, so applying it after pooling gives open_clip's numbers)."""
+    return _project(parts, hidden[torch.arange(hidden.shape[0], device=hidden.device), index])  # [n, D] pooled
 
 
 def _attention_of(block: nn.Module) -> nn.MultiheadAttention | None:
@@ -188,82 +207,246 @@ def _attention_of(block: nn.Module) -> nn.MultiheadAttention | None:
     return None
 
 
-def _shares_prefix(parts: TextParts) -> bool:
-    """Whether every block is open_clip's plain residual attention block (whose keys and values
-    :func:`_prefix_keys_values` can compute); custom blocks (qk-norm, scaled cosine) are not."""
+def _plain_blocks(parts: TextParts) -> bool:
+    """Whether every block is open_clip's plain residual attention block, whose arithmetic
+    :func:`_block` repeats under a mask of its own; custom blocks (qk-norm, scaled cosine attention)
+    run through their own modules, whole rows in passes by length."""
     return getattr(parts.transformer, "batch_first", False) and all(
         _attention_of(block) is not None for block in parts.transformer.resblocks
     )
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[n, l, D]`` -> ``[n, H, l, D/H]``."""
-    n, length, width = x.shape
-    return x.view(n, length, heads, width // heads).transpose(1, 2)
+# --- shared prefixes, packed -----------------------------------------------------------------------
+#
+# Rows that begin with the same tokens compute the same thing at those positions (the mask is causal),
+# and a prompt list is mostly such rows: every prompt of a template shares the template's beginning
+# (and all share the start token). So the eager tower runs each shared run of leading tokens (a chain)
+# once, and each row only from the end of its shared prefix to its pooled (end-of-text) token. They
+# are packed into sequences of :data:`PACK_LENGTH` positions, each holding chains followed by rows
+# that use them, under a mask that lets a row's positions see the first ``prefix`` positions of its
+# chain and its own earlier positions: the attention each position computes is exactly the one it
+# computes in its own prompt, at the same positional embedding. Passes are these sequences, so they
+# are long (a matmul's worth of rows) whatever the prompts' lengths.
 
 
-def _prefix_keys_values(parts: TextParts, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each block's attention keys and values ``[1, H, p, d]`` for a prefix ``[1, p]`` that many prompts share."""
-    x = _text_embed(parts, prefix)  # [1, p, D]
-    length, width = prefix.shape[1], x.shape[-1]
-    blocks = parts.transformer.resblocks
-    keys_values = []
-    for i, block in enumerate(blocks):
-        attention = _attention_of(block)
-        bias = attention.in_proj_bias
-        kv = F.linear(block.ln_1(x), attention.in_proj_weight[width:], None if bias is None else bias[width:])
-        key, value = kv.chunk(2, dim=-1)  # [1, p, D] each
-        keys_values.append((_split_heads(key, attention.num_heads), _split_heads(value, attention.num_heads)))
-        if i < len(blocks) - 1:  # the last block's output at the prefix is never read
-            x = block(x, attn_mask=parts.attn_mask[:length, :length])
-    return keys_values
+@dataclass(frozen=True)
+class TextPlan:
+    """Which positions of token ids ``[T, L]`` run: each shared chain once, then each row's rest.
+
+    Bookkeeping of a few thousand integers, kept in NumPy on the host: torch would enter an OpenMP
+    region for each small op, and on a busy machine every one of them waits for the other threads
+    (measured: plan and packing ~10 ms with idle threads sleeping, ~100 ms with them spinning)."""
+
+    index: np.ndarray  # [T] pooled position of each row
+    prefix: np.ndarray  # [T] leading positions each row takes from its chain (0: none)
+    chain: np.ndarray  # [T] the chain of each row (meaningful where prefix > 0)
+    chain_tokens: np.ndarray  # [C, l] the chains' tokens (each valid up to its length)
+    chain_lengths: np.ndarray  # [C]
+
+    @property
+    def positions(self) -> int:
+        """Token positions the plan needs: the chains once, then every row's rest up to its pooled token."""
+        return int(self.chain_lengths.sum()) + int((self.index + 1 - self.prefix).sum())
 
 
-def _suffix_hidden(
-    parts: TextParts, tokens: torch.Tensor, start: int, keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+def _shared_prefixes(tokens: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """How many leading tokens of each row at least one other row shares ``[T]`` (stopping before the
+    pooled position), and the rows' trie node ids at each of those depths (``[T]`` per depth: equal
+    ids at a depth mean equal tokens up to it)."""
+    rows = tokens.shape[0]
+    ids = np.zeros(rows, dtype=np.int64)
+    prefix = np.zeros(rows, dtype=np.int64)
+    alive = np.ones(rows, dtype=bool)
+    shifted = tokens - tokens.min()  # >= 0, so (node, token) pairs map to distinct integers
+    span = int(shifted.max()) + 1
+    nodes = []
+    for depth in range(int(index.max())):
+        _, ids, counts = np.unique(ids * span + shifted[:, depth], return_inverse=True, return_counts=True)
+        ids = ids.reshape(rows)
+        alive &= (counts[ids] >= 2) & (index > depth)
+        if not alive.any():
+            break
+        nodes.append(ids)
+        prefix += alive
+    return prefix, nodes
+
+
+def plan_text(tokens: torch.Tensor, index: torch.Tensor) -> TextPlan:
+    """The plan for token ids ``[T, L]`` pooled at ``index [T]``: each row's shared prefix comes from
+    the longest chain (maximal shared run of leading tokens) through it."""
+    tokens, index = tokens.cpu().numpy().astype(np.int64), index.cpu().numpy().astype(np.int64)
+    rows = tokens.shape[0]
+    prefix, nodes = _shared_prefixes(tokens, index) if rows > 1 else (np.zeros_like(index), [])
+    # Each row's chain: the row with the longest shared run through the node where its own prefix ends.
+    source = np.arange(rows)
+    score = prefix * rows + source  # the longest run first, then the highest row: one choice per node
+    for depth, ids in enumerate(nodes):
+        through = prefix > depth
+        best = np.full(rows, -1, dtype=np.int64)
+        np.maximum.at(best, ids[through], score[through])
+        ending = prefix == depth + 1
+        source[ending] = best[ids[ending]] % rows
+    sharing = prefix > 0
+    chain_rows, chain = np.unique(source[sharing], return_inverse=True)
+    chain_of = np.zeros(rows, dtype=np.int64)
+    chain_of[sharing] = chain.reshape(-1)
+    lengths = prefix[chain_rows]
+    width = int(lengths.max()) if len(lengths) else 0
+    return TextPlan(index, prefix, chain_of, tokens[chain_rows, :width], lengths)
+
+
+@dataclass(frozen=True)
+class TextPass:
+    """Packed sequences run through the tower together."""
+
+    tokens: torch.Tensor  # [N, S] token ids (padding: any id)
+    positions: torch.Tensor  # [N, S] positional embedding of each (padding: 0)
+    mask: torch.Tensor  # [N, 1, S, S] bool: which positions each position attends to
+    pooled: torch.Tensor  # [R] flat indices (into N * S) of the pooled positions
+    rows: torch.Tensor  # [R] the rows of the call they are
+    filled: int  # positions holding a token (the rest, N * S - filled, is padding)
+
+
+def _layout(plan: TextPlan, capacity: int) -> tuple[int, int, list[tuple[int, int, int, int]], list[int], list[int]]:
+    """Where each position goes, filling sequences of ``capacity`` positions (or a longer prompt's
+    length) in order: each chain's prefix, then the rows that use it; a chain whose rows do not fit
+    goes on in the next sequence with its prefix again (rows sorted by prefix length, longest first,
+    so each repeat is as short as the rows still to place allow).
+
+    Returns the sequence length (the fullest sequence's), the number of sequences, the chain segments
+    ``(flat start, positions, chain, segment number)``, and each row's flat start and chain segment
+    (-1: none). Flat is ``sequence * length + offset``; rows are segments ``0..T-1``, chains after them.
+    """
+    prefix, chain = plan.prefix.tolist(), plan.chain.tolist()
+    suffix = (plan.index + 1 - plan.prefix).tolist()
+    count = len(prefix)
+    by_chain: dict[int, list[int]] = {}
+    for row in range(count):
+        by_chain.setdefault(chain[row] if prefix[row] else -1 - row, []).append(row)  # unshared: alone
+    capacity = max(capacity, max(p + s for p, s in zip(prefix, suffix)))
+    sequence, used, fullest = -1, capacity, 0
+    segments, place, parent = [], [(0, 0)] * count, [-1] * count  # place: (sequence, offset)
+    for number, rows in by_chain.items():
+        rows.sort(key=lambda row: -prefix[row])
+        segment = -1  # the chain's segment in the current sequence
+        for row in rows:
+            if used + suffix[row] + (prefix[row] if segment < 0 else 0) > capacity:
+                sequence, used, segment = sequence + 1, 0, -1
+            if segment < 0 and prefix[row]:
+                segment = count + len(segments)
+                segments.append((sequence, used, prefix[row], number, segment))
+                used += prefix[row]
+            place[row], parent[row] = (sequence, used), segment
+            used += suffix[row]
+            fullest = max(fullest, used)
+    length = fullest  # no sequence needs more (a short call runs short sequences)
+    chain_parts = [(s * length + offset, width, number, segment) for s, offset, width, number, segment in segments]
+    return length, sequence + 1, chain_parts, [s * length + offset for s, offset in place], parent
+
+
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of ``lengths`` positions from flat ``starts``: ``(flat index, run number, offset in run)`` of each."""
+    run = np.repeat(np.arange(len(lengths)), lengths)
+    offset = np.arange(len(run)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return starts[run] + offset, run, offset
+
+
+def pack_text(tokens: torch.Tensor, plan: TextPlan, length: int | None = None) -> list[TextPass]:
+    """The passes that run ``plan`` on ``tokens [T, L]``: sequences of at most ``length`` (default
+    :data:`PACK_LENGTH`) positions laid out by :func:`_layout`, at most :data:`PASS_POSITIONS`
+    positions a pass."""
+    device = tokens.device
+    length, sequences, chain_parts, row_start, row_parent = _layout(plan, length or PACK_LENGTH)
+    total = sequences * length
+    flat_tokens = np.zeros(total, dtype=np.int64)
+    flat_positions = np.zeros(total, dtype=np.int64)
+    segment = -2 - np.arange(total)  # padding: a segment of its own, sees only itself
+    parent = np.full(total, -1, dtype=np.int64)
+    limit = np.zeros(total, dtype=np.int64)
+    if chain_parts:
+        starts, widths, chains, segments = (np.array(column, dtype=np.int64) for column in zip(*chain_parts))
+        where, run, offset = _runs(starts, widths)
+        flat_tokens[where] = plan.chain_tokens[chains[run], offset]
+        flat_positions[where] = offset
+        segment[where] = segments[run]
+    own = plan.index + 1 - plan.prefix  # [T]
+    where, run, offset = _runs(np.array(row_start, dtype=np.int64), own)
+    columns = plan.prefix[run] + offset
+    flat_tokens[where] = tokens.cpu().numpy()[run, columns]
+    flat_positions[where] = columns
+    segment[where] = run
+    parent[where] = np.array(row_parent, dtype=np.int64)[run]
+    limit[where] = plan.prefix[run]
+    pooled = np.array(row_start, dtype=np.int64) + own - 1  # [T] flat index of each row's pooled position
+
+    per_pass = max(1, _device_value(PASS_POSITIONS, device) // length)
+    passes = []
+    for first in range(0, sequences, per_pass):
+        n = min(per_pass, sequences - first)
+        cut = slice(first * length, (first + n) * length)
+        seg, par, lim, pos = (t[cut].reshape(n, length) for t in (segment, parent, limit, flat_positions))
+        mask = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])  # own, causal
+        mask |= (par[:, :, None] == seg[:, None, :]) & (pos[:, None, :] < lim[:, :, None])  # the chain's prefix
+        rows = np.flatnonzero((pooled >= cut.start) & (pooled < cut.stop))
+        passes.append(
+            TextPass(
+                torch.from_numpy(flat_tokens[cut].reshape(n, length)).to(device),
+                torch.from_numpy(pos).to(device),
+                torch.from_numpy(mask[:, None]).to(device),
+                torch.from_numpy(pooled[rows] - cut.start).to(device),
+                torch.from_numpy(rows).to(device),
+                int((segment[cut] >= 0).sum()),
+            )
+        )
+    return passes
+
+
+def _block(
+    block: ResidualAttentionBlock,
+    attention: nn.MultiheadAttention,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The transformer's output at positions ``start..L-1`` of tokens ``[n, L]`` whose first ``start``
-    tokens are the prefix of ``keys_values``: ``[n, L - start, D]``. The same block arithmetic as
-    open_clip's ``ResidualAttentionBlock`` (pre-norm attention and MLP, layer scales)."""
-    n, length = tokens.shape
-    x = _text_embed(parts, tokens[:, start:], start)  # [n, s, D]
-    s, width = length - start, x.shape[-1]
-    mask = parts.attn_mask[start:length, :length].to(x.dtype)  # [s, L]: position start + i sees 0..start + i
-    for block, (prefix_key, prefix_value) in zip(parts.transformer.resblocks, keys_values):
-        attention = _attention_of(block)
-        heads = attention.num_heads
-        qkv = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias)  # [n, s, 3D]
-        query, key, value = qkv.view(n, s, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [n, H, s, d]
-        key = torch.cat([prefix_key.expand(n, -1, -1, -1), key], dim=2)  # [n, H, L, d]
-        value = torch.cat([prefix_value.expand(n, -1, -1, -1), value], dim=2)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [n, H, s, d]
-        x = x + block.ls_1(attention.out_proj(attended.transpose(1, 2).reshape(n, s, width)))
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x
+    """open_clip's ``ResidualAttentionBlock`` on ``x [N, S, D]`` (pre-norm attention and MLP, layer
+    scales) under the additive ``mask [N, 1, S, S]`` (made once a pass, not converted by every call)
+    -> ``[N, S, D]``; with ``keep`` (flat indices into ``N * S``), only those positions' outputs
+    ``[K, D]`` (the last block: only pooled positions are read)."""
+    n, s, width = x.shape
+    heads = attention.num_heads
+    qkv = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias)  # [N, S, 3D]
+    query, key, value = qkv.view(n, s, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, S, d]
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [N, H, S, d]
+    attended = attended.transpose(1, 2).reshape(n, s, width)  # [N, S, D]
+    if keep is not None:
+        x, attended = x.reshape(n * s, width)[keep], attended.reshape(n * s, width)[keep]  # [K, D]
+    x = x + block.ls_1(attention.out_proj(attended))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def encode_text_eager(parts: TextParts, tokens: torch.Tensor) -> torch.Tensor:
-    """:meth:`ClipBackbone.encode_text` on a truncatable tower, eagerly: rows trimmed to their
-    pooled position + 1, run in passes by that length, and the prefix all rows share computed once
-    (when that saves more than a pass costs)."""
+    """:meth:`ClipBackbone.encode_text` on a truncatable tower, eagerly: each row runs only up to its
+    pooled position, and the leading tokens rows share run once (:func:`plan_text`), packed into long
+    sequences (:func:`pack_text`). Towers with custom blocks run whole rows through their own modules,
+    in passes by length."""
     index = pool_index(parts, tokens)  # [T]
-    lengths = index + 1
-    tokens = tokens[:, : int(lengths.max())]
-    prefix = 0
-    if tokens.shape[0] > 1 and _shares_prefix(parts):
-        same = (tokens == tokens[:1]).all(dim=0)  # [L]
-        prefix = min(int(same.long().cumprod(0).sum()), int(index.min()))  # every pooled position after it
-        if (tokens.shape[0] - 1) * prefix <= _pass_overhead(tokens.device):  # not worth a pass of its own
-            prefix = 0
-    keys_values = _prefix_keys_values(parts, tokens[:1, :prefix]) if prefix else None
+    tokens = tokens[:, : int(index.max()) + 1]
     out = None
-    for length, rows in length_groups(lengths, prefix):
-        group = tokens[rows, :length]
-        if keys_values is not None:
-            embeddings = text_head(parts, _suffix_hidden(parts, group, prefix, keys_values), index[rows] - prefix)
-        else:
-            embeddings = text_head(parts, text_hidden(parts, group), index[rows])
+    if not _plain_blocks(parts):
+        for length, rows in length_groups(index + 1):
+            embeddings = text_head(parts, text_hidden(parts, tokens[rows, :length]), index[rows])
+            if out is None:
+                out = embeddings.new_full((tokens.shape[0], embeddings.shape[-1]), math.nan)
+            out[rows] = embeddings
+        return out
+    blocks = parts.transformer.resblocks
+    for step in pack_text(tokens, plan_text(tokens, index)):
+        x = _text_embed(parts, step.tokens, step.positions)  # [N, S, D]
+        mask = torch.zeros(step.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~step.mask, -math.inf)
+        for block in blocks[:-1]:
+            x = _block(block, _attention_of(block), x, mask)
+        embeddings = _project(parts, _block(blocks[-1], _attention_of(blocks[-1]), x, mask, step.pooled))
         if out is None:
-            out = embeddings.new_empty((tokens.shape[0], embeddings.shape[-1]))
-        out[rows] = embeddings
+            out = embeddings.new_full((tokens.shape[0], embeddings.shape[-1]), math.nan)  # a row never written shows
+        out[step.rows] = embeddings
     return out

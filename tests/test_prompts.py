@@ -1,6 +1,10 @@
+import contextlib
 import copy
+import json
 import logging
 import os
+import re
+import signal
 import threading
 import time
 import warnings
@@ -19,8 +23,9 @@ from pacl_fast.prompts import (
     IMAGENET_TEMPLATES,
     SHORT_TEMPLATES,
     TextEmbedder,
+    clip_tokenizer,
     ensemble_text_embeddings,
-    resolve_templates,
+    template_set,
     validate_labels,
 )
 from pacl_fast.text_cache import TextCache, templates_key, text_model_key
@@ -31,12 +36,43 @@ def test_template_sets():
     assert len(IMAGENET_TEMPLATES) == 80 and len(set(IMAGENET_TEMPLATES)) == 80
     assert len(SHORT_TEMPLATES) == 7
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES + SHORT_TEMPLATES)
-    assert resolve_templates("imagenet") == IMAGENET_TEMPLATES
-    assert resolve_templates("a sketch of a {}.") == ("a sketch of a {}.",)
+    assert template_set("imagenet") == IMAGENET_TEMPLATES
+    assert template_set("a sketch of a {}.") == ("a sketch of a {}.",)
+    assert template_set(["a {}.", "the {} {{here}}"]) == ("a {}.", "the {} {{here}}")
     with pytest.raises(ValueError, match="exactly one"):
-        resolve_templates(["no placeholder"])
-    with pytest.raises(ValueError, match="templates must be one of"):
-        resolve_templates("imagenet80")
+        template_set(["no placeholder"])
+    with pytest.raises(ValueError, match="templates must be one of imagenet, short, single, synthetic"):
+        template_set("imagenet80")
+
+
+def test_every_preset_the_doors_offer_is_accepted():
+    """``choices.TEMPLATE_PRESETS`` is what the CLI and the service offer: the library takes each of them
+    (``synthetic`` was refused by ``predict`` although the service answered with it)."""
+    from pacl_fast.choices import TEMPLATE_PRESETS
+    from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
+
+    for name in TEMPLATE_PRESETS:
+        templates = template_set(name)
+        assert templates and all(isinstance(t, str) and t.count("{}") == 1 for t in templates), name
+    assert template_set("synthetic") == SYNTHETIC_TEMPLATES
+    assert template_set("short") == SHORT_TEMPLATES and template_set("single") == ("a photo of a {}.",)
+
+
+@pytest.mark.parametrize(
+    "templates,error,message",
+    [
+        ("a {} and {}", ValueError, "'a {} and {}' must have exactly one"),
+        (["a {}", "the {0}"], ValueError, "'the {0}' must have exactly one"),
+        (["{} of {name}"], ValueError, "'{} of {name}' does not format a label (KeyError"),
+        (["a {}", 3], ValueError, "template 3 is not a string"),
+        ([], ValueError, "templates is empty"),
+        (b"a {}", TypeError, "templates must be a preset name"),
+        ("photo", ValueError, "templates must be one of"),
+    ],
+)
+def test_bad_templates_are_named(templates, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        template_set(templates)
 
 
 def test_ensemble_is_mean_of_unit_embeddings_renormalised():
@@ -61,6 +97,36 @@ def test_ensemble_is_mean_of_unit_embeddings_renormalised():
 def test_bad_labels(labels, message):
     with pytest.raises((ValueError, TypeError), match=message):
         validate_labels(labels)
+
+
+@pytest.mark.parametrize(
+    "labels,pair",
+    [
+        (["Circle", "square", "circle"], "'Circle' and 'circle'"),  # the tokenizer lowercases
+        (["ice  cream", "cake", "ice cream "], "'ice  cream' and 'ice cream '"),  # and cleans whitespace
+        (["stop sign!", "stop sign !"], "'stop sign!' and 'stop sign !'"),  # punctuation is its own token
+    ],
+)
+def test_labels_the_tokenizer_makes_identical_are_refused_before_any_model(labels, pair):
+    """Such labels would get one embedding and split the pixels between them. Only the tokenizer is
+    needed (no model is built here); both labels are named."""
+    with pytest.raises(ValueError, match=f"duplicates to the tokenizer.*{pair}"):
+        validate_labels(labels)
+    distinct = ("circle", "Circles", "ice cream", "icecream")
+    assert validate_labels(list(distinct)) == distinct
+
+
+def test_the_embedder_checks_labels_with_its_models_tokenizer(tiny_model, encoder, tmp_path):
+    calls = []
+
+    def tokenize(texts):
+        calls.append(list(texts))
+        return clip_tokenizer()(texts)[:, :16]  # the tiny model's context
+
+    text = TextEmbedder(encoder.encode_text, tokenize, "tiny", cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="'Cat' and 'cat'"):
+        text(["Cat", "dog", "cat"], TEMPLATES)
+    assert calls == [["Cat", "dog", "cat"]] and text.encoded_prompts == 0  # refused before any prompt runs
 
 
 # --- TextEmbedder: the template ensemble through the text tower, cached in memory and on disk ---------
@@ -92,7 +158,7 @@ def reference_embeddings(backbone, labels, templates) -> torch.Tensor:
 
 
 def test_embedder_equals_the_full_tower_ensemble(tiny_model, encoder, tmp_path):
-    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # chunks of 3, 3 and 1 labels
+    text = embedder(tiny_model, encoder, tmp_path, batch_size=3)  # a label a chunk, calls of 3 and 2 prompts
     got = text(CLASSES, TEMPLATES)
     expected = reference_embeddings(tiny_model.backbone, CLASSES, TEMPLATES)
     assert got.shape == (7, 64) and got.dtype == torch.float32
@@ -226,6 +292,53 @@ def test_broken_entries_are_recomputed_and_rewritten(tiny_model, encoder, tmp_pa
     assert again.encoded_prompts == 0
 
 
+class Blocked(Exception):  # noqa: N818 - not an OSError, so no reader's error handling can swallow it
+    """A block ran past its :func:`deadline`."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise :class:`Blocked` in the test if the block takes longer (a blocking open is interrupted), so
+    a regression fails instead of hanging the run."""
+
+    def expire(signum, frame):
+        raise Blocked(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_entries_that_are_not_regular_files_are_broken_entries_not_hangs(tiny_model, encoder, tmp_path, caplog):
+    """A FIFO where an entry is expected blocked the reader forever (in the service, every later request).
+    It is now a broken entry: named in a warning, computed again and replaced; a folder in an entry's
+    place is left alone and that label alone goes uncached."""
+    text = embedder(tiny_model, encoder, tmp_path)
+    expected = text(CLASSES[:3], TEMPLATES)
+    fifo, folder = entry_paths(text, CLASSES[:2])
+    fifo.unlink()
+    os.mkfifo(fifo)
+    folder.unlink()
+    folder.mkdir()
+    fresh = embedder(tiny_model, encoder, tmp_path)
+    with deadline(30), caplog.at_level(logging.WARNING, logger="pacl_fast.text_cache"):
+        got = fresh(CLASSES[:3], TEMPLATES)
+    torch.testing.assert_close(got, expected)
+    assert fresh.encoded_prompts == 10  # the two broken ones, not the third
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"{fifo} cannot be read" in messages and "FIFO" in messages and str(folder) in messages
+    assert fifo.is_file() and folder.is_dir() and fresh.disk.writable
+    again = embedder(tiny_model, encoder, tmp_path)
+    with deadline(30):
+        torch.testing.assert_close(again(CLASSES[:1], TEMPLATES), expected[:1])
+    assert again.encoded_prompts == 0  # served by the entry that replaced the FIFO
+
+
 def test_size_cap_evicts_least_recently_used(tiny_model, encoder, tmp_path):
     text = embedder(tiny_model, encoder, tmp_path)
     text(CLASSES, TEMPLATES)
@@ -343,3 +456,40 @@ def test_evict_walks_the_cache_only_when_its_known_size_passes_the_cap(tmp_path)
     for i in range(10_000 // entry + 1):  # this process alone passes the cap: the next evict walks
         cache.store("m", "t", f"label {i}", unit)
     assert cache.evict() >= 1 and not outsider.exists() and cache.size() <= cache.max_bytes
+
+
+def test_a_new_process_trusts_the_size_hint_instead_of_walking_the_cache(tmp_path):
+    """Walking the cache to learn its size (a stat per entry, seconds for a large cache) was the first
+    evict() of every process that computed a label. The last walk's total, with what was stored since,
+    is kept in size.json: a new process walks only when that passes the cap, or the walk is a day old,
+    or the hint is not a hint (garbage, a FIFO: read without blocking)."""
+    from pacl_fast.text_cache import SIZE_HINT, WALK_EVERY_SECONDS
+
+    unit = F.normalize(torch.randn(64), dim=0)
+    first = TextCache(tmp_path, max_bytes=10_000)
+    first.store("m", "t", "a", unit)
+    assert first.evict() == 0  # no hint yet: a walk, which writes one
+    entry = first.path("m", "t", "a").stat().st_size
+    first.store("m", "t", "b", unit)
+    assert first.evict() == 0
+    hint = json.loads((tmp_path / SIZE_HINT).read_text())
+    assert hint["bytes"] == 2 * entry  # the walk's entry, then this process's second store
+
+    outsider = first.path("m", "t", "outsider")  # written behind every process's back: seen by a walk only
+    outsider.write_bytes(first.path("m", "t", "a").read_bytes() * (10_000 // entry))
+    os.utime(outsider, (1, 1))  # the oldest
+    second = TextCache(tmp_path, max_bytes=10_000)
+    second.store("m", "t", "c", unit)
+    assert second.evict() == 0 and outsider.exists()  # trusted the hint: no walk
+    assert json.loads((tmp_path / SIZE_HINT).read_text())["bytes"] == 3 * entry
+
+    for broken in (b"{garbage", json.dumps({"bytes": 10, "walked": time.time() - WALK_EVERY_SECONDS - 1}).encode()):
+        (tmp_path / SIZE_HINT).write_bytes(broken)
+        assert TextCache(tmp_path, max_bytes=10_000).evict() == 1 and not outsider.exists()  # walked
+        outsider.write_bytes(first.path("m", "t", "a").read_bytes() * (10_000 // entry))
+        os.utime(outsider, (1, 1))
+    (tmp_path / SIZE_HINT).unlink()
+    os.mkfifo(tmp_path / SIZE_HINT)
+    with deadline(30):
+        assert TextCache(tmp_path, max_bytes=10_000).evict() == 1 and not outsider.exists()
+    assert (tmp_path / SIZE_HINT).is_file()  # the walk's total replaced the FIFO

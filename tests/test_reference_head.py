@@ -56,3 +56,37 @@ def test_patch_logits_are_cosines():
     torch.testing.assert_close(patch_logits(patches, classes), want, atol=1e-6, rtol=1e-5)
     with pytest.raises(RuntimeError):
         patch_logits(patches, torch.randn(4, 7))
+
+
+def test_exact_upsample_is_atens_up_to_float32_rounding():
+    """``upsample_logits_exact`` samples where ATen does (its float32 positions, read from ATen), so ATen's
+    float32 upsample is it to within float32 rounding, on padded extents, downsampling and copied axes."""
+    from kernels.reference import upsample_logits_exact
+
+    generator = torch.Generator().manual_seed(1)
+    for h, w, height, width, extent in [
+        (5, 7, 23, 61, None),
+        (6, 9, 37, 70, (5.25, 8.5)),
+        (6, 6, 6, 20, (4.5, 4.5)),
+        (9, 14, 50, 83, None),
+        (14, 14, 480, 640, None),
+        (11, 13, 4, 5, None),
+    ]:
+        logits = torch.randn(2, h, w, 3, generator=generator)
+        exact = upsample_logits_exact(logits, (height, width), extent)
+        assert exact.dtype == torch.float64 and exact.shape == (2, 3, height, width)
+        float32 = upsample_logits(logits, (height, width), extent).double()
+        assert (float32 - exact).abs().max() <= 2 * torch.finfo(torch.float32).eps * logits.abs().max()
+
+
+def test_scores_are_the_float64_softmax_rounded_once():
+    """Where the sampling positions are exact in any precision (integer scale factors), the reference is
+    F.interpolate + softmax + argmax in float64: labels equal, scores the float64 ones rounded to float32."""
+    generator = torch.Generator().manual_seed(2)
+    logits = 0.05 * torch.randn(2, 4, 5, 30, generator=generator)
+    labels, scores = segment_reference(logits, (16, 40), logit_scale=100.0)
+    exact = F.interpolate(logits.double().permute(0, 3, 1, 2), size=(16, 40), mode="bilinear", align_corners=False)
+    probabilities = torch.softmax(exact * 100.0, dim=1)  # [B, C, H, W] float64
+    assert torch.equal(labels.long(), exact.argmax(1))
+    assert scores.dtype == torch.float32
+    assert ((scores.double() - probabilities.amax(1)).abs() <= 2**-25 * 1.0001).all()

@@ -71,18 +71,25 @@ def backbone(request, tiny_backbone) -> ClipBackbone:
     return tiny_backbone if request.param == "tiny" else request.getfixturevalue("vit_backbone")
 
 
-@pytest.fixture(params=[0, 10**6], ids=["passes-by-length", "one-padded-pass"])
-def pass_overhead(request, monkeypatch) -> int:
-    """The cost model's price of a pass: 0 runs every length apart and shares every prefix; a huge
-    one runs one padded pass without a prefix pass. Both must be exact."""
-    monkeypatch.setattr(text_tower, "PASS_OVERHEAD_TOKENS", {"cpu": request.param, "cuda": request.param})
+@pytest.fixture(
+    params=[(1, 1, 0), (7, 20, 32), (10**4, 10**9, 10**6)], ids=["sequence-per-row", "awkward-splits", "one-pass"]
+)
+def packing(request, monkeypatch) -> tuple[int, int, int]:
+    """How the eager tower packs: ``(PACK_LENGTH, PASS_POSITIONS, PASS_OVERHEAD_TOKENS)``. One row a
+    sequence and a pass (each row runs its prefix itself), sequences of 7 positions in passes of 20
+    (chains split between sequences, rows of several chains in one), or everything in one pass (and
+    the length grouping's one padded pass). All must be exact."""
+    length, positions, overhead = request.param
+    monkeypatch.setattr(text_tower, "PACK_LENGTH", length)
+    monkeypatch.setattr(text_tower, "PASS_POSITIONS", {"cpu": positions, "cuda": positions})
+    monkeypatch.setattr(text_tower, "PASS_OVERHEAD_TOKENS", {"cpu": overhead, "cuda": overhead})
     return request.param
 
 
 # --- exactness -----------------------------------------------------------------------------------
 
 
-def test_truncated_tower_equals_full_tower_on_mixed_lengths(backbone, pass_overhead):
+def test_truncated_tower_equals_full_tower_on_mixed_lengths(backbone, packing):
     tokens = mixed_tokens(backbone)
     expected = full_tower(backbone, tokens)
     assert backbone.text_truncatable
@@ -98,7 +105,7 @@ def test_truncated_tower_equals_full_tower_on_mixed_lengths(backbone, pass_overh
         assert min_cosine(backbone.encode_text(short[:, :5]), expected[[0, 3, 5]]) >= EXACT
 
 
-def test_shared_prefix_is_exact(backbone, pass_overhead):
+def test_shared_prefix_is_exact(backbone, packing):
     """One template over many labels (as the embedder sends them): the common prefix runs once."""
     prompts = [f"a photo of the {label}, taken at night." for label in LABELS]
     tokens = backbone.tokenize(prompts)
@@ -107,6 +114,53 @@ def test_shared_prefix_is_exact(backbone, pass_overhead):
         same = backbone.encode_text(tokens[[1, 1, 1]])  # identical rows: all but the end-of-text token shared
     expected = full_tower(backbone, tokens)
     assert min_cosine(got, expected) >= EXACT and min_cosine(same, expected[[1, 1, 1]]) >= EXACT
+
+
+def random_rows(generator: torch.Generator, rows: int, context: int, stems: int = 3) -> torch.Tensor:
+    """Token rows shaped like a prompt list's, but random: the start token, then the first tokens (none
+    to all) of one of a few random stems, so that rows share prefixes of every length, random tokens,
+    the end-of-text token at a random position (0: a row of the end token alone) and random tokens
+    after it; the last row repeats the first."""
+    start, end = 49406, 49407
+    stem = torch.randint(1, start, (stems, context), generator=generator)
+    tokens = torch.randint(1, start, (rows, context), generator=generator)
+    for row in range(rows):
+        shared = int(torch.randint(0, context + 1, (1,), generator=generator))
+        tokens[row, :shared] = stem[int(torch.randint(0, stems, (1,), generator=generator)), :shared]
+    tokens[:, 0] = start
+    tokens[torch.arange(rows), torch.randint(0, context, (rows,), generator=generator)] = end
+    if rows > 2:
+        tokens[-1] = tokens[0]
+    return tokens
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 33])
+def test_eager_tower_on_random_rows(tiny_backbone, packing, rows):
+    """Fresh random rows of every length and sharing, in every packing: each row as open_clip's full
+    tower computes it (rows the packing never wrote would be NaN)."""
+    tokens = random_rows(torch.Generator().manual_seed(rows), rows, tiny_backbone.context_length)
+    with torch.no_grad():
+        got = tiny_backbone.encode_text(tokens)
+        expected = tiny_backbone.clip.encode_text(tokens, normalize=True)
+    assert got.shape == expected.shape and not got.isnan().any()
+    assert min_cosine(got, expected) >= EXACT
+
+
+def test_each_shared_prefix_runs_once(tiny_backbone, monkeypatch):
+    """A template-major prompt list: every prompt takes at least its template's beginning from a chain,
+    and with room in the sequences each chain runs once: the positions run are the plan's, far fewer
+    than the rows' own."""
+    monkeypatch.setattr(text_tower, "PACK_LENGTH", 10**4)
+    templates = ["a photo of a {}.", "a blurry photo of the {}.", "{} in the wild", "itap of my {}"]
+    tokens = tiny_backbone.tokenize([template.format(label) for template in templates for label in LABELS])
+    index = tokens.argmax(dim=-1)
+    plan = text_tower.plan_text(tokens, index)
+    for number, template in enumerate(templates):
+        lead = 1 + len(tiny_backbone.tokenizer.encode(template.split("{}")[0]))  # the start token and the words
+        assert (plan.prefix[number * len(LABELS) : (number + 1) * len(LABELS)] >= lead).all()
+    passes = text_tower.pack_text(tokens, plan)
+    assert sum(step.filled for step in passes) == plan.positions
+    assert plan.positions < 0.6 * int((index + 1).sum())
 
 
 def test_text_lengths_are_end_positions_plus_one(tiny_backbone):

@@ -258,8 +258,7 @@ def check_weights_files(args: argparse.Namespace) -> None:
 
 def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
     """Class names and templates checked as the text side checks them, before any model loads."""
-    from pacl_fast.defaults import templates_of
-    from pacl_fast.prompts import validate_labels
+    from pacl_fast.prompts import template_set, validate_labels
 
     try:
         if labels is not None:
@@ -268,7 +267,7 @@ def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
         raise UsageError(f"--labels: {error}") from None
     try:
         if templates is not None:
-            templates_of(templates)
+            template_set(templates)
     except ValueError as error:
         raise UsageError(f"--templates {templates!r}: {error}") from None
 
