@@ -47,7 +47,6 @@ more of the shapes than 0.98. ``background_threshold=0.0`` turns it off.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,26 +117,6 @@ class ModelDefaults:
         return ", ".join(words)
 
 
-def templates_of(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A preset name (:data:`~pacl_fast.choices.TEMPLATE_PRESETS`), one template with ``{}`` or a list of them
-    -> the templates, as the text side resolves them, so that every door accepts the same presets.
-
-    The text side's one resolver is ``prompts.template_set`` (every preset); until that is merged here its
-    predecessor ``prompts.resolve_templates`` runs, which lacks the ``synthetic`` preset, so that one is
-    looked up here as ``serve`` used to (delete that fallback once ``template_set`` is in).
-    """
-    from pacl_fast import prompts
-
-    resolve = getattr(prompts, "template_set", None)
-    if resolve is not None:
-        return resolve(templates)
-    if isinstance(templates, str) and templates == "synthetic":
-        from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
-
-        return SYNTHETIC_TEMPLATES
-    return prompts.resolve_templates(templates)
-
-
 def training_defaults(data: str) -> dict[str, Any]:
     """What ``train/`` records as the defaults of PACL weights trained on ``data`` (its ``--data`` kind)."""
     return {"templates": "synthetic"} if data == "synthetic" else {}
@@ -177,7 +156,9 @@ def _templates(value: object) -> str | tuple[str, ...]:
         raise ValueError(f"must be a preset name or a list of 1..{MAX_TEMPLATES} templates, got {str(value)[:80]!r}")
     if not all(isinstance(t, str) and len(t) <= MAX_TEMPLATE_CHARS for t in value):
         raise ValueError(f"must hold templates of at most {MAX_TEMPLATE_CHARS} characters each")
-    return templates_of(value)  # each with one {} that formats a label
+    from pacl_fast.prompts import template_set
+
+    return template_set(value)  # each with one {} that formats a label
 
 
 _CHECKS = {"templates": _templates, "background_threshold": _probability, "image_size": _side,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pacl_fast.build import build, encoder_for
-from pacl_fast.defaults import ModelDefaults, resolve_defaults, templates_of
+from pacl_fast.defaults import ModelDefaults, resolve_defaults
 from pacl_fast.encoders import AUTO, Encoder
 from pacl_fast.encoders.base import fused_embedder, precision_name
 from pacl_fast.head import Head
@@ -229,7 +229,7 @@ class Segmenter:
         """Class names -> unit text embeddings ``[C, E]``: each template filled with each name, the text
         tower run at the prompts' own lengths, per-label averages cached in memory and on disk. ``templates``:
         a preset of :data:`~pacl_fast.choices.TEMPLATE_PRESETS`, a template or a list; None: the model's."""
-        return self.text_embedder(labels, templates_of(self.defaults.templates if templates is None else templates))
+        return self.text_embedder(labels, self.defaults.templates if templates is None else templates)
 
     # ----------------------------------------------------------------------------- tensor level
 

@@ -342,7 +342,7 @@ def test_every_door_accepts_every_template_preset(tiny_config):
 
     from pacl_fast.choices import TEMPLATE_PRESETS
     from pacl_fast.cli.common import check_text
-    from pacl_fast.defaults import templates_of
+    from pacl_fast.prompts import template_set
     from pacl_fast.serve.inputs import parse_segment_options
     from pacl_fast.serve.settings import ServeSettings
 
@@ -353,5 +353,5 @@ def test_every_door_accepts_every_template_preset(tiny_config):
         asked = parse_segment_options({"labels": ["cat,dog"], "templates": [preset]}, ServeSettings(), segmenter)
         assert asked.templates == preset
         by_name = segmenter.encode_labels(["cat"], preset)
-        assert torch.equal(by_name, segmenter.encode_labels(["cat"], templates_of(preset)))
+        assert torch.equal(by_name, segmenter.encode_labels(["cat"], template_set(preset)))
         assert segmenter.predict(image, ["cat", "dog"], templates=preset).labels.shape == (24, 40)
