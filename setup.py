@@ -31,6 +31,7 @@ setup(
         "numpy",
         "pillow>=9.1",
         "tqdm",
+        "opencv-python-headless>=4.5",  # --protocol resizes as the papers' mmcv pipelines do (cv2.resize)
     ],
     extras_require={
         "test": [

@@ -10,17 +10,33 @@ Three ways to name a CLIP, as open_clip users expect:
 * a config dict (open_clip's ``model_cfg``: ``embed_dim``, ``vision_cfg``, ``text_cfg``), for tiny
   models in tests and the synthetic world.
 
+A model built from a pretrained tag gets the settings open_clip records for that tag
+(:func:`pretrained_settings`), whatever the config name: QuickGELU for weights trained with it
+(OpenAI's, MetaCLIP's, DFN's...: ``ViT-B-16`` + ``openai`` computes what ``ViT-B-16-quickgelu`` +
+``openai`` does, which open_clip's own factory only warns about) and the tag's mean/std. A local
+file carries no such record: its config says it (``ViT-B-16-quickgelu``, or ``"quick_gelu": true``
+in a ``local-dir:`` folder's ``model_cfg`` or a config dict).
+
+A tag's weights come from the hub cache, else from the hub; with no network (``HF_HUB_OFFLINE``,
+or the hub's host not answering within :data:`HUB_CONNECT_TIMEOUT` seconds) only the cache is
+looked at, and a miss raises :class:`WeightsUnavailableError` at once, saying what to download.
+
 ``clip_weights=None`` means random initialisation and says so in a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +47,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from pacl_fast.files import open_regular, read_regular_bytes
 from pacl_fast.text_tower import (
     PromptTruncatedWarning,
     check_tokens,
@@ -50,7 +67,21 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LOCAL_DIR_PREFIX = "local-dir:"
-POSITIONAL_RESIZES = ("size", "scale_factor")
+#: How positional embeddings meet another patch grid (:meth:`ClipBackbone.positional_embedding`):
+#: ``"size"`` (PACL's: bicubic to ``(h, w)`` whenever the grid differs from the native one);
+#: ``"scale_factor_if_count_differs"`` (SCLIP's, ClearCLIP's and NACLIP's ``interpolate_pos_encoding``:
+#: :func:`resize_positional_scale_factor`, only when the number of patches differs from the native grid's);
+#: ``"size_if_count_differs"`` (MaskCLIP's ``_pos_embeding``: bicubic to ``(h, w)``, only then).
+POSITIONAL_RESIZES = ("size", "scale_factor_if_count_differs", "size_if_count_differs")
+
+#: Seconds to wait for the hub's host to accept a connection before treating the machine as offline.
+HUB_CONNECT_TIMEOUT = 3.0
+#: The preprocessing keys of an open_clip pretrained config that the model keeps (``preprocess_cfg``).
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+#: Largest ``open_clip_config.json`` read (real ones are under 2 KB).
+MAX_CONFIG_BYTES = 1 << 20
+#: safetensors' own limit on its JSON header.
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def resize_positional_scale_factor(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -72,6 +103,11 @@ def resize_positional_scale_factor(patch_pos: torch.Tensor, grid: tuple[int, int
 
 class RandomWeightsWarning(UserWarning):
     """A model runs with randomly initialised weights: its outputs mean nothing."""
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """The weights a pretrained tag names are not in the local cache and cannot be downloaded now (no
+    network, or the hub refused). The message is one line: what failed and what to do."""
 
 
 @dataclass(frozen=True)
@@ -101,15 +137,44 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, cached by (path, size, mtime) because CLIP checkpoints are large."""
     path = os.path.abspath(path)
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        stat = os.fstat(f.fileno())
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in _SHA_CACHE:
+            digest = hashlib.sha256()
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
+            _SHA_CACHE[key] = digest.hexdigest()
     return _SHA_CACHE[key]
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """``ValueError`` naming ``path`` unless it is a whole safetensors file, read before any tensor is.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header whose ``data_offsets``
+    place every tensor, and the data: a truncated download or copy ends before the data its header
+    describes (safetensors itself then raises an error that names no file).
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise ValueError(
+                f"CLIP weights file {path} is not a whole safetensors file ({size} bytes, "
+                f"{'no header' if length < 0 else f'a header of {length} bytes'}): truncated, or another format"
+            )
+        try:
+            header = json.loads(f.read(length))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ValueError(f"CLIP weights file {path} has a broken safetensors header ({error})") from None
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        raise ValueError(
+            f"CLIP weights file {path} is {'truncated' if size < expected else 'longer than its header says'}: "
+            f"its header describes {expected} bytes, the file has {size}; download or copy it again"
+        )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -117,10 +182,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        check_safetensors(path)
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # safetensors' own errors name no file
+            raise ValueError(f"cannot read CLIP weights file {path}: {error}") from error
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with open_regular(path) as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
         except Exception as error:  # pickle with custom classes, or not a torch file at all
             refusal = "torch.load(weights_only=True) refused it"
             raise ValueError(
@@ -210,9 +282,14 @@ class ClipBackbone(nn.Module):
     ) -> torch.Tensor:
         """Class + patch positional embeddings for a grid ``(h, w)``: ``[1 + h*w, D]``.
 
-        ``resize`` picks how the native grid is resized (bicubic, both): ``"size"`` (exactly ``(h, w)``,
-        what PACL trains and evaluates with) or ``"scale_factor"`` (the training-free papers' way, see
-        :func:`resize_positional_scale_factor`). Cached per (grid, dtype, device, resize).
+        ``resize`` (one of :data:`POSITIONAL_RESIZES`) picks how and when the native ``g0 x g1`` table
+        is resized, bicubic in all three: ``"size"`` (exactly ``(h, w)``, what PACL trains and evaluates
+        with, whenever ``(h, w) != (g0, g1)``), or the training-free repositories' rule, which resizes
+        only when ``h * w != g0 * g1`` and otherwise adds the native table as it is, in its row-major
+        order (SCLIP ``clip/model.py`` l. 239-242, NACLIP ``clip/model.py`` l. 104-107, ClearCLIP
+        ``open_clip/transformer.py`` l. 510-513, MaskCLIP ``mmseg/models/backbones/vit.py`` l. 367-379):
+        by scale factor (:func:`resize_positional_scale_factor`) or by size. The class position is never
+        resized. Cached per (grid, dtype, device, resize).
         """
         if resize not in POSITIONAL_RESIZES:
             raise ValueError(f"resize must be one of {POSITIONAL_RESIZES}, got {resize!r}")
@@ -222,15 +299,16 @@ class ClipBackbone(nn.Module):
             return cached
         pos = self.visual.positional_embedding.detach()  # [1 + g0*g1, D]
         g0, g1 = self.visual.grid_size
-        if tuple(grid) == (g0, g1):
+        by_count = resize != "size"
+        if tuple(grid) == (g0, g1) or (by_count and grid[0] * grid[1] == g0 * g1):
             resized = pos
         else:
             cls_pos, patch_pos = pos[:1], pos[1:]
             patch_pos = patch_pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2).float()  # [1, D, g0, g1]
-            if resize == "size":
-                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            else:
+            if resize == "scale_factor_if_count_differs":
                 patch_pos = resize_positional_scale_factor(patch_pos, grid)
+            else:
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
             resized = torch.cat([cls_pos, patch_pos], dim=0)
         resized = resized.to(device=device, dtype=dtype)
@@ -457,8 +535,155 @@ def _random_init_warning(arch: str) -> None:
         f"CLIP {arch} is randomly initialised (clip_weights=None): fine for tests and benchmarks, "
         "meaningless for segmentation. Pass a pretrained tag or a checkpoint path.",
         RandomWeightsWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of load_clip (load_clip -> _load_clip -> here)
     )
+
+
+# --- pretrained tags: their settings, and their weights without hanging on a dead network ----------------
+
+
+def pretrained_settings(clip: str, tag: str) -> dict[str, Any]:
+    """What open_clip records for pretrained ``tag`` of model ``clip`` (``open_clip.pretrained``):
+    ``quick_gelu`` (the activation the weights were trained with), ``mean``/``std``/``interpolation``/
+    ``resize_mode`` when recorded, and where the weights are (``hf_hub``, ``url`` or ``file``).
+
+    ``ValueError`` naming the model's tags when it has no such tag.
+    """
+    from open_clip.pretrained import get_pretrained_cfg
+
+    settings = get_pretrained_cfg(clip, tag)
+    if settings:
+        return dict(settings)
+    tags = open_clip.list_pretrained_tags_by_model(clip)
+    hint = ""
+    for other in (clip.removesuffix("-quickgelu"), f"{clip}-quickgelu"):
+        if other != clip and get_pretrained_cfg(other, tag):
+            hint = f" ({other} has it)"
+    listed = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags: pass a local checkpoint file"
+    raise ValueError(f"open_clip model {clip!r} has no pretrained tag {tag!r}{hint}; {listed}")
+
+
+def _weights_source(settings: dict[str, Any]) -> tuple[str, str, bool]:
+    """Where open_clip fetches a tag's weights from: (a URL to show, the file's name, whether through the hub)."""
+    from open_clip.pretrained import has_hf_hub
+
+    if settings.get("hf_hub") and has_hf_hub():
+        from huggingface_hub import constants
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+        repo, filename = os.path.split(settings["hf_hub"])
+        return f"{constants.ENDPOINT}/{repo}", filename or f"{HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME}", True
+    url = settings.get("url", "")
+    return url, os.path.basename(url), False
+
+
+def _offline_reason(settings: dict[str, Any]) -> str | None:
+    """Why the tag's weights cannot be downloaded now, or None when the server looks reachable.
+
+    ``HF_HUB_OFFLINE`` set, or the host (or the HTTPS proxy) not accepting a TCP connection within
+    :data:`HUB_CONNECT_TIMEOUT` seconds: found in at most that long, instead of the hub client's
+    minute of retries.
+    """
+    address, _, via_hub = _weights_source(settings)
+    if via_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set"
+    parsed = urllib.parse.urlsplit(address)
+    if not parsed.hostname:
+        return None
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname or host, proxied.port or 80
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as error:
+        return f"no network ({host}:{port} does not answer: {error.strerror or error})"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """The hub client in offline mode (cache only, no requests, no retries) while the block runs.
+
+    It flips ``huggingface_hub.constants.HF_HUB_OFFLINE``, a process-wide setting, and restores it: a hub
+    download in another thread during those milliseconds would be refused too (and could be retried)."""
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+class _OpenClipNotices(logging.Filter):
+    """Drops open_clip's root-logger line that is untrue when pacl-fast loads the weights itself into the model
+    open_clip built ("No pretrained weights loaded ... initialized randomly"; random init has its own warning)."""
+
+    DROPPED = ("No pretrained weights loaded for model",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith(self.DROPPED))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    notices = _OpenClipNotices()
+    root = logging.getLogger()
+    root.addFilter(notices)
+    try:
+        yield
+    finally:
+        root.removeFilter(notices)
+
+
+def _fetch_pretrained(clip: str, tag: str, settings: dict[str, Any]) -> Path:
+    """The local file of a tag's weights: open_clip's own download (hub cache first), in offline mode
+    when :func:`_offline_reason` finds no network. :class:`WeightsUnavailableError` when it fails."""
+    from open_clip.pretrained import download_pretrained
+
+    reason = _offline_reason(settings) if "file" not in settings else None
+    try:
+        with _hub_offline(reason is not None), _quiet_open_clip():
+            path = download_pretrained(settings)
+        if not path:
+            raise FileNotFoundError("open_clip records no source for it")
+    except Exception as error:
+        address, filename, _ = _weights_source(settings)
+        source = f"{filename} from {address}" if address else "its weights file"
+        local = f"--clip {clip}-quickgelu " if settings.get("quick_gelu") and not clip.endswith("-quickgelu") else ""
+        advice = (
+            f"download {source} on a connected machine and pass the file: clip_weights=PATH "
+            f"({local}--clip-weights PATH)"
+        )
+        if reason is not None:
+            failure = f"{reason}, and they are not in the local hub cache"
+        else:
+            failure = " ".join(str(error).split())[:300]
+        raise WeightsUnavailableError(
+            f"cannot get the weights of pretrained tag {tag!r} for {clip}: {failure}. To use them, {advice}"
+        ) from error
+    return Path(path)
+
+
+def _identity_of_tag(clip: str, tag: str, settings: dict[str, Any]) -> str:
+    """The architecture name recorded for a tag's model: open_clip's ``-quickgelu`` name when the tag's
+    weights run QuickGELU, so that ``ViT-B-16`` + ``openai`` and ``ViT-B-16-quickgelu`` + ``openai``
+    (the same computation) share caches and PACL weights."""
+    if settings.get("quick_gelu") and not clip.endswith("-quickgelu"):
+        return f"{clip}-quickgelu"
+    return clip
 
 
 def load_clip(
@@ -471,10 +696,24 @@ def load_clip(
 
     Args:
         clip: an open_clip model name (``"ViT-B-16"``), ``"local-dir:/path"``, or a model config dict.
-        clip_weights: a pretrained tag (hub), a local checkpoint file, or None for random init.
-            Must be None for ``local-dir:`` (the folder carries its weights).
+        clip_weights: a pretrained tag (hub; the model takes the tag's settings, see the module
+            docstring), a local checkpoint file, or None for random init. Must be None for
+            ``local-dir:`` (the folder carries its weights).
         device: where the model lives.
+
+    Raises:
+        WeightsUnavailableError: a tag's weights are neither cached nor downloadable now.
+        ValueError: an unknown model or tag, or a weights file that is broken or does not fit.
     """
+    from pacl_fast.files import NotARegularFileError
+
+    try:
+        return _load_clip(clip, clip_weights).to(device)
+    except NotARegularFileError as error:  # a FIFO or device where weights or a config should be
+        raise ValueError(str(error)) from None
+
+
+def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | None) -> ClipBackbone:
     if isinstance(clip, dict):
         model_cfg = copy.deepcopy(clip)
         arch = f"custom-{config_digest(model_cfg)}"
@@ -507,8 +746,15 @@ def load_clip(
         weights_path = _local_dir_weights(folder)
         if weights_path is None:
             raise FileNotFoundError(f"{clip!r}: no weights file (open_clip_model.safetensors, ...) in {folder}")
-        model_cfg = json.loads(config_path.read_text())["model_cfg"]
-        model = open_clip.create_model(clip, weights_only=True)
+        model_cfg = _read_local_config(config_path)
+        if weights_path.suffix == ".safetensors":
+            check_safetensors(weights_path)
+        try:
+            with _quiet_open_clip():
+                model = open_clip.create_model(clip, weights_only=True)
+        except (RuntimeError, ValueError, KeyError) as error:  # open_clip's load of a file that does not fit
+            message = " ".join(str(error).split())[:400]
+            raise ValueError(f"{clip!r}: open_clip cannot build the model from {weights_path}: {message}") from error
         tokenizer = open_clip.get_tokenizer(clip)
         arch = f"custom-{config_digest(model_cfg)}"
         weights_id = f"sha256:{file_sha256(weights_path)}"
@@ -516,24 +762,59 @@ def load_clip(
         model_cfg = open_clip.get_model_config(clip)
         if model_cfg is None:
             raise ValueError(f"unknown open_clip model {clip!r}; see open_clip.list_models()")
-        tokenizer = open_clip.get_tokenizer(clip)
         arch = clip
         if clip_weights is None:
-            model = open_clip.create_model(clip, pretrained=None)
+            with _quiet_open_clip():
+                model = open_clip.create_model(clip, pretrained=None)
             _random_init_warning(arch)
             weights_id = "random"
         elif Path(clip_weights).is_file():
-            model = open_clip.create_model(clip, pretrained=None)
+            with _quiet_open_clip():
+                model = open_clip.create_model(clip, pretrained=None)
             _load_into(model, Path(clip_weights))
             weights_id = f"sha256:{file_sha256(clip_weights)}"
+        elif os.path.exists(clip_weights):
+            raise ValueError(f"clip_weights {clip_weights} is not a regular file")
         else:
             tag = str(clip_weights)
             if tag not in open_clip.list_pretrained_tags_by_model(clip) and (os.sep in tag or "." in tag):
                 raise FileNotFoundError(f"clip_weights file not found: {tag}")
-            model = open_clip.create_model(clip, pretrained=tag, weights_only=True, require_pretrained=True)
+            settings = pretrained_settings(clip, tag)  # before any download: an unknown tag fails at once
+            checkpoint = _fetch_pretrained(clip, tag, settings)
+            if checkpoint.suffix == ".safetensors":
+                check_safetensors(checkpoint)
+            quick_gelu = bool(settings.get("quick_gelu", False))
+            preprocess = {key: settings[key] for key in PREPROCESS_KEYS if settings.get(key) is not None}
+            try:
+                with _quiet_open_clip():
+                    model = open_clip.create_model(
+                        clip,
+                        pretrained=str(checkpoint),
+                        force_quick_gelu=quick_gelu,
+                        force_preprocess_cfg=preprocess,
+                        weights_only=True,
+                        require_pretrained=True,
+                    )
+            except (RuntimeError, ValueError, KeyError) as error:
+                message = " ".join(str(error).split())[:400]
+                raise ValueError(f"open_clip cannot load {checkpoint} (tag {tag!r} of {clip}): {message}") from error
+            if quick_gelu:
+                model_cfg = {**model_cfg, "quick_gelu": True}
+            arch = _identity_of_tag(clip, tag, settings)
             weights_id = tag
-    backbone = ClipBackbone(model, tokenizer, ClipIdentity(arch, weights_id), model_cfg)
-    return backbone.to(device)
+        tokenizer = open_clip.get_tokenizer(clip)
+    return ClipBackbone(model, tokenizer, ClipIdentity(arch, weights_id), model_cfg)
+
+
+def _read_local_config(path: Path) -> dict[str, Any]:
+    """The ``model_cfg`` of a ``local-dir:`` folder's ``open_clip_config.json``, checked to be one."""
+    try:
+        config = json.loads(read_regular_bytes(path, MAX_CONFIG_BYTES))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not an open_clip config (JSON with a 'model_cfg'): {error}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"{path} has no 'model_cfg' object (open_clip's local-dir layout)")
+    return config["model_cfg"]
 
 
 def _load_into(model: nn.Module, path: Path) -> None:

@@ -24,7 +24,7 @@ from pacl_fast.data.classification import ImageFolder
 from pacl_fast.data.names import ClassQueries
 from pacl_fast.data.segmentation import SegmentationDataset
 from pacl_fast.distributed import DistInfo
-from pacl_fast.images import Prepared, SegmentationPreprocess, SlidingWindow
+from pacl_fast.images import Prepared, SegmentationPreprocess, SlidingWindow, require_opencv
 from pacl_fast.metrics import SegmentationMetrics, confusion_matrix
 from pacl_fast.protocols import EvalProtocol
 from pacl_fast.runs import RunState, run_sharded, sample_ids_digest
@@ -101,16 +101,17 @@ def evaluate_segmentation(
     Args:
         names: per-class names to ask with (synonyms allowed); default ``dataset.prompt_names()``.
         templates: prompt templates (see ``Segmenter.predict``); default the dataset's own
-            (``dataset.templates``), else CLIP's 80 ImageNet templates.
+            (``dataset.templates``), else the model's (``Segmenter.defaults``).
         sliding_window: the windowed protocol of the training-free papers, e.g.
             ``SlidingWindow(crop=224, stride=112, short_side=336)``; None: the whole image with its
             short side at the segmenter's ``image_size``.
         background_threshold: pixels whose winning probability is under it are predicted as the
             dataset's background class (only datasets that have one: voc21, context60, cocoobject).
         protocol: a training-free paper's preset (``pacl_fast.protocols.get_protocol``); it sets the
-            names, templates, window and thresholds (so those must be left out), and the segmenter
-            must be built with its short side and logit scale (``pacl-fast eval --protocol`` does).
-            Protocols with PAMR or an area threshold post-process image-size logits
+            names, templates, window and thresholds (so those must be left out), the resize (mmcv's,
+            ``EvalProtocol.preprocessor``) and PAMR's guide (``EvalProtocol.pamr_guide``), and the
+            segmenter must be built with its short side and logit scale (``pacl-fast eval --protocol``
+            does). Protocols with PAMR or an area threshold post-process image-size logits
             (``Segmenter.image_logits``), which costs ``4 * Q * H * W`` bytes an image.
         dist: this process's rank (``init_distributed()``); None: one process.
         state_dir: where partial sums are saved for resuming; None keeps nothing.
@@ -120,6 +121,7 @@ def evaluate_segmentation(
     dense = False
     if protocol is not None:
         _check_protocol(protocol, segmenter, dataset, names, templates, sliding_window, background_threshold)
+        require_opencv()  # before any image: the protocols resize with OpenCV
         queries, query_class = protocol.queries, protocol.query_class
         templates = protocol.templates
         if not protocol.whole_image:
@@ -133,7 +135,7 @@ def evaluate_segmentation(
                 f"{len(asked.names)} class names given for {dataset.num_classes} classes of {dataset.name}"
             )
         queries, query_class = asked.queries, asked.query_class
-        templates = templates if templates is not None else (dataset.templates or "imagenet")
+        templates = templates if templates is not None else (dataset.templates or segmenter.defaults.templates)
     segmenter.check_options(sliding_window, background_threshold)
     if background_threshold is not None and dataset.background_index is None:
         raise ValueError(
@@ -164,7 +166,10 @@ def evaluate_segmentation(
     background = dataset.background_index if dataset.background_index is not None else -1
     to_class = np.append(np.asarray(query_class, dtype=np.int64), background)  # query label -> class; -1 -> last
     embeddings = _query_embeddings(segmenter, queries, templates)  # once, before any image
-    preprocess = segmenter.preprocessor(sliding_window, keep_images=dense and protocol.pamr is not None)
+    if protocol is not None:
+        preprocess = protocol.preprocessor(segmenter.patch_size, segmenter.mean, segmenter.std, segmenter.max_pixels)
+    else:
+        preprocess = segmenter.preprocessor(sliding_window)
 
     def predict(batch: list[tuple[int, Any]]) -> list[np.ndarray | Exception]:
         """Class labels ``[H, W]`` per image, or the error that stopped it."""
@@ -181,8 +186,10 @@ def evaluate_segmentation(
         for _, (prepared, _) in batch:
             try:
                 logits = segmenter.image_logits(prepared, embeddings, sliding_window)  # [Q, H, W]
-                image = None if prepared.image is None else prepared.image.float().to(logits.device)
-                outcomes.append(protocol.postprocess(logits, image).cpu().numpy())
+                guide = None
+                if protocol.pamr is not None:  # NACLIP's: the network input resized back to the image
+                    guide = protocol.pamr_guide(prepared.pixels.to(logits.device), prepared.geometry)
+                outcomes.append(protocol.postprocess(logits, guide).cpu().numpy())
             except (ValueError, RuntimeError) as error:
                 outcomes.append(error)
         return outcomes

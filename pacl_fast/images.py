@@ -5,7 +5,10 @@ tensor in 0..1, and turns each into an RGB tensor ``[3, H, W]`` (uint8, or float
 input). Every model input is then made by the same three steps, whatever reads it:
 
 * :func:`resize` (bicubic, antialiased, clamped to 0..1), to a size planned by
-  :func:`plan_resize` (short side to the model's size, aspect kept);
+  :func:`plan_resize` (short side to the model's size, aspect kept); or, for the training-free
+  papers' protocols (``kernel="mmcv"``), mmcv's ``Resize(keep_ratio=True)`` as their pipelines run
+  it: :func:`plan_mmcv_resize` (mmcv's size rounding and long-side cap) and :func:`resize_mmcv`
+  (OpenCV's bilinear, no antialiasing);
 * for segmentation, zero padding to the patch multiple (:func:`fit_to_model`,
   :class:`SegmentationPreprocess`), with a :class:`Geometry` that maps the patch grid back to
   the original pixels; for classification and training, a centre crop with torchvision's
@@ -34,6 +37,15 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 #: File suffixes read as images (folders of images, WebDataset fields without the dot).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+#: How :class:`SegmentationPreprocess` resizes: ``"bicubic"`` (the engine's own: :func:`plan_resize`,
+#: :func:`resize`) or ``"mmcv"`` (the training-free protocols': :func:`plan_mmcv_resize`, :func:`resize_mmcv`).
+RESIZE_KERNELS = ("bicubic", "mmcv")
+
+OPENCV_MISSING = (
+    "the training-free protocols resize images as mmcv does, with OpenCV, which is not installed: "
+    "pip install opencv-python-headless (a dependency of pacl-fast)"
+)
 
 
 def describe(image: object) -> str:
@@ -161,10 +173,8 @@ class Geometry:
         return self.resized_size[0] / self.patch_size, self.resized_size[1] / self.patch_size
 
 
-def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int) -> Geometry:
-    """Short side to ``short_side``, aspect kept, padded up to the patch multiple.
-
-    Images longer than :data:`MAX_ASPECT_RATIO` times their short side are refused: the short side is
+def _check_plan(original_size: tuple[int, int], short_side: int, patch_size: int) -> None:
+    """Images longer than :data:`MAX_ASPECT_RATIO` times their short side are refused: the short side is
     scaled *up* to the model's size, so a 1x4000 strip of 70 bytes would become a 64x256000 canvas
     (and ViT attention over all of it, or thousands of sliding windows)."""
     if short_side < patch_size:
@@ -175,10 +185,47 @@ def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int
             f"image is {height}x{width} (height x width): its long side is over {MAX_ASPECT_RATIO} times its short "
             "side, which the model cannot take (crop it into pieces)"
         )
-    scale = short_side / min(height, width)
-    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def _on_patch_canvas(original_size: tuple[int, int], resized: tuple[int, int], patch_size: int) -> Geometry:
     canvas = tuple(-(-side // patch_size) * patch_size for side in resized)
     return Geometry(original_size, resized, canvas, patch_size)
+
+
+def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int) -> Geometry:
+    """Short side to ``short_side`` (rounded to nearest), aspect kept, padded up to the patch multiple.
+    Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
+    _check_plan(original_size, short_side, patch_size)
+    height, width = original_size
+    scale = short_side / min(height, width)
+    return _on_patch_canvas(original_size, (max(1, round(height * scale)), max(1, round(width * scale))), patch_size)
+
+
+def mmcv_rescale_size(original_size: tuple[int, int], short_side: int, max_long_side: int) -> tuple[int, int]:
+    """``(height, width)`` that mmcv's ``Resize(scale=(max_long_side, short_side), keep_ratio=True)`` gives.
+
+    mmcv's ``rescale_size`` (open-mmlab/mmcv ``mmcv/image/geometric.py`` l. 219-255, called by
+    ``imrescale`` l. 258-288 from ``Resize._resize_img``, ``mmcv/transforms/processing.py`` l. 171-177):
+    the factor is ``min(max(scale) / long side, min(scale) / short side)`` (so the long side never
+    passes ``max_long_side``), and each side becomes ``int(side * factor + 0.5)`` (``_scale_size``
+    l. 17-33: half up, where :func:`plan_resize` rounds to nearest even).
+    """
+    height, width = original_size
+    long_cap, short_cap = max(max_long_side, short_side), min(max_long_side, short_side)
+    factor = min(long_cap / max(height, width), short_cap / min(height, width))
+    return int(height * float(factor) + 0.5), int(width * float(factor) + 0.5)
+
+
+def plan_mmcv_resize(
+    original_size: tuple[int, int], short_side: int, max_long_side: int, patch_size: int
+) -> Geometry:
+    """:func:`mmcv_rescale_size`, padded up to the patch multiple (what ``--protocol`` runs).
+    Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
+    _check_plan(original_size, short_side, patch_size)
+    resized = mmcv_rescale_size(original_size, short_side, max_long_side)
+    if min(resized) < 1:
+        raise ValueError(f"image of {original_size[0]}x{original_size[1]} pixels resizes to {resized}: nothing left")
+    return _on_patch_canvas(original_size, resized, patch_size)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -188,6 +235,34 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pixels
     resized = F.interpolate(pixels[None], size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
     return resized[0].clamp_(0.0, 1.0)
+
+
+def require_opencv():  # noqa: ANN201 - the cv2 module
+    """OpenCV (``cv2``), or ``ImportError`` saying how to install it."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise ImportError(OPENCV_MISSING) from error
+    return cv2
+
+
+def resize_mmcv(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """RGB ``[3, H, W]`` (uint8, or float in 0..1) -> float32 ``[3, h, w]`` in 0..1, as mmcv's ``Resize`` does it.
+
+    ``mmcv.imresize(img, (w, h), interpolation="bilinear", backend="cv2")`` (``geometric.py`` l. 77-123) is
+    ``cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)`` on the decoded HWC image: bilinear with
+    half-pixel centres, no antialiasing when shrinking, and on uint8 images OpenCV's fixed-point weights
+    and rounding back to uint8 (the repositories load images as uint8). Then ``/ 255``.
+    """
+    cv2 = require_opencv()
+    height, width = size
+    if image.is_floating_point():
+        hwc = image.float().permute(1, 2, 0).contiguous().numpy()
+        resized = cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).clamp_(0.0, 1.0).contiguous()
+    hwc = image.permute(1, 2, 0).contiguous().numpy()
+    resized = cv2.resize(hwc, (width, height), interpolation=cv2.INTER_LINEAR)  # [h, w, 3] uint8
+    return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float() / 255.0
 
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -221,13 +296,17 @@ def fit_to_model(
     geometry: Geometry,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    kernel: str = "bicubic",
 ) -> torch.Tensor:
     """RGB ``[3, H, W]`` -> normalised model input ``[3, canvas_h, canvas_w]`` float32.
 
-    :func:`resize` to ``geometry.resized_size``, :func:`normalize`, zero padding (the mean colour
-    after normalisation) bottom and right to the canvas.
+    :func:`resize` (``kernel="bicubic"``) or :func:`resize_mmcv` (``"mmcv"``) to ``geometry.resized_size``,
+    :func:`normalize`, zero padding (the mean colour after normalisation) bottom and right to the canvas.
     """
-    pixels = normalize(resize(image, geometry.resized_size), mean, std)
+    if kernel not in RESIZE_KERNELS:
+        raise ValueError(f"kernel must be one of {RESIZE_KERNELS}, got {kernel!r}")
+    resized = resize_mmcv(image, geometry.resized_size) if kernel == "mmcv" else resize(image, geometry.resized_size)
+    pixels = normalize(resized, mean, std)
     pad_h = geometry.canvas_size[0] - geometry.resized_size[0]
     pad_w = geometry.canvas_size[1] - geometry.resized_size[1]
     return F.pad(pixels, (0, pad_w, 0, pad_h))
@@ -269,7 +348,9 @@ class SegmentationPreprocess:
     """Decode + resize + normalise + pad one image, as a picklable callable (DataLoader workers run it).
 
     The short side goes to ``short_side`` (the model's image size, or a sliding window's); the
-    canvas is padded to a multiple of ``patch_size``.
+    canvas is padded to a multiple of ``patch_size``. ``kernel`` (:data:`RESIZE_KERNELS`): the engine's
+    ``"bicubic"`` (:func:`plan_resize`, :func:`resize`), or ``"mmcv"`` as the training-free protocols
+    resize (:func:`plan_mmcv_resize` with ``max_long_side``, :func:`resize_mmcv`).
     """
 
     short_side: int
@@ -278,11 +359,23 @@ class SegmentationPreprocess:
     std: tuple[float, ...]
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_image: bool = False
+    kernel: str = "bicubic"
+    max_long_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in RESIZE_KERNELS:
+            raise ValueError(f"kernel must be one of {RESIZE_KERNELS}, got {self.kernel!r}")
+        if (self.kernel == "mmcv") != (self.max_long_side is not None):
+            raise ValueError("max_long_side goes with kernel='mmcv' (mmcv's long-side cap), and only with it")
 
     def __call__(self, image: ImageInput) -> Prepared:
         decoded = load_image(image, max_pixels=self.max_pixels)
-        geometry = plan_resize(tuple(decoded.shape[-2:]), self.short_side, self.patch_size)
-        pixels = fit_to_model(decoded, geometry, self.mean, self.std)
+        size = tuple(decoded.shape[-2:])
+        if self.kernel == "mmcv":
+            geometry = plan_mmcv_resize(size, self.short_side, self.max_long_side, self.patch_size)
+        else:
+            geometry = plan_resize(size, self.short_side, self.patch_size)
+        pixels = fit_to_model(decoded, geometry, self.mean, self.std, self.kernel)
         return Prepared(pixels, geometry, decoded if self.keep_image else None)
 
 

@@ -30,7 +30,9 @@ from pacl_fast.choices import DEFAULT_TRAINING_FREE_METHOD as DEFAULT_TRAINING_F
 from pacl_fast.choices import METHODS
 from pacl_fast.choices import TRAINING_FREE_METHODS as TRAINING_FREE
 
-#: NACLIP's Gaussian neighbourhood width, in patches (``clip/model.py``: ``gaussian_std=5``).
+#: NACLIP's Gaussian neighbourhood width, in patches: ``gaussian_std=5.``, the default of its segmentor
+#: (sinahmr/NACLIP@0cac3a6 ``naclip.py`` l. 21, handed to the ViT by ``set_params`` at l. 44; the ViT's
+#: own ``clip/model.py`` l. 83 starts it at 0, which ``set_params`` refuses for ``attn_strategy='naclip'``).
 NACLIP_SIGMA = 5.0
 
 
@@ -50,8 +52,14 @@ def resolve_method(method: str | None, has_pacl_weights: bool) -> str:
 
 #: Methods whose last block keeps CLIP's residual stream and FFN (the others return the attention branch alone).
 RESIDUAL_METHODS = ("maskclip", "sclip")
-#: How each method's code resizes positional embeddings to another grid (see ``TrainingFreeCLIP``).
-POSITIONAL_RESIZE = {"maskclip": "size", "sclip": "scale_factor", "clearclip": "scale_factor", "naclip": "scale_factor"}
+#: How and when each method's code resizes positional embeddings to another grid (see ``TrainingFreeCLIP``
+#: and :data:`pacl_fast.backbone.POSITIONAL_RESIZES`).
+POSITIONAL_RESIZE = {
+    "maskclip": "size_if_count_differs",
+    "sclip": "scale_factor_if_count_differs",
+    "clearclip": "scale_factor_if_count_differs",
+    "naclip": "scale_factor_if_count_differs",
+}
 
 
 def gaussian_neighbourhood(
@@ -205,10 +213,17 @@ class TrainingFreeCLIP(FrozenClipModel):
     conv, then unit norm).
 
     Positional embeddings for another grid are resized as each method's code does
-    (:data:`POSITIONAL_RESIZE`): SCLIP, ClearCLIP and NACLIP with ``scale_factor=((h + 0.1) / g0,
-    (w + 0.1) / g1)`` (:func:`pacl_fast.backbone.resize_positional_scale_factor`); MaskCLIP with
-    ``size=(h, w)`` (``vit.py`` l. 377-378 and 405-406, mmseg's ``resize`` = ``F.interpolate(size=...,
-    mode="bicubic", align_corners=False)``). The class token's embedding is kept as it is in all four.
+    (:data:`POSITIONAL_RESIZE`), and when it does: all four resize only when the number of patches
+    differs from the native grid's (a 7 x 28 grid of a 14 x 14 CLIP gets the native table unresized,
+    in row-major order: SCLIP ``clip/model.py`` l. 239-242, NACLIP ``clip/model.py`` l. 104-107,
+    ClearCLIP ``open_clip/transformer.py`` l. 510-513, MaskCLIP ``vit.py`` l. 367-368). SCLIP, ClearCLIP
+    and NACLIP then resize with ``scale_factor=((h + 0.1) / g0, (w + 0.1) / g1)``, bicubic,
+    ``align_corners=False`` (:func:`pacl_fast.backbone.resize_positional_scale_factor`; SCLIP l. 263-281,
+    NACLIP l. 134-151, ClearCLIP l. 569-587); MaskCLIP with ``size=(h, w)`` (``vit.py`` l. 377-378 and
+    405-406, mmseg's ``resize`` = ``F.interpolate(size=..., mode="bicubic", align_corners=False)`` with
+    ``interpolate_mode='bicubic'`` from ``configs/_base_/models/maskclip_vit16.py``). The class token's
+    embedding is kept as it is in all four. They resize the table in the model's precision (fp16 on
+    CUDA); the engine resizes in float32 and casts.
     """
 
     def __init__(self, backbone: ClipBackbone, method: str):

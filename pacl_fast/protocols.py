@@ -5,17 +5,22 @@ config per dataset (``configs/cfg_*.py``) on top of their segmentor's defaults. 
 holds what those files set, read from the repositories at the commits in :data:`REPOSITORIES`;
 every preset's ``source`` cites the file and lines each value comes from.
 
-What all three do, per image (``clip_segmentor.py`` / ``naclip.py`` / ``clearclip_segmentor.py``):
+What all three do, per image (``clip_segmentor.py`` / ``naclip.py`` / ``clearclip_segmentor.py``),
+and what the engine does under ``--protocol``:
 
-1. Resize the image so its short side is ``short_side`` unless its long side would pass 2048
-   (mmcv ``Resize(scale=(2048, S), keep_ratio=True)``: factor ``min(2048 / long, S / short)``,
-   sides rounded half up, OpenCV bilinear); normalise with CLIP's mean/std.
+1. Resize the image with mmcv's ``Resize(scale=(2048, S), keep_ratio=True)``: factor
+   ``min(2048 / long, S / short)``, sides rounded half up, ``cv2.resize`` bilinear on the uint8
+   image (no antialiasing); normalise with CLIP's mean/std. The engine resizes the same way
+   (:meth:`EvalProtocol.preprocessor`: ``images.plan_mmcv_resize``, ``images.resize_mmcv``), where
+   outside a protocol it resizes bicubic, antialiased, short side rounded to nearest.
 2. Whole image, or ``slide_crop`` windows every ``slide_stride`` pixels (the last window flush
    with the border; windows never padded past the image). Each window's patch cosines are
    bilinearly upsampled to the window's pixels, summed into the canvas and divided by the count.
 3. Resize the cosine logits ``[Q, H, W]`` (``Q`` text queries: every synonym of every class) to
    the original image size (bilinear, ``align_corners=False``). NACLIP then runs PAMR on them
-   (:func:`pacl_fast.refine.pamr`, with the normalised image resized to that size).
+   (:func:`pacl_fast.refine.pamr`), guided by its network input (the resized, normalised image)
+   resized back to the original size, bilinear (``naclip.py`` l. 129-132); the engine gives PAMR
+   the same guide (:meth:`EvalProtocol.pamr_guide`).
 4. :func:`protocol_labels`: ``softmax(logit_scale * logits)`` over all queries; each class takes
    its best synonym (max after the softmax); SCLIP's VOC21 zeroes the classes that win less
    than ``area_threshold`` of the foreground pixels; argmax; pixels whose best probability is
@@ -26,15 +31,11 @@ normalised again), the same as ``pacl_fast.prompts.IMAGENET_TEMPLATES``. The cla
 shipped verbatim in ``pacl_fast/assets/class_names`` (:data:`NAME_FILES` holds their git blob ids)
 and parsed as the repositories parse them (:func:`read_names_file`).
 
-Details the engine does not follow (or not yet), recorded per preset: all three run CLIP in fp16
-on CUDA (``precision``); ClearCLIP pads each window to a patch multiple, centred, with zeros after
-normalisation, and crops the logits back, while SCLIP and NACLIP let the patch convolution drop the
-remainder pixels and stretch the logits over the whole window (``crop_remainder``); their resize is
-mmcv's ``rescale_size`` (factor ``min(max_long_side / long, short_side / short)``, sides rounded half
-up), the engine's ``images.plan_resize`` sets the short side exactly and rounds to nearest without the
-2048 cap (``max_long_side``, which no image of the eight benchmarks reaches at these short sides), so
-sides can differ by a pixel; and they average overlapping windows after upsampling each to pixels,
-the engine on the patch grid.
+The CLIP: all three run OpenAI's ViT-B/16 weights with QuickGELU (``--clip ViT-B-16 --clip-weights
+openai`` builds exactly that: ``pacl_fast.backbone.pretrained_settings``), and the training-free last
+blocks and positional resizes of ``pacl_fast.methods``. Details the engine does not follow are
+recorded per preset (``precision``, ``crop_remainder``) and listed, each with its measured effect,
+in :data:`DIFFERENCES`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ import numpy as np
 import torch
 
 from pacl_fast.choices import PROTOCOLS
-from pacl_fast.refine import pamr
+from pacl_fast.images import DEFAULT_MAX_PIXELS, Geometry, SegmentationPreprocess
+from pacl_fast.refine import pamr, resized_input_guide
 
 #: Where the presets were read: repository and commit.
 REPOSITORIES = {
@@ -189,15 +191,34 @@ class EvalProtocol:
         """``[Q]`` int64: the class of each query."""
         return np.repeat(np.arange(len(self.class_names)), [len(s) for s in self.class_names])
 
+    def preprocessor(
+        self, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...], max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> SegmentationPreprocess:
+        """The image -> model input step of this protocol: mmcv's ``Resize(scale=(max_long_side, short_side),
+        keep_ratio=True)`` as the repositories' test pipelines run it (``images.plan_mmcv_resize``,
+        ``images.resize_mmcv``: OpenCV bilinear, no antialiasing), normalised, padded to the patch multiple."""
+        return SegmentationPreprocess(
+            self.short_side, patch_size, mean, std, max_pixels, kernel="mmcv", max_long_side=self.max_long_side
+        )
+
+    def pamr_guide(self, pixels: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """NACLIP's PAMR guide for one prepared image: the network input ``[3, canvas_h, canvas_w]`` (normalised;
+        its padding is cut off) resized to the original size -> ``[3, H, W]`` (``refine.resized_input_guide``)."""
+        height, width = geometry.resized_size
+        return resized_input_guide(pixels[None, :, :height, :width], geometry.original_size)[0]
+
     def postprocess(self, logits: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine logits ``[Q, H, W]`` or ``[B, Q, H, W]`` at the original image size -> labels ``[(B,) H, W]`` int64.
 
-        ``image`` (``[(B,) 3, H, W]`` float, any per-channel scaling) is needed when the protocol
-        runs PAMR; it is applied to the cosine logits before the logit scale, as NACLIP does.
+        ``image`` (``[(B,) 3, H, W]`` float) is PAMR's guide, needed when the protocol runs PAMR: NACLIP's is
+        :meth:`pamr_guide`. PAMR is applied to the cosine logits before the logit scale, as NACLIP does.
         """
         if self.pamr is not None:
             if image is None:
-                raise ValueError(f"protocol {self.name} on {self.dataset} runs PAMR: pass the image [3, H, W]")
+                raise ValueError(
+                    f"protocol {self.name} on {self.dataset} runs PAMR: pass the image that guides it [3, H, W] "
+                    "(NACLIP's: pamr_guide)"
+                )
             iterations, dilations = self.pamr
             batched = logits.dim() == 4
             logits = pamr(image if batched else image[None], logits if batched else logits[None], iterations, dilations)
@@ -431,3 +452,92 @@ def get_protocol(name: str, dataset: str) -> EvalProtocol:
         configured = ", ".join(d for p, d in PRESETS if p == name)
         raise ValueError(f"protocol {name} does not configure dataset {dataset!r}; it configures: {configured}")
     return PRESETS[name, dataset]
+
+
+# --------------------------------------------------------------------------------------------
+# What --protocol still computes otherwise than the repositories
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One step where ``--protocol`` computes otherwise than the repositories, and what that does.
+
+    ``effect`` is measured on the synthetic world with the demo CLIP by ``benchmarks/protocol_differences.py``
+    (the presets scaled to a 64 px, patch-8 CLIP; 200 held-out scenes; mIoU over the six shapes, and the share
+    of scored pixels whose label changes), or says why the synthetic world cannot show it.
+    """
+
+    step: str
+    repositories: str
+    engine: str
+    effect: str
+
+
+#: Every remaining difference between ``--protocol`` and the repositories' pipelines, with its measured effect
+#: (``python -m benchmarks.protocol_differences --scenes 200``; JSON in ``benchmarks/results``). Settings of
+#: the synthetic-world runs: SCLIP (short side 96, windows 64/32), NACLIP whole image and windows (96; 64/32;
+#: PAMR), ClearCLIP (128; 128/64); mIoU under the engine's ``--protocol``: 0.285, 0.230, 0.234, 0.075 (ClearCLIP
+#: at twice the demo CLIP's size is near chance, 0.090, so its rows say little).
+DIFFERENCES: tuple[Difference, ...] = (
+    Difference(
+        step="precision",
+        repositories="CLIP in fp16 on CUDA (clip.load / create_model(precision='fp16')); SCLIP sums windows and "
+        "post-processes in float32 (preds = img.new_zeros, clip_segmentor.py l. 98), NACLIP runs PAMR in float32 "
+        "and the softmax in fp16 (naclip.py l. 132), ClearCLIP everything in fp16 from inputs.half() "
+        "(clearclip_segmentor.py l. 208); positional embeddings are resized in fp16",
+        engine="the towers in the encoder's precision (float32 unless --dtype float16 --text-dtype float16); "
+        "window sums, PAMR, softmax and thresholds in float32; positional embeddings resized in float32",
+        effect="fp16 towers and fp16 cosines against float32: 0.03-0.15% of pixels change, mIoU within +0.0002",
+    ),
+    Difference(
+        step="window averaging",
+        repositories="each window's patch cosines upsampled (bilinear) to the window's pixels, summed into the "
+        "canvas, divided by the count, then resized to the image (forward_slide, e.g. naclip.py l. 71-108); a "
+        "whole image is upsampled to the network input, then to the image",
+        engine="windows averaged on the patch grid, upsampled once to the image (Segmenter._window_logits, the "
+        "head's grid_extent mapping)",
+        effect="with sides that are whole patches: 1.4-1.9% of pixels change with windows, 0.15% for NACLIP's "
+        "whole image, 0% for one window; mIoU within 0.0007",
+    ),
+    Difference(
+        step="pixels past the last whole patch, and where windows sit",
+        repositories="windows placed on the resized image in pixels (the last one flush with its border); SCLIP "
+        "and NACLIP let the stride-16 patch convolution drop a window's last H % 16 rows and W % 16 columns and "
+        "stretch its logits over all its pixels; ClearCLIP pads each window to the patch multiple, centred, with "
+        "zeros after normalisation, and crops the logits back (clearclip_segmentor.py l. 168-183)",
+        engine="the resized image padded bottom and right to the patch multiple (zeros after normalisation), "
+        "windows on the patch grid of that canvas (crop_remainder records the repositories' way per preset)",
+        effect="with sides of 12.5 patches (a remainder in every window): 12-24% of pixels change; mIoU -0.001 "
+        "(SCLIP), +0.008 and +0.013 (NACLIP whole image, windows), -0.001 (ClearCLIP). Benchmark images whose "
+        "resized sides are multiples of 16 (VOC's 500 x 375 at 336: 448 x 336) have none",
+    ),
+    Difference(
+        step="normalisation constants",
+        repositories="SegDataPreProcessor(mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323]) on "
+        "0..255 pixels (e.g. naclip.py l. 24): CLIP's mean/std rounded to 3 decimals",
+        engine="(pixels / 255 - mean) / std with the CLIP's own mean/std (open_clip's, e.g. 0.48145466)",
+        effect="no pixel changes in 200 scenes x 4 presets (the inputs differ by about 1e-5 relative)",
+    ),
+    Difference(
+        step="decoding",
+        repositories="mmcv LoadImageFromFile: OpenCV's decoder (BGR, turned to RGB by the data preprocessor)",
+        engine="Pillow's decoder, EXIF orientation applied (images.load_image)",
+        effect="not measurable on the synthetic world: its scenes are arrays, never encoded; JPEG decoders can "
+        "differ by a unit in some pixels, and an EXIF-rotated photo would be read rotated otherwise",
+    ),
+    Difference(
+        step="OpenCV build",
+        repositories="cv2.resize from the OpenCV their environment installed (mmcv 2.x era, OpenCV 4)",
+        engine="cv2.resize from opencv-python-headless as installed (any version >= 4.5)",
+        effect="not measurable here: only OpenCV 5.1 was run (the tests hold the engine to it); results of "
+        "other builds on uint8 images were not compared",
+    ),
+    Difference(
+        step="PAMR out of memory",
+        repositories="NACLIP catches a RuntimeError from PAMR (naclip.py l. 131-135) and keeps the unrefined "
+        "logits for that image, with a warning",
+        engine="pacl_fast.refine.pamr holds about three copies of the logits (never [B, C, P, H, W]); an error "
+        "fails that image, which the report lists",
+        effect="not measurable on the synthetic world (no image comes near the memory)",
+    ),
+)

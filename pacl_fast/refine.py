@@ -3,9 +3,13 @@
 Pixel-Adaptive Mask Refinement (Araslanov & Roth, "Single-Stage Semantic Segmentation from Image
 Labels", CVPR 2020; their ``models/mods/pamr.py``, which NACLIP's and SCLIP's ``pamr.py`` copy)
 smooths score maps with weights taken from the image, so that scores spread within regions of
-similar colour and stop at edges. NACLIP runs it by default (``naclip.py``: ``pamr_steps=10,
+similar colour and stop at edges. NACLIP runs it by default (``naclip.py`` l. 21: ``pamr_steps=10,
 pamr_stride=(8, 16)``) on the cosine logits at the original image size, before the logit scale and
-the softmax, with the normalised input image resized (bilinear) to that size.
+the softmax. Its guide is not the original image but the network input (the image after the
+protocol's resize, e.g. to a short side of 336, normalised) resized back to the original size,
+bilinear with ``align_corners=False`` (``naclip.py`` l. 129-132): :func:`resized_input_guide`. That
+is what the engine gives PAMR under ``--protocol naclip`` (``pacl_fast.protocols``); called
+directly, :func:`pamr` uses whatever image it is given.
 
 The definition, for each pixel ``i`` and its ``P = 8 * len(dilations)`` neighbours ``j`` (the 8
 pixels at offsets ``(dy, dx) * d``, ``dy, dx`` in ``{-1, 0, 1}`` not both 0, for each dilation ``d``,
@@ -103,6 +107,19 @@ def pamr_weights(image: torch.Tensor, dilations: Sequence[int] = NACLIP_DILATION
         [-((image - _shifted(padded, pad, offset, size)).abs() / scale).mean(dim=1) for offset in offsets], dim=1
     )  # [B, P, H, W]
     return torch.softmax(affinity, dim=1)
+
+
+def resized_input_guide(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """NACLIP's PAMR guide: the network input ``[B, 3, h, w]`` (resized and normalised, no padding) resized to
+    the original image's ``size`` ``(H, W)``, bilinear, ``align_corners=False`` -> ``[B, 3, H, W]`` float32.
+
+    sinahmr/NACLIP@0cac3a6 ``naclip.py`` l. 130: ``F.interpolate(inputs, size=img_size, mode='bilinear',
+    align_corners=False)``. A downscaled image upsampled again is blurrier than the original, so the
+    weights PAMR takes from it differ from the original image's.
+    """
+    if pixels.dim() != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
+        raise ValueError(f"resized_input_guide: pixels must be float [B, 3, h, w], got {_describe(pixels)}")
+    return F.interpolate(pixels.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def pamr(

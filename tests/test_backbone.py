@@ -1,11 +1,17 @@
+import errno
 import json
+import logging
 import pickle
+import socket
+import time
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import quiet_load_clip
+from PIL import Image
 from safetensors.torch import save_file
 
 from pacl_fast.backbone import RandomWeightsWarning, load_clip
@@ -218,3 +224,312 @@ def test_local_dir_identity_hashes_the_file_open_clip_loads(tmp_path, tiny_confi
     assert backbone.identity.weights == f"sha256:{file_sha256(folder / 'open_clip_pytorch_model.safetensors')}"
     name = "visual.conv1.weight"
     torch.testing.assert_close(backbone.clip.state_dict()[name], loaded[name])  # and that is what was loaded
+
+
+# --- pretrained tags: their own settings, and their weights without the network (issues 19, 24) ------------
+
+STAND_IN_MEAN, STAND_IN_STD = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
+
+
+def save_weights(model, path, dtype=None):
+    """``model``'s state dict as a safetensors file (what the hub serves for a tag)."""
+    save_file({k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+class HubStandIn:
+    """open_clip's hub download (``open_clip.pretrained.hf_hub_download``, third-party) redirected: a cache hit
+    serves ``files[filename]``, anything else raises the hub client's own cache-miss error. Records every call
+    with whether the hub client was in offline mode (no requests, no retries) at that moment."""
+
+    def __init__(self, files=None, error=None):
+        self.files, self.error, self.calls = files or {}, error, []
+
+    def __call__(self, repo_id, filename, **kwargs):
+        from huggingface_hub import constants
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        self.calls.append((repo_id, filename, constants.HF_HUB_OFFLINE))
+        if self.error is not None:
+            raise self.error
+        if filename in self.files:
+            return str(self.files[filename])
+        raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the cache and offline mode is enabled")
+
+
+@pytest.fixture()
+def stand_in(monkeypatch, tiny_config, tmp_path):
+    """A pretrained tag ``stand_in`` of a registered open_clip model ``pacl-tiny`` (and ``pacl-tiny-quickgelu``),
+    recorded as QuickGELU with its own mean/std, exactly as open_clip records OpenAI's tags; its hub weights
+    are a local file of random weights. Returns (the file, the hub stand-in)."""
+    from open_clip import factory, pretrained
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "pacl-tiny", dict(tiny_config))
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "pacl-tiny-quickgelu", {**tiny_config, "quick_gelu": True})
+    entry = {"hf_hub": "pacl-test/tiny-stand-in/", "quick_gelu": True, "mean": STAND_IN_MEAN, "std": STAND_IN_STD,
+             "interpolation": "bicubic", "resize_mode": "shortest"}  # fmt: skip
+    monkeypatch.setitem(pretrained._PRETRAINED, "pacl-tiny", {"stand_in": entry, "plain": {"hf_hub": "pacl-test/p/"}})
+    monkeypatch.setitem(pretrained._PRETRAINED, "pacl-tiny-quickgelu", {"stand_in": dict(entry)})
+    torch.manual_seed(3)
+    weights = save_weights(open_clip.create_model("pacl-tiny-quickgelu"), tmp_path / "open_clip_model.safetensors")
+    hub = HubStandIn({"open_clip_model.safetensors": weights})
+    monkeypatch.setattr(pretrained, "hf_hub_download", hub)
+    return weights, hub
+
+
+def frozen(clip):
+    """An open_clip model held as pacl-fast holds its CLIP (eval, no gradients: PyTorch then picks the same
+    attention kernels for both, so equal computations give equal bits)."""
+    return clip.eval().requires_grad_(False)
+
+
+def tower_outputs(clip, pixels, tokens):
+    """Both towers of an open_clip CLIP on the same inputs: image embeddings, text embeddings (unnormalised)."""
+    with torch.no_grad():
+        return clip.encode_image(pixels), clip.encode_text(tokens)
+
+
+def activations(clip) -> set:
+    return {type(block.mlp.gelu).__name__ for tower in (clip.visual.transformer, clip.transformer)
+            for block in tower.resblocks}  # fmt: skip
+
+
+def test_pretrained_settings_are_the_tags_own():
+    from pacl_fast.backbone import pretrained_settings
+
+    assert pretrained_settings("ViT-B-16", "openai")["quick_gelu"] is True  # OpenAI's weights: QuickGELU
+    assert pretrained_settings("ViT-B-16-quickgelu", "openai")["quick_gelu"] is True
+    assert not pretrained_settings("ViT-B-16", "laion2b_s34b_b88k").get("quick_gelu", False)
+    assert pretrained_settings("ViT-B-16-SigLIP", "webli")["mean"] == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"'ViT-B-16' has no pretrained tag 'opneai'; its tags: openai, laion400m"):
+        pretrained_settings("ViT-B-16", "opneai")
+    with pytest.raises(ValueError, match=r"tag 'laion2b_s34b_b88k' \(ViT-B-16 has it\); its tags: openai, dfn2b"):
+        pretrained_settings("ViT-B-16-quickgelu", "laion2b_s34b_b88k")
+
+
+def test_a_tag_gets_its_own_activation_whatever_the_config_name(stand_in):
+    """``pacl-tiny`` (a GELU config) + a QuickGELU tag equals open_clip's ``pacl-tiny-quickgelu`` on the same
+    weights, tower by tower; open_clip's own factory would build GELU and only warn."""
+    weights, hub = stand_in
+    reference = frozen(open_clip.create_model("pacl-tiny-quickgelu", pretrained=str(weights)))
+    gelu = frozen(open_clip.create_model("pacl-tiny", pretrained=str(weights)))
+    generator = torch.Generator().manual_seed(5)
+    pixels = torch.randn(2, 3, 64, 64, generator=generator)
+    tokens = open_clip.get_tokenizer("pacl-tiny")(["a photo of a circle", "a red star"])
+    want = tower_outputs(reference, pixels, tokens)
+    assert activations(gelu) == {"GELU"} and activations(reference) == {"QuickGELU"}
+    for name in ("pacl-tiny", "pacl-tiny-quickgelu"):
+        backbone = load_clip(name, "stand_in")
+        assert activations(backbone.clip) == {"QuickGELU"}, name
+        got = tower_outputs(backbone.clip, pixels, tokens)
+        for tower, ours, theirs, wrong in zip(("image", "text"), got, want, tower_outputs(gelu, pixels, tokens)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=f"{name}: {tower} tower")
+            assert (ours - wrong).abs().max() > 1e-3, f"{name}: the {tower} tower does not see the activation"
+        torch.testing.assert_close(backbone.encode_text(tokens), F.normalize(want[1], dim=-1), rtol=1e-5, atol=1e-6)
+        # the tag's other settings, and one identity for the two spellings of the same computation
+        assert backbone.mean_std == (STAND_IN_MEAN, STAND_IN_STD)
+        assert str(backbone.identity) == "pacl-tiny-quickgelu@stand_in"
+        assert backbone.model_cfg["quick_gelu"] is True  # keys the text and export caches
+    assert all(offline for _, _, offline in hub.calls)  # tests run offline: served from the "cache"
+    plain = load_clip("pacl-tiny", str(weights))  # a local file records nothing: its config decides
+    assert activations(plain.clip) == {"GELU"} and plain.identity.arch == "pacl-tiny"
+    assert activations(load_clip("pacl-tiny-quickgelu", str(weights)).clip) == {"QuickGELU"}
+
+
+def test_a_local_dir_config_can_say_quick_gelu(tmp_path, tiny_config):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    config = {**tiny_config, "quick_gelu": True}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    torch.manual_seed(4)
+    save_weights(open_clip.CLIP(**config), folder / "open_clip_model.safetensors")
+    assert activations(load_clip(f"local-dir:{folder}").clip) == {"QuickGELU"}
+
+
+@pytest.mark.slow
+def test_vit_b16_openai_is_open_clips_quickgelu_model(monkeypatch, tmp_path):
+    """The real registry entry: ``ViT-B-16`` + ``openai`` (hub download redirected to random weights) equals
+    open_clip's ``ViT-B-16-quickgelu`` on the same file, both towers; ``--clip ViT-B-16-quickgelu`` works too."""
+    from open_clip import pretrained
+
+    torch.manual_seed(6)
+    weights = save_weights(open_clip.create_model("ViT-B-16-quickgelu"), tmp_path / "w.safetensors", torch.float16)
+    monkeypatch.setattr(pretrained, "hf_hub_download", HubStandIn({"open_clip_model.safetensors": weights}))
+    reference = frozen(open_clip.create_model("ViT-B-16-quickgelu", pretrained=str(weights)))
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    tokens = open_clip.get_tokenizer("ViT-B-16")(["a photo of a dog"])
+    want = tower_outputs(reference, pixels, tokens)
+    for name in ("ViT-B-16", "ViT-B-16-quickgelu"):
+        backbone = load_clip(name, "openai")
+        assert activations(backbone.clip) == {"QuickGELU"} and str(backbone.identity) == "ViT-B-16-quickgelu@openai"
+        for ours, theirs in zip(tower_outputs(backbone.clip, pixels, tokens), want):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def assert_quiet(caplog):
+    """Nothing from open_clip or the hub client at WARNING or above, and no retries."""
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or "etry" in r.getMessage()]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+def test_offline_tag_fails_at_once_in_one_line(stand_in, monkeypatch, caplog):
+    """HF_HUB_OFFLINE and a cache miss: one WeightsUnavailableError within seconds, saying what to do."""
+    from huggingface_hub import constants
+
+    from pacl_fast.backbone import WeightsUnavailableError
+
+    _, hub = stand_in
+    hub.files.clear()  # not in the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    caplog.set_level(logging.INFO)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_clip("pacl-tiny", "stand_in")
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE is set" in message and "not in the local hub cache" in message
+    assert "pacl-test/tiny-stand-in" in message and "--clip pacl-tiny-quickgelu --clip-weights PATH" in message
+    assert hub.calls and all(offline for _, _, offline in hub.calls)
+    assert_quiet(caplog)
+
+
+def test_no_network_is_found_fast_and_only_the_cache_is_asked(stand_in, monkeypatch, caplog):
+    """HF_HUB_OFFLINE unset, the hub's host unreachable (the socket layer refuses): the hub client is only
+    ever called in offline mode, so it makes no request and no retry; a cached file still loads."""
+    from huggingface_hub import constants
+
+    from pacl_fast.backbone import WeightsUnavailableError
+
+    weights, hub = stand_in
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    dialled = []
+
+    def unreachable(address, timeout=None, **kwargs):
+        dialled.append((address, timeout))
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    caplog.set_level(logging.INFO)
+    assert activations(load_clip("pacl-tiny", "stand_in").clip) == {"QuickGELU"}  # a cache hit works offline
+    hub.files.clear()
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match=r"no network \(huggingface.co:443 does not answer: Network is "
+                       r"unreachable\), and they are not in the local hub cache"):  # fmt: skip
+        load_clip("pacl-tiny", "stand_in")
+    assert time.perf_counter() - start < 5
+    assert dialled and all(timeout <= 5 for _, timeout in dialled)
+    assert constants.HF_HUB_OFFLINE is False  # restored
+    assert hub.calls and all(offline for _, _, offline in hub.calls)
+    assert_quiet(caplog)
+
+
+def test_hub_errors_with_a_network_are_one_line(stand_in, monkeypatch):
+    from huggingface_hub import constants
+
+    from pacl_fast.backbone import WeightsUnavailableError
+
+    _, hub = stand_in
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class Connected:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: Connected())
+    hub.error = RuntimeError("401 Client Error\nRepository Not Found for url: https://huggingface.co/...")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_clip("pacl-tiny", "stand_in")
+    message = str(caught.value)
+    assert "\n" not in message and "401 Client Error Repository Not Found" in message
+    assert not hub.calls[-1][2]  # with a network the hub client was asked normally
+
+
+def test_real_hub_client_offline_with_an_empty_cache(monkeypatch, tmp_path, caplog):
+    """No stand-in: open_clip's registry and the real hub client, offline, nothing cached (the Quick-start
+    command on a machine without network)."""
+    from huggingface_hub import constants
+
+    from pacl_fast.backbone import WeightsUnavailableError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    caplog.set_level(logging.INFO)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="laion/CLIP-ViT-B-16-laion2B-s34B-b88K") as caught:
+        load_clip("ViT-B-16", "laion2b_s34b_b88k")
+    assert time.perf_counter() - start < 10 and "--clip-weights PATH" in str(caught.value)
+    assert_quiet(caplog)
+    with pytest.raises(ValueError, match="has no pretrained tag 'laion2b'; its tags: openai"):
+        load_clip("ViT-B-16", "laion2b")
+
+
+def test_cli_prints_one_line_offline(monkeypatch, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from pacl_fast.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    argv = ["segment", str(image), "--labels", "a,b", "--out", str(tmp_path / "o"), "--clip", "ViT-B-16",
+            "--clip-weights", "laion2b_s34b_b88k", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("pacl-fast segment: error: cannot get the weights")
+    assert "Traceback" not in err and "etry" not in err and "thrown while requesting" not in err
+
+
+def test_weights_we_load_are_not_called_random(stand_in, caplog):
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" when it builds the model that
+    load_clip then fills from the file: not said."""
+    weights, _ = stand_in
+    caplog.set_level(logging.INFO)
+    load_clip("pacl-tiny", str(weights))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_truncated_or_broken_weights_files_are_named(tmp_path, tiny_config, tiny_backbone):
+    whole = save_weights(tiny_backbone.clip, tmp_path / "whole.safetensors")
+    data = whole.read_bytes()
+    cases = {
+        "truncated.safetensors": (data[:-100], "is truncated: its header describes"),
+        "header.safetensors": (data[:200], "not a whole safetensors file"),
+        "empty.safetensors": (b"", "not a whole safetensors file"),
+        "longer.safetensors": (data + b"\0" * 8, "longer than its header says"),
+        "garbage.safetensors": (len(b"{nope").to_bytes(8, "little") + b"{nope", "broken safetensors header"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=expected) as caught:
+            load_clip(tiny_config, path)
+        assert str(path) in str(caught.value), name
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    (folder / "open_clip_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"open_clip_model\.safetensors is truncated"):
+        load_clip(f"local-dir:{folder}")
+    (folder / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"open_clip_config\.json is not an open_clip config"):
+        load_clip(f"local-dir:{folder}")
+
+
+def test_cli_names_a_truncated_clip_file_in_one_line(tmp_path, tiny_config, tiny_backbone, capsys):
+    from pacl_fast.cli import main
+
+    data = save_weights(tiny_backbone.clip, tmp_path / "w.safetensors").read_bytes()
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    (folder / "open_clip_model.safetensors").write_bytes(data[:-1000])
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    argv = ["segment", str(image), "--labels", "a,b", "--out", str(tmp_path / "o"), "--clip", f"local-dir:{folder}",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"error: CLIP weights file {folder / 'open_clip_model.safetensors'} is truncated" in err

@@ -433,18 +433,43 @@ def test_batched_evaluation_equals_one_image_at_a_time(tmp_path, tiny_config):
     np.testing.assert_array_equal(batched.metrics.confusion, expected)
 
 
+def opencv():
+    """OpenCV, which --protocol resizes with (a dependency of pacl-fast; CI fails on this skip)."""
+    return pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
+
+
+def authors_input(image: np.ndarray, protocol, segmenter):
+    """The repositories' network input for one image, written out: mmcv's ``Resize(scale=(2048, S),
+    keep_ratio=True)`` (``rescale_size``: factor ``min(2048 / long, S / short)``, sides ``int(x * f + 0.5)``;
+    ``cv2.resize`` INTER_LINEAR on the uint8 image), normalised; then padded bottom/right to the patch
+    multiple as the engine's canvas is. Returns (Prepared, the unpadded normalised input [1, 3, h, w])."""
+    from pacl_fast.images import Geometry, Prepared, normalize
+
+    cv2 = opencv()
+    h, w = image.shape[:2]
+    factor = min(max(2048, protocol.short_side) / max(h, w), min(2048, protocol.short_side) / min(h, w))
+    new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)  # [h', w', 3] uint8
+    pixels = normalize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, segmenter.mean, segmenter.std)
+    p = segmenter.patch_size
+    canvas = (-(-new_h // p) * p, -(-new_w // p) * p)
+    padded = torch.nn.functional.pad(pixels, (0, canvas[1] - new_w, 0, canvas[0] - new_h))
+    return Prepared(padded, Geometry((h, w), (new_h, new_w), canvas, p)), pixels[None]
+
+
 @pytest.mark.parametrize(
     "name, dataset_name",
     [("sclip", "voc21"), ("clearclip", "voc21"), ("sclip", "cocoobject")],
 )
 def test_windowed_protocol_presets_drive_the_evaluation(tmp_path, tiny_config, name, dataset_name):
     """Windowed presets (SCLIP VOC21 with its area and probability thresholds; ClearCLIP's 448/224 windows;
-    SCLIP COCO-Object, whose names repeat "bed"): held to the window, thresholds and de-duplicated
-    queries written out from the preset's own numbers."""
+    SCLIP COCO-Object, whose names repeat "bed"): held to mmcv's resize, the window, thresholds and
+    de-duplicated queries written out from the preset's own numbers."""
     from layouts import write_coco_object
 
     from pacl_fast.protocols import get_protocol
 
+    opencv()
     protocol = get_protocol(name, dataset_name)
     masks = _voc_masks(2)
     if dataset_name == "cocoobject":
@@ -463,17 +488,29 @@ def test_windowed_protocol_presets_drive_the_evaluation(tmp_path, tiny_config, n
     expected = np.zeros((classes, classes), np.int64)
     for index in range(len(dataset)):
         image, truth = dataset[index]
-        dense = segmenter.image_logits(segmenter.preprocessor(window)(image), texts, window)  # [Q, H, W]
+        dense = segmenter.image_logits(authors_input(image, protocol, segmenter)[0], texts, window)  # [Q, H, W]
         labels = protocol.postprocess(dense).numpy()
         expected += confusion_matrix(labels, truth, classes).numpy()
     np.testing.assert_array_equal(report.metrics.confusion, expected)
 
 
-def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
-    """NACLIP's VOC21 preset: whole image at short side 336, 26 stuff names for background, logit scale 40,
-    probability threshold 0.1, PAMR on image-size cosine logits. Held to the same steps written out."""
-    from pacl_fast.protocols import get_protocol
+def protocol_labels_of(refined: torch.Tensor, protocol) -> np.ndarray:
+    from pacl_fast.protocols import protocol_labels
 
+    thresholds = {"prob_threshold": protocol.prob_threshold, "area_threshold": protocol.area_threshold}
+    return protocol_labels(refined, protocol.query_class, logit_scale=protocol.logit_scale, **thresholds).numpy()
+
+
+def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
+    """NACLIP's VOC21 preset: whole image resized as mmcv does to short side 336, 26 stuff names for background,
+    logit scale 40, probability threshold 0.1, PAMR on image-size cosine logits guided by NACLIP's image (the
+    network input resized back to the original size, bilinear: naclip.py l. 130). Held to the same steps
+    written out; the resize and the guide are what issue 19 items 2 and 3 changed (bicubic before, and the
+    original image as the guide)."""
+    from pacl_fast.protocols import get_protocol
+    from pacl_fast.refine import pamr
+
+    opencv()
     protocol = get_protocol("naclip", "voc21")
     masks = _voc_masks(2)
     write_voc(tmp_path, masks)
@@ -486,13 +523,14 @@ def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
     expected = np.zeros((21, 21), np.int64)
     for index in range(len(dataset)):
         image, truth = dataset[index]
-        prepared = segmenter.preprocessor()(image)
+        prepared, network_input = authors_input(image, protocol, segmenter)
         assert min(prepared.geometry.resized_size) == 336
         patches = segmenter.encoder.encode_image(prepared.pixels[None])
         logits = torch.nn.functional.normalize(patches.float(), dim=-1) @ texts.T  # [1, h, w, Q]
-        dense = segmenter.head.upsample(logits, truth.shape, prepared.geometry.grid_extent)[0]  # [Q, H, W]
-        image_float = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-        labels = protocol.postprocess(dense, image_float).numpy()
+        dense = segmenter.head.upsample(logits, truth.shape, prepared.geometry.grid_extent)  # [1, Q, H, W]
+        guide = torch.nn.functional.interpolate(network_input, size=truth.shape, mode="bilinear", align_corners=False)
+        refined = pamr(guide, dense, 10, (8, 16))[0]
+        labels = protocol_labels_of(refined, protocol)
         expected += confusion_matrix(labels, truth, 21).numpy()
     np.testing.assert_array_equal(report.metrics.confusion, expected)
     with pytest.raises(ValueError, match="build the segmenter with image_size=336, logit_scale=40"):

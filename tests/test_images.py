@@ -134,3 +134,83 @@ def test_plan_resize_refuses_strips_it_would_blow_up():
     with pytest.raises(ValueError, match="over 16 times"):
         plan_resize((170, 10), 64, 8)
     assert plan_resize((10, 160), 64, 8).canvas_size == (64, 1024)  # 16:1, the longest taken
+
+
+# --- mmcv's Resize, as the training-free protocols resize (issue 19 item 3) ---------------------------------
+
+
+def opencv():
+    return pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
+
+
+def mmcv_size(height: int, width: int, short: int, long: int = 2048) -> tuple[int, int]:
+    """mmcv's ``rescale_size((w, h), (long, short))`` written out (mmcv/image/geometric.py l. 219-255 and
+    ``_scale_size`` l. 17-33): ``(h, w)``."""
+    scale = min(max(long, short) / max(height, width), min(long, short) / min(height, width))
+    return int(height * float(scale) + 0.5), int(width * float(scale) + 0.5)
+
+
+@pytest.mark.parametrize(
+    "size, short, expected",
+    [
+        ((224, 335), 336, (336, 503)),  # 502.5: mmcv rounds half up (plan_resize: to even, 502)
+        ((100, 1500), 336, (137, 2048)),  # the long side would be 5040: capped at 2048
+        ((3000, 2000), 336, (504, 336)),
+        ((375, 500), 336, (336, 448)),
+        ((36, 52), 448, (448, 647)),
+        ((1024, 2048), 560, (560, 1120)),  # Cityscapes at SCLIP's 560
+        ((7, 13), 336, (336, 624)),
+    ],
+)
+def test_mmcv_rescale_size_is_mmcvs_formula(size, short, expected):
+    from pacl_fast.images import mmcv_rescale_size, plan_mmcv_resize
+
+    assert mmcv_size(*size, short) == expected
+    assert mmcv_rescale_size(size, short, 2048) == expected
+    geometry = plan_mmcv_resize(size, short, 2048, 16)
+    assert geometry.resized_size == expected and geometry.original_size == size
+    assert geometry.canvas_size == tuple(-(-side // 16) * 16 for side in expected)
+    if size == (224, 335):
+        assert plan_resize(size, short, 16).resized_size == (336, 502)  # the engine's own rounding, kept outside
+    with pytest.raises(ValueError, match="over 16 times its short side"):
+        plan_mmcv_resize((10, 170), 336, 2048, 16)
+
+
+@pytest.mark.parametrize("size, target", [((37, 53), (336, 481)), ((500, 375), (448, 336)), ((64, 64), (96, 96)),
+                                          ((300, 301), (300, 301)), ((123, 457), (41, 152))])  # fmt: skip
+def test_resize_mmcv_is_opencv_bilinear_on_the_uint8_image(size, target):
+    """Exactly ``cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)`` on the HWC uint8 image (what mmcv's
+    ``imresize`` calls), then / 255; on float input it is bilinear with half-pixel centres and no antialiasing,
+    which the engine's own resize (bicubic, antialiased) is not."""
+    from pacl_fast.images import resize, resize_mmcv
+
+    cv2 = opencv()
+    rng = np.random.default_rng(sum(size))
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    expected = cv2.resize(image, (target[1], target[0]), interpolation=cv2.INTER_LINEAR)
+    got = resize_mmcv(torch.from_numpy(image).permute(2, 0, 1), target)
+    assert got.dtype == torch.float32 and got.shape == (3, *target)
+    np.testing.assert_array_equal((got * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), expected)
+    floats = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    bilinear = torch.nn.functional.interpolate(floats[None], size=target, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(resize_mmcv(floats, target), bilinear, rtol=0, atol=1e-4)  # OpenCV: float32 weights
+    if target != size:
+        assert (resize(floats, target) - bilinear).abs().max() > 0.05
+
+
+def test_segmentation_preprocess_with_the_mmcv_kernel(tmp_path):
+    from pacl_fast.images import SegmentationPreprocess, normalize
+
+    cv2 = opencv()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    image = np.random.default_rng(3).integers(0, 256, (224, 335, 3), dtype=np.uint8)
+    prepared = SegmentationPreprocess(336, 16, mean, std, kernel="mmcv", max_long_side=2048)(image)
+    resized = cv2.resize(image, (503, 336), interpolation=cv2.INTER_LINEAR)
+    expected = normalize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, mean, std)
+    assert prepared.geometry.resized_size == (336, 503) and prepared.pixels.shape == (3, 336, 512)
+    torch.testing.assert_close(prepared.pixels[:, :, :503], expected, rtol=0, atol=1e-6)
+    assert torch.equal(prepared.pixels[:, :, 503:], torch.zeros(3, 336, 9))  # zero padding after normalising
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        SegmentationPreprocess(336, 16, mean, std, kernel="bilinear")
+    with pytest.raises(ValueError, match="max_long_side goes with kernel='mmcv'"):
+        SegmentationPreprocess(336, 16, mean, std, kernel="mmcv")

@@ -71,7 +71,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_ls():
-    """LayerScale and QuickGELU, which the repos' CLIPs lack and open_clip models may have."""
+    """LayerScale, which the repos' CLIPs lack and open_clip models may have, and QuickGELU, which all three
+    repos' CLIPs run (SCLIP ``clip/model.py`` l. 181, NACLIP ``clip/model.py`` l. 36, ClearCLIP's open_clip
+    through ``load_openai_model``: ``open_clip/openai.py`` l. 73, ``open_clip/model.py`` l. 453 and 499)."""
     return load_randomised(TINY_LS_CONFIG, 20)
 
 
@@ -295,7 +297,7 @@ def test_scale_factor_and_size_resizes_differ(tiny):
     grid = (9, 5)
     cpu = torch.device("cpu")
     by_size = tiny.positional_embedding(grid, torch.float32, cpu, resize="size")  # [1 + h*w, D]
-    by_scale = tiny.positional_embedding(grid, torch.float32, cpu, resize="scale_factor")
+    by_scale = tiny.positional_embedding(grid, torch.float32, cpu, resize="scale_factor_if_count_differs")
     native = tiny.visual.positional_embedding.detach()
     patch_pos = native[1:].reshape(*tiny.visual.grid_size, -1)  # [g0, g1, D]
     for resized, scale_factor in ((by_size, False), (by_scale, True)):
@@ -307,13 +309,59 @@ def test_scale_factor_and_size_resizes_differ(tiny):
 
 
 def test_each_method_resizes_as_its_code():
-    """MaskCLIP resizes by size (mmseg resize_pos_embed, vit.py l. 405-406); the other three by scale factor."""
+    """MaskCLIP resizes by size (mmseg resize_pos_embed, vit.py l. 405-406); the other three by scale factor;
+    all four only when the number of patches differs from the native grid's."""
     assert POSITIONAL_RESIZE == {
-        "maskclip": "size",
-        "sclip": "scale_factor",
-        "clearclip": "scale_factor",
-        "naclip": "scale_factor",
+        "maskclip": "size_if_count_differs",
+        "sclip": "scale_factor_if_count_differs",
+        "clearclip": "scale_factor_if_count_differs",
+        "naclip": "scale_factor_if_count_differs",
     }
+
+
+def repository_tower_input(visual, pixels: torch.Tensor, method: str) -> torch.Tensor:
+    """The authors' tower input, as their forward computes it (NLD, before the blocks): SCLIP ``clip/model.py``
+    l. 233-244 (NACLIP l. 98-109 and ClearCLIP ``open_clip/transformer.py`` l. 502-516 are the same lines),
+    with ``interpolate_pos_encoding`` (SCLIP l. 263-281) called only when the token count differs; for
+    MaskCLIP ``vit.py`` l. 367-380 and 399-410 (``resize`` to ``hw_shape``, bicubic)."""
+    patch = visual.patch_size[0]
+    _, _, w, h = pixels.shape  # the repositories name the input's height w and its width h
+    with torch.no_grad():
+        x = visual.conv1(pixels)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1)
+        table = visual.positional_embedding
+        if x.shape[1] != table.shape[0]:
+            n = table.shape[0] - 1
+            side, dim = int(math.sqrt(n)), x.shape[-1]
+            grid_table = table[1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+            if method == "maskclip":
+                resized = F.interpolate(grid_table, size=(w // patch, h // patch), mode="bicubic", align_corners=False)
+            else:
+                w0, h0 = w // patch + 0.1, h // patch + 0.1
+                resized = F.interpolate(grid_table, scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+            resized = resized.permute(0, 2, 3, 1).reshape(1, -1, dim)
+            x = x + torch.cat((table[[0]].unsqueeze(0), resized), dim=1)
+        else:
+            x = x + table
+        return visual.ln_pre(x)
+
+
+@pytest.mark.parametrize("method", TRAINING_FREE)
+@pytest.mark.parametrize("size", [(32, 128), (128, 32), (72, 40), (64, 64)])
+def test_positional_embeddings_are_resized_when_the_repositories_resize_them(tiny, method, size):
+    """Issue 19 item 4. The tiny CLIP's native grid is 8 x 8: a 4 x 16 or 16 x 4 grid has its 64 patches, so the
+    repositories add the native table unresized, in row-major order; 9 x 5 is resized, 8 x 8 is native."""
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    model = TrainingFreeCLIP(tiny, method)
+    with torch.no_grad():
+        ours, grid = tiny.embed_patches(pixels, resize=model.positional_resize)
+    assert grid == (size[0] // 8, size[1] // 8)
+    torch.testing.assert_close(ours, repository_tower_input(tiny.visual, pixels, method), rtol=1e-5, atol=1e-5)
+    if grid[0] * grid[1] == 64 and grid != (8, 8):  # PACL, the engine's own rule, resizes these
+        with torch.no_grad():
+            resized, _ = tiny.embed_patches(pixels, resize="size")
+        assert (resized - ours).abs().max() > 1e-2
 
 
 # --- the whole image tower ---------------------------------------------------------------------
@@ -330,8 +378,11 @@ def independent_embeddings(backbone, pixels: torch.Tensor, method: str) -> torch
         x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1 + h*w, D]
         native = visual.positional_embedding
         patch_pos = native[1:].reshape(*visual.grid_size, -1)
-        resized = resize_by_hand(patch_pos, grid, scale_factor=method != "maskclip").reshape(grid[0] * grid[1], -1)
-        x = x + torch.cat([native[:1], resized.float()])
+        if grid[0] * grid[1] == native.shape[0] - 1:  # the repositories resize only when the count differs
+            x = x + native
+        else:
+            resized = resize_by_hand(patch_pos, grid, scale_factor=method != "maskclip")
+            x = x + torch.cat([native[:1], resized.reshape(grid[0] * grid[1], -1).float()])
         x = F.layer_norm(x, x.shape[-1:], visual.ln_pre.weight, visual.ln_pre.bias, visual.ln_pre.eps)
         for block in visual.transformer.resblocks[:-1]:
             x = block(x)
@@ -348,11 +399,12 @@ def check_embeddings(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("method", TRAINING_FREE)
-def test_encode_image_matches_independent_computation(tiny, method):
+@pytest.mark.parametrize("size", [(72, 40), (32, 128)])  # grid 9 x 5; 4 x 16, the native count of patches
+def test_encode_image_matches_independent_computation(tiny, method, size):
     model = TrainingFreeCLIP(tiny, method)
-    pixels = torch.randn(2, 3, 72, 40)  # grid 9 x 5
+    pixels = torch.randn(2, 3, *size)
     ours = model.encode_image(pixels)
-    assert ours.shape == (2, 9, 5, tiny.embed_dim)
+    assert ours.shape == (2, size[0] // 8, size[1] // 8, tiny.embed_dim)
     check_embeddings(ours, independent_embeddings(tiny, pixels, method))
 
 

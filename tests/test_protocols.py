@@ -248,3 +248,44 @@ def test_exact_ties_and_the_threshold_boundary():
     logits[coco.queries.index("cat"), 0, 1] = 0.35
     cat = coco.class_names.index(("cat",))
     assert coco.postprocess(logits).tolist() == [[0, cat]]
+
+
+# --- the protocols' resize and NACLIP's PAMR guide (issue 19 items 2 and 3) --------------------------------
+
+
+def naclip_network_input(image: np.ndarray, short: int) -> torch.Tensor:
+    """NACLIP's test pipeline for one image, written out: mmcv ``Resize(scale=(2048, short), keep_ratio=True)``
+    (``rescale_size`` and ``cv2.resize`` INTER_LINEAR on uint8), then ``SegDataPreProcessor`` with its own
+    constants (naclip.py l. 24: mean 122.771, 116.746, 104.094, std 68.501, 66.632, 70.323, in 0..255)."""
+    cv2 = pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
+    h, w = image.shape[:2]
+    scale = min(2048 / max(h, w), short / min(h, w))
+    resized = cv2.resize(image, (int(w * scale + 0.5), int(h * scale + 0.5)), interpolation=cv2.INTER_LINEAR)
+    mean = torch.tensor([122.771, 116.746, 104.094])[:, None, None]
+    std = torch.tensor([68.501, 66.632, 70.323])[:, None, None]
+    return ((torch.from_numpy(resized).permute(2, 0, 1).float() - mean) / std)[None]  # [1, 3, h', w']
+
+
+@pytest.mark.parametrize("size", [(41, 67), (500, 375), (333, 500)])
+def test_preprocessor_and_pamr_guide_are_naclips(size):
+    """The protocol's model input is NACLIP's network input (up to the 3-decimal rounding of its mean/std), and
+    PAMR's guide is that input resized back to the original size (naclip.py l. 130), not the original image."""
+    from pacl_fast.backbone import OPENAI_MEAN, OPENAI_STD
+
+    preset = get_protocol("naclip", "voc21")
+    image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    network_input = naclip_network_input(image, 336)
+    prepared = preset.preprocessor(16, OPENAI_MEAN, OPENAI_STD)(image)
+    height, width = prepared.geometry.resized_size
+    assert (height, width) == tuple(network_input.shape[-2:]) and min(height, width) == 336
+    torch.testing.assert_close(prepared.pixels[None, :, :height, :width], network_input, rtol=0, atol=2e-4)
+    guide = preset.pamr_guide(prepared.pixels, prepared.geometry)
+    expected = torch.nn.functional.interpolate(network_input, size=size, mode="bilinear", align_corners=False)[0]
+    assert guide.shape == (3, *size)
+    torch.testing.assert_close(guide, expected, rtol=0, atol=2e-4)
+    # the guide matters: PAMR with the original image refines otherwise
+    logits = 0.2 + 0.05 * torch.randn(5, *size, generator=torch.Generator().manual_seed(1))
+    original = torch.from_numpy(image).permute(2, 0, 1).float()
+    with_guide = pamr(guide[None], logits[None], 10, (8, 16))
+    assert (with_guide - pamr(original[None], logits[None], 10, (8, 16))).abs().max() > 1e-3
+    torch.testing.assert_close(with_guide, pamr(expected[None], logits[None], 10, (8, 16)), rtol=0, atol=1e-5)

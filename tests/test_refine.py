@@ -134,3 +134,18 @@ def test_masks_of_another_size_are_resized_first_and_bad_input_is_named():
         pamr(image, small, -1)
     with pytest.raises(ValueError, match="dilations must be a non-empty sequence of integers >= 1"):
         pamr(image, small, 1, (0, 2))
+
+
+def test_resized_input_guide_is_naclips_bilinear_resize():
+    """naclip.py l. 130: bilinear, align_corners=False. A 2x2 input to 4x4: the corners keep their values,
+    the half-pixel centres blend 3:1 (values written out)."""
+    from pacl_fast.refine import resized_input_guide
+
+    pixels = torch.tensor([[0.0, 4.0], [8.0, 12.0]]).expand(1, 3, 2, 2)
+    guide = resized_input_guide(pixels, (4, 4))
+    assert guide.shape == (1, 3, 4, 4)
+    row = torch.tensor([0.0, 1.0, 3.0, 4.0])
+    expected = torch.stack([row, row + 2, row + 6, row + 8])  # rows 0, 0.25, 0.75, 1 of the way down
+    torch.testing.assert_close(guide[0, 1], expected)
+    with pytest.raises(ValueError, match=r"pixels must be float \[B, 3, h, w\]"):
+        resized_input_guide(torch.zeros(3, 2, 2), (4, 4))
