@@ -18,10 +18,19 @@ changes path once it has one: the same call gives the same bits from its first i
 Without a compiler, or if the build or its self-test fails, the head stays on eager torch (one log
 line says why: info under ``auto``, a warning under ``on``): never a failure.
 
+Cache. One file per source, flags, CPU and compiler (its resolved path, size and modification time,
+so an upgraded compiler builds afresh): ``pacl-native-<key>.so``. A build is compiled to a temporary
+name in the same folder and renamed over the final one (atomic: concurrent builders each produce a
+whole file, the last rename wins, a reader never sees half a file). The build ends with a trailer
+(``TRAILER_MAGIC``, the key, the SHA-256 of the library before it): a cached file is opened only if
+its trailer names this key and its digest matches, so a truncated, corrupt or foreign file (another
+key's build, any other ``.so``) is rebuilt, never handed to the dynamic loader. Nothing is compiled
+or loaded on import: :func:`prepare` or the first CPU head call does it.
+
 Safety. The library is machine code run in this process, so it is only loaded from a file this
 user owns, in a folder this user owns, neither writable by others (else it is built afresh in a
-private temporary folder), after its ABI version and a self-test against a float64 computation.
-Every call's arguments are checked here (dtypes, sizes, index ranges): the C code trusts them.
+private temporary folder), after its trailer, its ABI version and a self-test against a float64
+computation. Every call's arguments are checked here (dtypes, sizes, index ranges): the C code trusts them.
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ COMPILE_TIMEOUT = 120
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing")
 #: Tried when ``-march=native`` is refused (a compiler or CPU without it).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
+#: Starts the trailer appended to a build: magic, the cache key (24 ASCII hex digits), SHA-256 of what precedes.
+TRAILER_MAGIC = b"\0pacl-native-build\0"
+TRAILER_BYTES = len(TRAILER_MAGIC) + 24 + 32
 
 
 class NativeUnavailable(RuntimeError):
@@ -320,6 +332,18 @@ def compiler() -> list[str] | None:
     return None
 
 
+def _compiler_identity(command: list[str]) -> str:
+    """What tells one compiler from another without running it: its resolved path, size and modification
+    time (a package upgrade changes them), and the command's other words (``$CC="ccache gcc"``)."""
+    program = os.path.realpath(shutil.which(command[0]) or command[0])
+    try:
+        info = os.stat(program)
+        version = f"{info.st_size}:{info.st_mtime_ns}"
+    except OSError:
+        version = "?"
+    return "\0".join([program, version, *command[1:]])
+
+
 @lru_cache(maxsize=1)
 def _cpu_signature() -> str:
     """What ``-march=native`` compiles for: the machine, and on Linux the CPU's model and flags."""
@@ -333,10 +357,51 @@ def _cpu_signature() -> str:
     return "|".join(parts)
 
 
-def library_path(flags: tuple[str, ...] = FLAGS) -> Path:
-    """Where the build for this source, these flags and this CPU is cached."""
-    key = hashlib.sha256("\0".join([SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()[:24]
-    return cache_dir() / f"pacl-native-{key}.so"
+def cache_key(command: list[str], flags: tuple[str, ...] = FLAGS) -> str:
+    """24 hex digits of SHA-256 over the source, the flags, the CPU and the compiler's identity."""
+    parts = [SOURCE, *flags, _cpu_signature(), _compiler_identity(command)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def library_path(command: list[str] | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Where the build of this source with ``command`` (default :func:`compiler`), these flags and for
+    this CPU is cached.
+
+    Raises:
+        NativeUnavailable: no compiler (and so no key).
+    """
+    command = command or compiler()
+    if command is None:
+        raise NativeUnavailable("no C compiler (set $CC, or install cc, gcc or clang)")
+    return cache_dir() / f"pacl-native-{cache_key(command, flags)}.so"
+
+
+def _key_of(path: Path) -> str:
+    return path.name.removeprefix("pacl-native-").removesuffix(".so")
+
+
+def _append_trailer(path: Path, key: str) -> None:
+    """Seal a fresh build: ``TRAILER_MAGIC``, ``key`` and the SHA-256 of the library (the loader ignores
+    bytes after an ELF file's last section)."""
+    digest = hashlib.sha256(path.read_bytes()).digest()
+    with open(path, "ab") as f:
+        f.write(TRAILER_MAGIC + key.encode("ascii") + digest)
+
+
+def _sealed(path: Path, key: str) -> bool:
+    """Whether ``path`` ends with the trailer of a build of ``key`` whose digest matches its content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 26)  # a build is ~50 KB; a file this large is no build of ours
+            if f.read(1):
+                return False
+    except OSError:
+        return False
+    if len(data) <= TRAILER_BYTES:
+        return False
+    body, trailer = data[:-TRAILER_BYTES], data[-TRAILER_BYTES:]
+    expected = TRAILER_MAGIC + key.encode("ascii") + hashlib.sha256(body).digest()
+    return secrets.compare_digest(trailer, expected)
 
 
 def _private(path: Path, kind: str) -> bool:
@@ -350,27 +415,23 @@ def _private(path: Path, kind: str) -> bool:
     return is_kind and owner and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _usable_cached_file() -> bool:
-    path = library_path()
-    return path.exists() and _private(path, "file") and _private(path.parent, "folder")
-
-
 def load_or_build() -> NativeKernel:
-    """Load the cached build (checked: :func:`_private`, ABI, self-test), else compile it now.
+    """Load the cached build (checked: :func:`_private`, its trailer, ABI, self-test), else compile it now.
 
     Raises:
         NativeUnavailable: no compiler, a failed compile, or a library that fails its checks.
     """
-    path = library_path()
-    if _usable_cached_file():
-        try:
-            return _load(path)
-        except NativeUnavailable as error:
-            logger.info("CPU head: cached native kernel %s unusable (%s); building it again", path, error)
     command = compiler()
-    if command is None:
-        raise NativeUnavailable("no C compiler (set $CC, or install cc, gcc or clang)")
+    path = library_path(command)
     folder = path.parent
+    if path.exists() and _private(folder, "folder") and _private(path, "file"):
+        if not _sealed(path, _key_of(path)):
+            logger.info("CPU head: cached native kernel %s is not a sealed build of this key; building it again", path)
+        else:
+            try:
+                return _load(path)
+            except NativeUnavailable as error:
+                logger.info("CPU head: cached native kernel %s unusable (%s); building it again", path, error)
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         cacheable = _private(folder, "folder")
@@ -381,10 +442,15 @@ def load_or_build() -> NativeKernel:
         target = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             _compile(command, target)
-            os.replace(target, path)
+            _append_trailer(target, _key_of(path))
+            # Checked before it is published, and loaded under a name no earlier load in this process had
+            # (the dynamic loader would hand back a library it loaded from ``path`` before).
+            kernel = _load(target)
+            os.replace(target, path)  # atomic: a concurrent builder's rename leaves a whole build too
         finally:
             target.unlink(missing_ok=True)
-        return _load(path)
+        kernel.path = path
+        return kernel
     # A cache folder others can write to (or none at all): build and load from a private folder, uncached.
     logger.info("CPU head: %s is not a private folder of this user; building the native kernel uncached", folder)
     with tempfile.TemporaryDirectory(prefix="pacl-native-") as private:

@@ -29,6 +29,7 @@ pixel fails. Labels must equal the reference wherever the reference's top-2 marg
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -1048,9 +1049,13 @@ def test_auto_builds_in_the_background_and_a_new_process_loads_it(fresh_native, 
     assert Head("fast").path(logits.device) == "tiled: eager torch ($PACL_FAST_NATIVE=off)"
 
 
+@pytest.mark.parametrize("mode, level", [("on", "WARNING"), ("auto", "INFO")])
 @pytest.mark.parametrize("compiler", ["missing", "failing"])
-def test_without_a_working_compiler_the_head_stays_eager(compiler, fresh_native, tmp_path, monkeypatch, caplog):
-    """No C compiler, or one that fails: ``on`` logs why once and the head runs eager torch: never an error."""
+def test_without_a_working_compiler_the_head_stays_eager(
+    compiler, mode, level, fresh_native, tmp_path, monkeypatch, caplog
+):
+    """No C compiler, or one that fails: the head runs eager torch (never an error) and one log line says
+    why, a warning under ``on``, info under ``auto`` (the default)."""
     if compiler == "missing":
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         why = "no C compiler"
@@ -1060,14 +1065,16 @@ def test_without_a_working_compiler_the_head_stays_eager(compiler, fresh_native,
         script.chmod(0o755)
         monkeypatch.setenv("CC", str(script))
         why = "this compiler is broken"
-    monkeypatch.setenv(native.ENV, "on")
+    monkeypatch.setenv(native.ENV, mode)
     logits = make_logits(torch.Generator().manual_seed(31), 1, 4, 5, 7, "scene", torch.float32)
-    with caplog.at_level("WARNING", logger="kernels.native"):
+    with caplog.at_level(level, logger="kernels.native"):
         labels, scores = run_segment("tiled", logits, (9, 11), logit_scale=100.0)
         run_segment("tiled", logits, (9, 11), logit_scale=100.0)
     assert_matches_reference(labels, scores, logits, (9, 11), None, 100.0, None)
     assert native.kernel() is None and why in native.status()
-    assert [why in record.getMessage() for record in caplog.records] == [True]  # once, not per call
+    lines = [(record.levelname, why in record.getMessage()) for record in caplog.records]
+    assert lines == [(level, True)]  # once, not per call
+    assert not fresh_native.exists() or not list(fresh_native.glob("*.so"))
 
 
 def test_a_kernel_failing_its_self_test_is_refused(fresh_native, monkeypatch):
@@ -1101,6 +1108,156 @@ def test_a_corrupt_cached_library_is_built_again(fresh_native, monkeypatch):
     monkeypatch.setenv(native.ENV, "on")
     kernel = native.kernel()
     assert kernel is not None and kernel.path == path and path.read_bytes()[:4] == b"\x7fELF"
+
+
+def build_shared_library(tmp_path, name: str, source: str):
+    """``source`` compiled with the kernel's compiler into ``tmp_path / name`` (skips without one)."""
+    import subprocess
+
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    (tmp_path / f"{name}.c").write_text(source)
+    subprocess.run([*command, "-shared", "-fPIC", "-o", str(tmp_path / name), str(tmp_path / f"{name}.c")], check=True)
+    return tmp_path / name
+
+
+def test_a_foreign_library_in_the_cache_is_never_loaded(fresh_native, tmp_path, monkeypatch, caplog):
+    """A real shared library at the cache's name that is not a sealed build of this key is rebuilt without
+    ever reaching the dynamic loader (its constructor would run there: here it writes a file)."""
+    marker = tmp_path / "constructor-ran"
+    source = "#include <stdio.h>\n__attribute__((constructor)) static void ran(void) "
+    source += f'{{ fclose(fopen("{marker}", "w")); }}\n'
+    foreign = build_shared_library(tmp_path, "foreign.so", source)
+    fresh_native.mkdir(parents=True, mode=0o700)
+    path = native.library_path()
+    path.write_bytes(foreign.read_bytes())
+    path.chmod(0o600)
+    monkeypatch.setenv(native.ENV, "on")
+    with caplog.at_level("INFO", logger="kernels.native"):
+        kernel = native.kernel()
+    assert kernel is not None and kernel.path == path, native.status()
+    assert not marker.exists(), "the foreign library was loaded"
+    assert native._sealed(path, native._key_of(path)) and path.read_bytes() != foreign.read_bytes()
+    assert any("not a sealed build" in record.getMessage() for record in caplog.records)
+
+
+def test_a_tampered_or_other_keys_build_is_built_again(fresh_native, monkeypatch):
+    """A sealed build with one byte of its body changed (the digest no longer matches), or a whole build of
+    another key renamed to this one, is rebuilt: only a file whose trailer names this key and digest loads."""
+    monkeypatch.setenv(native.ENV, "on")
+    path = native.kernel().path
+    good = path.read_bytes()
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0x01
+    other_key = good[: -native.TRAILER_BYTES] + good[-native.TRAILER_BYTES :].replace(
+        native._key_of(path).encode(), b"0" * 24
+    )
+    assert other_key != good
+    for planted in (bytes(tampered), other_key):
+        # A new file renamed over the build (writing into the loaded one would change this process's code).
+        path.with_suffix(".new").write_bytes(planted)
+        os.replace(path.with_suffix(".new"), path)
+        native.reset()
+        assert not native._sealed(path, native._key_of(path))
+        assert native.kernel() is not None and native._sealed(path, native._key_of(path)), native.status()
+
+
+def test_a_sealed_build_failing_its_checks_is_replaced(fresh_native, tmp_path, monkeypatch):
+    """A cached file sealed for this key whose library fails its self-test (a broken kernel) is rebuilt and
+    the rebuild is what runs, although the dynamic loader already holds the broken one under the cache's
+    name: a build is loaded and checked under its temporary name, then renamed into the cache."""
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    path = native.library_path(command)
+    broken = tmp_path / "broken.so"
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "SOURCE", native.SOURCE.replace("+ r + 1.0f;", "+ r + 1.001f;"))
+        native._compile(command, broken)
+    native._append_trailer(broken, native._key_of(path))
+    fresh_native.mkdir(parents=True, mode=0o700)
+    os.replace(broken, path)
+    monkeypatch.setenv(native.ENV, "on")
+    kernel = native.kernel()
+    assert kernel is not None and kernel.path == path, native.status()
+    assert native._sealed(path, native._key_of(path)) and kernel.exp(torch.zeros(1)).item() == 1.0
+
+
+def test_the_cache_key_names_the_compiler(tmp_path):
+    """Another compiler (a wrapper script around this one), or the same one changed since (a new
+    modification time), builds under another name: one compiler's build is never another's."""
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "wrapped-cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {command[0]} "$@"\n')
+    wrapper.chmod(0o755)
+    names = {native.library_path(command), native.library_path([str(wrapper)])}
+    os.utime(wrapper, ns=(0, 10**18))
+    names.add(native.library_path([str(wrapper)]))
+    assert len(names) == 3 and native.library_path(command) == native.library_path(command)
+
+
+def test_concurrent_builders_do_not_race(fresh_native, monkeypatch):
+    """Threads building into the same empty cache at once (compiles run in parallel processes) each compile
+    to a temporary of their own and rename it over the one name: all get a working kernel, the folder holds
+    one sealed build and no temporary."""
+    import threading
+
+    targets, barrier = [], threading.Barrier(3)
+    compile_for_real = native._compile
+
+    def compile_in_step(command, target):
+        targets.append(target)
+        barrier.wait(timeout=60)  # all three compile at the same time
+        compile_for_real(command, target)
+
+    monkeypatch.setattr(native, "_compile", compile_in_step)
+    kernels, errors = [], []
+
+    def build():
+        try:
+            kernels.append(native.load_or_build())
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    path = native.library_path()
+    assert not errors and len(kernels) == 3 and all(kernel.path == path for kernel in kernels)
+    assert len(set(targets)) == 3 and path not in targets and all(target.parent == path.parent for target in targets)
+    assert sorted(fresh_native.iterdir()) == [path] and native._sealed(path, native._key_of(path))
+
+
+def test_importing_compiles_nothing(tmp_path):
+    """Importing the package, the head and the kernels runs no compiler and writes no cache; making a head
+    then does (the same process, so the marker compiler is proven to be the one found)."""
+    import subprocess
+    import sys
+
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    marker = tmp_path / "compiler-ran"
+    spy = tmp_path / "spy-cc"
+    spy.write_text(f'#!/bin/sh\ntouch {marker}\nexec {command[0]} "$@"\n')
+    spy.chmod(0o755)
+    cache = tmp_path / "cache"
+    script = (
+        "import pathlib, pacl_fast, pacl_fast.head, kernels.tiled, kernels.scores, kernels.native as native\n"
+        f"assert not pathlib.Path({str(marker)!r}).exists(), 'a compiler ran on import'\n"
+        f"assert not pathlib.Path({str(cache)!r}).exists(), 'the cache was written on import'\n"
+        "pacl_fast.head.Head('fast')\n"
+        "assert native.kernel() is not None, native.status()\n"
+    )
+    env = {**os.environ, "CC": str(spy), "PACL_FAST_NATIVE": "auto", "PACL_FAST_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.exists() and list((cache / "native").glob("pacl-native-*.so"))
 
 
 def test_native_head_in_several_threads():
