@@ -175,17 +175,15 @@ def classes_per_pixel(name: str, logits: torch.Tensor, out_size: tuple[int, int]
         if with_scores:
             probabilities = torch.empty(labels.shape, device=logits.device)
             tolerance = cells.DEFAULT_SCORE_TOLERANCE
-            scores.segment_with_scores(values, rows, cols, labels, probabilities, LOGIT_SCALE, tolerance, tally, kernel)
+            scores.segment(values, rows, cols, labels, probabilities, LOGIT_SCALE, tolerance, tally, kernel)
         else:
-            scores.segment_labels(kernel, values, rows, cols, labels, tally)
+            scores.segment(values, rows, cols, labels, None, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally, kernel)
         return tally[0] / tally[1]
     if name == "tiled":
         labels, tally = torch.empty((logits.shape[0], *out_size), dtype=torch.int16, device=logits.device), [0, 0]
         if with_scores:
             probabilities = torch.empty(labels.shape, device=logits.device)
-            scores.segment_with_scores(
-                values, rows, cols, labels, probabilities, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally
-            )
+            scores.segment(values, rows, cols, labels, probabilities, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally)
             return tally[0] / tally[1]
         # kernels.separable: the classes kept along each (row, cell); one where a grid column's winner is the label
         separable.segment_labels(values, rows, cols, labels, tally)

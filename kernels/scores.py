@@ -25,7 +25,7 @@ broadcast one at a time (every class where it keeps ``NATIVE_DENSE_FRACTION`` of
 its first class and the sum of exps in one pass (``kernels/_native_source.py``). The eager
 evaluations below are its fallback; per (pixel, class) they cost one pass over memory per step, the
 kernel about 0.4 ns for all of them together (``kernels/native.py``). Labels alone
-(:func:`segment_labels`) run it on the grid itself, each cell keeping the classes that can win there.
+(:func:`segment` without scores) run it on the grid itself, each cell keeping the classes that can win there.
 
 **Dense bands** (cells keep most classes: structureless logits, where at scale 100 nearly every
 class is within ``exp(-20)`` of the winner; or blocks of a few pixels, where gathering a cell's
@@ -51,11 +51,12 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from kernels import cells, fine_grid, native
+from kernels import cells, fine_grid, native, separable
 
 # Elements of a float32 evaluation chunk ([rows, segments, depth, C] or [K, dy, dx, blocks]): 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -76,65 +77,72 @@ UNDERFLOW = -40.0
 _GROUP_SLOTS = sorted({m << e for e in range(31) for m in (2, 3)} | {1})
 
 
-def segment_with_scores(
+def segment(
     values: torch.Tensor,
     rows: cells.AxisSampling,
     cols: cells.AxisSampling,
     labels: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     logit_scale: float,
     tolerance: float,
     tally: list[int] | None = None,
     kernel: native.NativeKernel | None = None,
 ) -> None:
-    """Write each pixel's label (the argmax) and score (its softmax probability) into ``labels``
-    ``[B, H, W]`` (int16) and ``scores`` ``[B, H, W]`` (float32), both contiguous.
+    """Write each pixel's label (the argmax, the lowest class on ties) and score (its softmax
+    probability) into ``labels`` ``[B, H, W]`` (int16) and ``scores`` ``[B, H, W]`` (float32), both
+    contiguous; ``scores`` None: labels only. The CPU head's one entry, with or without the kernel.
 
     Args:
         values: logits ``[B, h, w, C]`` float32, sampled as ``rows`` / ``cols`` say.
         logit_scale: the softmax scale.
         tolerance: the most the pruning may change a score (module docstring).
         tally: if given (``[0, 0]``), gets the (pixel, class) evaluations (padding included) and the
-            pixels evaluated (padding included) added.
+            pixels evaluated (padding included) added (labels only in eager torch: as
+            ``separable.segment_labels`` counts them).
         kernel: evaluate with this native kernel (``kernels.native``); None: eager torch.
 
-    Eager torch works along the output rows, or along the columns (the transposed problem) when the
+    Labels only: the kernel runs on the grid itself (not refined), each point shifted by its largest
+    class (the argmax ignores it), every cell evaluating only the classes that can win in it
+    (``max_k X[c, k] >= max_c' min_k X[c', k]``); eager torch is ``kernels.separable``. With scores,
+    eager torch works along the output rows, or along the columns (the transposed problem) when the
     image is taller than wide relative to the grid; on one intra-op thread (``cells.one_intra_op_thread``).
     """
-    if not (0 < tolerance < 1):
+    if scores is None and kernel is None:
+        separable.segment_labels(values, rows, cols, labels, tally)
+        return
+    if scores is not None and not (0 < tolerance < 1):
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-    _, grid_h, grid_w, _ = values.shape
+    batch, grid_h, grid_w, num_classes = values.shape
     height, width = labels.shape[1:]
+    if kernel is None and width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
+        shape = (batch, width, height)  # the transposed problem (never transposed again: it is wider)
+        out_labels, out_scores = labels.new_empty(shape), scores.new_empty(shape)
+        segment(values.transpose(1, 2), cols, rows, out_labels, out_scores, logit_scale, tolerance, tally)
+        labels.copy_(out_labels.transpose(1, 2))
+        scores.copy_(out_scores.transpose(1, 2))
+        return
+    factor = 1 if scores is None else fine_grid.REFINE  # labels only: the grid itself
+    row_cells, col_cells = _refined_cells(rows, grid_h, factor), _refined_cells(cols, grid_w, factor)
     with cells.one_intra_op_thread(values.device):
         if kernel is not None:
-            _segment_native(kernel, values, rows, cols, labels, scores, logit_scale, tolerance, fine_grid.REFINE, tally)
-        elif width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
-            shape = (labels.shape[0], width, height)
-            out_labels, out_scores = labels.new_empty(shape), scores.new_empty(shape)
-            _segment_rows(values.transpose(1, 2), cols, rows, out_labels, out_scores, logit_scale, tolerance, tally)
-            labels.copy_(out_labels.transpose(1, 2))
-            scores.copy_(out_scores.transpose(1, 2))
-        else:
-            _segment_rows(values, rows, cols, labels, scores, logit_scale, tolerance, tally)
-
-
-def segment_labels(
-    kernel: native.NativeKernel,
-    values: torch.Tensor,
-    rows: cells.AxisSampling,
-    cols: cells.AxisSampling,
-    labels: torch.Tensor,
-    tally: list[int] | None = None,
-) -> None:
-    """Labels only (upsample + argmax, the lowest class on ties) with the native kernel, into ``labels``
-    ``[B, H, W]`` int16; ``values`` ``[B, h, w, C]`` float32 as in :func:`segment_with_scores`.
-
-    On the grid itself (not refined), each point shifted by its largest class (the argmax ignores
-    it), every cell evaluating only the classes that can win in it (``max_k X[c, k] >= max_c' min_k
-    X[c', k]``). The eager path for labels only is ``kernels.separable``.
-    """
-    with cells.one_intra_op_thread(values.device):
-        _segment_native(kernel, values, rows, cols, labels, None, 1.0, None, 1, tally)
+            # The pruning of the module docstring, per block in the kernel; without scores, the classes that can win.
+            bound = 0.0 if scores is None else math.log(tolerance / num_classes)
+            scale = 1.0 if scores is None else logit_scale  # the argmax does not depend on it
+            _segment_native(kernel, values, row_cells, col_cells, labels, scores, scale, bound, factor, tally)
+            return
+        # Eager torch along the output rows (``values`` may be a transposed view).
+        fine_w = fine_grid.refined_size(grid_w)
+        band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * (num_classes + 1), BAND_ELEMENTS)
+        block = row_cells.index.shape[1] * col_cells.index.shape[1]  # pixels a gathered block evaluates
+        for b, band, in_band, points in _bands(batch, row_cells, band_cells):
+            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, pad=True)[0]  # [p, wf, C + 1]
+            work = _Band(b, band.start, in_band, grid, row_cells, col_cells, labels, scores, tally)
+            keep = _kept_classes(grid[..., :num_classes], row_cells.upper, col_cells.upper, tolerance)
+            count = keep.sum(dim=-1)  # [cy, cx]
+            if count.float().mean() * (1 + GATHER_COST / block) >= DENSE_FRACTION * num_classes:
+                _evaluate_dense(work)
+            else:
+                _evaluate_sparse(work, keep, count)
 
 
 def workspace_bytes() -> int:
@@ -216,83 +224,51 @@ def _axis_cells(axis: cells.AxisSampling, points: int) -> _AxisCells:
 def _segment_native(
     kernel: native.NativeKernel,
     values: torch.Tensor,
-    rows: cells.AxisSampling,
-    cols: cells.AxisSampling,
+    row_cells: _AxisCells,
+    col_cells: _AxisCells,
     labels: torch.Tensor,
     scores: torch.Tensor | None,
     logit_scale: float,
-    tolerance: float | None,
+    bound: float,
     factor: int,
     tally: list[int] | None,
 ) -> None:
     """Bands of cell rows of the grid refined ``factor`` times (``fine_grid.relative_logits``), each
-    evaluated by the native kernel, block by block; with scores (``tolerance`` set) each block keeps the
-    classes whose terms can matter, without (None) those that can win."""
-    batch, grid_h, grid_w, num_classes = values.shape
+    evaluated by the native kernel, block by block, each block keeping the classes ``bound`` keeps
+    (``NativeKernel.segment_blocks``)."""
+    batch, _, grid_w, num_classes = values.shape
     fine_w = fine_grid.refined_size(grid_w, factor)
-    row_cells, col_cells = _refined_cells(rows, grid_h, factor), _refined_cells(cols, grid_w, factor)
     columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
-    # The pruning of the module docstring, per block in the kernel; without scores, the classes that can win.
-    bound = 0.0 if tolerance is None else math.log(tolerance / num_classes)
     band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * num_classes, BAND_ELEMENTS)
     block = row_cells.index.shape[1] * col_cells.index.shape[1]
     lanes = -(-block // 16) * 16  # pixels a block evaluates, its vectors' spare lanes included
+    for b, band, in_band, points in _bands(batch, row_cells, band_cells):
+        grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
+        band_rows = row_cells.cell.index_select(0, in_band) - band.start
+        evaluated = kernel.segment_blocks(
+            grid,
+            torch.arange(in_band.numel()),
+            (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
+            columns,
+            bound,
+            NATIVE_DENSE_FRACTION,
+            labels[b],
+            None if scores is None else scores[b],
+        )
+        if tally is not None:
+            tally[0] += evaluated
+            tally[1] += in_band.numel() * col_cells.cell.numel() * lanes
+
+
+def _bands(batch: int, row_cells: _AxisCells, band_cells: int) -> Iterator[tuple[int, range, torch.Tensor, range]]:
+    """Each image's bands of ``band_cells`` cell rows that hold output rows: ``(image, band's cells,
+    its row segments [s], the grid points it reads)`` (downsampling leaves some cells without a row)."""
     for b in range(batch):
         for first in range(0, row_cells.cells, band_cells):
             band = range(first, min(first + band_cells, row_cells.cells))
             in_band = ((row_cells.cell >= band.start) & (row_cells.cell < band.stop)).nonzero()[:, 0]
-            if in_band.numel() == 0:  # downsampling: no pixel in these cells
-                continue
-            points = range(band.start, band.stop + row_cells.upper)
-            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
-            band_rows = row_cells.cell.index_select(0, in_band) - band.start
-            evaluated = kernel.segment_blocks(
-                grid,
-                torch.arange(in_band.numel()),
-                (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
-                columns,
-                bound,
-                NATIVE_DENSE_FRACTION,
-                labels[b],
-                None if scores is None else scores[b],
-            )
-            if tally is not None:
-                tally[0] += evaluated
-                tally[1] += in_band.numel() * col_cells.cell.numel() * lanes
-
-
-def _segment_rows(
-    values: torch.Tensor,
-    rows: cells.AxisSampling,
-    cols: cells.AxisSampling,
-    labels: torch.Tensor,
-    scores: torch.Tensor,
-    logit_scale: float,
-    tolerance: float,
-    tally: list[int] | None,
-) -> None:
-    """:func:`segment_with_scores` along the output rows (``values`` may be a transposed view)."""
-    batch, grid_h, grid_w, num_classes = values.shape
-    fine_w = fine_grid.refined_size(grid_w)
-    row_cells = _refined_cells(rows, grid_h, fine_grid.REFINE)
-    col_cells = _refined_cells(cols, grid_w, fine_grid.REFINE)
-    band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * (num_classes + 1), BAND_ELEMENTS)
-    for b in range(batch):
-        for first in range(0, row_cells.cells, band_cells):
-            band = range(first, min(first + band_cells, row_cells.cells))
-            in_band = ((row_cells.cell >= band.start) & (row_cells.cell < band.stop)).nonzero()[:, 0]
-            if in_band.numel() == 0:  # downsampling: no pixel in these cells
-                continue
-            points = range(band.start, band.stop + row_cells.upper)
-            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, pad=True)[0]  # [p, wf, C + 1]
-            work = _Band(b, band.start, in_band, grid, row_cells, col_cells, labels, scores, tally)
-            keep = _kept_classes(grid[..., :num_classes], row_cells.upper, col_cells.upper, tolerance)
-            count = keep.sum(dim=-1)  # [cy, cx]
-            block = row_cells.index.shape[1] * col_cells.index.shape[1]  # pixels a gathered block evaluates
-            if count.float().mean() * (1 + GATHER_COST / block) >= DENSE_FRACTION * num_classes:
-                _evaluate_dense(work)
-            else:
-                _evaluate_sparse(work, keep, count)
+            if in_band.numel():
+                yield b, band, in_band, range(band.start, band.stop + row_cells.upper)
 
 
 def _cell_extremes(grid: torch.Tensor, upper_y: int, upper_x: int) -> tuple[torch.Tensor, torch.Tensor]:

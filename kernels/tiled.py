@@ -22,52 +22,25 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cells, native, scores, separable
+from kernels import cells, native, scores
 from kernels.reference import BACKGROUND
 
 
-def segment_tiled(
-    logits: torch.Tensor,
-    out_size: tuple[int, int],
-    *,
-    grid_extent: tuple[float, float] | None = None,
-    logit_scale: float = 100.0,
-    background_threshold: float | None = None,
-    score_tolerance: float = cells.DEFAULT_SCORE_TOLERANCE,
-    with_scores: bool = True,
-    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+@cells.fused_head
+def segment_tiled(call: cells.SegmentCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels and winner scores of ``kernels.reference.segment_reference``, band by band.
 
-    Args:
-        logits: ``[B, h, w, C]`` float32, float16 or bfloat16.
-        out_size, grid_extent, logit_scale, background_threshold: as ``segment_reference``.
-        score_tolerance: the most the class pruning may change a score.
-        with_scores: False computes labels only (scores None).
-        out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
+    Called as ``segment_tiled(logits, out_size, *, grid_extent, logit_scale, background_threshold,
+    score_tolerance, with_scores, out)``: the arguments of ``cells.segment_call``, which checks them.
     Returns:
         labels ``[B, H, W]`` int16 (ties: the lowest class index) and scores ``[B, H, W]`` float32
         (None without scores).
     """
-    (height, width), (extent_h, extent_w) = cells.check_segment_inputs(
-        logits, out_size, grid_extent, logit_scale, background_threshold, with_scores
+    kernel = native.kernel() if call.values.device.type == "cpu" else None
+    labels, probabilities = call.labels, call.scores
+    scores.segment(
+        call.values, call.rows, call.cols, labels, probabilities, call.logit_scale, call.score_tolerance, kernel=kernel
     )
-    batch, grid_h, grid_w, _ = logits.shape
-    labels, probabilities = cells.check_outputs(out, (batch, height, width), logits.device, with_scores)
-    values = logits.float().contiguous()  # [B, h, w, C]
-    rows = cells.axis_sampling(grid_h, height, extent_h, logits.device)
-    cols = cells.axis_sampling(grid_w, width, extent_w, logits.device)
-    kernel = native.kernel() if logits.device.type == "cpu" else None
-    if kernel is not None and not with_scores:
-        scores.segment_labels(kernel, values, rows, cols, labels)
-    elif not with_scores:
-        separable.segment_labels(values, rows, cols, labels)
-    else:
-        scores.segment_with_scores(
-            values, rows, cols, labels, probabilities, logit_scale, score_tolerance, kernel=kernel
-        )
-    if not with_scores:
-        return labels, None
-    if background_threshold is not None:
-        labels.masked_fill_(probabilities < background_threshold, BACKGROUND)
+    if probabilities is not None and call.background_threshold is not None:
+        labels.masked_fill_(probabilities < call.background_threshold, BACKGROUND)
     return labels, probabilities

@@ -530,7 +530,7 @@ def test_cpu_path_never_allocates_classes_times_pixels(backend):
 
 
 # ---- Labels only on the CPU: kernels/separable.py (what segment_tiled(with_scores=False) runs in eager torch),
-# and the native kernel's labels (kernels/scores.segment_labels) where the tests take both ----
+# and the native kernel's labels (kernels/scores.segment without scores) where the tests take both ----
 
 # (B, h, w, C, H, W, grid_extent, dtype): 1xN and Nx1 grids, 1 to 300 classes, downsampling on one or both
 # axes, non-integer scales whose cells alternate 2 and 3 pixels (so some cells are cut into two segments),
@@ -817,7 +817,7 @@ def test_scores_at_benchmark_scale_are_exact(backend):
         tally = [0, 0]
         with native_kernel() if backend == "native" else contextlib.nullcontext():
             kernel = native.kernel()
-            score_module.segment_with_scores(logits, rows, cols, labels, scores, 100.0, 1e-7, tally, kernel=kernel)
+            score_module.segment(logits, rows, cols, labels, scores, 100.0, 1e-7, tally, kernel=kernel)
         assert tally[0] / tally[1] <= most  # iid: every class at every pixel; scene: ~36 (padding included)
         want_labels, want_scores = segment_reference(logits, (512, 512), logit_scale=100.0)
         assert torch.equal(labels, want_labels)
