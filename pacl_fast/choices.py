@@ -53,3 +53,5 @@ DEFAULT_MAX_PIXELS = 40_000_000
 MAX_ASPECT_RATIO = 16
 #: Image formats the service decodes (Pillow format names).
 SERVE_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+#: Vision foundation models ProxyCLIP borrows its attention from (``pacl_fast.vfm``).
+VFMS: tuple[str, ...] = ("dino_vitb8", "dinov2_vitb14_reg")
