@@ -76,7 +76,8 @@ def _require_timm():  # noqa: ANN202 - the module
     try:
         import timm
     except ImportError as error:  # pragma: no cover - timm comes with open_clip
-        raise ImportError('ProxyCLIP needs timm for its vision foundation model: pip install "pacl-fast[vfm]"') from error
+        message = 'ProxyCLIP needs timm for its vision foundation model: pip install "pacl-fast[vfm]"'
+        raise ImportError(message) from error
     return timm
 
 
@@ -121,7 +122,8 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file
-        raise ValueError(f"vfm_weights {path}: not a torch checkpoint readable with weights_only=True ({error})") from None
+        message = f"vfm_weights {path}: not a torch checkpoint readable with weights_only=True ({error})"
+        raise ValueError(message) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"vfm_weights {path}: expected a flat dict of tensors")
     return state
