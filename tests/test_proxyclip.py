@@ -40,7 +40,6 @@ def hub_layout_weights(name: str, seed: int) -> dict[str, torch.Tensor]:
         state["pos_embed"] = torch.randn(1, 1 + grid, TINY_VFM["embed_dim"], generator=generator) * 0.2
         state["register_tokens"] = state.pop("reg_token")
         state["mask_token"] = torch.zeros(1, TINY_VFM["embed_dim"])
-        state = {k.replace(".gamma", ".gamma"): v for k, v in state.items()}
     return state
 
 
