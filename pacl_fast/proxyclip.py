@@ -4,8 +4,9 @@ What it computes, read from mc-lan/ProxyCLIP@e7b767f (``proxyclip_segmentor.py``
 in ``open_clip/transformer.py`` l. 503-533 and 560-587):
 
 1. CLIP ViT (QuickGELU for OpenAI weights: ``create_model('ViT-B/16', pretrained='openai')``):
-   blocks ``0..L-2`` unchanged; positional embeddings for another grid bicubic with
-   ``scale_factor=(g + 0.1) / g0`` (``transformer.py`` l. 539-558, as SCLIP does).
+   blocks ``0..L-2`` unchanged; positional embeddings for a grid with another number of patches
+   (l. 513-516) resized bicubic with ``scale_factor=(g + 0.1) / g0`` (``transformer.py`` l. 540-558,
+   as SCLIP does).
 2. The last block: ``ln_1`` and the value projection only (``in_proj`` of ``ln_1(x)``, l. 565-566),
    the class token's value dropped, the values ``[D, h, w]`` resized bilinearly
    (``align_corners=False``) to the VFM's grid ``(H, W)`` (l. 580-582); no residual, no MLP.
@@ -68,9 +69,17 @@ class ProxyCLIP(FrozenClipModel):
     ``encode_image(pixels)``: CLIP-normalised pixels ``[B, 3, H, W]`` (sides multiples of both patch
     sizes, :attr:`pixel_multiple`) -> unit patch embeddings on the VFM's grid ``[B, H/q, W/q, E]``
     (``q`` = :attr:`grid_patch`).
+
+    The last block's parameters are held directly (shared, never copied), as ``methods.LastBlock``
+    holds them, so that ``encoders.graph``'s traceable view (which swaps ``nn.MultiheadAttention``
+    modules) leaves this computation as it is.
     """
 
     method = "proxyclip"
+    #: CLIP's positional embeddings for another grid: resized only when the number of patches differs from
+    #: the native grid's (``transformer.py`` l. 513-516), bicubic with ``scale_factor=(g + 0.1) / g0``
+    #: (l. 540-558), as SCLIP, ClearCLIP and NACLIP.
+    positional_resize = "scale_factor_if_count_differs"
 
     def __init__(self, backbone: ClipBackbone, vfm: VisionFoundationModel, beta: float = BETA, gamma: float = GAMMA):
         super().__init__()
@@ -85,12 +94,19 @@ class ProxyCLIP(FrozenClipModel):
         self.vfm = vfm
         self.beta = float(beta)
         self.gamma = float(gamma)
+        attn: nn.MultiheadAttention = block.attn
+        self.num_heads = int(attn.num_heads)
+        # Shared with the block (assignment registers the same Parameter / module, no copy).
+        self.ln_1 = block.ln_1
+        self.in_proj_weight = attn.in_proj_weight  # [3D, D]: the value projection is its last third
+        self.in_proj_bias = attn.in_proj_bias  # [3D] or None
+        self.out_proj = attn.out_proj
+        # CLIP-normalised -> ImageNet-normalised, in float32 whatever the model's precision (the authors'
+        # ``norm(unnorm(img))`` runs on the float32 input, then ``.half()``):
+        # x_in = x * std_clip / std_in + (mean_clip - mean_in) / std_in
         mean, std = backbone.mean_std
-        # CLIP-normalised -> ImageNet-normalised: x_in = (x * std_clip + mean_clip - mean_in) / std_in
-        clip_mean, clip_std = torch.tensor(mean), torch.tensor(std)
-        in_mean, in_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        self.register_buffer("renorm_scale", (clip_std / in_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("renorm_shift", ((clip_mean - in_mean) / in_std).view(1, 3, 1, 1), persistent=False)
+        self._renorm_scale = tuple(s / t for s, t in zip(std, IMAGENET_STD))
+        self._renorm_shift = tuple((m - n) / t for m, n, t in zip(mean, IMAGENET_MEAN, IMAGENET_STD))
 
     @property
     def grid_patch(self) -> int:
@@ -107,11 +123,14 @@ class ProxyCLIP(FrozenClipModel):
         """CLIP's own logit scale (the protocol presets use ProxyCLIP's 40)."""
         return self.backbone.clip.logit_scale.detach().float().clamp(max=math.log(100.0)).exp()
 
+    def extra_repr(self) -> str:
+        return f"vfm={self.vfm.identity!r}, beta={self.beta}, gamma={self.gamma}"
+
     def describe(self) -> dict:
         """What defines the outputs besides the CLIP's weights (keys caches and exports)."""
         return {
             "method": self.method,
-            "positional_resize": "scale_factor",
+            "positional_resize": self.positional_resize,
             "vfm": self.vfm.identity,
             "beta": self.beta,
             "gamma": self.gamma,
@@ -120,16 +139,20 @@ class ProxyCLIP(FrozenClipModel):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def vfm_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised ``[B, 3, H, W]`` -> the same crop ImageNet-normalised, in the VFM's precision."""
+        scale = torch.tensor(self._renorm_scale, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        shift = torch.tensor(self._renorm_shift, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels.float() * scale + shift).to(pixels.dtype)
+
     def clip_values(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """CLIP-normalised pixels -> the last block's values resized to the VFM grid ``[B, H*W, D]``."""
-        block = self.backbone.blocks[-1]
-        x, clip_grid = self.backbone.embed_patches(pixels, resize="scale_factor")  # [B, 1 + n, D]
+        x, clip_grid = self.backbone.embed_patches(pixels, resize=self.positional_resize)  # [B, 1 + n, D]
         for layer in self.backbone.blocks[:-1]:
             x = layer(x)
         width = x.shape[-1]
-        attn = block.attn
-        bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width :]
-        values = F.linear(block.ln_1(x)[:, 1:], attn.in_proj_weight[2 * width :], bias)  # [B, n, D]
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[2 * width :]
+        values = F.linear(self.ln_1(x[:, 1:]), self.in_proj_weight[2 * width :], bias)  # [B, n, D]
         values = values.transpose(1, 2).reshape(x.shape[0], width, *clip_grid)  # [B, D, h, w]
         values = F.interpolate(values, size=grid, mode="bilinear", align_corners=False)  # [B, D, H, W]
         return values.flatten(2).transpose(1, 2)  # [B, H*W, D]
@@ -139,16 +162,18 @@ class ProxyCLIP(FrozenClipModel):
         height, width = pixels.shape[-2:]
         multiple = self.pixel_multiple
         if height % multiple or width % multiple:
-            raise ValueError(f"proxyclip: image sides must be multiples of {multiple} (both patch sizes), "
-                             f"got {height}x{width}")  # fmt: skip
+            raise ValueError(
+                f"proxyclip: image sides must be multiples of {multiple} (the lcm of CLIP's patch size "
+                f"{self.backbone.patch_size} and the VFM's {self.vfm.patch_size}), got {height}x{width}"
+            )
         visual = self.backbone.visual
         with torch.no_grad():
-            vfm_pixels = pixels.to(self.renorm_scale.dtype) * self.renorm_scale + self.renorm_shift
-            features = self.vfm(vfm_pixels.to(pixels.dtype))  # [B, H', W', C]
-            grid = features.shape[1:3]
-            attention = proxy_attention(features.flatten(1, 2), self.beta, self.gamma)  # [B, N, N]
+            features = self.vfm(self.vfm_pixels(pixels))  # [B, H', W', C]
+            grid = (features.shape[1], features.shape[2])
+            # The affinities in float32: the mask A < 0 is a threshold, and bf16's 8 bits would move it.
+            attention = proxy_attention(features.flatten(1, 2).float(), self.beta, self.gamma)  # [B, N, N]
             values = self.clip_values(pixels, grid)  # [B, N, D]
-            attended = visual.transformer.resblocks[-1].attn.out_proj(attention.to(values.dtype) @ values)
+            attended = self.out_proj(attention.to(values.dtype) @ values)  # [B, N, D]
             x = visual.ln_post(attended) @ visual.proj  # [B, N, E]
             x = F.normalize(x, dim=-1)
         return x.reshape(x.shape[0], grid[0], grid[1], -1)

@@ -142,6 +142,7 @@ class VisionFoundationModel(nn.Module):
         self.spec = SPECS[name]
         self.vit = vit
         self.identity = identity
+        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
         self.requires_grad_(False)
         self.eval()
 
@@ -157,21 +158,38 @@ class VisionFoundationModel(nn.Module):
         return int(self.vit.embed_dim)
 
     def positional(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Positional embeddings for ``grid``: ``[1, 1 + h*w, C]`` (DINO, class first) or ``[1, h*w, C]`` (DINOv2)."""
+        """Positional embeddings for ``grid``: ``[1, 1 + h*w, C]`` (DINO, class first) or ``[1, h*w, C]`` (DINOv2).
+
+        Resized in float32 and cast (the authors resize in their fp16), cached per (grid, dtype, device): a
+        constant of the graph that ``torch.compile`` and ONNX export trace (``encoders.graph.ImageTower.prime``
+        fills the cache eagerly first; a traced tensor is never cached).
+        """
         pos = self.vit.pos_embed  # DINO [1, 1 + g0^2, C]; DINOv2 (timm) [1, g0^2, C]
+        key = (grid[0], grid[1], dtype, pos.device)
+        cached = self._pos_cache.get(key)
+        if cached is not None:
+            return cached
         keep = 1 if self.spec.positional_resize == "dino" else 0
-        patch_pos = pos[:, keep:]
+        patch_pos = pos.detach()[:, keep:]
         side = math.isqrt(patch_pos.shape[1])
-        if (side, side) == grid:
-            return pos.to(dtype)
-        square = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # [1, C, g0, g0]
-        if self.spec.positional_resize == "dino":
-            scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-            resized = F.interpolate(square, scale_factor=scale, mode="bicubic", align_corners=False)
+        if (side, side) == tuple(grid):
+            resized = pos.detach().to(dtype)
         else:
-            resized = F.interpolate(square.float(), size=grid, mode="bicubic", antialias=True, align_corners=False)
-        resized = resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(dtype)
-        return torch.cat([pos[:, :keep].to(dtype), resized], dim=1)
+            square = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, C, g0, g0]
+            if self.spec.positional_resize == "dino":
+                scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+                patch_pos = F.interpolate(square, scale_factor=scale, mode="bicubic", align_corners=False)
+            else:
+                patch_pos = F.interpolate(square, size=grid, mode="bicubic", antialias=True, align_corners=False)
+            patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+            resized = torch.cat([pos.detach()[:, :keep].float(), patch_pos], dim=1).to(dtype)
+        if not torch.compiler.is_compiling():  # a traced (fake) tensor must not outlive its trace
+            self._pos_cache[key] = resized
+        return resized
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module hook: moving or casting drops the cache
+        self._pos_cache = {}
+        return super()._apply(fn, recurse)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised ``[B, 3, H, W]`` (sides multiples of the patch size) -> ``[B, h, w, C]``."""

@@ -124,7 +124,7 @@ def reference_embeddings(model: ProxyCLIP, pixels: torch.Tensor, hub: dict) -> t
         positional_resize=spec.positional_resize,
     )
     with torch.no_grad():
-        x, grid = backbone.embed_patches(pixels, resize="scale_factor")
+        x, grid = backbone.embed_patches(pixels, resize=ProxyCLIP.positional_resize)
         for block in backbone.blocks[:-1]:
             x = block(x)
     visual = backbone.visual
