@@ -122,7 +122,7 @@ async def metrics_text(metrics: Metrics) -> Response:
 
 @router.get(f"/{API_VERSION}/info", tags=["segmentation"], summary="The model, its method, limits and presets")
 async def info(segmenter: Model, settings: Settings) -> dict:
-    crop, stride, short = default_sliding_window(segmenter.image_size, segmenter.patch_size)
+    crop, stride, short = default_sliding_window(segmenter.image_size, segmenter.pixel_multiple)
     return {
         "service": "pacl-fast",
         "api": API_VERSION,
@@ -130,6 +130,9 @@ async def info(segmenter: Model, settings: Settings) -> dict:
         "model": repr(segmenter),
         "image_size": segmenter.image_size,
         "patch_size": segmenter.patch_size,
+        "pixel_multiple": segmenter.pixel_multiple,
+        "grid_patch": segmenter.grid_patch,
+        "vfm": segmenter.vfm,
         "templates": list(TEMPLATE_PRESETS),
         "default_templates": settings.templates,
         "default_sliding_window": f"{crop},{stride},{short}",
@@ -177,7 +180,7 @@ async def read_segment_request(
 
         def parse() -> tuple[Upload, SegmentOptions]:
             upload = parse_upload(body, content_type if multipart else None, query)
-            options = parse_segment_options(upload.fields, settings, segmenter.image_size, segmenter.patch_size)
+            options = parse_segment_options(upload.fields, settings, segmenter.image_size, segmenter.pixel_multiple)
             return upload, options
 
         parsing = anyio.to_thread.run_sync(parse, limiter=cpu)
