@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
-        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights)}
+        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights), "vfm": segmenter.vfm}
         common.write_json(args.json, {"model": model, **report.to_dict()})
         for failure in report.failures:
             print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
