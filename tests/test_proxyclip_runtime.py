@@ -345,3 +345,42 @@ def test_service_info_names_the_vfm_and_its_grid(dino):
             data={"labels": ",".join(LABELS), "sliding_window": "40,8"},
         )
         assert bad.status_code == 422 and "multiples" in bad.text
+
+
+def test_protocol_proxyclip_drives_the_evaluation(tmp_path, dino):
+    """``--protocol proxyclip`` on VOC21 with a ProxyCLIP segmenter: mmcv's resize to short side 336 onto a canvas
+    of the pixel multiple, 336/112 windows averaged on the VFM's grid, the 26 stuff names of class 0 and the 0.2
+    threshold, written out from the preset's numbers (the dense logits are the engine's ``image_logits``)."""
+    cv2 = pytest.importorskip("cv2")
+    from layouts import write_voc
+
+    from pacl_fast.data.segmentation import open_dataset
+    from pacl_fast.evaluate import evaluate_segmentation
+    from pacl_fast.images import Geometry, Prepared, normalize
+    from pacl_fast.metrics import confusion_matrix
+    from pacl_fast.protocols import get_protocol
+
+    protocol = get_protocol("proxyclip", "voc21")
+    rng = np.random.default_rng(0)
+    masks = {f"2007_{i:06d}": rng.integers(0, 21, (36 + 6 * i, 52 - 2 * i), dtype=np.uint8) for i in range(2)}
+    write_voc(tmp_path, masks)
+    dataset = open_dataset("voc21", tmp_path)
+    segmenter = eager(dino, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
+    report = evaluate_segmentation(segmenter, dataset, protocol=protocol, progress=False)
+    assert not report.failures and report.protocol["eval_protocol"]["name"] == "proxyclip"
+    window = SlidingWindow(336, 112, 336)
+    unique = list(dict.fromkeys(protocol.queries))
+    texts = segmenter.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
+    expected = np.zeros((21, 21), np.int64)
+    for index in range(len(dataset)):
+        picture, truth = dataset[index]
+        height, width = picture.shape[:2]
+        factor = min(2048 / max(height, width), 336 / min(height, width))
+        size = (int(height * factor + 0.5), int(width * factor + 0.5))
+        resized = cv2.resize(picture, size[::-1], interpolation=cv2.INTER_LINEAR)  # uint8, no antialiasing
+        pixels = normalize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, segmenter.mean, segmenter.std)
+        canvas = tuple(-(-side // 16) * 16 for side in size)  # lcm(16, 8)
+        padded = F.pad(pixels, (0, canvas[1] - size[1], 0, canvas[0] - size[0]))
+        dense = segmenter.image_logits(Prepared(padded, Geometry((height, width), size, canvas, 8)), texts, window)
+        expected += confusion_matrix(protocol.postprocess(dense).numpy(), truth, 21).numpy()
+    np.testing.assert_array_equal(report.metrics.confusion, expected)
