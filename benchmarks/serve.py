@@ -60,6 +60,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine_line, write_results  # noqa: E402
+from pacl_fast.choices import ENCODERS  # noqa: E402
 from pacl_fast.cli import HELP  # noqa: E402
 from pacl_fast.serve.local import LocalServer  # noqa: E402
 from pacl_fast.serve.render import label_map_from_png  # noqa: E402
@@ -174,6 +175,7 @@ def server_args(model: Model, args: argparse.Namespace, max_batch: int, max_queu
         *model.server_args,
         "--device", args.device,
         "--dtype", args.dtype,
+        "--encoder", args.encoder,
         "--max-batch", str(max_batch),
         "--max-wait-ms", str(args.max_wait_ms),
         "--max-queue", str(max_queue),
@@ -424,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="the servers' and the reference's encoder precision",
     )  # fmt: skip
+    parser.add_argument(
+        "--encoder", default="torch", choices=ENCODERS,
+        help="the servers' and the reference's encoder (named, not auto: a server would choose for an unending "
+        "stream, the reference for a few images, and their answers must be compared)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--slow-clients", type=int, default=64, help="slow-clients test: sockets dribbling bodies")
     parser.add_argument("--normal-clients", type=int, default=8, help="slow-clients test: normal clients")
@@ -456,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line(torch.device(args.device))}")
     print(
         f"config: {args.clients} clients, {args.requests} requests per server, load capped at {args.time_limit:g} s; "
-        f"{args.dtype}; batched servers --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, small queue "
+        f"{args.encoder} {args.dtype}; batched servers --max-batch {args.max_batch} --max-wait-ms "
+        f"{args.max_wait_ms:g}, small queue "
         f"--max-queue {args.small_queue}; labels {','.join(args.labels)}; {args.images} distinct scenes"
     )
     runs: list[Run] = []
@@ -469,12 +477,13 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [png_bytes(scene.image) for scene in scenes]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
-                reference = Segmenter(device=args.device, dtype=args.dtype, **model.reference_args)
+                # The servers' dtype and encoder: their answers are held equal to this reference's.
+                reference = Segmenter(
+                    device=args.device, dtype=args.dtype, encoder=args.encoder, **model.reference_args
+                )
             start = time.perf_counter()
             expected = [
-                reference.predict(
-                    Image.open(io.BytesIO(body)), args.labels, templates=model.templates
-                ).labels
+                reference.predict(Image.open(io.BytesIO(body)), args.labels, templates=model.templates).labels
                 for body in bodies
             ]
             print(f"{model.name}: {reference!r}; reference predictions in {time.perf_counter() - start:.1f} s")

@@ -8,7 +8,11 @@
 
 Which method runs (:func:`pacl_fast.methods.resolve_method`): ``"pacl"`` when PACL weights are
 given, else NACLIP, the best training-free method; ``clip="demo"`` is the CLIP and PACL weights
-shipped in the package (trained on the synthetic world). Which encoder and precision run:
+shipped in the package (trained on the synthetic world). What the built model carries for every door
+to read: ``model.model_defaults`` (its :class:`~pacl_fast.defaults.ModelDefaults`: templates, logit
+scale, input size, window, background threshold; resolved once, here) and ``model.display_name`` (what
+users read: ``demo``, ``ViT-B-16@openai``, ``local-dir:<folder>``, ``ViT-B-16@<weights file name>``).
+Which encoder and precision run:
 ``"auto"`` by default, the fastest this machine runs for the work announced (``expected_images``),
 decided and explained by :func:`pacl_fast.encoders.choose`; ``Parts.choice`` says what and why.
 """
@@ -24,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pacl_fast.backbone import LOCAL_DIR_PREFIX, RandomWeightsWarning, load_clip
+from pacl_fast.backbone import LOCAL_DIR_PREFIX, RandomWeightsWarning, config_digest, load_clip
 from pacl_fast.choices import DEFAULT_VFM, VFM_METHODS
+from pacl_fast.defaults import ModelDefaults, recorded_defaults, resolve_defaults
 from pacl_fast.encoders import (
     AUTO,
     DEFAULT_DTYPES,
@@ -55,13 +60,36 @@ DEMO_PACL = DEMO_ASSETS / "pacl.safetensors"
 @dataclass
 class Parts:
     """What :func:`build` makes: the model, the encoder that runs it, the head, the PACL metadata, and
-    which encoder and precision were chosen and why (``str(parts.choice)``)."""
+    which encoder and precision were chosen and why (``str(parts.choice)``); the model's defaults and
+    display name are ``model.model_defaults`` and ``model.display_name`` (:func:`build_model`)."""
 
     model: nn.Module
     encoder: Encoder
     head: Head
     metadata: PACLMetadata | None = None
     choice: Choice | None = None
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.model.model_defaults
+
+
+def display_name(clip: str | dict, clip_weights: str | os.PathLike | None) -> str:
+    """What users read for a CLIP (the CLI's first line, ``/v1/info``, the page): ``demo``, ``ViT-B-16@openai``,
+    ``local-dir:<folder name>``, ``ViT-B-16@<file name>`` for a local weights file, ``<name>@random``.
+    The full identity (``ClipIdentity``: hashes) stays in ``/v1/info`` for operators and in run records."""
+    if clip == DEMO:
+        return DEMO
+    if isinstance(clip, dict):
+        name = f"custom-{config_digest(clip)}"
+    elif clip.startswith(LOCAL_DIR_PREFIX):
+        return f"{LOCAL_DIR_PREFIX}{Path(clip[len(LOCAL_DIR_PREFIX) :]).name}"
+    else:
+        name = clip
+    if clip_weights is None:
+        return f"{name}@random"
+    weights = Path(clip_weights)
+    return f"{name}@{weights.name if weights.is_file() else clip_weights}"
 
 
 def resolve_demo(
@@ -94,20 +122,42 @@ def build_model(
 ) -> tuple[nn.Module, PACLMetadata | None]:
     """The model of ``method`` on the named CLIP (see :func:`build`), and its PACL metadata if any.
 
-    PACL weights are read and checked before the CLIP is loaded, so a bad file fails in
-    milliseconds rather than after the CLIP.
+    PACL weights (and the defaults they record) are read and checked before the CLIP is loaded, so a
+    bad file fails in milliseconds rather than after the CLIP. The model carries its defaults
+    (``model.model_defaults``, resolved here once, from the float32 weights), its display name
+    (``model.display_name``) and its PACL metadata (``model.pacl_metadata``), so that whoever runs it
+    (``Segmenter(model, ...)``) reads the same ones.
     """
+    name = display_name(clip, clip_weights)
     clip, clip_weights, pacl_weights = resolve_demo(clip, clip_weights, pacl_weights, method)
     method = resolve_method(method, pacl_weights is not None)
     vfm = check_vfm(method, vfm, vfm_weights)
     checked = read_pacl_weights(pacl_weights) if pacl_weights is not None else None
+    if checked is not None:
+        recorded_defaults(checked[1], pacl_weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if vfm is not None:  # the VFM's file is read before the CLIP loads, as PACL weights are
         from pacl_fast.vfm import load_vfm
 
         foundation = load_vfm(vfm, vfm_weights, device=device)
-        return ProxyCLIP(load_clip(clip, clip_weights, device=device), foundation).to(device), None
-    backbone = load_clip(clip, clip_weights, device=device)
+        model, metadata = ProxyCLIP(load_clip(clip, clip_weights, device=device), foundation).to(device), None
+    else:
+        backbone = load_clip(clip, clip_weights, device=device)
+        model, metadata = _model(backbone, method, checked, pacl_weights, device, strict_clip)
+    model.model_defaults = resolve_defaults(model, metadata, pacl_weights)
+    model.display_name = name
+    model.pacl_metadata = metadata
+    return model, metadata
+
+
+def _model(
+    backbone: nn.Module,
+    method: str,
+    checked: tuple[dict, PACLMetadata] | None,
+    pacl_weights: str | os.PathLike | None,
+    device: torch.device,
+    strict_clip: bool,
+) -> tuple[nn.Module, PACLMetadata | None]:
     if method != "pacl":
         return TrainingFreeCLIP(backbone, method).to(device), None
     if checked is None:
@@ -116,7 +166,7 @@ def build_model(
             "MLP); segmentation will be poor. Pass trained PACL weights, or use a training-free method "
             "(method='naclip', the default without weights).",
             RandomWeightsWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return PACL(backbone).to(device), None
     tensors, metadata = checked

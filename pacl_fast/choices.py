@@ -19,10 +19,17 @@ METHODS: tuple[str, ...] = ("pacl", *TRAINING_FREE_METHODS, *VFM_METHODS)
 #: What runs without PACL weights: the best of the four on the eight standard benchmarks (NACLIP's paper).
 DEFAULT_TRAINING_FREE_METHOD = "naclip"
 
+#: The value that lets the engine choose (``encoder``, ``dtype``): the fastest this machine runs for the work
+#: announced, and why (``pacl_fast.encoders.auto``).
+AUTO = "auto"
 #: Encoder backends (``pacl_fast.encoders``).
 ENCODERS: tuple[str, ...] = ("torch", "compile", "onnxruntime", "tensorrt", "openvino")
+#: What a user can name as the encoder: ``auto`` (the default) or a backend.
+ENCODER_CHOICES: tuple[str, ...] = (AUTO, *ENCODERS)
 #: Encoder precisions a user can name (``int8``: OpenVINO only).
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
+#: What a user can name as the precision: ``auto`` (the default) or a precision.
+DTYPE_CHOICES: tuple[str, ...] = (AUTO, *DTYPES)
 #: Precisions of the text tower (torch and compile encoders).
 TEXT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Head backends (``pacl_fast.head``).

@@ -111,7 +111,10 @@ def run_demo(
     ``sceneN_overlay.png``; return what was scored (the command prints :meth:`DemoReport.summary`)."""
     segmenter = segmenter or demo_segmenter()
     scenes = [render_scene(i, seed, WorldConfig(image_size=segmenter.image_size)) for i in range(num_images)]
-    results = segmenter.predict([s.image for s in scenes], CLASS_NAMES, templates=SYNTHETIC_TEMPLATES)
+    # No background threshold: the mIoU scores shape pixels only (background is ignored, as eval does on synthetic).
+    results = segmenter.predict(
+        [s.image for s in scenes], CLASS_NAMES, templates=SYNTHETIC_TEMPLATES, background_threshold=0.0
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion = 0

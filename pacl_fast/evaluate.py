@@ -101,7 +101,7 @@ def evaluate_segmentation(
     Args:
         names: per-class names to ask with (synonyms allowed); default ``dataset.prompt_names()``.
         templates: prompt templates (see ``Segmenter.predict``); default the dataset's own
-            (``dataset.templates``), else CLIP's 80 ImageNet templates.
+            (``dataset.templates``), else the model's (``Segmenter.defaults``).
         sliding_window: the windowed protocol of the training-free papers, e.g.
             ``SlidingWindow(crop=224, stride=112, short_side=336)``; None: the whole image with its
             short side at the segmenter's ``image_size``.
@@ -135,7 +135,7 @@ def evaluate_segmentation(
                 f"{len(asked.names)} class names given for {dataset.num_classes} classes of {dataset.name}"
             )
         queries, query_class = asked.queries, asked.query_class
-        templates = templates if templates is not None else (dataset.templates or "imagenet")
+        templates = templates if templates is not None else (dataset.templates or segmenter.defaults.templates)
     segmenter.check_options(sliding_window, background_threshold)
     if background_threshold is not None and dataset.background_index is None:
         raise ValueError(

@@ -63,7 +63,8 @@ class Segmentation:
         classes: the class names, in the order given to ``predict``.
         source: the input's name (a path, or a description).
         image: the decoded ``HWC uint8`` image, kept for :meth:`overlay` (None if not kept).
-        name: a clean file stem for :meth:`save` (:func:`image_name` of the input), None if it has none.
+        name: a clean file stem for :meth:`save`: :func:`image_name` of the input, else (``predict``)
+            ``image<its position in the call>``, so the results of one call save side by side; None: none.
     """
 
     labels: np.ndarray

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from pacl_fast.build import build, encoder_for
+from pacl_fast.defaults import ModelDefaults, resolve_defaults
 from pacl_fast.encoders import AUTO, Encoder
 from pacl_fast.encoders.base import fused_embedder, precision_name
 from pacl_fast.head import Head
@@ -36,6 +37,14 @@ from pacl_fast.weights import PACLMetadata
 
 #: What one image's segmentation is at the tensor level: labels [H, W] int16, scores [H, W] float32 or None.
 Masks = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class Asked(NamedTuple):
+    """A request's options with the model's defaults filled in (:meth:`Segmenter.resolve`)."""
+
+    templates: str | tuple[str, ...]
+    background_threshold: float | None
+    sliding_window: SlidingWindow | None
 
 
 class Segmenter:
@@ -70,7 +79,8 @@ class Segmenter:
             ``"auto"`` (default): the fastest the device runs natively (bf16 on CPUs with AVX512-BF16 or
             AMX and on GPUs from Ampere; see :mod:`pacl_fast.encoders.auto`); None: the encoder's default
             (float16 for tensorrt, else float32).
-        image_size: short side the model sees; default the CLIP's native size (224 for ViT-B-16).
+        image_size: short side the model sees; default the model's (:attr:`defaults`: what its weights
+            record, else the CLIP's native size, 224 for ViT-B-16).
         backend: head backend (``pacl_fast.head``): ``"fast"`` (Triton on CUDA, tiled PyTorch on
             CPU), ``"reference"`` (plain PyTorch), ``"tiled"`` or ``"triton"``.
         encoder: a backend name, ``"torch"`` (eager), ``"compile"`` (torch.compile),
@@ -85,7 +95,7 @@ class Segmenter:
         max_pixels: refuse decoded images larger than this.
         batch_size: images (or sliding windows) per encoder call.
         logit_scale: the scale turning cosines into softmax logits for scores and the background
-            threshold; default the model's (PACL's trained one, CLIP's for training-free methods).
+            threshold; default the model's (PACL's trained one, CLIP's for training-free methods), read once.
         text_cache: keep class-name embeddings on disk too (``$PACL_FAST_CACHE/text``), so that every
             process and rank after the first skips the text tower (:class:`pacl_fast.prompts.TextEmbedder`);
             None: yes unless ``$PACL_FAST_NO_TEXT_CACHE`` is set. They are always kept in memory.
@@ -131,6 +141,7 @@ class Segmenter:
             if given:
                 raise TypeError(f"{', '.join(given)} build a model: pass them with a CLIP name, not with a built model")
             model, choice = clip, None
+            self.metadata = getattr(model, "pacl_metadata", None)
             if isinstance(encoder, str):
                 encoder, choice = encoder_for(
                     model, encoder, dtype, expected_images=expected_images, options=encoder_options
@@ -158,13 +169,19 @@ class Segmenter:
             choice = parts.choice
         self.model, self.encoder, self.head = model, encoder, head
         backbone = model.backbone
+        #: What the model uses when a caller names nothing (templates, logit scale, input size, window,
+        #: background threshold), resolved once when it was built (:mod:`pacl_fast.defaults`); every door reads it.
+        self.defaults: ModelDefaults = getattr(model, "model_defaults", None) or resolve_defaults(model, self.metadata)
+        #: What users read for the CLIP (``demo``, ``ViT-B-16@openai``...); :attr:`identity` is the full one.
+        self.name: str = getattr(model, "display_name", None) or short_identity(str(backbone.identity))
+        self.identity = str(backbone.identity)
         self.device = backbone.visual.conv1.weight.device
         self.dtype = encoder.dtype
         self.precision = precision_name(encoder)  # fp32, bf16, fp16, int8: what the encoder computes in
         #: Which encoder and precision run, and why: the short line the CLI prints first and /v1/info shows.
         self._why = "; ".join(choice.reasons) if choice is not None and choice.reasons else "as given"
         self.choices = f"encoder={encoder.name} {self.precision} ({self._why})"
-        self.image_size = image_size or backbone.image_size
+        self.image_size = image_size or self.defaults.image_size
         self.patch_size = backbone.patch_size
         #: Sides of canvases and sliding windows are multiples of this; the output grid has a cell every
         #: ``grid_patch`` pixels. Both are the CLIP's patch size, except for ProxyCLIP (lcm of both towers'
@@ -176,7 +193,8 @@ class Segmenter:
         self.mean, self.std = backbone.mean_std
         self.max_pixels = max_pixels
         self.batch_size = batch_size
-        self._logit_scale = logit_scale
+        #: Read once (the model is frozen; reading it from a GPU every batch would be a host-device sync).
+        self.logit_scale: float = float(logit_scale) if logit_scale is not None else self.defaults.logit_scale
         if text_cache is None:
             text_cache = not os.environ.get("PACL_FAST_NO_TEXT_CACHE")
         self.text_embedder = TextEmbedder.for_model(backbone, encoder, use_disk_cache=text_cache)
@@ -205,21 +223,39 @@ class Segmenter:
 
     @property
     def model_id(self) -> str:
-        """Identifies CLIP + method (+ PACL weights) + precision: what run settings record."""
+        """Identifies CLIP + method (+ PACL weights) + precision: what run settings record. The precision is
+        what the encoder computes in (OpenVINO's fp32, bf16 and int8 runs differ; their torch dtype does not)."""
         if self.method == "pacl":
             detail = f"{self.metadata.date}/{self.metadata.steps}" if self.metadata else "untrained"
         else:
             detail = self.vfm or ""
-        return f"{self.model.backbone.identity}|{self.method}{':' if detail else ''}{detail}|{self.dtype}"
+        return f"{self.model.backbone.identity}|{self.method}{':' if detail else ''}{detail}|{self.precision}"
 
-    @property
-    def logit_scale(self) -> float:
-        return self._logit_scale if self._logit_scale is not None else float(self.model.logit_scale.detach())
+    def resolve(
+        self,
+        templates: str | Sequence[str] | None = None,
+        background_threshold: float | None = None,
+        sliding_window: SlidingWindow | Literal[False] | None = None,
+    ) -> Asked:
+        """A caller's options with the model's defaults (:attr:`defaults`) for those left None: what every
+        door (``predict``, ``segment``, ``serve``) calls, so that no options give the same answer everywhere.
+        ``background_threshold=0.0`` asks for no threshold, ``sliding_window=False`` for no window."""
+        defaults = self.defaults
+        if background_threshold is None:
+            background_threshold = defaults.background_threshold
+        if sliding_window is None:
+            sliding_window = defaults.sliding_window
+        return Asked(
+            defaults.templates if templates is None else templates,
+            background_threshold or None,  # 0: no threshold
+            sliding_window or None,  # False: no window
+        )
 
-    def encode_labels(self, labels: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
+    def encode_labels(self, labels: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
         """Class names -> unit text embeddings ``[C, E]``: each template filled with each name, the text
-        tower run at the prompts' own lengths, per-label averages cached in memory and on disk."""
-        return self.text_embedder(labels, templates)
+        tower run at the prompts' own lengths, per-label averages cached in memory and on disk. ``templates``:
+        a preset of :data:`~pacl_fast.choices.TEMPLATE_PRESETS`, a template or a list; None: the model's."""
+        return self.text_embedder(labels, self.defaults.templates if templates is None else templates)
 
     # ----------------------------------------------------------------------------- tensor level
 
@@ -463,33 +499,38 @@ class Segmenter:
         images: ImageInput | Sequence[ImageInput],
         labels: Sequence[str],
         *,
-        templates: str | Sequence[str] = "imagenet",
+        templates: str | Sequence[str] | None = None,
         background_threshold: float | None = None,
-        sliding_window: SlidingWindow | None = None,
+        sliding_window: SlidingWindow | Literal[False] | None = None,
         errors: Literal["raise", "return"] = "raise",
         keep_images: bool = True,
     ) -> Segmentation | list[Segmentation | ImageError]:
-        """Segment images into the given classes.
+        """Segment images into the given classes. Options left None are the model's (:attr:`defaults`), as
+        ``pacl-fast segment`` and the service use them, so the three give the same labels.
 
         Args:
             images: one image or a list. An image is a path, a PIL image, an ``HWC uint8`` array
                 or a ``CHW float`` tensor in 0..1.
             labels: class names (non-empty, no duplicates).
-            templates: prompt templates: ``"imagenet"`` (CLIP's 80), ``"short"`` (7),
-                ``"single"``, or a list of strings with one ``{}``.
-            background_threshold: pixels whose winning probability is below it get label -1.
-            sliding_window: a :class:`~pacl_fast.images.SlidingWindow` for large images; None
-                resizes the short side to ``image_size``.
+            templates: prompt templates: ``"imagenet"`` (CLIP's 80), ``"short"`` (7), ``"single"``,
+                ``"synthetic"`` (:data:`~pacl_fast.choices.TEMPLATE_PRESETS`), or a list of strings with one
+                ``{}``; None: the model's (``synthetic`` for the demo model, else mostly ``imagenet``).
+            background_threshold: pixels whose winning probability is below it get label -1; None: the
+                model's (most have none; the demo model's is 0.95); 0.0: no threshold.
+            sliding_window: a :class:`~pacl_fast.images.SlidingWindow` for large images; None: the
+                model's (most have none: the short side resized to ``image_size``); False: none.
             errors: what happens when some images fail (missing file, undecodable, too large...):
                 ``"raise"`` (default) finishes every other image, then raises :class:`BatchError`
                 whose ``.results`` holds all results, failures as :class:`ImageError`;
                 ``"return"`` returns that list without raising.
             keep_images: keep the decoded image on each result for ``overlay()``.
         Returns:
-            A :class:`Segmentation` for a single image; for a list, a list in input order.
+            A :class:`Segmentation` for a single image; for a list, a list in input order. Each result's
+            ``name`` (the stem ``save`` uses) is its file's stem, else ``image<position in the list>``.
         """
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        templates, background_threshold, sliding_window = self.resolve(templates, background_threshold, sliding_window)
         self.check_options(sliding_window, background_threshold)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -512,7 +553,7 @@ class Segmenter:
             class_names,
             class_embeddings,
             sources=[describe(items[i]) for i in order],
-            names=[image_name(items[i]) for i in order],
+            names=[image_name(items[i]) or f"image{i}" for i in order],  # distinct stems within one call
             sliding_window=sliding_window,
             background_threshold=background_threshold,
         )
@@ -528,7 +569,13 @@ class Segmenter:
         pacl = f", pacl={'trained' if self.metadata else 'untrained'}" if self.method == "pacl" else ""
         vfm = f", vfm={self.vfm}" if self.vfm is not None else ""
         return (
-            f"Segmenter(method={self.method}, clip={self.model.backbone.identity}{pacl}{vfm}, device={self.device}, "
+            f"Segmenter(method={self.method}, clip={self.name}{pacl}{vfm}, device={self.device}, "
             f"encoder={self.encoder.name}, dtype={self.precision}, image_size={self.image_size}, "
-            f"backend={self.head.backend}, why={self._why!r})"
+            f"backend={self.head.backend}, {self.defaults.describe()}, why={self._why!r})"
         )
+
+
+def short_identity(identity: str) -> str:
+    """A CLIP identity with its sha256 cut to 12 digits, for a model built without a display name."""
+    arch, _, weights = identity.partition("@")
+    return f"{arch}@{weights[:19]}" if weights.startswith("sha256:") else identity

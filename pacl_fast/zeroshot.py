@@ -45,6 +45,8 @@ class ZeroShotClassifier:
         backbone = self.model.backbone
         # CLIP's global embedding needs its native grid, so both methods see the native size.
         self.preprocess = ClipPreprocess(backbone.image_size, *backbone.mean_std, segmenter.max_pixels)
+        # Read once: a float() of a CUDA tensor per batch is a host-device sync (the model is frozen).
+        self.patch_logit_scale = float(self.model.patch_logit_scale)
 
     def encode_classes(self, classes: ClassQueries, templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Unit text embeddings of every query ``[Q, E]`` (prompt ensembles, cached)."""
@@ -58,7 +60,7 @@ class ZeroShotClassifier:
         encoder = self.segmenter.encoder
         texts = class_embeddings.to(self.segmenter.device).float()  # [Q, E]
         patches = encoder.encode_image(pixels).flatten(1, 2).float()  # [B, N, E]
-        pacl = compatibility(patches, texts, float(self.model.patch_logit_scale))  # [B, Q]
+        pacl = compatibility(patches, texts, self.patch_logit_scale)  # [B, Q]
         image = encoder.encode_global(pixels).to(texts.device)  # [B, E]
         clip = image @ texts.T  # [B, Q]
         return {"pacl": classes.scores_to_classes(pacl), "clip": classes.scores_to_classes(clip)}

@@ -133,15 +133,17 @@ def test_the_cli_choices_are_the_library_lists(capsys):
     from pacl_fast.methods import METHODS
     from pacl_fast.protocols import PROTOCOLS
 
-    assert common.METHODS is choices.METHODS and common.ENCODERS is choices.ENCODERS
-    assert common.DTYPES is choices.DTYPES and common.HEAD_BACKENDS is choices.HEAD_BACKENDS
+    assert common.METHODS is choices.METHODS and common.ENCODER_CHOICES is choices.ENCODER_CHOICES
+    assert common.DTYPE_CHOICES is choices.DTYPE_CHOICES and common.HEAD_BACKENDS is choices.HEAD_BACKENDS
+    assert (choices.AUTO, *choices.ENCODERS) == choices.ENCODER_CHOICES  # auto, the default, then every backend
+    assert (choices.AUTO, *choices.DTYPES) == choices.DTYPE_CHOICES
     assert common.TEXT_DTYPES is choices.TEXT_DTYPES
     assert eval_command.DATASETS is choices.DATASETS and eval_command.PROTOCOLS is choices.PROTOCOLS
     assert export.EXPORT_FORMATS is choices.EXPORT_FORMATS and export.EXPORT_PRECISIONS is choices.EXPORT_PRECISIONS
     templates = next(f for f in dataclasses.fields(serve_command.ServeSettings) if f.name == "templates")
     assert templates.metadata["choices"] is choices.TEMPLATE_PRESETS
     assert common.METHODS == METHODS
-    assert common.ENCODERS == ENCODERS
+    assert choices.ENCODERS == ENCODERS
     assert eval_command.PROTOCOLS == PROTOCOLS
     assert sorted(eval_command.DATASETS) == sorted(DATASETS)
 
@@ -153,7 +155,8 @@ def test_the_cli_choices_are_the_library_lists(capsys):
     def listed(values) -> str:
         return "{" + ",".join(values) + "}"
 
-    model = (choices.METHODS, choices.DTYPES, choices.HEAD_BACKENDS, choices.ENCODERS, choices.TEXT_DTYPES)
+    model = (choices.METHODS, choices.DTYPE_CHOICES, choices.HEAD_BACKENDS, choices.ENCODER_CHOICES,
+             choices.TEXT_DTYPES)  # fmt: skip
     for command in ("segment", "eval", "classify", "serve"):
         text = offered(command)
         assert all(listed(values) in text for values in model), command
@@ -181,8 +184,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["segment", str(tmp_path), "--labels", "a", "--out", "o", "--pacl-weights", str(weights),
                  "--method", "naclip"]) == 2  # fmt: skip
     assert "--pacl-weights is used only by --method pacl" in capsys.readouterr().err
-    assert main(["segment", str(tmp_path), "--labels", "a", "--out", "o", "--dtype", "int8"]) == 2
-    assert "--dtype int8 runs on --encoder openvino only" in capsys.readouterr().err
+    # int8 is OpenVINO's: with --encoder auto (the default) it chooses OpenVINO; another encoder named is refused
+    assert main(["segment", str(tmp_path), "--labels", "a", "--out", "o", "--encoder", "torch", "--dtype", "int8"]) == 2
+    assert "--dtype int8 runs on --encoder openvino only, not torch" in capsys.readouterr().err
     assert main(["eval", "--dataset", "voc21", "--protocol", "naclip", "--templates", "single"]) == 2
     assert "--protocol naclip sets --templates: leave them out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -326,7 +330,7 @@ def test_serve_options_are_the_settings_fields(capsys):
     settings = settings_from_args(_serve_parser().parse_args([*argv, "--clip", "demo"]))
     assert dataclasses.asdict(settings) == expected
     untouched = settings_from_args(_serve_parser().parse_args([]))
-    assert untouched == dataclasses.replace(defaults, templates="imagenet")
+    assert untouched == defaults and untouched.templates is None  # None: each request gets the model's
     for bad in (["--max-label-chars", "0"], ["--max-windows", "-1"], ["--max-wait-ms", "-1"], ["--timeout", "0"],
                 ["--max-batch", "2.5"], ["--timeout", "soon"]):  # fmt: skip
         with pytest.raises(SystemExit):
@@ -375,8 +379,23 @@ DEMO = ["--clip", "demo", "--device", "cpu"]
 PROGRESS = re.compile(r"^[\w ]+: +\d+%\|")
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def _env(cache: Path | None = None) -> dict:
+    """The environment of a command run as a user runs it; ``cache``: its own cache folder (exported encoders,
+    text), so that what ``--encoder auto`` finds cached there does not depend on which tests ran before."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return env if cache is None else {**env, "PACL_FAST_CACHE": str(cache)}
+
+
+#: What the first line says about the model with no speed options (issues 20 and 24 item 8): its display name,
+#: the encoder and precision chosen, the model's defaults that change answers, and why that encoder.
+CHOICE = re.compile(r"clip=demo, pacl=trained, .*encoder=\w+, dtype=(fp32|bf16|fp16), .*"
+                    r"templates=synthetic, background_threshold=0\.95, why='(?!as given)[^']+'\)$")  # fmt: skip
+
+
+def announced_count(line: str) -> str | None:
+    """How many images the command told ``--encoder auto`` to expect, as its reason says (None: not said)."""
+    match = re.search(r"(\d+ images|an unending stream of images)", line)
+    return match[1] if match else None
 
 
 def shown(stderr: str) -> list[str]:
@@ -395,21 +414,27 @@ def _photo(folder: Path, name: str = "photo.png", seed: int = 0, size: tuple[int
 @pytest.mark.parametrize("command", ["segment", "eval", "export"])
 def test_stderr_starts_with_our_line_and_holds_nothing_else(command, tmp_path):
     """Issue 24 item 2: no open_clip INFO lines before ours (13 of them), no ONNX 'Replaced initializer' lines
-    (184): the first stderr line says what runs, then only our lines and the progress bar."""
+    (184): the first stderr line says what runs (issue 20: with no options, which encoder and precision were
+    chosen and why; issue 24 item 8: the model by a name that says something), then only our lines and the
+    progress bar."""
     state = tmp_path / "state"
     argv = {
         "segment": ["segment", str(_photo(tmp_path)), "--labels", "circle,square", "--out", str(tmp_path / "out")],
         "eval": ["eval", "--dataset", "synthetic", "--limit", "2", "--workers", "0", "--state-dir", str(state)],
         "export": ["export", "--format", "onnx", "--out", str(tmp_path / "export")],
     }[command]
-    result = subprocess.run([sys.executable, "-m", "pacl_fast", *argv, *DEMO], cwd=ROOT, env=_env(),
+    result = subprocess.run([sys.executable, "-m", "pacl_fast", *argv, *DEMO], cwd=ROOT, env=_env(tmp_path / "cache"),
                             capture_output=True, timeout=600)  # fmt: skip
     stderr = result.stderr.decode()  # not text=True: it would turn the bar's carriage returns into new lines
     assert result.returncode == 0, stderr[-3000:]
     lines = shown(stderr)
-    first = "pacl-fast: export onnx fp32 of method=pacl, clip=" if command == "export" else "pacl-fast: Segmenter("
+    export = "pacl-fast: export onnx fp32 of method=pacl, clip=demo, "
+    first = export if command == "export" else "pacl-fast: Segmenter("
     assert lines[0].startswith(first), lines[:3]
-    assert "method=pacl" in lines[0] and "pacl=trained" in lines[0] or command == "export"
+    assert "method=pacl" in lines[0] and CHOICE.search(lines[0]) or command == "export", lines[0]
+    assert "sha256" not in lines[0] and "custom-" not in lines[0], lines[0]
+    if command != "export" and "OpenVINO installed" in lines[0]:  # the work announced to --encoder auto
+        assert announced_count(lines[0]) == {"segment": "1 images", "eval": "2 images"}[command], lines[0]
     assert all(line.startswith("pacl-fast: ") or PROGRESS.match(line) for line in lines), lines
     # segment, eval: ours and the bar; export: ours, one line per tower it exports, the bar
     assert len(lines) == {"segment": 2, "eval": 2, "export": 4}[command], lines
@@ -425,7 +450,8 @@ def test_serve_stderr_starts_with_where_it_listens(tmp_path):
     import httpx
 
     process = subprocess.Popen([sys.executable, "-m", "pacl_fast", "serve", "--port", "0", *DEMO], cwd=ROOT,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in process.stderr], daemon=True).start()
     seen = []
@@ -444,12 +470,20 @@ def test_serve_stderr_starts_with_where_it_listens(tmp_path):
     time.sleep(0.2)
     while not lines.empty():
         seen.append(lines.get())
-    assert seen[1].startswith("pacl-fast: model loaded: Segmenter(method=pacl"), seen
-    assert seen[2] == "pacl-fast: ready" and len(seen) == 4, seen
-    assert re.fullmatch(r'pacl-fast: 127\.0\.0\.1:\d+ - "GET /readyz HTTP/1\.1" 200', seen[3]), seen
+    assert seen[1].startswith("pacl-fast: model loaded: Segmenter(method=pacl") and CHOICE.search(seen[1]), seen
+    if "OpenVINO installed" in seen[1]:
+        assert announced_count(seen[1]) == "an unending stream of images", seen[1]
+    # A service runs without end, so --encoder auto picks an exported encoder where one is installed: the lines
+    # of its one-time build (a fresh cache here) come before ready, and nothing else does.
+    builds = seen[2:-2]
+    assert all(re.match(r"pacl-fast: (OpenVINO|ONNX): building .*, once \(cached in ", line) for line in builds), seen
+    assert ("encoder=openvino" in seen[1]) == bool(builds), seen
+    assert seen[-2] == "pacl-fast: ready", seen
+    assert re.fullmatch(r'pacl-fast: 127\.0\.0\.1:\d+ - "GET /readyz HTTP/1\.1" 200', seen[-1]), seen
 
 
-def test_verbose_shows_other_libraries_info_lines(tmp_path, capsys):
+def test_verbose_shows_other_libraries_info_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path / "cache"))  # no encoder cached: auto runs eager torch
     argv = ["segment", str(_photo(tmp_path)), "--labels", "circle,square", "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*argv, *DEMO]) == 0
     quiet = shown(capsys.readouterr().err)
@@ -469,7 +503,8 @@ def test_ctrl_c_says_what_was_written_and_that_the_same_command_resumes(tmp_path
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "pacl_fast", "segment", str(tmp_path / "photos"), "--labels", "circle,square"]
     argv += ["--out", str(out), "--batch-size", "1", "--templates", "single", *DEMO]
-    process = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = _env(tmp_path / "cache")  # 300 images: --encoder auto builds an OpenVINO model where it is installed
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for _ in range(3):  # a line per image written
         assert b": circle" in process.stdout.readline()
     process.send_signal(signal.SIGINT)
@@ -481,7 +516,7 @@ def test_ctrl_c_says_what_was_written_and_that_the_same_command_resumes(tmp_path
     assert "Traceback" not in stderr
     written = len(list(out.glob("*_labels.png")))
     assert 3 <= int(match[1]) <= written <= int(match[1]) + 1 < 300  # the last one may be written, not yet counted
-    again = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{300 - written} written, {written} skipped (already written), 0 failed" in again.stdout
 

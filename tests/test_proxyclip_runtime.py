@@ -72,7 +72,7 @@ def test_models_say_their_pixel_multiple_and_grid(dino, dinov2, clip16):
     segmenter = eager(dino)
     assert (segmenter.patch_size, segmenter.pixel_multiple, segmenter.grid_patch) == (16, 16, 8)
     assert "vfm=dino_vitb8@test11" in repr(segmenter) and segmenter.vfm == "dino_vitb8@test11"
-    assert segmenter.model_id.endswith("|proxyclip:dino_vitb8@test11|torch.float32")
+    assert segmenter.model_id.endswith("|proxyclip:dino_vitb8@test11|fp32")
 
 
 def test_canvas_on_the_pixel_multiple_and_grid_on_the_vfm_patch(dinov2):

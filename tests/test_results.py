@@ -128,3 +128,22 @@ def test_saved_label_maps_and_overlays_honour_the_umask(tmp_path, mask, mode):
         os.umask(old)
     modes = {name: stat.S_IMODE(path.stat().st_mode) for name, path in paths.items()}
     assert modes == {"labels": mode, "overlay": mode}
+
+
+def test_results_of_one_call_get_distinct_stems_and_save_side_by_side(tmp_path, tiny_config):
+    """Issue 19 item 5: ``predict([array_a, array_b])`` named both results ``image0``, so the second ``save``
+    into the same folder was refused. Inputs without a file name are named by their position in the call."""
+    from conftest import make_segmenter
+
+    segmenter = make_segmenter(tiny_config)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(random_image((20, 30), 3)).save(photo)
+    inputs = [random_image((20, 30), 1), str(photo), Image.fromarray(random_image((24, 24), 2))]
+    results = segmenter.predict(inputs, ["a", "b"])
+    assert [r.name for r in results] == ["image0", "photo", "image2"]
+    for result in results:
+        result.save(tmp_path / "out")
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir())
+    stems = ("image0", "photo", "image2")
+    assert saved == sorted(f"{stem}_{kind}.png" for stem in stems for kind in ("labels", "overlay"))
+    assert segmenter.predict(inputs[0], ["a", "b"]).name == "image0"  # one image: position 0

@@ -120,6 +120,71 @@ def wait_until(driver, condition, timeout: float = 60.0, message: str = "") -> N
     WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message)
 
 
+def set_threshold(driver, threshold: str) -> None:
+    """Tick "Background below" (the page starts it as the model's default: ticked for the demo model) and set it."""
+    driver.execute_script(
+        "const c = document.getElementById('use-threshold');"
+        "if (!c.checked) { c.checked = true; c.dispatchEvent(new Event('change')); }"
+        "const r = document.getElementById('threshold'); r.value = arguments[0]; r.dispatchEvent(new Event('input'));",
+        threshold,
+    )
+
+
+def test_page_starts_from_the_models_defaults_and_answers_as_the_api_with_no_options(server, browser, tmp_path):
+    """One default, every door (issue 19 item 4): the page's controls start from ``/v1/info``'s defaults (the
+    demo model's synthetic templates and 0.95 background threshold; its background was painted as shapes), so
+    an untouched page answers what the API answers a request naming no option. The header names the model by
+    a name that says something (issue 24 item 8), not the whole ``repr``."""
+    from selenium.webdriver.common.by import By
+
+    from pacl_fast.data.synthetic import CLASS_NAMES
+
+    info = httpx.get(f"{server}/v1/info", timeout=30).json()
+    assert info["defaults"]["background_threshold"] == 0.95 and info["defaults"]["templates"] == "synthetic"
+    scene, image = scene_with_several_shapes()
+    path = tmp_path / "scene.png"
+    path.write_bytes(png_bytes(image))
+    labels = ", ".join(CLASS_NAMES)
+    upload = {"file": ("scene.png", path.read_bytes(), "image/png")}
+    api = httpx.post(f"{server}/v1/segment", files=upload, data={"labels": labels}, timeout=60)
+    assert api.status_code == 200, api.text
+    label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(api.json()["labels_png"])))).astype(np.int16)
+    label_map[label_map == 255] = -1
+    assert (label_map == -1).any() and (label_map >= 0).any()  # the default threshold leaves background as such
+
+    driver = browser
+    driver.get(f"{server}/")
+    wait_until(driver, lambda d: d.find_element(By.ID, "method").text == "pacl", message="/v1/info never loaded")
+    header = driver.find_element(By.ID, "model").text
+    assert header.startswith("demo · ") and info["precision"] in header and "sha256" not in header, header
+    assert driver.find_element(By.ID, "use-threshold").is_selected()
+    assert driver.find_element(By.ID, "threshold").get_attribute("value") == "0.95"
+    assert driver.find_element(By.ID, "threshold-value").text == "0.95"
+    assert driver.find_element(By.ID, "templates").get_attribute("value") == "synthetic"
+    assert not driver.find_element(By.ID, "sliding").is_selected()
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    driver.execute_script(
+        "const t = document.getElementById('labels'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));",
+        labels,
+    )
+    run = driver.find_element(By.ID, "run")
+    wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
+    run.click()
+    wait_until(driver, lambda d: d.execute_script("return !!window.paclPage.result"), message="no result on the page")
+    page_labels = driver.execute_script("return Array.from(window.paclPage.result.labels)")
+    assert np.array_equal(np.asarray(page_labels, np.int16).reshape(label_map.shape), label_map)
+
+    # Unticked, the page asks for no threshold (it sends 0), not for the model's.
+    driver.find_element(By.ID, "use-threshold").click()
+    wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
+    run.click()
+    wait_until(
+        driver,
+        lambda d: d.execute_script("return window.paclPage.result.backgroundShare === 0"),
+        message="unticking the threshold still left background",
+    )
+
+
 def test_page_segments_a_scene_like_the_api(server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -155,11 +220,7 @@ def test_page_segments_a_scene_like_the_api(server, browser, tmp_path):
     textarea = driver.find_element(By.ID, "labels")
     textarea.clear()
     textarea.send_keys(labels)
-    driver.find_element(By.ID, "use-threshold").click()
-    driver.execute_script(
-        "const r = document.getElementById('threshold'); r.value = arguments[0];r.dispatchEvent(new Event('input'));",
-        threshold,
-    )
+    set_threshold(driver, threshold)
     assert driver.find_element(By.ID, "threshold-value").text == "0.60"
     run = driver.find_element(By.ID, "run")
     wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
@@ -264,11 +325,7 @@ def run_page(driver, server: str, path: Path, labels: str, threshold: str) -> No
         "const t = document.getElementById('labels'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));",
         labels,
     )
-    driver.find_element(By.ID, "use-threshold").click()
-    driver.execute_script(
-        "const r = document.getElementById('threshold'); r.value = arguments[0];r.dispatchEvent(new Event('input'));",
-        threshold,
-    )
+    set_threshold(driver, threshold)
     run = driver.find_element(By.ID, "run")
     wait_until(driver, lambda d: run.is_enabled(), message="the Segment button stayed disabled")
     run.click()

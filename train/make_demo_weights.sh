@@ -26,6 +26,9 @@ cp -r "$RUN/clip/export" "$ASSETS/clip"
     --steps 3000 --batch-size 128 --lr 2e-3 --embedder-hidden 512 --warmup 100 --save-every 500 --workers 1 \
     "${THREADS_FLAG[@]}"
 cp "$RUN/pacl/pacl.safetensors" "$ASSETS/pacl.safetensors"
+# The measured background threshold (pacl_fast/defaults.py says how), so every door paints background as such.
+"$PYTHON" -c "import sys, pacl_fast.defaults as d; d.record_defaults(sys.argv[1], background_threshold=d.DEMO_BACKGROUND_THRESHOLD)" \
+    "$ASSETS/pacl.safetensors"
 chmod 644 "$ASSETS/pacl.safetensors" "$ASSETS"/clip/*
 "$PYTHON" -m benchmarks.synthetic_quality --clip "local-dir:$ASSETS/clip" --pacl-weights "$ASSETS/pacl.safetensors" \
     --probe-steps 4000 --json benchmarks/results/synthetic_quality.json

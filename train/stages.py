@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from pacl_fast.backbone import OPENAI_MEAN, OPENAI_STD, RandomWeightsWarning, config_digest, load_clip
+from pacl_fast.defaults import training_defaults
 from pacl_fast.distributed import DistInfo, all_gather_no_grad, all_gather_with_grad
 from pacl_fast.encoders.base import resolve_dtype
 from pacl_fast.files import NotARegularFileError, atomic_write, read_regular_bytes
@@ -220,7 +221,12 @@ class PaclStage(Stage):
             self.model,
             training_data=self.data_name,
             steps=config.steps,
-            extra={"batch_size": config.batch_size * world_size, "lr": config.lr},
+            # The defaults of the data it trained on (e.g. the synthetic world's templates): every door reads them.
+            extra={
+                "batch_size": config.batch_size * world_size,
+                "lr": config.lr,
+                "defaults": training_defaults(config.data),
+            },
         )
         path = save_pacl_weights(self.model, config.out / "pacl.safetensors", metadata)
         return f"exported PACL weights to {path}"

@@ -31,7 +31,7 @@ def add_parser(sub: common.Subcommands) -> None:
     parser.add_argument(
         "--top-k", type=common.positive_int("--top-k"), default=5, help="classes shown per image (default 5)"
     )
-    parser.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
+    parser.add_argument("--templates", default=None, help=common.TEMPLATES_HELP)
     common.add_run_arguments(parser, default_save_every=256)
     common.add_model_arguments(parser)
 
@@ -57,7 +57,9 @@ def run_folder(args: argparse.Namespace) -> int:
 
     folder = ImageFolder(args.image_folder, args.class_names)
     dist, device = common.distributed(args)
-    classifier = ZeroShotClassifier(common.make_segmenter(args, device))
+    images = len(folder) if args.limit is None else min(args.limit, len(folder))
+    segmenter = common.make_segmenter(args, device, expected_images=images / dist.world_size)
+    classifier = ZeroShotClassifier(segmenter)
     partial = common.state_dir(args, "classify")
     if args.restart:
         clear_state(partial, dist)
@@ -65,7 +67,7 @@ def run_folder(args: argparse.Namespace) -> int:
         report = evaluate_classification(
             classifier,
             folder,
-            templates=args.templates,
+            templates=segmenter.resolve(args.templates).templates,  # None: the model's
             **common.run_options(args, dist, partial),
         )
     if dist.is_main:
@@ -86,8 +88,10 @@ def run_images(args: argparse.Namespace) -> int:
         raise common.UsageError("give --labels a,b,c or --class-names FILE")
     labels = args.labels if args.labels is not None else read_class_names(args.class_names)
     dist, device = common.distributed(args)
-    classifier = ZeroShotClassifier(common.make_segmenter(args, device))
-    results = classifier.classify(args.images, labels, templates=args.templates, top_k=args.top_k)
+    segmenter = common.make_segmenter(args, device, expected_images=len(args.images))
+    classifier = ZeroShotClassifier(segmenter)
+    templates = segmenter.resolve(args.templates).templates  # None: the model's
+    results = classifier.classify(args.images, labels, templates=templates, top_k=args.top_k)
     payload = []
     for path, result in zip(args.images, results):
         print(path)

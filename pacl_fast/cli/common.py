@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pacl_fast.choices import (
+    AUTO,
     DEFAULT_MAX_PIXELS,
     DEFAULT_VFM,
-    DTYPES,
-    ENCODERS,
+    DTYPE_CHOICES,
+    ENCODER_CHOICES,
     HEAD_BACKENDS,
     METHODS,
+    TEMPLATE_PRESETS,
     TEXT_DTYPES,
     VFM_METHODS,
     VFMS,
@@ -124,15 +126,34 @@ def labels_list(text: str) -> list[str]:
     return labels
 
 
-def sliding_window(text: str) -> SlidingWindow:
-    """``CROP,STRIDE[,SHORT]`` -> :class:`~pacl_fast.images.SlidingWindow`."""
+def sliding_window(text: str) -> SlidingWindow | bool:
+    """``CROP,STRIDE[,SHORT]`` -> :class:`~pacl_fast.images.SlidingWindow`; ``off`` -> False (no window, whatever
+    the model's default)."""
     from pacl_fast.images import SlidingWindow
 
+    if text.strip().lower() == "off":
+        return False
     try:
         parts = [int(v) for v in text.split(",")]
         return SlidingWindow(*parts)
     except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"--sliding-window expects CROP,STRIDE[,SHORT_SIDE], got {text!r}") from error
+        raise argparse.ArgumentTypeError(
+            f"--sliding-window expects CROP,STRIDE[,SHORT_SIDE] or off, got {text!r}"
+        ) from error
+
+
+# ------------------------------------------------------------------- the model's defaults (pacl_fast.defaults)
+
+#: Help of the options whose default is the model's (``Segmenter.defaults``), the same in every command.
+TEMPLATES_HELP = (
+    f"prompt templates: {', '.join(TEMPLATE_PRESETS)} (imagenet: CLIP's 80), or one like 'a photo of a {{}}.' "
+    "(default: the model's: synthetic for --clip demo and PACL weights trained on the synthetic world, else imagenet)"
+)
+THRESHOLD_HELP = (
+    "winner probability under which a pixel is background (label 255 in PNGs); default: the model's (none for "
+    "most, 0.95 for --clip demo); 0: none"
+)
+WINDOW_HELP = "sliding-window inference, e.g. 448,224,448; default: the model's (none for most); off: none"
 
 
 # --------------------------------------------------------------------------------------- model options
@@ -201,16 +222,17 @@ def add_model_arguments(
     add_weights_arguments(group)
     group.add_argument(
         "--dtype",
-        default=None,
-        choices=DTYPES,
-        help="encoder precision (default: float16 for tensorrt, else float32); int8: --encoder openvino only "
+        default=AUTO,
+        choices=DTYPE_CHOICES,
+        help="encoder precision; auto: the fastest this device runs natively (bf16 on CPUs with AVX512-BF16 or "
+        "AMX and GPUs from Ampere, else fp32; the first stderr line says which and why); int8: OpenVINO only "
         "(NNCF-quantised; calibrated by `pacl-fast export --format openvino`, else on synthetic scenes)",
     )
     group.add_argument(
         "--image-size",
         type=positive_int("--image-size"),
         default=None,
-        help="short side the model sees (default: the CLIP's own)",
+        help="short side the model sees (default: the model's: what its weights record, else the CLIP's own)",
     )
     group.add_argument(
         "--backend",
@@ -219,7 +241,13 @@ def add_model_arguments(
         help="head backend: fast (Triton on CUDA, tiled on CPU), reference, tiled, triton",
     )
     group.add_argument("--batch-size", type=positive_int("--batch-size"), **batch_size)
-    group.add_argument("--encoder", default="torch", choices=ENCODERS, help="image/text encoder backend")
+    group.add_argument(
+        "--encoder",
+        default=AUTO,
+        choices=ENCODER_CHOICES,
+        help="image/text encoder backend; auto: eager torch, or OpenVINO where installed and its model is cached "
+        "or the run is long enough to pay its build (the first stderr line says which and why)",
+    )
     group.add_argument(
         "--encoder-cache", type=Path, default=None, help="exported graphs / engines (default ~/.cache/pacl-fast)"
     )
@@ -269,18 +297,21 @@ def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
         raise UsageError(f"--templates {templates!r}: {error}") from None
 
 
-def encoder_choice(args: argparse.Namespace) -> tuple[str | None, dict]:
-    """``--dtype`` and ``--encoder-cache`` as the encoder's dtype and options (int8 is an OpenVINO precision)."""
+def encoder_choice(args: argparse.Namespace) -> tuple[str, str | None, dict]:
+    """``--encoder``, ``--dtype`` and ``--encoder-cache`` as the encoder, its dtype and options (int8 is an
+    OpenVINO precision, so with ``--encoder auto`` it is OpenVINO; ``--text-dtype`` makes auto choose torch)."""
     options = {"cache_dir": args.encoder_cache} if args.encoder_cache is not None else {}
     if args.text_dtype is not None:
-        if args.encoder not in ("torch", "compile"):
+        if args.encoder not in ("torch", "compile", AUTO):
             raise UsageError(f"--text-dtype applies to the torch and compile encoders, not {args.encoder}")
         options["text_dtype"] = args.text_dtype
     if args.dtype != "int8":
-        return args.dtype, options
-    if args.encoder != "openvino":
+        return args.encoder, args.dtype, options
+    if args.encoder not in ("openvino", AUTO):
         raise UsageError(f"--dtype int8 runs on --encoder openvino only, not {args.encoder}")
-    return None, {**options, "precision": "int8"}
+    if "text_dtype" in options:
+        raise UsageError("--dtype int8 runs on OpenVINO, which takes no --text-dtype: drop one of them")
+    return "openvino", None, {**options, "precision": "int8"}
 
 
 def distributed(args: argparse.Namespace) -> tuple[DistInfo, str]:
@@ -301,15 +332,18 @@ def make_segmenter(
     args: argparse.Namespace,
     device: str | None,
     *,
+    expected_images: float | None,
     logit_scale: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     announce: bool = True,
 ) -> Segmenter:
-    """The :class:`~pacl_fast.segmenter.Segmenter` the model options ask for; ``announce``: say on stderr
-    which method runs on what (the first line a user reads, see :func:`say`)."""
+    """The :class:`~pacl_fast.segmenter.Segmenter` the model options ask for; ``expected_images``: how many
+    images the command will segment (``math.inf``: a service), for ``--encoder auto``; ``announce``: say on
+    stderr which method runs on what, the encoder and precision chosen and why, and the model's defaults (the
+    first line a user reads, see :func:`say`)."""
     from pacl_fast.segmenter import Segmenter
 
-    dtype, options = encoder_choice(args)
+    encoder, dtype, options = encoder_choice(args)
     segmenter = Segmenter(
         args.clip,
         args.clip_weights,
@@ -320,7 +354,7 @@ def make_segmenter(
         image_size=args.image_size,
         backend=args.backend,
         batch_size=args.batch_size,
-        encoder=args.encoder,
+        encoder=encoder,
         encoder_options=options or None,
         logit_scale=logit_scale,
         max_pixels=max_pixels,
@@ -328,6 +362,7 @@ def make_segmenter(
         strict_clip=args.strict_clip,
         vfm=args.vfm,
         vfm_weights=args.vfm_weights,
+        expected_images=expected_images,
     )
     if announce:
         say(repr(segmenter))  # which method runs, on what

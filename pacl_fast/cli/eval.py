@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,9 @@ from pacl_fast.cli import common
 
 if TYPE_CHECKING:
     from pacl_fast.data.segmentation import SegmentationDataset
+    from pacl_fast.images import SlidingWindow
     from pacl_fast.protocols import EvalProtocol
+    from pacl_fast.segmenter import Segmenter
 
 
 def add_parser(sub: common.Subcommands) -> None:
@@ -37,7 +40,8 @@ def add_parser(sub: common.Subcommands) -> None:
     parser.add_argument(
         "--templates",
         default=None,
-        help="imagenet (80), short (7), single, or 'a {} photo' (default: the dataset's own, else imagenet)",
+        help="prompt templates: imagenet (80), short (7), single, synthetic, or 'a photo of a {}.' (default: the "
+        "dataset's own (synthetic: synthetic), else the model's: synthetic for --clip demo, else imagenet)",
     )
     parser.add_argument(
         "--sliding-window",
@@ -45,13 +49,14 @@ def add_parser(sub: common.Subcommands) -> None:
         default=None,
         metavar="CROP,STRIDE[,SHORT]",
         help="the training-free papers' protocol, e.g. 224,112,336 for a ViT-B/16 at 224 or 448,224,448; "
-        "default: the whole image with its short side at --image-size",
+        "default: the model's (none for most: the whole image with its short side at --image-size); off: none",
     )
     parser.add_argument(
         "--background-threshold",
         type=common.probability,
         default=None,
-        help="pixels whose winning probability is under this are background (voc21, context60, cocoobject)",
+        help="pixels whose winning probability is under this are background (voc21, context60, cocoobject); "
+        "default: the model's (0.95 for --clip demo, none for most) on those datasets, none elsewhere; 0: none",
     )
     parser.add_argument(
         "--protocol",
@@ -93,11 +98,27 @@ def check_against_dataset(args: argparse.Namespace, dataset: SegmentationDataset
             raise common.UsageError(
                 f"--class-names {args.class_names} names {asked} classes; {dataset.name} has {dataset.num_classes}"
             )
-    if args.background_threshold is not None and dataset.background_index is None:
+    if args.background_threshold and dataset.background_index is None:
         raise common.UsageError(
             f"--background-threshold: {dataset.name} has no background class to predict; use it with voc21, "
             "context60 or cocoobject"
         )
+
+
+def model_options(
+    args: argparse.Namespace, segmenter: Segmenter, dataset: SegmentationDataset, protocol: EvalProtocol | None
+) -> tuple[float | None, SlidingWindow | None]:
+    """The background threshold and sliding window to evaluate with: a protocol sets its own (None here);
+    else what the options say, and for what they leave out the model's (``Segmenter.defaults``), its
+    threshold only on datasets with a background class (elsewhere the metric ignores background pixels,
+    so a threshold could only turn right pixels into unscored ones)."""
+    if protocol is not None:
+        return None, None
+    threshold = args.background_threshold
+    if threshold is None and dataset.background_index is not None:
+        threshold = segmenter.defaults.background_threshold
+    window = args.sliding_window if args.sliding_window is not None else segmenter.defaults.sliding_window
+    return threshold or None, window or None  # 0 and off: none
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,23 +138,32 @@ def run(args: argparse.Namespace) -> int:
     partial = common.state_dir(args, f"eval-{args.dataset}")
     if args.restart:
         clear_state(partial, dist)
-    segmenter = common.make_segmenter(args, device, logit_scale=None if protocol is None else protocol.logit_scale)
+    images = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    segmenter = common.make_segmenter(
+        args,
+        device,
+        expected_images=images / dist.world_size,
+        logit_scale=None if protocol is None else protocol.logit_scale,
+    )
+    threshold, window = model_options(args, segmenter, dataset, protocol)
     with common.resumable(partial, args.save_every):
         report = evaluate_segmentation(
             segmenter,
             dataset,
             names=names,
-            templates=args.templates,
-            sliding_window=args.sliding_window,
-            background_threshold=args.background_threshold,
+            templates=args.templates,  # None: the dataset's own, else the model's
+            sliding_window=window,
+            background_threshold=threshold,
             protocol=protocol,
             **common.run_options(args, dist, partial),
         )
     if dist.is_main:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
-        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights), "vfm": segmenter.vfm}
-        common.write_json(args.json, {"model": model, **report.to_dict()})
+        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights), "vfm": segmenter.vfm,
+                 "name": segmenter.name, "choices": segmenter.choices}  # fmt: skip
+        ran = {"background_threshold": threshold, "sliding_window": None if window is None else asdict(window)}
+        common.write_json(args.json, {"model": model, "options": ran, **report.to_dict()})
         for failure in report.failures:
             print(f"  failed: {failure['id']}: {failure['error']}", file=sys.stderr)
         if report.failures:

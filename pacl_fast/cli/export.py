@@ -41,7 +41,7 @@ def add_parser(sub: common.Subcommands) -> None:
         type=image_sizes,
         default=None,
         metavar="HxW,...",
-        help="input sizes to export, e.g. 224,448x336 (default: the CLIP's native size)",
+        help="input sizes to export, e.g. 224,448x336 (default: the model's input size, square)",
     )
     export.add_argument(
         "--max-batch", type=common.positive_int("--max-batch"), default=32, help="TensorRT profile: batches 1..N"
@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device,
         strict_clip=args.strict_clip, vfm=args.vfm, vfm_weights=args.vfm_weights,
     )  # fmt: skip
-    size = model.backbone.image_size
+    size = model.model_defaults.image_size  # the model's input size, as a Segmenter runs it by default
     sizes = args.image_sizes or [(size, size)]
     shown = ", ".join(f"{h}x{w}" for h, w in sizes)
     vfm = f", vfm={model.vfm.identity}" if getattr(model, "vfm", None) is not None else ""
-    common.say(f"export {args.format} {precision} of method={model.method}, clip={model.backbone.identity}{vfm}, "
+    common.say(f"export {args.format} {precision} of method={model.method}, clip={model.display_name}{vfm}, "
         f"image sizes {shown} -> {args.out}")  # fmt: skip
     try:
         export_artifacts(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,19 +32,14 @@ def add_parser(sub: common.Subcommands) -> None:
     segment.add_argument("--file-list", action="append", default=[], help="a text file of image paths, one a line")
     segment.add_argument("--labels", required=True, type=common.labels_list, help="comma-separated class names: a,b,c")
     segment.add_argument("--out", required=True, type=Path, help="output folder")
-    segment.add_argument("--templates", default="imagenet", help="imagenet (80), short (7), single, or 'a {} photo'")
-    segment.add_argument(
-        "--background-threshold",
-        type=common.probability,
-        default=None,
-        help="winner probability under which a pixel is background (label 255 in PNGs)",
-    )
+    segment.add_argument("--templates", default=None, help=common.TEMPLATES_HELP)
+    segment.add_argument("--background-threshold", type=common.probability, default=None, help=common.THRESHOLD_HELP)
     segment.add_argument(
         "--sliding-window",
         type=common.sliding_window,
         default=None,
         metavar="CROP,STRIDE[,SHORT]",
-        help="sliding-window inference, e.g. 448,224,448",
+        help=common.WINDOW_HELP,
     )
     segment.add_argument(
         "--max-member-bytes",
@@ -77,6 +73,12 @@ def missing_inputs(inputs: Inputs) -> list[tuple[str, str]]:
     return [(printable(str(path)), "no such file") for path in paths if not path.is_file()]
 
 
+def expected_images(inputs: Inputs, world_size: int) -> float:
+    """The images this rank will segment, for ``--encoder auto`` (an OpenVINO build pays only over many): its
+    share of the files; a WebDataset shard counts as many (shards hold thousands, their count is unknown)."""
+    return math.inf if inputs.shards else len(inputs.files) / world_size
+
+
 def run(args: argparse.Namespace) -> int:
     from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 
@@ -100,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"0 written, {skipped} skipped (already written), 0 failed")
             return 0
     dist, device = common.distributed(args)
-    segmenter = common.make_segmenter(args, device)
+    segmenter = common.make_segmenter(args, device, expected_images=expected_images(inputs, dist.world_size))
+    # What the options leave out is the model's (its defaults), as predict and the service use it.
+    asked = segmenter.resolve(args.templates, args.background_threshold, args.sliding_window)
 
     written = 0  # by this rank, for the line Ctrl-C leaves
 
@@ -118,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
             inputs,
             args.labels,
             args.out,
-            templates=args.templates,
-            background_threshold=args.background_threshold,
-            sliding_window=args.sliding_window,
+            templates=asked.templates,
+            background_threshold=asked.background_threshold,
+            sliding_window=asked.sliding_window,
             overlays=not args.no_overlay,
             overwrite=args.overwrite,
             dist=dist,

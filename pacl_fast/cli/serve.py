@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import signal
 import socket
 import threading
@@ -128,11 +129,8 @@ def add_parser(sub: common.Subcommands) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, settings: type[ServeSettings] = ServeSettings) -> ServeSettings:
-    """The service's settings from the options of the same names; ``--templates`` unset: the model's own
-    (``synthetic`` for ``--clip demo``), else ``imagenet``."""
+    """The service's settings from the options of the same names (``--templates`` unset: None, the model's)."""
     values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(settings)}
-    if values["templates"] is None:
-        values["templates"] = "synthetic" if args.clip == "demo" else "imagenet"
     try:
         return settings(**values)
     except ValueError as error:
@@ -197,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the service has no authentication; put it behind your own proxy", args.host)
 
-    def build():  # on the worker thread; the batcher logs "model loaded: Segmenter(...)"
-        return common.make_segmenter(args, args.device, max_pixels=args.max_pixels, announce=False)
+    def build():  # on the worker thread; the batcher logs "model loaded: Segmenter(...)", the choices and why
+        return common.make_segmenter(
+            args, args.device, expected_images=math.inf, max_pixels=args.max_pixels, announce=False
+        )
 
     server: uvicorn.Server | None = None
 

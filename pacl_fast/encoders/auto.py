@@ -65,10 +65,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pacl_fast.choices import AUTO
 from pacl_fast.encoders.base import dtype_name, resolve_dtype
 from pacl_fast.encoders.graph import model_device
 
-AUTO = "auto"
 CPUINFO = Path("/proc/cpuinfo")
 #: Images that pay an OpenVINO build, by what OpenVINO would run: bf16 on AMX or on AVX512-BF16 alone, or fp32.
 #: About twice one input size's break-even (measured, see the module docstring).

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pacl_fast.choices import SERVE_IMAGE_FORMATS
 from pacl_fast.serve.errors import CLOSE, ApiError
 from pacl_fast.serve.settings import TEMPLATE_PRESETS, ServeSettings
+
+if TYPE_CHECKING:
+    from pacl_fast.segmenter import Segmenter
 
 #: PIL formats decoded from uploads (``images.IMAGE_SUFFIXES``' formats). Others are refused: some
 #: PIL plugins hand data to external programs (EPS runs Ghostscript) or parse rarely-audited formats.
@@ -256,12 +259,13 @@ def open_image(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """What a segmentation request asks for beyond the image; requests with equal options batch together."""
+    """What a segmentation request asks for beyond the image, the model's defaults filled in for what it
+    left out (``Segmenter.resolve``, as ``predict`` does); requests with equal options batch together."""
 
     labels: tuple[str, ...]
-    templates: str
+    templates: str | tuple[str, ...]  # a preset name, or the model's own templates
     background_threshold: float | None = None
-    sliding_window: tuple[int, int, int] | None = None  # (crop, stride, short side)
+    sliding_window: tuple[int, int, int | None] | None = None  # (crop, stride, short side)
     with_scores: bool = False
 
 
@@ -309,20 +313,29 @@ def _boolean(name: str, value: str) -> bool:
     raise ApiError(422, "bad_option", f"{name} must be true or false, got {value!r}")
 
 
-def default_sliding_window(image_size: int, patch_size: int) -> tuple[int, int, int]:
-    """``(crop, stride, short side)`` for ``sliding_window=true``: model-size crops, half overlap, 2x short side."""
+def default_sliding_window(segmenter: Segmenter) -> tuple[int, int, int | None]:
+    """``(crop, stride, short side)`` for ``sliding_window=true``: the model's window if it has one, else
+    model-size crops, half overlap, 2x short side."""
+    window = segmenter.defaults.sliding_window
+    if window is not None:
+        return window.crop, window.stride, window.short_side
+    image_size, patch_size = segmenter.image_size, segmenter.pixel_multiple  # CLIP's patch size but for ProxyCLIP
     crop = max(patch_size, image_size // patch_size * patch_size)
     stride = max(patch_size, crop // 2 // patch_size * patch_size)
     return crop, stride, 2 * image_size
 
 
-def parse_sliding_window(value: str, image_size: int, patch_size: int) -> tuple[int, int, int] | None:
-    """``true`` (the default window), ``false``, or ``CROP,STRIDE[,SHORT]`` pixels, at most 4x the model's size."""
+def parse_sliding_window(value: str, segmenter: Segmenter) -> tuple[int, int, int | None] | bool | None:
+    """``true`` (the default window), ``false`` (none: False), or ``CROP,STRIDE[,SHORT]`` pixels, at most 4x
+    the model's size; not given (empty): None, the model's."""
+    image_size, patch_size = segmenter.image_size, segmenter.pixel_multiple  # CLIP's patch size but for ProxyCLIP
     text = value.strip().lower()
-    if text in ("", "0", "false", "no", "off"):
+    if not text:
         return None
+    if text in ("0", "false", "no", "off"):
+        return False
     if text in ("1", "true", "yes", "on"):
-        return default_sliding_window(image_size, patch_size)
+        return default_sliding_window(segmenter)
     try:
         numbers = [int(part) for part in text.split(",")]
     except ValueError:
@@ -340,7 +353,7 @@ def parse_sliding_window(value: str, image_size: int, patch_size: int) -> tuple[
         )
     if crop % patch_size or stride % patch_size:
         raise ApiError(
-            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the patch size {patch_size}"
+            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the {segmenter._multiple_words}"
         )
     return crop, stride, short
 
@@ -357,10 +370,11 @@ def parse_threshold(value: str) -> float | None:
     return threshold
 
 
-def parse_segment_options(
-    fields: Mapping[str, list[str]], settings: ServeSettings, image_size: int, patch_size: int
-) -> SegmentOptions:
-    """Option fields (name -> the values sent) -> :class:`SegmentOptions`; unknown or repeated names are errors."""
+def parse_segment_options(fields: Mapping[str, list[str]], settings: ServeSettings, segmenter: Segmenter
+                          ) -> SegmentOptions:  # fmt: skip
+    """Option fields (name -> the values sent) -> :class:`SegmentOptions`, with ``settings.templates`` and then
+    the model's defaults (``segmenter.resolve``) for what the request leaves out; unknown or repeated names are
+    errors. ``background_threshold=0`` asks for no threshold, ``sliding_window=false`` for no window."""
     unknown = sorted(set(fields) - set(SEGMENT_OPTIONS))
     if unknown:
         raise ApiError(
@@ -373,13 +387,23 @@ def parse_segment_options(
     if "labels" not in value:
         raise ApiError(422, "bad_labels", "labels are missing: give labels=cat,dog,sofa")
     templates = value.get("templates", "").strip() or settings.templates
-    if templates not in TEMPLATE_PRESETS:
+    if templates is not None and templates not in TEMPLATE_PRESETS:
         raise ApiError(422, "bad_option", f"templates must be one of {', '.join(TEMPLATE_PRESETS)}, got {templates!r}")
+    from pacl_fast.images import SlidingWindow
+
+    labels = parse_labels(value["labels"], settings)
+    window = parse_sliding_window(value.get("sliding_window", ""), segmenter)
+    asked = segmenter.resolve(
+        templates,
+        parse_threshold(value.get("background_threshold", "")),
+        SlidingWindow(*window) if isinstance(window, tuple) else window,
+    )
+    window = asked.sliding_window
     return SegmentOptions(
-        labels=parse_labels(value["labels"], settings),
-        templates=templates,
-        background_threshold=parse_threshold(value.get("background_threshold", "")),
-        sliding_window=parse_sliding_window(value.get("sliding_window", ""), image_size, patch_size),
+        labels=labels,
+        templates=asked.templates,
+        background_threshold=asked.background_threshold,
+        sliding_window=None if window is None else (window.crop, window.stride, window.short_side),
         with_scores=_boolean("with_scores", value.get("with_scores", "")),
     )
 
@@ -392,14 +416,16 @@ class EmbedRequest(BaseModel):
     templates: str | None = None
 
 
-def parse_embed_request(body: bytes | bytearray, settings: ServeSettings) -> tuple[tuple[str, ...], str]:
-    """A ``POST /v1/embed-labels`` JSON body -> (labels, template preset), each checked."""
+def parse_embed_request(body: bytes | bytearray, settings: ServeSettings, segmenter: Segmenter
+                        ) -> tuple[tuple[str, ...], str | tuple[str, ...]]:  # fmt: skip
+    """A ``POST /v1/embed-labels`` JSON body -> (labels, templates: a preset, else the service's or the
+    model's default as ``/v1/segment`` uses it), each checked."""
     try:
         asked = EmbedRequest.model_validate_json(body)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
     labels = parse_labels(asked.labels, settings)
     templates = asked.templates or settings.templates
-    if templates not in TEMPLATE_PRESETS:
+    if templates is not None and templates not in TEMPLATE_PRESETS:
         raise ApiError(422, "bad_option", f"templates must be one of {', '.join(TEMPLATE_PRESETS)}")
-    return labels, templates
+    return labels, segmenter.resolve(templates).templates

@@ -49,8 +49,9 @@ class SegmentPayload:
     options: SegmentOptions
 
 
-def warmup(model: Segmenter, templates: str) -> None:
-    """Text tower, image tower and head once each, so that the first request pays no lazy set-up."""
+def warmup(model: Segmenter, templates: str | None) -> None:
+    """Text tower, image tower and head once each, so that the first request pays no lazy set-up
+    (``templates``: the service's default; None: the model's)."""
     blank = Image.new("RGB", (model.image_size, model.image_size), (128, 128, 128))
     prepared = model.preprocessor()(blank)
     embeddings = model.encode_labels(("object",), templates)

@@ -120,22 +120,46 @@ async def metrics_text(metrics: Metrics) -> Response:
 # ----------------------------------------------------------------------------- the API
 
 
+def request_defaults(segmenter: Segmenter, settings: ServeSettings) -> dict[str, Any]:
+    """What a ``/v1/segment`` request that names no option gets (the page starts from these): the model's
+    defaults (``Segmenter.defaults``, as ``predict`` and ``pacl-fast segment`` use them), the templates of
+    ``--templates`` if the operator set them, the input size and logit scale the service runs with."""
+    asked = segmenter.resolve(settings.templates)
+    window = asked.sliding_window
+    return {
+        **segmenter.defaults.to_dict(),
+        "templates": asked.templates if isinstance(asked.templates, str) else list(asked.templates),
+        "background_threshold": asked.background_threshold,
+        "sliding_window": None if window is None else [window.crop, window.stride, window.short_side],
+        "image_size": segmenter.image_size,
+        "logit_scale": segmenter.logit_scale,
+    }
+
+
 @router.get(f"/{API_VERSION}/info", tags=["segmentation"], summary="The model, its method, limits and presets")
 async def info(segmenter: Model, settings: Settings) -> dict:
-    crop, stride, short = default_sliding_window(segmenter.image_size, segmenter.pixel_multiple)
+    crop, stride, short = default_sliding_window(segmenter)
+    defaults = request_defaults(segmenter, settings)
     return {
         "service": "pacl-fast",
         "api": API_VERSION,
         "method": segmenter.method,
-        "model": repr(segmenter),
+        "model": segmenter.name,  # what people read: demo, ViT-B-16@openai, local-dir:<folder>
+        "identity": segmenter.identity,  # the full CLIP identity (weights hashes), for operators
+        "model_id": segmenter.model_id,  # what run records key on: CLIP, method, PACL weights, precision
+        "segmenter": repr(segmenter),
+        "encoder": segmenter.encoder.name,
+        "precision": segmenter.precision,
+        "choices": segmenter.choices,  # which encoder and precision run, and why
         "image_size": segmenter.image_size,
         "patch_size": segmenter.patch_size,
         "pixel_multiple": segmenter.pixel_multiple,
         "grid_patch": segmenter.grid_patch,
         "vfm": segmenter.vfm,
         "templates": list(TEMPLATE_PRESETS),
-        "default_templates": settings.templates,
-        "default_sliding_window": f"{crop},{stride},{short}",
+        "defaults": defaults,
+        "default_templates": defaults["templates"],
+        "default_sliding_window": f"{crop},{stride}" + (f",{short}" if short else ""),
         "options": list(SEGMENT_OPTIONS),
         "formats": list(ALLOWED_FORMATS),
         "limits": {
@@ -174,13 +198,11 @@ async def read_segment_request(
     limit = settings.max_image_bytes + (MULTIPART_OVERHEAD if multipart else 0)
 
     with readers.slot():
-        body = await read_body(
-            request.stream(), request.headers.get("content-length"), limit, body_seconds(settings)
-        )
+        body = await read_body(request.stream(), request.headers.get("content-length"), limit, body_seconds(settings))
 
         def parse() -> tuple[Upload, SegmentOptions]:
             upload = parse_upload(body, content_type if multipart else None, query)
-            options = parse_segment_options(upload.fields, settings, segmenter.image_size, segmenter.pixel_multiple)
+            options = parse_segment_options(upload.fields, settings, segmenter)
             return upload, options
 
         parsing = anyio.to_thread.run_sync(parse, limiter=cpu)
@@ -191,9 +213,17 @@ def _segment_openapi() -> dict:
     """OpenAPI of ``POST /v1/segment``, which reads its body itself (bounded, in memory)."""
     option_schema = {
         "labels": {"type": "string", "description": "class names, comma-separated (or a JSON list)"},
-        "templates": {"type": "string", "enum": list(TEMPLATE_PRESETS)},
-        "background_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-        "sliding_window": {"type": "string", "description": "true, false, or CROP,STRIDE[,SHORT] in pixels"},
+        "templates": {"type": "string", "enum": list(TEMPLATE_PRESETS), "description": "default: the model's"},
+        "background_threshold": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "default: the model's (/v1/info defaults); 0: none",
+        },
+        "sliding_window": {
+            "type": "string",
+            "description": "true, false, or CROP,STRIDE[,SHORT] in pixels; default: the model's",
+        },
         "with_scores": {"type": "boolean", "description": "add the winner scores (float32 .npy, base64)"},
     }
     binary = {"schema": {"type": "string", "format": "binary"}}
@@ -218,7 +248,8 @@ def _segment_openapi() -> dict:
 
 SEGMENT_DESCRIPTION = (
     "Send the image as multipart/form-data (field `file`, options as fields or query parameters) or as the raw "
-    "body (Content-Type image/* or application/octet-stream, options as query parameters). Answers JSON: "
+    "body (Content-Type image/* or application/octet-stream, options as query parameters). Options left out "
+    "are the model's defaults (`defaults` in /v1/info), as the library and the command line use them. Answers JSON: "
     "`classes`, `shares` (pixel share per class), `background_share`, `palette` (RGB per class), `height`, "
     "`width`, `labels_png` (base64 PNG: pixel value = class index, 255 = background; 16-bit grey over 255 "
     "classes, 65535 = background), `scores_npy` (with `with_scores=true`: base64 NumPy .npy, float32 [H, W], the "
@@ -279,14 +310,19 @@ async def segment(
     },
 )
 async def embed_labels(
-    request: Request, _: Model, settings: Settings, batcher: BatcherDep, readers: Readers, request_id: RequestId
+    request: Request,
+    segmenter: Model,
+    settings: Settings,
+    batcher: BatcherDep,
+    readers: Readers,
+    request_id: RequestId,
 ) -> dict:
     arrival = time.monotonic()
     # Read under a bound before parsing (FastAPI would read and parse a body of any size first).
     with readers.slot():
         length = request.headers.get("content-length")
         body = await read_body(request.stream(), length, MULTIPART_OVERHEAD, body_seconds(settings))
-    labels, templates = parse_embed_request(body, settings)
+    labels, templates = parse_embed_request(body, settings, segmenter)
     ticket = jobs.admit(batcher)
     try:
         job = jobs.new_job((labels, templates), jobs.embed_group, None, ticket, images=0, request_id=request_id)

@@ -33,7 +33,8 @@ class ServeSettings:
         max_label_chars: longest class name.
         timeout: seconds from a request's arrival to its answer; past it the answer is 504 and work
             not started yet is dropped.
-        templates: the template preset used when a request names none (``None``: ``imagenet``).
+        templates: the template preset used when a request names none; None: the model's
+            (``Segmenter.defaults``: ``synthetic`` for the demo model, else mostly ``imagenet``).
         max_windows: most sliding windows per image a request may ask for.
         warmup: run one image through the model before reporting ready.
         body_timeout: seconds from a request's arrival in which its whole body must arrive (408
@@ -65,12 +66,12 @@ class ServeSettings:
         default=30.0,
         metadata={"help": "seconds to answer a request; past it the answer is 504 and queued work is dropped"},
     )
-    templates: str = field(
-        default="imagenet",
+    templates: str | None = field(
+        default=None,
         metadata={
-            "help": "prompt templates when a request names none (default: synthetic with --clip demo, else imagenet)",
+            "help": "prompt templates when a request names none (default: the model's: synthetic for --clip demo "
+            "and PACL weights trained on the synthetic world, else imagenet)",
             "choices": TEMPLATE_PRESETS,
-            "cli_default": None,
         },
     )
     max_windows: int = field(default=64, metadata={"help": "sliding windows per image a request may ask for"})
@@ -105,5 +106,5 @@ class ServeSettings:
         if not (isinstance(self.body_timeout, (int, float)) and math.isfinite(self.body_timeout)
                 and self.body_timeout > 0):  # fmt: skip
             raise ValueError(f"body_timeout must be a finite number of seconds > 0, got {self.body_timeout!r}")
-        if self.templates not in TEMPLATE_PRESETS:
+        if self.templates is not None and self.templates not in TEMPLATE_PRESETS:
             raise ValueError(f"templates must be one of {', '.join(TEMPLATE_PRESETS)}, got {self.templates!r}")

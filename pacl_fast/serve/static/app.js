@@ -1,5 +1,7 @@
 // The page of `pacl-fast serve`: plain JavaScript, no build step, nothing loaded from elsewhere.
-// It asks /v1/info for the method and the presets, posts the image and class names to /v1/segment,
+// It asks /v1/info for the model, the presets and the model's defaults (templates, background threshold,
+// sliding window: its controls start from them, as predict and the command line do), posts the image, the
+// class names and every control's value to /v1/segment,
 // decodes the returned label PNG into a label map (8-bit palette or 16-bit grey: class indices), draws the
 // overlay from it (the same blend as Segmentation.overlay: alpha 0.5, round half to even), and
 // answers "which class is under the cursor" from that label map.
@@ -68,15 +70,33 @@ async function loadInfo() {
 
 function setupControls(info) {
   state.info = info;
-  $("model").textContent = info.model;
+  // The model's short name and what runs it; the full identity and why that encoder are in the tooltip.
+  $("model").textContent = `${info.model} · ${info.encoder} ${info.precision}`;
+  $("model").title = `${info.identity}\n${info.choices}`;
   $("method").textContent = info.method;
+  const defaults = info.defaults;
   const select = $("templates");
+  if (typeof defaults.templates !== "string") {
+    // The model's own template list (not a preset): sent as no choice, which the server reads as the model's.
+    const option = document.createElement("option");
+    option.value = "";
+    option.textContent = `the model's (${defaults.templates.length})`;
+    option.selected = true;
+    select.appendChild(option);
+  }
   for (const name of info.templates) {
     const option = document.createElement("option");
     option.value = option.textContent = name;
-    option.selected = name === info.default_templates;
+    option.selected = name === defaults.templates;
     select.appendChild(option);
   }
+  // The background threshold starts as the model's (e.g. the demo model's 0.95), or off when it has none.
+  const threshold = defaults.background_threshold;
+  $("use-threshold").checked = threshold !== null;
+  $("threshold").disabled = threshold === null;
+  if (threshold !== null) $("threshold").value = String(threshold);
+  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
+  $("sliding").checked = defaults.sliding_window !== null;
   $("sliding-detail").textContent = `crop, stride, short side: ${info.default_sliding_window}`;
   const names = { voc: "VOC", ade20k: "ADE20K", cityscapes: "Cityscapes", shapes: "Synthetic shapes" };
   for (const [key, labels] of Object.entries(info.label_presets)) {
@@ -143,9 +163,10 @@ async function segment() {
   const form = new FormData();
   form.append("file", state.file, state.file.name);
   form.append("labels", $("labels").value);
-  form.append("templates", $("templates").value);
-  if ($("use-threshold").checked) form.append("background_threshold", $("threshold").value);
-  if ($("sliding").checked) form.append("sliding_window", "true");
+  if ($("templates").value) form.append("templates", $("templates").value);
+  // Every control is sent, so what the page shows is what runs (a threshold of 0 is none).
+  form.append("background_threshold", $("use-threshold").checked ? $("threshold").value : "0");
+  form.append("sliding_window", $("sliding").checked ? "true" : "false");
   $("run").disabled = true;
   showError("");
   setStatus("segmenting…");
