@@ -26,6 +26,9 @@ Where the engine differs, on purpose (``kernels.reference.proxyclip_reference`` 
 * A row whose entries are all masked (every ``A < 0``: a near-uniform crop, where ``mean(S)`` passes
   ``1 / beta``) is NaN in the authors' code (softmax over ``-inf`` only). The engine gives such a
   row the softmax of its unmasked ``A``: attention by similarity, as every other row has.
+* The affinities (similarity, mean, threshold, softmax) are computed in float32 whatever the model's
+  precision (the authors run them in their fp16): ``A < 0`` is a threshold, and bf16's 8 bits would
+  move entries across it. The attention map is cast to the values' precision for ``A V``.
 * The authors' code assumes square crops (``I, J`` are both taken from the height, ``token_size``
   is read as ``(W/p, H/p)``; every crop of their configs is square). The engine uses each grid's
   own height and width, which is the same for square crops.
