@@ -347,6 +347,20 @@ def test_service_info_names_the_vfm_and_its_grid(dino):
         assert bad.status_code == 422 and "multiples" in bad.text
 
 
+def test_service_windows_sit_on_the_pixel_multiple(dinov2):
+    """The service checks a request's window against the pixel multiple (DINOv2: lcm(16, 14) = 112), not CLIP's
+    patch alone, and its default window sits on it."""
+    from pacl_fast.serve.errors import ApiError
+    from pacl_fast.serve.inputs import default_sliding_window, parse_sliding_window
+
+    segmenter = eager(dinov2, image_size=112)
+    crop, stride, _ = default_sliding_window(segmenter)
+    assert crop % 112 == 0 and stride % 112 == 0
+    assert parse_sliding_window("224,112", segmenter)[:2] == (224, 112)
+    with pytest.raises(ApiError, match="multiples of the pixel multiple 112"):
+        parse_sliding_window("48,16", segmenter)
+
+
 def test_protocol_proxyclip_drives_the_evaluation(tmp_path, dino):
     """``--protocol proxyclip`` on VOC21 with a ProxyCLIP segmenter: mmcv's resize to short side 336 onto a canvas
     of the pixel multiple, 336/112 windows averaged on the VFM's grid, the 26 stuff names of class 0 and the 0.2
