@@ -51,7 +51,7 @@ from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.methods import TrainingFreeCLIP  # noqa: E402
 from pacl_fast.proxyclip import ProxyCLIP, proxy_attention  # noqa: E402
 from pacl_fast.segmenter import Segmenter  # noqa: E402
-from pacl_fast.vfm import IMAGENET_MEAN, IMAGENET_STD, load_vfm  # noqa: E402
+from pacl_fast.vfm import IMAGENET_MEAN, IMAGENET_STD, SPECS, VisionFoundationModel, load_vfm  # noqa: E402
 
 SEED = 0
 CLASSES = 21  # VOC21's
@@ -228,9 +228,14 @@ def build_models(args: argparse.Namespace) -> tuple[ProxyCLIP, TrainingFreeCLIP]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         backbone = load_clip(clip, None, device="cpu")
-        vfm = load_vfm(args.vfm, None)
-    if args.vfm_depth:  # smoke runs: the first blocks only
-        vfm.vit.blocks = vfm.vit.blocks[: args.vfm_depth]
+        if args.vfm_depth:  # smoke runs: the first blocks only, built so (a whole random ViT-B takes seconds to fill)
+            import timm
+
+            vit = timm.create_model(SPECS[args.vfm].timm_name, pretrained=False, num_classes=0,
+                                    dynamic_img_size=True, depth=args.vfm_depth)  # fmt: skip
+            vfm = VisionFoundationModel(args.vfm, vit, f"{args.vfm}@random")
+        else:
+            vfm = load_vfm(args.vfm, None)
     return ProxyCLIP(backbone, vfm).eval(), TrainingFreeCLIP(backbone, "naclip").eval()
 
 
