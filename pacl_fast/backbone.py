@@ -519,6 +519,17 @@ class FrozenClipModel(nn.Module):
 
     backbone: ClipBackbone
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Input sides (canvases, sliding windows) must be multiples of this: the CLIP's patch size (ProxyCLIP:
+        the lcm of the CLIP's and its VFM's)."""
+        return self.backbone.patch_size
+
+    @property
+    def grid_patch(self) -> int:
+        """Pixels per cell of the output grid ``[B, H/q, W/q, E]``: the CLIP's patch size (ProxyCLIP: its VFM's)."""
+        return self.backbone.patch_size
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (frozen)."""
         with torch.no_grad():

@@ -167,7 +167,9 @@ def evaluate_segmentation(
     to_class = np.append(np.asarray(query_class, dtype=np.int64), background)  # query label -> class; -1 -> last
     embeddings = _query_embeddings(segmenter, queries, templates)  # once, before any image
     if protocol is not None:
-        preprocess = protocol.preprocessor(segmenter.patch_size, segmenter.mean, segmenter.std, segmenter.max_pixels)
+        preprocess = protocol.preprocessor(
+            segmenter.pixel_multiple, segmenter.mean, segmenter.std, segmenter.max_pixels, segmenter.grid_patch
+        )
     else:
         preprocess = segmenter.preprocessor(sliding_window)
 

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pacl_fast.choices import (
     AUTO,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_VFM,
     DTYPE_CHOICES,
     ENCODER_CHOICES,
     HEAD_BACKENDS,
     METHODS,
     TEMPLATE_PRESETS,
     TEXT_DTYPES,
+    VFM_METHODS,
+    VFMS,
 )
 
 if TYPE_CHECKING:
@@ -169,8 +172,21 @@ def add_weights_arguments(group: Options) -> None:
         "--method",
         default=None,
         choices=METHODS,
-        help="pacl (needs --pacl-weights), or a training-free method on the CLIP alone; default: pacl with "
-        "--pacl-weights, else naclip",
+        help="pacl (needs --pacl-weights), a training-free method on the CLIP alone, or proxyclip (the CLIP with a "
+        "vision foundation model: --vfm); default: pacl with --pacl-weights, else naclip",
+    )
+    group.add_argument(
+        "--vfm",
+        default=None,
+        choices=VFMS,
+        help=f"--method proxyclip: the vision foundation model whose attention it borrows (default {DEFAULT_VFM}, "
+        "the authors'); its grid, finer than the CLIP's, is the output's",
+    )
+    group.add_argument(
+        "--vfm-weights",
+        default=None,
+        help="--method proxyclip: the VFM's weights, a local file (the authors' hub checkpoint, e.g. "
+        "dino_vitbase8_pretrain.pth, or timm's state dict) or 'timm' (timm downloads them); default: random init",
     )
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     group.add_argument(
@@ -254,6 +270,15 @@ def check_weights_files(args: argparse.Namespace) -> None:
         raise UsageError(f"--clip-weights {args.clip_weights}: no such file (give a local checkpoint or a tag)")
     if args.pacl_weights is not None and args.method not in (None, "pacl"):
         raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
+    vfm_options = [option for option, value in (("--vfm", args.vfm), ("--vfm-weights", args.vfm_weights)) if value]
+    if vfm_options and args.method not in VFM_METHODS:
+        method = f"--method {args.method}" if args.method else "the default method"
+        raise UsageError(
+            f"{' and '.join(vfm_options)} given with {method}: a vision foundation model is used only by "
+            f"--method {' or '.join(VFM_METHODS)}"
+        )
+    if args.vfm_weights not in (None, "timm") and not Path(args.vfm_weights).is_file():
+        raise UsageError(f"--vfm-weights {args.vfm_weights}: no such file (give the VFM's checkpoint, or 'timm')")
 
 
 def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
@@ -335,6 +360,8 @@ def make_segmenter(
         max_pixels=max_pixels,
         text_cache=False if args.no_text_cache else None,
         strict_clip=args.strict_clip,
+        vfm=args.vfm,
+        vfm_weights=args.vfm_weights,
         expected_images=expected_images,
     )
     if announce:
