@@ -61,5 +61,5 @@ setup(
         "client": ["requests"],  # only to call a service (the README's Python client)
         "train": ["webdataset"],
     },
-    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},
+    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:console"]},
 )

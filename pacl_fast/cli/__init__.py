@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from pacl_fast.cli import classify, demo, export, segment, serve
 from pacl_fast.cli import eval as evaluate
-from pacl_fast.cli.common import HELP, UsageError, run_command
+from pacl_fast.cli.common import HELP, UsageError, exit_process, run_command
 
-__all__ = ["COMMANDS", "HELP", "UsageError", "build_parser", "main"]
+__all__ = ["COMMANDS", "HELP", "UsageError", "build_parser", "console", "main"]
 
 #: Every command, in the order ``pacl-fast --help`` lists them.
 COMMANDS = {
@@ -45,3 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(args.command, COMMANDS[args.command].run, args)
+
+
+def console() -> None:
+    """``pacl-fast`` and ``python -m pacl_fast``: :func:`main` on the command line, then the process ends
+    without the interpreter's seconds of teardown (:func:`~pacl_fast.cli.common.exit_process`)."""
+    exit_process(main())
