@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -171,7 +172,11 @@ def make_inputs(work: Path, model: str) -> dict[str, str]:
                 clip = open_clip.CLIP(**tiny_config())
                 atomic_write(folder / "open_clip_config.json", json.dumps({"model_cfg": tiny_config()}))
             else:
-                clip = open_clip.create_model(model)
+                logging.disable(logging.WARNING)  # open_clip's "initialized randomly": that is the point here
+                try:
+                    clip = open_clip.create_model(model)
+                finally:
+                    logging.disable(logging.NOTSET)
         temporary = weights.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(temporary))
         temporary.replace(weights)

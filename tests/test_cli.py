@@ -646,21 +646,23 @@ def test_timings_line_says_where_the_seconds_went(tmp_path, capsys, monkeypatch)
     assert 0.1 <= timings.seconds["model"] < 0.38 and timings.seconds["imports"] - started >= 0.3
 
 
-def test_exit_process_runs_what_teardown_is_for_and_skips_the_rest(tmp_path):
+def test_run_and_exit_runs_what_teardown_is_for_and_skips_the_rest(tmp_path):
     """``pacl-fast`` ends without the interpreter's teardown (seconds of freeing torch): the exit code, the
     atexit functions, temporary folders' finalizers and unflushed output still happen; a thread still running
-    gets the ordinary exit (waited for)."""
+    is waited for, as the ordinary exit does."""
     script = (
         "import atexit, sys, tempfile, threading, time\n"
         "from pathlib import Path\n"
-        "from pacl_fast.cli.common import exit_process\n"
-        "folder = tempfile.TemporaryDirectory()\n"
-        "Path(sys.argv[1]).write_text(folder.name)\n"
-        "atexit.register(lambda: Path(sys.argv[2]).write_text('ran'))\n"
-        "if sys.argv[3] == 'thread':\n"
-        "    threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[4]).write_text('done'))).start()\n"
-        "sys.stdout.write('unflushed')\n"
-        "exit_process(3)\n"
+        "from pacl_fast.process_exit import run_and_exit\n"
+        "def main():\n"
+        "    folder = tempfile.TemporaryDirectory()\n"
+        "    Path(sys.argv[1]).write_text(folder.name)\n"
+        "    atexit.register(lambda: Path(sys.argv[2]).write_text('ran'))\n"
+        "    if sys.argv[3] == 'thread':\n"
+        "        threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[4]).write_text('done'))).start()\n"
+        "    sys.stdout.write('unflushed')\n"
+        "    return 3\n"
+        "run_and_exit(main)\n"
     )
     for mode in ("alone", "thread"):
         names, ran, done = tmp_path / f"{mode}-tmp", tmp_path / f"{mode}-atexit", tmp_path / f"{mode}-thread"

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from pacl_fast.cli import classify, demo, export, segment, serve
 from pacl_fast.cli import eval as evaluate
-from pacl_fast.cli.common import HELP, UsageError, exit_process, run_command
+from pacl_fast.cli.common import HELP, UsageError, run_command
+from pacl_fast.process_exit import run_and_exit
 
 __all__ = ["COMMANDS", "HELP", "UsageError", "build_parser", "console", "main"]
 
@@ -49,5 +50,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console() -> None:
     """``pacl-fast`` and ``python -m pacl_fast``: :func:`main` on the command line, then the process ends
-    without the interpreter's seconds of teardown (:func:`~pacl_fast.cli.common.exit_process`)."""
-    exit_process(main())
+    without the interpreter's seconds of teardown (:func:`~pacl_fast.process_exit.run_and_exit`)."""
+    run_and_exit(main)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pacl_fast.choices import (
     AUTO,
@@ -434,28 +434,28 @@ class Timings:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {"imports": process_age() or 0.0}  # the start-up, before this clock
-        self._stack = ["other"]
-        self._thread = threading.get_ident()
-        self._last = time.perf_counter()
-        self._import = None
+        self.stack = ["other"]
+        self.thread = threading.get_ident()
+        self.last = time.perf_counter()
+        self.saved_import = None
 
-    def _charge(self) -> None:
+    def charge(self) -> None:
         """The seconds since the last change, to the innermost phase running."""
         now = time.perf_counter()
-        top = self._stack[-1]
-        self.seconds[top] = self.seconds.get(top, 0.0) + now - self._last
-        self._last = now
+        top = self.stack[-1]
+        self.seconds[top] = self.seconds.get(top, 0.0) + now - self.last
+        self.last = now
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """The block's seconds are ``name``'s (those of phases and imports inside it are theirs)."""
-        self._charge()
-        self._stack.append(name)
+        self.charge()
+        self.stack.append(name)
         try:
             yield
         finally:
-            self._charge()
-            self._stack.pop()
+            self.charge()
+            self.stack.pop()
 
     def timed(self, name: str, function: Callable) -> Callable:
         """``function`` with its calls charged to phase ``name``."""
@@ -470,10 +470,10 @@ class Timings:
         """Charge ``import`` statements (this thread's, outermost only) to ``imports`` until :meth:`uninstall`."""
         import builtins
 
-        original = self._import = builtins.__import__
+        original = self.saved_import = builtins.__import__
 
         def timed_import(*args: Any, **kwargs: Any) -> Any:
-            if self._stack[-1] == "imports" or threading.get_ident() != self._thread:
+            if self.stack[-1] == "imports" or threading.get_ident() != self.thread:
                 return original(*args, **kwargs)
             with self.phase("imports"):
                 return original(*args, **kwargs)
@@ -483,13 +483,13 @@ class Timings:
     def uninstall(self) -> None:
         import builtins
 
-        if self._import is not None:
-            builtins.__import__ = self._import
-            self._import = None
+        if self.saved_import is not None:
+            builtins.__import__ = self.saved_import
+            self.saved_import = None
 
     def line(self) -> str:
         """``timings: imports 3.1 s, ..., total 5.8 s``: the phases in the order a command meets them."""
-        self._charge()
+        self.charge()
         order = ("imports", "model", "text", "images", "writing")
         names = [name for name in order if name in self.seconds]
         names += [name for name in self.seconds if name not in order and name != "other"] + ["other"]
@@ -660,29 +660,6 @@ def missing_package(error: ImportError) -> str:
         install = PIP_PACKAGES.get(module, module)
         return f"these options need the Python package {module!r}, which is not installed: pip install {install}"
     return f"an installed package failed to import ({error}); reinstall it"
-
-
-def exit_process(code: int) -> NoReturn:
-    """End this process with ``code`` without the interpreter's teardown, the last step of ``pacl-fast`` and
-    ``python -m pacl_fast`` (issue 20, cold and warm): freeing every module and object of torch, open_clip and
-    torchvision took 1.5-5 s after the command's last line on the project's 2-core VM, as long as the work of a
-    warm one-image ``segment``. What the teardown is for still runs: the ``atexit`` functions (logging's
-    shutdown, finalizers of temporary folders, process pools) and the streams' flush; files are closed by the
-    commands that write them. A thread still running (the interpreter would wait for it), or
-    ``PACL_FAST_FULL_EXIT=1``: the ordinary exit."""
-    import atexit
-
-    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere the ordinary exit
-    running = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if running or run_exit_functions is None or os.environ.get("PACL_FAST_FULL_EXIT"):
-        raise SystemExit(code)
-    run_exit_functions()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: what the ordinary exit would also fail to write
-            code = code or 120
-    os._exit(code)
 
 
 def let_progress_bars_close(error: BaseException) -> None:
