@@ -628,7 +628,7 @@ def test_timings_line_says_where_the_seconds_went(tmp_path, capsys, monkeypatch)
         assert abs(sum(v for k, v in seconds.items() if k != "total") - seconds["total"]) <= 0.01 * len(seconds)
         assert all(value >= 0 for value in seconds.values())
         parts.append(seconds)
-    assert parts[0]["model"] > 0 and parts[0]["images"] > 0 and parts[0]["writing"] > 0
+    assert parts[0]["model"] > 0 and parts[0]["images"] > 0  # writing: a small PNG can take under 5 ms (0.00)
     assert parts[1]["text"] < parts[0]["text"]  # the second run reads the text cache
     # Each second goes to the innermost phase: an import inside a phase is the imports', not the phase's.
     (tmp_path / "slow_to_import_probe.py").write_text("import time\ntime.sleep(0.3)\n")
