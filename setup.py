@@ -64,5 +64,5 @@ setup(
         # ProxyCLIP's vision foundation models (DINO ViT-B/8, DINOv2 ViT-B/14 with registers) on timm's modules
         "vfm": ["timm>=1.0"],
     },
-    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},
+    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:console"]},
 )

@@ -42,6 +42,7 @@ from pacl_fast.encoders import (
     make_encoder,
     resolve_dtype,
 )
+from pacl_fast.encoders.auto import CachedSizesEncoder
 from pacl_fast.encoders.torch_encoder import DEFAULT_TEXT_DTYPE, resolve_text_dtype
 from pacl_fast.head import Head
 from pacl_fast.methods import TrainingFreeCLIP, resolve_method
@@ -252,7 +253,12 @@ def _make(model: nn.Module, choice: Choice, options: dict, owned: bool) -> Encod
         dtype = DEFAULT_DTYPES[choice.encoder] if dtype is None else dtype
         text_dtype = resolve_text_dtype(options.get("text_dtype", DEFAULT_TEXT_DTYPE), dtype)
         cast_model(model, dtype, text_dtype)
-    return make_encoder(choice.encoder, model, dtype, **options)
+    made = make_encoder(choice.encoder, model, dtype, **options)
+    if choice.only_sizes is None:
+        return made
+    # encoder="auto", OpenVINO models cached for some sizes and too few images to pay a build: the others eager.
+    # (Options reaching here are OpenVINO's or shared: none is torch's alone, else choose took eager torch.)
+    return CachedSizesEncoder(made, choice.only_sizes, lambda: make_encoder("torch", model, choice.eager_dtype))
 
 
 def build(
