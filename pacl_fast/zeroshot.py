@@ -46,7 +46,7 @@ class ZeroShotClassifier:
         # CLIP's global embedding needs its native grid, so both methods see the native size.
         self.preprocess = ClipPreprocess(backbone.image_size, *backbone.mean_std, segmenter.max_pixels)
         # Read once: a float() of a CUDA tensor per batch is a host-device sync (the model is frozen).
-        self.patch_logit_scale = float(self.model.patch_logit_scale)
+        self.patch_logit_scale = float(self.model.patch_logit_scale.detach())
 
     def encode_classes(self, classes: ClassQueries, templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
         """Unit text embeddings of every query ``[Q, E]`` (prompt ensembles, cached)."""
