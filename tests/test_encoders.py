@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip, skip_unavailable
+from helpers import quiet_load_clip, skip_unavailable
+from helpers import random_pacl as make_model
 from torch import nn
 
 from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
@@ -30,18 +31,6 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
 NO_TENSORRT = "needs TensorRT (pip install pacl-fast[trt]); not installed"
-
-
-def make_model(arch, seed: int = 0) -> PACL:
-    torch.manual_seed(seed)
-    model = PACL(quiet_load_clip(arch)).eval()
-    nn.init.normal_(model.embedder.fc2.weight, std=0.05)  # the MLP branch starts at zero: make it count
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_config) -> PACL:
-    return make_model(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +342,7 @@ def test_tensorrt_on_a_side_stream(tiny_model, cache):
 
 
 def test_segmenter_with_onnxruntime_matches_torch(tiny_config, tmp_path):
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     eager = make_segmenter(tiny_config)
     onnx = make_segmenter(tiny_config, encoder="onnxruntime", encoder_options={"cache_dir": tmp_path})
@@ -367,7 +356,7 @@ def test_segmenter_with_onnxruntime_matches_torch(tiny_config, tmp_path):
 
 
 def test_segmenter_names_the_missing_extra(tiny_config, monkeypatch):
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(EncoderUnavailableError, match=r"pip install pacl-fast\[onnx\]"):

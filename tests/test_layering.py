@@ -64,7 +64,8 @@ def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
 def test_long_functions_counts_every_line_of_nested_and_async_functions(tmp_path):
     module = tmp_path / "m.py"
     body = "".join(f"    x{i} = {i}\n" for i in range(4))
-    module.write_text(f"def short():\n{body}\nclass C:\n    async def method(self):\n{body.replace('    ', '        ')}")
+    method_body = body.replace("    ", "        ")
+    module.write_text(f"def short():\n{body}\nclass C:\n    async def method(self):\n{method_body}")
     assert long_functions(module, limit=5) == []
     assert long_functions(module, limit=4) == ["short (5 lines, line 1)", "method (5 lines, line 8)"]
 
