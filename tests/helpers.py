@@ -6,13 +6,18 @@ here imports ``pacl_fast``: pytest loads it before any test module, so import th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,17 @@ from PIL import Image
 from pacl_fast.backbone import RandomWeightsWarning, load_clip
 from pacl_fast.model import PACL
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: children import its pacl_fast
+
 # ---- models ---------------------------------------------------------------------------------------------
+
+#: The smallest CLIP the engine runs: one block a tower. For tests of caches, files and errors, where what is
+#: proved does not depend on the model's depth and each ONNX export of it costs about half the tiny CLIP's.
+MICRO_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def quiet_load_clip(*args, **kwargs):
@@ -73,6 +88,53 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+#: A child that sits inside ``atomic_write`` with its temporary file half written until told to go on.
+_WRITER = """
+import sys
+from pacl_fast.files import atomic_write
+
+def write(f):
+    f.write(b"half")
+    f.flush()
+    print("writing", flush=True)
+    sys.stdin.readline()  # holds its temporary file until told to go on
+    f.write(b" and the rest")
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+@contextlib.contextmanager
+def writer_in_progress(path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Another process inside ``atomic_write(path)``, holding its half-written temporary file:
+    yields ``(process, temporary)``; writing a line to its stdin lets it finish."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert process.stdout.readline().strip() == b"writing"
+        (temporary,) = [p for p in path.parent.iterdir() if f"-{process.pid}-" in p.name]
+        yield process, temporary
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdin.close()
+        process.stdout.close()
+
+
+def killed_write(path: Path) -> Path:
+    """The temporary file an ``atomic_write(path)`` killed with SIGKILL in the middle leaves behind
+    (``path`` itself is left as it was)."""
+    before = path.read_bytes() if path.exists() else None
+    with writer_in_progress(path) as (process, temporary):
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert temporary.is_file() and (path.read_bytes() if path.exists() else None) == before
+    return temporary
 
 
 def opencv():  # noqa: ANN201 - the cv2 module

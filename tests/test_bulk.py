@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_segmenter
+from helpers import killed_write, make_segmenter, writer_in_progress
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
-from test_files import killed_write, writer_in_progress
 
 from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 from pacl_fast.data.shards import LINK_READ_FACTOR, MemberTooLarge, MemberUnusable, iterate_samples
