@@ -1,7 +1,12 @@
-"""Head micro-benchmark: reference vs tiled vs (on CUDA) Triton, labels only and with scores.
+"""Head micro-benchmark: reference vs tiled (eager torch) vs native vs (on CUDA) Triton, labels only and with scores.
 
-    python -m benchmarks.head                      # CPU: reference vs tiled
+    python -m benchmarks.head                      # CPU: reference vs tiled vs native
     python -m benchmarks.head --device cuda        # CUDA: reference vs tiled vs Triton, + patch similarity
+
+``tiled`` is the CPU head in eager torch (``PACL_FAST_NATIVE=off``); ``native`` the same head with the
+native kernel (``kernels/native.py``; absent where no C compiler builds it), what ``Head("fast")`` runs on
+CPUs where it builds. The config line gives the kernel's build time in a fresh cache folder (compile,
+load, self-test) and its load from the cache (a new process's cost).
 
 For C in {21, 150, 171}, outputs 512x512 and 1024x2048 from a 32x32 grid and scene-like and random
 logits (C=21: scene only), every backend runs twice: labels only (``with_scores=False``) and with
@@ -9,7 +14,8 @@ scores (what ``predict`` returns by default). Each row gives the median of ``--r
 peak of live tensors (CPU: ``TensorMemoryTracker`` in a separate, untimed run, the workspace the
 CPU heads keep between calls included; CUDA: ``max_memory_allocated``), the speed-up over the
 reference in the same mode and, with scores, ``x labels``: the time over the same backend's labels
-only (issue 20's goal: at most 2). All in one run, as a markdown table and JSON.
+only (issue 20's goal: at most 2), and ``x tiled labels``: over the eager tiled head's labels only
+(the labels-only head that goal was set against). All in one run, as a markdown table and JSON.
 
 Work is counted first. Any head must read the logits (``h*w*C*4`` bytes) and write labels (and
 scores): ``H*W*2`` (``*6``) bytes: that is the floor, and ``x floor`` is the time over the time a
@@ -32,11 +38,14 @@ is iid noise of the same spread: no spatial structure, the pruning's worst case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +54,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import machine_line, parse_size, peak_bytes, synchronize, write_results
-from kernels import cells, fine_grid, scores, separable
+from kernels import cells, fine_grid, native, scores, separable
 from kernels.reference import segment_reference
 from kernels.tiled import segment_tiled
 
@@ -101,6 +110,56 @@ def exp_rate(device: torch.device, megabytes: int = 64) -> float:
     return values.numel() / min(median_seconds(values.exp_, device, 1) for _ in range(5))
 
 
+@contextlib.contextmanager
+def native_mode(mode: str) -> Iterator[None]:
+    """``$PACL_FAST_NATIVE`` set to ``mode`` for the block (the CPU head reads it at every call)."""
+    previous = os.environ.get(native.ENV)
+    os.environ[native.ENV] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[native.ENV]
+        else:
+            os.environ[native.ENV] = previous
+
+
+def in_mode(mode: str, segment: Callable) -> Callable:
+    """``segment`` run with ``$PACL_FAST_NATIVE=mode``."""
+
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with native_mode(mode):
+            return segment(*args, **kwargs)
+
+    return run
+
+
+def native_build_seconds() -> tuple[float, float] | None:
+    """Seconds to build the native kernel in an empty cache folder (compile, load, self-test), and to load
+    it from there again (a new process's cost); None where it cannot be built (the reason is logged)."""
+    previous_cache, state = os.environ.get("PACL_FAST_CACHE"), native._state
+    with tempfile.TemporaryDirectory(prefix="pacl-bench-native-") as folder:
+        os.environ["PACL_FAST_CACHE"] = folder
+        try:
+            seconds = []
+            for _ in range(2):
+                native.reset()
+                start = time.perf_counter()
+                try:
+                    native.load_or_build()
+                except native.NativeUnavailable as error:
+                    print(f"native kernel unavailable: {error}")
+                    return None
+                seconds.append(time.perf_counter() - start)
+            return seconds[0], seconds[1]
+        finally:
+            native._state = state
+            if previous_cache is None:
+                del os.environ["PACL_FAST_CACHE"]
+            else:
+                os.environ["PACL_FAST_CACHE"] = previous_cache
+
+
 def classes_per_pixel(name: str, logits: torch.Tensor, out_size: tuple[int, int], with_scores: bool) -> float:
     """Mean number of classes backend ``name`` evaluates per output pixel (padding included)."""
     if name == "reference":
@@ -109,13 +168,22 @@ def classes_per_pixel(name: str, logits: torch.Tensor, out_size: tuple[int, int]
     rows = cells.axis_sampling(grid_h, out_size[0], grid_h, logits.device)
     cols = cells.axis_sampling(grid_w, out_size[1], grid_w, logits.device)
     values = logits.float().contiguous()
+    if name == "native":  # the blocks' lanes (spare lanes of a block's last vector included) times their classes
+        with native_mode("on"):
+            kernel = native.kernel()
+        labels, tally = torch.empty((logits.shape[0], *out_size), dtype=torch.int16, device=logits.device), [0, 0]
+        if with_scores:
+            probabilities = torch.empty(labels.shape, device=logits.device)
+            tolerance = cells.DEFAULT_SCORE_TOLERANCE
+            scores.segment(values, rows, cols, labels, probabilities, LOGIT_SCALE, tolerance, tally, kernel)
+        else:
+            scores.segment(values, rows, cols, labels, None, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally, kernel)
+        return tally[0] / tally[1]
     if name == "tiled":
         labels, tally = torch.empty((logits.shape[0], *out_size), dtype=torch.int16, device=logits.device), [0, 0]
         if with_scores:
             probabilities = torch.empty(labels.shape, device=logits.device)
-            scores.segment_with_scores(
-                values, rows, cols, labels, probabilities, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally
-            )
+            scores.segment(values, rows, cols, labels, probabilities, LOGIT_SCALE, cells.DEFAULT_SCORE_TOLERANCE, tally)
             return tally[0] / tally[1]
         # kernels.separable: the classes kept along each (row, cell); one where a grid column's winner is the label
         separable.segment_labels(values, rows, cols, labels, tally)
@@ -130,7 +198,10 @@ def classes_per_pixel(name: str, logits: torch.Tensor, out_size: tuple[int, int]
 
 
 def head_backends(device: torch.device) -> dict[str, Callable]:
-    backends = {"reference": segment_reference, "tiled": segment_tiled}
+    backends = {"reference": segment_reference, "tiled": in_mode("off", segment_tiled)}
+    with native_mode("on"):
+        if device.type == "cpu" and native.kernel() is not None:
+            backends["native"] = in_mode("on", segment_tiled)
     if device.type == "cuda":
         from kernels.upsample_argmax import segment_triton
 
@@ -174,6 +245,7 @@ def bench_head(args: argparse.Namespace, device: torch.device, bandwidth: float,
                     "median_ms": seconds * 1e3,
                     "speedup": times["reference", with_scores] / seconds,
                     "times_labels": seconds / times[name, False] if with_scores else None,
+                    "times_tiled_labels": seconds / times["tiled", False] if with_scores else None,
                     "peak_mib": peak / MIB,
                     "memory_ratio": peaks[with_scores] / max(peak, 1),
                     "classes_per_pixel": kept,
@@ -263,16 +335,18 @@ def variant_verdict(rows: list[dict]) -> str:
 
 def head_table(rows: list[dict]) -> str:
     header = (
-        "device | C | output | data | backend | median ms | speed-up | x labels | peak MiB | memory ÷ | classes/px"
-        " | floor MB | x floor | x exp floor"
+        "device | C | output | data | backend | median ms | speed-up | x labels | x tiled labels | peak MiB"
+        " | memory ÷ | classes/px | floor MB | x floor | x exp floor"
     )
-    lines = [f"| {header} |", "|---" * 14 + "|"]
+    lines = [f"| {header} |", "|---" * 15 + "|"]
     for r in rows:
         labels = f"{r['times_labels']:.2f}" if r["times_labels"] is not None else "-"
+        tiled_labels = f"{r['times_tiled_labels']:.2f}" if r.get("times_tiled_labels") is not None else "-"
         exp_floor = f"{r['times_exp_floor']:.1f}" if r["times_exp_floor"] is not None else "-"
         lines.append(
             f"| {r['device']} | {r['classes']} | {r['out_size'][0]}x{r['out_size'][1]} | {r['data']} | {r['backend']} "
-            f"| {r['median_ms']:.1f} | {r['speedup']:.1f}x | {labels} | {r['peak_mib']:.1f} | {r['memory_ratio']:.0f}x "
+            f"| {r['median_ms']:.1f} | {r['speedup']:.1f}x | {labels} | {tiled_labels} | {r['peak_mib']:.1f} "
+            f"| {r['memory_ratio']:.0f}x "
             f"| {r['classes_per_pixel']:.1f} | {r['floor_mb']:.2f} | {r['times_floor']:.0f} | {exp_floor} |"
         )
     return "\n".join(lines)
@@ -311,11 +385,13 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_line(device)
     bandwidth = copy_bandwidth(device)
     exps = exp_rate(device)
+    build = native_build_seconds() if device.type == "cpu" else None
+    built = f"native kernel build {build[0]:.2f} s, load {build[1]:.3f} s" if build else "no native kernel"
     print(f"machine: {machine}")
     print(
         f"config: grid {GRID[0]}x{GRID[1]}, batch 1, logit scale {LOGIT_SCALE}, C {args.classes}, "
         f"outputs {[f'{h}x{w}' for h, w in args.sizes]}, median of {args.repeats}; "
-        f"copy {bandwidth / 1e9:.1f} GB/s, exp {exps / 1e9:.2f} G/s"
+        f"copy {bandwidth / 1e9:.1f} GB/s, exp {exps / 1e9:.2f} G/s; {built}"
     )
     summary = {
         "machine": machine,
@@ -323,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.head " + " ".join(argv if argv is not None else sys.argv[1:]),
         "copy_bytes_per_s": bandwidth,
         "exp_per_s": exps,
+        "native_build_seconds": build[0] if build else None,
+        "native_load_seconds": build[1] if build else None,
         "head": bench_head(args, device, bandwidth, exps),
     }
     if device.type == "cuda":

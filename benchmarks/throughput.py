@@ -22,6 +22,10 @@ them alike; the first pipeline of a round rotates):
   round, on the fp32 patches of the random-init ViT: logits with no spatial structure, the
   pruning's worst case. ``scene:`` rows time the same heads on the scene-like logits of
   ``benchmarks.head`` (what trained models produce), labelled as such.
+* **default**: ``Segmenter(model)`` with no speed options (``dtype`` and ``encoder`` ``"auto"``, the
+  ``fast`` head with scores): what a user gets, its choice named in the row. It is built before any
+  other encoder, so an export this run makes cannot change its choice (one cached by an earlier run
+  can, as it would for the user: the row says so).
 * **matmul ceiling**: a large fp32 and bf16 matmul (fp16 too on CUDA), in the same rounds.
 
 A pipeline's end-to-end sample for a round is its encoder's time plus its head's time in that
@@ -84,7 +88,8 @@ from pacl_fast.segmenter import Segmenter  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Encoder precisions: torch dtypes, and ``int8`` (OpenVINO's NNCF quantisation; float32 outputs).
 PRECISIONS = (*DTYPES, "int8")
-CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32"
+#: Every backend this project has, by device: one that is not installed is skipped with the reason printed.
+CPU_BACKENDS = "torch:fp32,torch:bf16,compile:bf16,onnxruntime:fp32,openvino:fp32,openvino:bf16,openvino:int8"
 CUDA_BACKENDS = "torch:fp16,compile:fp16,onnxruntime:fp16,tensorrt:fp16"
 
 
@@ -236,6 +241,7 @@ class Setup:
     heads: dict[str, tuple[Segmenter, bool]]  # spec -> (segmenter with that head, with_scores)
     classes: torch.Tensor  # [C, E]
     skipped: dict[str, str]
+    default: Segmenter | None  # Segmenter(model) as a user makes it; None with --heads none
 
 
 def encoder_label(method: str, backend: str) -> str:
@@ -261,6 +267,14 @@ def build(args: argparse.Namespace, device: torch.device) -> Setup:
     skipped: dict[str, str] = {}
     naive = NaivePeer(pacl, args.image_size)
     encoders, setup_seconds = {}, {}
+    default = None
+    if args.heads:  # first, so that no export of this run changes what "auto" picks
+        start = time.perf_counter()
+        default = Segmenter(pacl)
+        for batch in args.batch:
+            default.predict_torch(probe[:batch], classes, args.output_size)
+        setup_seconds["default"] = time.perf_counter() - start
+        print(f"ready default Segmenter(...): {default.choices} in {setup_seconds['default']:.1f} s", file=sys.stderr)
     for method in args.methods:
         for name, dtype_name, channels_last in args.backends:
             label = encoder_label(method, f"{name}:{dtype_name}" + (":cl" if channels_last else ""))
@@ -295,7 +309,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Setup:
         except Exception as error:  # noqa: BLE001 - a head that cannot run here is reported, not fatal
             skipped[f"head {name}"] = f"{type(error).__name__}: {error}"
             print(f"skip head {name}: {error}", file=sys.stderr)
-    return Setup(device, flops, naive, encoders, setup_seconds, heads, classes, skipped)
+    return Setup(device, flops, naive, encoders, setup_seconds, heads, classes, skipped, default)
 
 
 def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dict[str, Timings], dict[str, int]]:
@@ -316,6 +330,11 @@ def time_rounds(setup: Setup, args: argparse.Namespace, batch: int) -> tuple[dic
             fp32_patches, classes, out_size, with_scores=w
         )
         jobs[f"head/scene:{name}"] = lambda s=segmenter, w=with_scores: s.segment_logits(scene, out_size, with_scores=w)
+    if setup.default is not None:  # its head runs on its own encoder's output, as in predict_torch
+        default = setup.default
+        default_patches = default.encoder.encode_image(pixels)  # [B, h, w, E]
+        jobs["encoder/default"] = lambda: default.encoder.encode_image(pixels)
+        jobs["head/default"] = lambda: default.segment_patches(default_patches, classes, out_size)
     for dtype_name in ceiling_dtypes(device):
         jobs[f"matmul/{dtype_name}"] = matmul_seconds(matmul_size(device), DTYPES[dtype_name], device)
     timings = {label: Timings() for label in jobs}
@@ -370,6 +389,14 @@ def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict
 
     pacl_flops = count = next(iter(setup.flops.values()))
     rows = [row("naive peer", naive, naive_encoder, naive_head, peaks["naive"], 0.0, setup.flops.get("pacl", count))]
+    if setup.default is not None:
+        encoder, head = timings["encoder/default"], timings["head/default"]
+        e2e = Timings([a + b for a, b in zip(encoder.samples, head.samples)])
+        peak = max(peaks["encoder/default"], peaks["head/default"])
+        pipeline = f"default Segmenter(...): {default_pipeline(setup.default)}"
+        rows.append(
+            row(pipeline, e2e, encoder, head, peak, setup.setup_seconds["default"], setup.flops.get("pacl", count))
+        )
     for label in setup.encoders:
         method = label.split("/")[0] if "/" in label else "pacl"
         flops, encoder = setup.flops.get(method, pacl_flops), timings[f"encoder/{label}"]
@@ -386,6 +413,36 @@ def summarize(setup: Setup, batch: int, timings: dict[str, Timings], peaks: dict
                 pipeline = f"{label} + {name}" + (" (scene-like logits)" if data else "")
                 rows.append(row(pipeline, e2e, encoder, head, peak, setup.setup_seconds[label], flops))
     return ceilings, rows
+
+
+def default_pipeline(segmenter: Segmenter) -> str:
+    """``openvino:bf16 + fast`` for the encoder and head a default segmenter chose (the head with scores)."""
+    return f"{segmenter.encoder.name}:{segmenter.precision} + {segmenter.head.backend}"
+
+
+#: Issue 20's end-to-end goals on the CPU, as (what, rows it takes the best of, least speed-up).
+GOALS = (
+    ("default Segmenter(...) with scores", lambda p: p.startswith("default "), 2.0),
+    ("best row with scores", lambda p: not p.startswith("naive") and ":labels" not in p, 3.0),
+    ("best labels-only row", lambda p: ":labels" in p, 4.5),
+)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per goal: the best qualifying row of the run (random-logit rows only) and met or not."""
+    lines = []
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        candidates = [r for r in rows if r["batch"] == batch and "scene-like" not in r["pipeline"]]
+        candidates = [r for r in candidates if "encoder only" not in r["pipeline"]]
+        for what, takes, least in GOALS:
+            chosen = [r for r in candidates if takes(r["pipeline"])]
+            if not chosen:
+                continue
+            best = max(chosen, key=lambda r: r["speedup"])
+            verdict = "met" if best["speedup"] >= least else "NOT met"
+            got = f"{best['speedup']:.2f}x ({best['pipeline']})"
+            lines.append(f"goal batch {batch}: {what} >= {least:g}x naive: {got}: {verdict}")
+    return lines
 
 
 def speedup(row: dict) -> str:
@@ -471,7 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     print("encoder / CLIP tower: the encoder's time over the naive peer's (open_clip's plain fp32 tower + embedder).")
     print("rows marked (scene-like logits) time the head on benchmarks.head's scene logits, not the random ViT's.")
     print()
-    print_table([row for result in results for row in result["rows"]], device)
+    all_rows = [row for result in results for row in result["rows"]]
+    print_table(all_rows, device)
+    print()
+    for line in goal_lines(all_rows):
+        print(line)
     if args.json:
         payload = {
             "machine": machine,
@@ -480,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "encoder_flops_per_image": setup.flops,
             "setup_s": setup.setup_seconds,
+            "default_choice": setup.default.choices if setup.default is not None else None,
             "skipped": setup.skipped,
             "results": results,
         }

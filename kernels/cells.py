@@ -26,11 +26,14 @@ Everything here works on grid-sized tensors (``[B, rows, w, C]``), never on outp
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,7 +72,15 @@ def axis_sampling(grid_size: int, out_size: int, extent: float, device: torch.de
     ``max(ratio * (i + 0.5) - 0.5, 0)`` with ``ratio = float32(1 / scale)``, ``scale = out_size / extent``,
     clamped to the last grid index; an axis whose output size equals the grid size is copied
     (ATen's shortcut, which ignores the scale). ``index1`` is ``index0 + 1`` except at the last index.
+
+    The same sizes return the same object (the last 64 kept; reading them costs ~1 ms an axis): its
+    tensors are shared, never to be written to.
     """
+    return _axis_sampling(int(grid_size), int(out_size), float(extent), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_sampling(grid_size: int, out_size: int, extent: float, device: torch.device) -> AxisSampling:
     index0, lambda1 = sampling_positions(grid_size, out_size, extent)
     index0, lambda1 = index0.to(device), lambda1.to(device)
     index1 = index0 + (index0 < grid_size - 1).long()
@@ -132,6 +143,74 @@ def check_outputs(
         if not tensor.is_contiguous():
             raise ValueError(f"out {name} must be contiguous")
     return labels, scores if with_scores else None  # a scores buffer handed in is left untouched
+
+
+@dataclass(frozen=True)
+class SegmentCall:
+    """One call of a fused head, checked (:func:`segment_call`): what a backend evaluates."""
+
+    values: torch.Tensor  # [B, h, w, C] float32, contiguous (a copy only for half inputs)
+    rows: AxisSampling  # the output rows' sampling of the grid's rows
+    cols: AxisSampling
+    labels: torch.Tensor  # [B, H, W] int16, contiguous: the caller's buffer or a new one
+    scores: torch.Tensor | None  # [B, H, W] float32, contiguous; None without scores
+    logit_scale: float
+    background_threshold: float | None
+    score_tolerance: float
+
+
+def segment_call(
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    *,
+    grid_extent: tuple[float, float] | None = None,
+    logit_scale: float = 100.0,
+    background_threshold: float | None = None,
+    score_tolerance: float = DEFAULT_SCORE_TOLERANCE,
+    with_scores: bool = True,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> SegmentCall:
+    """The fused heads' arguments (:func:`fused_head`), checked and prepared once for every backend.
+
+    Args:
+        logits: ``[B, h, w, C]`` float32, float16 or bfloat16.
+        out_size, grid_extent, logit_scale, background_threshold: as ``segment_reference``.
+        score_tolerance: the most the class pruning may change a score.
+        with_scores: False computes labels only (scores None), from the classes that can win.
+        out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
+    """
+    (height, width), (extent_h, extent_w) = check_segment_inputs(
+        logits, out_size, grid_extent, logit_scale, background_threshold, with_scores
+    )
+    batch, grid_h, grid_w, _ = logits.shape
+    labels, scores = check_outputs(out, (batch, height, width), logits.device, with_scores)
+    return SegmentCall(
+        values=logits.float().contiguous(),
+        rows=axis_sampling(grid_h, height, extent_h, logits.device),
+        cols=axis_sampling(grid_w, width, extent_w, logits.device),
+        labels=labels,
+        scores=scores,
+        logit_scale=float(logit_scale),
+        background_threshold=background_threshold,
+        score_tolerance=score_tolerance,
+    )
+
+
+def fused_head(
+    evaluate: Callable[[SegmentCall], tuple[torch.Tensor, torch.Tensor | None]],
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """A backend's public entry: :func:`segment_call`'s signature (the one place it is written), whose
+    checked :class:`SegmentCall` goes to ``evaluate``; the entry keeps ``evaluate``'s name and docstring."""
+
+    @functools.wraps(evaluate)
+    def entry(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return evaluate(segment_call(*args, **kwargs))
+
+    entry.__signature__ = inspect.signature(segment_call).replace(  # type: ignore[attr-defined]
+        return_annotation=inspect.signature(evaluate).return_annotation
+    )
+    del entry.__wrapped__  # help() and inspect show the arguments, not ``evaluate``'s one
+    return entry
 
 
 @dataclass(frozen=True)

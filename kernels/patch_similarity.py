@@ -103,6 +103,34 @@ def _accumulate_tokens_times_weight(
 
 
 @triton.jit
+def _store_cosines(
+    embedding,  # [BM, BE] float32
+    rows,
+    row_inside,
+    e,
+    e_inside,
+    classes_ptr,  # [C, E] float32, unit rows
+    out_ptr,  # [M, C] float32
+    embed_dim,
+    num_classes,
+    BLOCK_C: tl.constexpr,
+):
+    """Both kernels' epilogue: each row's embedding L2-normalised (F.normalize's eps), its cosine with
+    every class stored, ``BLOCK_C`` classes at a time."""
+    norm = tl.sqrt(tl.sum(embedding * embedding, axis=1))
+    unit = embedding / tl.maximum(norm, 1e-12)[:, None]  # [BM, BE]
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * num_classes
+    for c0 in range(0, num_classes, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_inside = c < num_classes
+        classes = tl.load(
+            classes_ptr + c[None, :] * embed_dim + e[:, None], mask=e_inside[:, None] & c_inside[None, :], other=0.0
+        )
+        logits = tl.dot(unit, classes, input_precision="ieee")  # [BM, BC], float32 products
+        tl.store(out_rows + c[None, :], logits, mask=row_inside[:, None] & c_inside[None, :])
+
+
+@triton.jit
 def _embed_similarity(
     tokens_ptr,  # [M, D]
     linear_ptr,  # [E, D]
@@ -154,17 +182,7 @@ def _embed_similarity(
     embedding += tl.load(fc2_bias_ptr + e, mask=e_inside, other=0.0).to(tl.float32)[None, :]
 
     # Epilogue: L2 norm (F.normalize's eps) and cosine with the classes.
-    norm = tl.sqrt(tl.sum(embedding * embedding, axis=1))
-    unit = embedding / tl.maximum(norm, 1e-12)[:, None]  # [BM, BE]
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * num_classes
-    for c0 in range(0, num_classes, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_inside = c < num_classes
-        classes = tl.load(
-            classes_ptr + c[None, :] * embed_dim + e[:, None], mask=e_inside[:, None] & c_inside[None, :], other=0.0
-        )
-        logits = tl.dot(unit, classes, input_precision="ieee")  # [BM, BC], float32 products
-        tl.store(out_rows + c[None, :], logits, mask=row_inside[:, None] & c_inside[None, :])
+    _store_cosines(embedding, rows, row_inside, e, e_inside, classes_ptr, out_ptr, embed_dim, num_classes, BLOCK_C)
 
 
 @triton.jit
@@ -186,17 +204,7 @@ def _cosine(
     inside = row_inside[:, None] & e_inside[None, :]
     embedding = tl.load(embeddings_ptr + rows.to(tl.int64)[:, None] * embed_dim + e[None, :], mask=inside, other=0.0)
     embedding = embedding.to(tl.float32)
-    norm = tl.sqrt(tl.sum(embedding * embedding, axis=1))
-    unit = embedding / tl.maximum(norm, 1e-12)[:, None]  # [BM, BE]
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * num_classes
-    for c0 in range(0, num_classes, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_inside = c < num_classes
-        classes = tl.load(
-            classes_ptr + c[None, :] * embed_dim + e[:, None], mask=e_inside[:, None] & c_inside[None, :], other=0.0
-        )
-        logits = tl.dot(unit, classes, input_precision="ieee")  # [BM, BC], float32 products
-        tl.store(out_rows + c[None, :], logits, mask=row_inside[:, None] & c_inside[None, :])
+    _store_cosines(embedding, rows, row_inside, e, e_inside, classes_ptr, out_ptr, embed_dim, num_classes, BLOCK_C)
 
 
 def _blocks(embed_dim: int, num_classes: int, dot_type) -> dict:  # noqa: ANN001 - a triton dtype

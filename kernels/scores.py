@@ -19,6 +19,14 @@ lo``, so ``b_win >= 1``) and ``Z - D >= 1``; nor is any class that can win a pix
 are exact. (Float32 rounding of ``X``, ~1e-6 of an exponent, moves the bounds by ``exp(1e-6)``.)
 At scale 100 and ``tolerance`` 1e-7 a cell of a scene keeps ~30 of 150 classes.
 
+**The native kernel** (``kernels/native.py``, where a C compiler builds it: what the CPU head runs):
+every block of pixels of one refined cell in vector lanes, the classes the bound below keeps for it
+broadcast one at a time (every class where it keeps ``NATIVE_DENSE_FRACTION`` of them), the largest value,
+its first class and the sum of exps in one pass (``kernels/_native_source.py``). The eager
+evaluations below are its fallback; per (pixel, class) they cost one pass over memory per step, the
+kernel about 0.4 ns for all of them together (``kernels/native.py``). Labels alone
+(:func:`segment` without scores) run it on the grid itself, each cell keeping the classes that can win there.
+
 **Dense bands** (cells keep most classes: structureless logits, where at scale 100 nearly every
 class is within ``exp(-20)`` of the winner; or blocks of a few pixels, where gathering a cell's
 classes costs more than evaluating all of them): every class at every pixel, no gathers. Each output
@@ -42,11 +50,13 @@ below ``UNDERFLOW`` (huge logit scales or slopes), each pixel's largest exponent
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from kernels import cells, fine_grid
+from kernels import cells, fine_grid, native, separable
 
 # Elements of a float32 evaluation chunk ([rows, segments, depth, C] or [K, dy, dx, blocks]): 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
@@ -57,6 +67,8 @@ BAND_ELEMENTS = 1 << 20
 # the classes its cells keep (a gathered corner value cost ~4 evaluated ones: 4 corners, 16).
 DENSE_FRACTION = 0.8
 GATHER_COST = 16.0
+# The native kernel evaluates every class (contiguous loads, no list) of a block keeping this share of them.
+NATIVE_DENSE_FRACTION = 0.9
 # Lowest exponent exp() is given (exp(-87) ~ 1.6e-38: float32's smallest normal numbers are near it).
 FLOOR = -87.0
 # A band whose winners may fall below this exponent subtracts each pixel's largest first.
@@ -65,42 +77,72 @@ UNDERFLOW = -40.0
 _GROUP_SLOTS = sorted({m << e for e in range(31) for m in (2, 3)} | {1})
 
 
-def segment_with_scores(
+def segment(
     values: torch.Tensor,
     rows: cells.AxisSampling,
     cols: cells.AxisSampling,
     labels: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     logit_scale: float,
     tolerance: float,
     tally: list[int] | None = None,
+    kernel: native.NativeKernel | None = None,
 ) -> None:
-    """Write each pixel's label (the argmax) and score (its softmax probability) into ``labels``
-    ``[B, H, W]`` (int16) and ``scores`` ``[B, H, W]`` (float32), both contiguous.
+    """Write each pixel's label (the argmax, the lowest class on ties) and score (its softmax
+    probability) into ``labels`` ``[B, H, W]`` (int16) and ``scores`` ``[B, H, W]`` (float32), both
+    contiguous; ``scores`` None: labels only. The CPU head's one entry, with or without the kernel.
 
     Args:
         values: logits ``[B, h, w, C]`` float32, sampled as ``rows`` / ``cols`` say.
         logit_scale: the softmax scale.
         tolerance: the most the pruning may change a score (module docstring).
         tally: if given (``[0, 0]``), gets the (pixel, class) evaluations (padding included) and the
-            pixels evaluated (padding included) added.
+            pixels evaluated (padding included) added (labels only in eager torch: as
+            ``separable.segment_labels`` counts them).
+        kernel: evaluate with this native kernel (``kernels.native``); None: eager torch.
 
-    Works along the output rows, or along the columns (the transposed problem) when the image is
-    taller than wide relative to the grid; on one intra-op thread (``cells.one_intra_op_thread``).
+    Labels only: the kernel runs on the grid itself (not refined), each point shifted by its largest
+    class (the argmax ignores it), every cell evaluating only the classes that can win in it
+    (``max_k X[c, k] >= max_c' min_k X[c', k]``); eager torch is ``kernels.separable``. With scores,
+    eager torch works along the output rows, or along the columns (the transposed problem) when the
+    image is taller than wide relative to the grid; on one intra-op thread (``cells.one_intra_op_thread``).
     """
-    if not (0 < tolerance < 1):
+    if scores is None and kernel is None:
+        separable.segment_labels(values, rows, cols, labels, tally)
+        return
+    if scores is not None and not (0 < tolerance < 1):
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-    _, grid_h, grid_w, _ = values.shape
+    batch, grid_h, grid_w, num_classes = values.shape
     height, width = labels.shape[1:]
+    if kernel is None and width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
+        shape = (batch, width, height)  # the transposed problem (never transposed again: it is wider)
+        out_labels, out_scores = labels.new_empty(shape), scores.new_empty(shape)
+        segment(values.transpose(1, 2), cols, rows, out_labels, out_scores, logit_scale, tolerance, tally)
+        labels.copy_(out_labels.transpose(1, 2))
+        scores.copy_(out_scores.transpose(1, 2))
+        return
+    factor = 1 if scores is None else fine_grid.REFINE  # labels only: the grid itself
+    row_cells, col_cells = _refined_cells(rows, grid_h, factor), _refined_cells(cols, grid_w, factor)
     with cells.one_intra_op_thread(values.device):
-        if width * grid_h * 4 < height * grid_w * 3:  # the choice separable.segment_labels makes
-            shape = (labels.shape[0], width, height)
-            out_labels, out_scores = labels.new_empty(shape), scores.new_empty(shape)
-            _segment_rows(values.transpose(1, 2), cols, rows, out_labels, out_scores, logit_scale, tolerance, tally)
-            labels.copy_(out_labels.transpose(1, 2))
-            scores.copy_(out_scores.transpose(1, 2))
-        else:
-            _segment_rows(values, rows, cols, labels, scores, logit_scale, tolerance, tally)
+        if kernel is not None:
+            # The pruning of the module docstring, per block in the kernel; without scores, the classes that can win.
+            bound = 0.0 if scores is None else math.log(tolerance / num_classes)
+            scale = 1.0 if scores is None else logit_scale  # the argmax does not depend on it
+            _segment_native(kernel, values, row_cells, col_cells, labels, scores, scale, bound, factor, tally)
+            return
+        # Eager torch along the output rows (``values`` may be a transposed view).
+        fine_w = fine_grid.refined_size(grid_w)
+        band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * (num_classes + 1), BAND_ELEMENTS)
+        block = row_cells.index.shape[1] * col_cells.index.shape[1]  # pixels a gathered block evaluates
+        for b, band, in_band, points in _bands(batch, row_cells, band_cells):
+            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, pad=True)[0]  # [p, wf, C + 1]
+            work = _Band(b, band.start, in_band, grid, row_cells, col_cells, labels, scores, tally)
+            keep = _kept_classes(grid[..., :num_classes], row_cells.upper, col_cells.upper, tolerance)
+            count = keep.sum(dim=-1)  # [cy, cx]
+            if count.float().mean() * (1 + GATHER_COST / block) >= DENSE_FRACTION * num_classes:
+                _evaluate_dense(work)
+            else:
+                _evaluate_sparse(work, keep, count)
 
 
 def workspace_bytes() -> int:
@@ -135,6 +177,26 @@ class _AxisCells:
     cells: int
 
 
+_REFINED_CELLS: dict[tuple[int, int, int], tuple[cells.AxisSampling, _AxisCells]] = {}
+_REFINED_CELLS_LOCK = threading.Lock()
+
+
+def _refined_cells(axis: cells.AxisSampling, grid_size: int, factor: int) -> _AxisCells:
+    """``_axis_cells`` of ``axis`` refined ``factor`` times, kept for the same ``axis`` object (what
+    ``cells.axis_sampling`` returns for the same sizes): an image size seen before costs nothing."""
+    key = (id(axis), grid_size, factor)
+    with _REFINED_CELLS_LOCK:
+        found = _REFINED_CELLS.get(key)
+    if found is not None and found[0] is axis:
+        return found[1]
+    grouped = _axis_cells(fine_grid.refine_sampling(axis, grid_size, factor), fine_grid.refined_size(grid_size, factor))
+    with _REFINED_CELLS_LOCK:
+        if len(_REFINED_CELLS) >= 64:
+            _REFINED_CELLS.pop(next(iter(_REFINED_CELLS)))
+        _REFINED_CELLS[key] = (axis, grouped)  # the axis is kept alive with it, so its id is not reused
+    return grouped
+
+
 def _axis_cells(axis: cells.AxisSampling, points: int) -> _AxisCells:
     """Group an axis refined to ``points`` points (``fine_grid.refine_sampling``) by cell."""
     last = max(points - 2, 0)
@@ -159,38 +221,54 @@ def _axis_cells(axis: cells.AxisSampling, points: int) -> _AxisCells:
     return _AxisCells(cell[index[:, 0]], index, weight[index], cell, weight, int(points > 1), last + 1)
 
 
-def _segment_rows(
+def _segment_native(
+    kernel: native.NativeKernel,
     values: torch.Tensor,
-    rows: cells.AxisSampling,
-    cols: cells.AxisSampling,
+    row_cells: _AxisCells,
+    col_cells: _AxisCells,
     labels: torch.Tensor,
-    scores: torch.Tensor,
+    scores: torch.Tensor | None,
     logit_scale: float,
-    tolerance: float,
+    bound: float,
+    factor: int,
     tally: list[int] | None,
 ) -> None:
-    """:func:`segment_with_scores` along the output rows (``values`` may be a transposed view)."""
-    batch, grid_h, grid_w, num_classes = values.shape
-    fine_h, fine_w = fine_grid.refined_size(grid_h), fine_grid.refined_size(grid_w)
-    row_cells = _axis_cells(fine_grid.refine_sampling(rows, grid_h), fine_h)
-    col_cells = _axis_cells(fine_grid.refine_sampling(cols, grid_w), fine_w)
-    band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * (num_classes + 1), BAND_ELEMENTS)
+    """Bands of cell rows of the grid refined ``factor`` times (``fine_grid.relative_logits``), each
+    evaluated by the native kernel, block by block, each block keeping the classes ``bound`` keeps
+    (``NativeKernel.segment_blocks``)."""
+    batch, _, grid_w, num_classes = values.shape
+    fine_w = fine_grid.refined_size(grid_w, factor)
+    columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
+    band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * num_classes, BAND_ELEMENTS)
+    block = row_cells.index.shape[1] * col_cells.index.shape[1]
+    lanes = -(-block // 16) * 16  # pixels a block evaluates, its vectors' spare lanes included
+    for b, band, in_band, points in _bands(batch, row_cells, band_cells):
+        grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
+        band_rows = row_cells.cell.index_select(0, in_band) - band.start
+        evaluated = kernel.segment_blocks(
+            grid,
+            torch.arange(in_band.numel()),
+            (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
+            columns,
+            bound,
+            NATIVE_DENSE_FRACTION,
+            labels[b],
+            None if scores is None else scores[b],
+        )
+        if tally is not None:
+            tally[0] += evaluated
+            tally[1] += in_band.numel() * col_cells.cell.numel() * lanes
+
+
+def _bands(batch: int, row_cells: _AxisCells, band_cells: int) -> Iterator[tuple[int, range, torch.Tensor, range]]:
+    """Each image's bands of ``band_cells`` cell rows that hold output rows: ``(image, band's cells,
+    its row segments [s], the grid points it reads)`` (downsampling leaves some cells without a row)."""
     for b in range(batch):
         for first in range(0, row_cells.cells, band_cells):
             band = range(first, min(first + band_cells, row_cells.cells))
             in_band = ((row_cells.cell >= band.start) & (row_cells.cell < band.stop)).nonzero()[:, 0]
-            if in_band.numel() == 0:  # downsampling: no pixel in these cells
-                continue
-            points = range(band.start, band.stop + row_cells.upper)
-            grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, pad=True)[0]  # [p, wf, C + 1]
-            work = _Band(b, band.start, in_band, grid, row_cells, col_cells, labels, scores, tally)
-            keep = _kept_classes(grid[..., :num_classes], row_cells.upper, col_cells.upper, tolerance)
-            count = keep.sum(dim=-1)  # [cy, cx]
-            block = row_cells.index.shape[1] * col_cells.index.shape[1]  # pixels a gathered block evaluates
-            if count.float().mean() * (1 + GATHER_COST / block) >= DENSE_FRACTION * num_classes:
-                _evaluate_dense(work)
-            else:
-                _evaluate_sparse(work, keep, count)
+            if in_band.numel():
+                yield b, band, in_band, range(band.start, band.stop + row_cells.upper)
 
 
 def _cell_extremes(grid: torch.Tensor, upper_y: int, upper_x: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,39 +142,21 @@ def _upsample_argmax(
             tl.store(labels_ptr + offsets, label.to(tl.int16), mask=inside)
 
 
-def segment_triton(
-    logits: torch.Tensor,
-    out_size: tuple[int, int],
-    *,
-    grid_extent: tuple[float, float] | None = None,
-    logit_scale: float = 100.0,
-    background_threshold: float | None = None,
-    score_tolerance: float = cells.DEFAULT_SCORE_TOLERANCE,
-    with_scores: bool = True,
-    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+@cells.fused_head
+def segment_triton(call: cells.SegmentCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels and winner scores of ``kernels.reference.segment_reference``, fused.
 
-    Runs compiled on CUDA tensors and under the Triton interpreter on CPU tensors (tests).
-
-    Args:
-        logits: ``[B, h, w, C]`` float32, float16 or bfloat16.
-        out_size, grid_extent, logit_scale, background_threshold: as ``segment_reference``.
-        score_tolerance: the most the class pruning may change a score.
-        with_scores: False computes labels only (scores None), from the classes that can win.
-        out: optional ``(labels [B, H, W] int16, scores [B, H, W] float32)`` to write into.
+    Runs compiled on CUDA tensors and under the Triton interpreter on CPU tensors (tests). Called as
+    ``segment_triton(logits, out_size, *, grid_extent, logit_scale, background_threshold, score_tolerance,
+    with_scores, out)``: the arguments of ``cells.segment_call``, which checks them.
     Returns:
         labels ``[B, H, W]`` int16 and scores ``[B, H, W]`` float32 (None without scores).
     """
-    (height, width), (extent_h, extent_w) = cells.check_segment_inputs(
-        logits, out_size, grid_extent, logit_scale, background_threshold, with_scores
-    )
-    batch, grid_h, grid_w, num_classes = logits.shape
-    device = logits.device
-    labels, scores = cells.check_outputs(out, (batch, height, width), device, with_scores)
-    values = logits.float().contiguous()  # [B, h, w, C]; a copy only for half inputs (grid-sized)
-    rows = cells.axis_sampling(grid_h, height, extent_h, device)
-    cols = cells.axis_sampling(grid_w, width, extent_w, device)
+    values, rows, cols, labels, scores = call.values, call.rows, call.cols, call.labels, call.scores
+    batch, grid_h, grid_w, num_classes = values.shape
+    height, width = labels.shape[1:]
+    device, with_scores = values.device, scores is not None
+    threshold = call.background_threshold
     if with_scores:  # the refined, shifted grid (module docstring), at scale 1: it is scaled already
         rows, cols = fine_grid.refine_sampling(rows, grid_h), fine_grid.refine_sampling(cols, grid_w)
         grid_h, grid_w = fine_grid.refined_size(grid_h), fine_grid.refined_size(grid_w)
@@ -194,12 +176,12 @@ def segment_triton(
         band = range(band_used[0], band_used[-1] + 1)
         read = range(band.start, min(band.stop + 1, grid_h))  # the grid rows the band's cells read
         if with_scores:
-            grid = fine_grid.relative_logits(values, read, logit_scale)  # [B, rows read, wf, C]
+            grid = fine_grid.relative_logits(values, read, call.logit_scale)  # [B, rows read, wf, C]
             scale = 1.0
         else:
-            grid, scale = values[:, read.start : read.stop].contiguous(), float(logit_scale)
+            grid, scale = values[:, read.start : read.stop].contiguous(), call.logit_scale
         local = range(0, len(band))
-        candidates = cells.cell_candidates(grid, local, scale, score_tolerance if with_scores else None)
+        candidates = cells.cell_candidates(grid, local, scale, call.score_tolerance if with_scores else None)
         # One program per cell that owns output pixels (downsampling leaves most cells empty).
         local_rows = torch.tensor(band_used, dtype=torch.int32, device=device) - band.start
         used_row = local_rows.repeat_interleave(used_cols.numel())  # [cells]
@@ -231,8 +213,8 @@ def segment_triton(
             height,
             width,
             scale,
-            float(background_threshold or 0.0),
-            HAS_BACKGROUND=background_threshold is not None,
+            float(threshold or 0.0),
+            HAS_BACKGROUND=threshold is not None,
             WITH_SCORES=with_scores,
             BLOCK_Y=block_y,
             BLOCK_X=block_x,

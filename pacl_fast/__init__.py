@@ -26,6 +26,8 @@ _EXPORTS = {
     "ClipBackbone": "pacl_fast.backbone",
     "ClipIdentity": "pacl_fast.backbone",
     "RandomWeightsWarning": "pacl_fast.backbone",
+    "WeightsUnavailableError": "pacl_fast.backbone",
+    "EncoderUnavailableError": "pacl_fast.encoders.base",
     "load_clip": "pacl_fast.backbone",
     "Geometry": "pacl_fast.images",
     "SlidingWindow": "pacl_fast.images",
@@ -37,7 +39,8 @@ _EXPORTS = {
     "Segmentation": "pacl_fast.results",
     "Segmenter": "pacl_fast.segmenter",
     "Parts": "pacl_fast.build",
-    "build": "pacl_fast.build",
+    # not ``build``: the submodule pacl_fast.build takes that attribute once anything imports it
+    # (``from pacl_fast import build`` would then give the module); it is ``from pacl_fast.build import build``.
     "build_model": "pacl_fast.build",
     "PACLMetadata": "pacl_fast.weights",
     "load_pacl": "pacl_fast.weights",
@@ -61,8 +64,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from pacl_fast.backbone import ClipBackbone, ClipIdentity, RandomWeightsWarning, load_clip  # noqa: F401
-    from pacl_fast.build import Parts, build, build_model  # noqa: F401
+    from pacl_fast.backbone import (  # noqa: F401
+        ClipBackbone,
+        ClipIdentity,
+        RandomWeightsWarning,
+        WeightsUnavailableError,
+        load_clip,
+    )
+    from pacl_fast.build import Parts, build_model  # noqa: F401
+    from pacl_fast.encoders.base import EncoderUnavailableError  # noqa: F401
     from pacl_fast.images import Geometry, SlidingWindow, load_image  # noqa: F401
     from pacl_fast.methods import METHODS, TrainingFreeCLIP  # noqa: F401
     from pacl_fast.model import PACL, PACLConfig, VisionEmbedder, compatibility, contrastive_loss  # noqa: F401

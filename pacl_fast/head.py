@@ -1,8 +1,10 @@
 """The one door into ``kernels/``: patch similarity, then upsample + argmax, per backend.
 
 * ``"reference"``: ``kernels/reference.py``, plain PyTorch that materialises ``[B, C, H, W]``.
-* ``"fast"`` (default): the Triton kernels on CUDA tensors, the tiled PyTorch path elsewhere.
-* ``"tiled"``: ``kernels/tiled.py`` on any device (bands of rows, pruned classes).
+* ``"fast"`` (default): the Triton kernels on CUDA tensors, the tiled path elsewhere.
+* ``"tiled"``: ``kernels/tiled.py`` on any device (bands of rows, pruned classes). On CPU tensors it
+  runs the native kernel where one is built (``kernels/native.py``: compiled once per machine with the
+  system's C compiler, ``$PACL_FAST_NATIVE`` = ``auto`` | ``on`` | ``off``), else eager torch.
 * ``"triton"``: the Triton kernels on any tensors; CPU tensors run in the Triton interpreter,
   which needs ``TRITON_INTERPRET=1`` before triton is first imported (tests do this).
 
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from kernels import reference
+from kernels import native, reference
 from kernels.reference import BACKGROUND
 from pacl_fast.choices import HEAD_BACKENDS as BACKENDS
 
@@ -44,6 +46,18 @@ class Head:
             raise ValueError(f"embedder_variant must be one of {EMBEDDER_VARIANTS}, got {embedder_variant!r}")
         self.backend = backend
         self.embedder_variant = embedder_variant
+        if backend in ("fast", "tiled"):
+            native.prepare()  # the CPU kernel loads (or compiles, once per machine) while the model loads
+
+    def path(self, device: torch.device) -> str:
+        """Which code computes :meth:`segment` for tensors on ``device``, and why (one line)."""
+        if self.backend == "reference":
+            return "reference (plain PyTorch)"
+        if self.uses_triton(device):
+            return "triton"
+        if torch.device(device).type == "cpu":
+            return f"tiled: {native.status()}"
+        return "tiled: eager torch"
 
     def uses_triton(self, device: torch.device) -> bool:
         """Whether this head runs the Triton kernels for tensors on ``device``."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pacl_fast.files import atomic_write, output_path
+from pacl_fast.files import atomic_write, output_key, output_path
 from pacl_fast.head import BACKGROUND
 
 #: Palette index and 16-bit value that label PNGs use for background pixels.
@@ -20,11 +20,20 @@ OVERLAY_BAND_PIXELS = 1 << 20
 
 
 def image_name(image: object) -> str | None:
-    """A clean file stem for an input: a path's stem, a PIL image's file name stem, else None."""
+    """A clean file stem for an input: a path's stem, a PIL image's file name stem, else None.
+
+    A name that is not UTF-8 has each such byte written ``%XX`` (:func:`~pacl_fast.files.output_key`), as
+    the CLI's outputs do, so that it can be saved, printed and put in JSON; one no output can carry is None.
+    """
     if isinstance(image, (str, os.PathLike)):
-        return Path(image).stem or None
-    filename = getattr(image, "filename", None) if isinstance(image, Image.Image) else None
-    return Path(filename).stem or None if isinstance(filename, str) and filename else None
+        stem = Path(image).stem
+    else:
+        filename = getattr(image, "filename", None) if isinstance(image, Image.Image) else None
+        stem = Path(filename).stem if isinstance(filename, str) else ""
+    try:
+        return output_key(stem) if stem else None
+    except ValueError:  # "..", or longer than a file name may be
+        return None
 
 
 def output_files(directory: str | os.PathLike, stem: str, overlay: bool = True) -> dict[str, Path]:

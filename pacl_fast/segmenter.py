@@ -505,7 +505,7 @@ class Segmenter:
         items = [images] if single else list(images)
         if not items:
             raise ValueError("images is empty")
-        class_names = validate_labels(labels)
+        class_names = validate_labels(labels, self.text_embedder.tokenize)  # the model's own tokenizer
         class_embeddings = self.encode_labels(class_names, templates)
         results: list[Segmentation | ImageError | None] = [None] * len(items)
 

@@ -604,3 +604,23 @@ def test_pacl_weights_of_another_clip_name_the_option_that_allows_them(tmp_path,
     assert "strict_clip=False" not in err
     assert main([*argv, "--no-strict-clip"]) == 0
     assert "1 written" in capsys.readouterr().out
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_pip_command(capsys, monkeypatch):
+    """An option whose package is not installed (OpenCV for --protocol, timm for a VFM...) ended in a
+    ModuleNotFoundError traceback: now one line naming the module and how to install it."""
+    import argparse
+    import importlib
+
+    from pacl_fast.cli.common import run_command
+
+    def needs(module: str):
+        return lambda args: importlib.import_module(module) and 0
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # how Python marks a module as not installed
+    assert run_command("segment", needs("cv2"), argparse.Namespace()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pacl-fast segment: error: these options need the Python package 'cv2'")
+    assert "pip install opencv-python-headless" in err and "Traceback" not in err
+    assert run_command("eval", needs("no_such_package_xyz"), argparse.Namespace()) == 2
+    assert "pip install no_such_package_xyz" in capsys.readouterr().err

@@ -2,16 +2,22 @@
 
 Which path each test proves:
 
-* ``tiled``: the CPU path that ``Head("fast")`` uses without CUDA, exactly as shipped; its labels-only
-  mode (``with_scores=False``) is ``kernels/separable.py`` (the ``test_separable_*`` tests stress it).
+* ``tiled``: the CPU path that ``Head("fast")`` uses without CUDA, in eager torch (``PACL_FAST_NATIVE=off``,
+  set for every test here); its labels-only mode (``with_scores=False``) is ``kernels/separable.py`` (the
+  ``test_separable_*`` tests stress it).
+* ``native``: the same entry point with the native kernel (``kernels/native.py``, built once per session
+  in the tests' cache folder; skipped, with the reason, where no C compiler builds it).
 * ``triton``: the Triton kernel's logic, run by the Triton interpreter on CPU tensors
   (``TRITON_INTERPRET=1``, set by ``conftest.py`` before triton is imported). The kernel reads
   the logits as float32 whatever their dtype, so the fp16/bf16 cases prove the same code as on a
   GPU; what the interpreter cannot prove (compilation, the GPU's float rounding) is covered by the
-  ``gpu``-marked tests at the end, which ``benchmarks/gpu_check.sh`` runs on CUDA.
+  ``gpu``-marked tests at the end, which ``benchmarks/gpu_check.sh`` runs on CUDA. The interpreter runs
+  each program in Python, so its costliest cases are smaller versions of the CPU paths' (``INTERPRETER_SHAPES``:
+  the same classes, dtypes, batches, extents, scales and thresholds on fewer grid points).
 
 With scores, the tiled path is ``kernels/scores.py``: a dense evaluation (every class) where cells
-keep most classes, blocks of gathered classes elsewhere; ``test_both_score_paths_*`` force each.
+keep most classes, blocks of gathered classes elsewhere; tests force each, and the
+native kernel's two (every class, or each cell's list): ``test_each_score_path_*``.
 
 Every call writes into outputs poisoned beforehand (labels 12345, scores NaN), so an unwritten
 pixel fails. Labels must equal the reference wherever the reference's top-2 margin exceeds 1e-6
@@ -22,11 +28,14 @@ pixel fails. Labels must equal the reference wherever the reference's top-2 marg
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cells
+from kernels import cells, native
 from kernels.reference import BACKGROUND, segment_reference, upsample_logits
 from kernels.tiled import segment_tiled
 from pacl_fast.head import Head
@@ -47,6 +56,25 @@ needs_interpreter = pytest.mark.skipif(
     reason="Triton interpreter not active in this process (TRITON_INTERPRET=1 must be set before triton is "
     "imported; conftest does so without CUDA): CPU runs of the Triton kernels are skipped",
 )
+
+
+@pytest.fixture(autouse=True)
+def eager_cpu_head(monkeypatch):
+    """Every test here picks its CPU path: ``tiled`` is eager torch unless a test runs ``native``."""
+    monkeypatch.setenv(native.ENV, "off")
+
+
+@contextlib.contextmanager
+def native_kernel():
+    """The native kernel on (``$PACL_FAST_NATIVE=on``) for the block. Skips where no C compiler is found;
+    fails where one is and the kernel still does not build, load or pass its self-test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(native.ENV, "on")
+        if native.kernel() is None:
+            if native.compiler() is None:
+                pytest.skip(f"no native kernel: {native.status()}")
+            pytest.fail(f"the native kernel does not build here: {native.status()}")
+        yield
 
 
 def cuda_test(test):
@@ -180,9 +208,30 @@ CASES = [
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def case_arguments(index: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
+# The interpreter's versions of the cases whose grids cost it most (5-25 s each at full size): the same
+# batch, classes and kind (and, by index, dtype, extent, scale and threshold) on 3-6 grid points a side,
+# outputs at non-integer scales again. The CPU paths and CUDA run every case at full size.
+INTERPRETER_SHAPES = {
+    7: (2, 4, 6, 150, 17, 13, "scene"),
+    8: (1, 4, 6, 21, 22, 37, "scene"),
+    11: (2, 5, 3, 33, 9, 43, "scene"),
+    13: (1, 5, 6, 5, 13, 15, "scene"),
+    16: (1, 6, 4, 171, 13, 9, "scene"),
+    18: (2, 4, 4, 1, 15, 15, "scene"),
+    20: (1, 5, 6, 250, 21, 14, "scene"),
+}
+
+
+def case_shape(index: int, backend: str = "tiled") -> tuple:
+    """``CASES[index]``, or its smaller version for the Triton interpreter."""
+    if backend == "triton" and interpreting is not None and interpreting():
+        return INTERPRETER_SHAPES.get(index, CASES[index])
+    return CASES[index]
+
+
+def case_arguments(index: int, backend: str = "tiled") -> tuple[torch.Tensor, tuple[int, int], dict]:
     """Logits and head arguments of case ``index``: dtype, crop extent, scale and background vary."""
-    batch, h, w, classes, height, width, kind = CASES[index]
+    batch, h, w, classes, height, width, kind = case_shape(index, backend)
     generator = torch.Generator().manual_seed(1000 + index)
     logits = make_logits(generator, batch, h, w, classes, kind, DTYPES[index % 3])
     extent = None
@@ -198,17 +247,23 @@ def case_arguments(index: int) -> tuple[torch.Tensor, tuple[int, int], dict]:
 
 
 def run_segment(backend: str, logits: torch.Tensor, out_size: tuple[int, int], **kwargs):
+    """``backend`` ("tiled", "native" or "triton") into poisoned outputs."""
     out = poisoned(logits.shape[0], out_size, logits.device)
-    segment = segment_tiled if backend == "tiled" else segment_triton
-    returned = segment(logits, out_size, out=out, **kwargs)
+    segment = segment_triton if backend == "triton" else segment_tiled
+    with native_kernel() if backend == "native" else contextlib.nullcontext():
+        returned = segment(logits, out_size, out=out, **kwargs)
     assert returned[0] is out[0] and returned[1] is out[1]
     return out
 
 
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+CPU_BACKENDS = ["tiled", "native"]
+BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=needs_interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
 def test_segment_matches_reference(backend, index):
-    logits, out_size, kwargs = case_arguments(index)
+    logits, out_size, kwargs = case_arguments(index, backend)
     labels, scores = run_segment(backend, logits, out_size, **kwargs)
     assert_matches_reference(labels, scores, logits, out_size, **kwargs)
 
@@ -216,20 +271,21 @@ def test_segment_matches_reference(backend, index):
 def run_labels_only(backend: str, logits: torch.Tensor, out_size: tuple[int, int], **kwargs) -> torch.Tensor:
     """``with_scores=False`` into poisoned buffers: the labels are written, the scores left alone."""
     labels, scores = poisoned(logits.shape[0], out_size, logits.device)
-    segment = segment_tiled if backend == "tiled" else segment_triton
-    returned = segment(logits, out_size, out=(labels, scores), with_scores=False, **kwargs)
+    segment = segment_triton if backend == "triton" else segment_tiled
+    with native_kernel() if backend == "native" else contextlib.nullcontext():
+        returned = segment(logits, out_size, out=(labels, scores), with_scores=False, **kwargs)
     assert returned[0] is labels and returned[1] is None
     assert torch.isnan(scores).all(), "a labels-only call wrote into the scores buffer"
     return labels
 
 
 @pytest.mark.parametrize("kind", ["scene", "random"])
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: "x".join(map(str, CASES[i][:6])))
 def test_labels_only_matches_reference(backend, index, kind):
     """Labels without scores: the same labels as the reference's upsample + argmax, on scene-like
     logits and on structureless ones (where the score bound keeps almost every class)."""
-    logits, out_size, kwargs = case_arguments(index)
+    logits, out_size, kwargs = case_arguments(index, backend)
     if kind == "random":
         generator = torch.Generator().manual_seed(2000 + index)
         logits = (torch.randn(logits.shape, generator=generator) * 0.04).to(logits.dtype)
@@ -256,7 +312,7 @@ LARGE_CELL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", LARGE_CELL_CASES, ids=lambda c: "x".join(map(str, c[:6])))
 def test_cells_larger_than_a_tile(backend, case):
     """Labels and scores (with a background threshold), and labels alone, where cells span several tiles."""
@@ -276,7 +332,7 @@ def test_cells_larger_than_a_tile(backend, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grid", [(14, 14), (7, 9)], ids=lambda g: f"{g[0]}x{g[1]}")
 def test_photo_sized_outputs(backend, grid):
     """A 480x640 photo on ViT-B/16's 14x14 grid at 224 px (cells of 34-51 rows, 46-69 columns), and on a 7x9 grid
@@ -287,21 +343,21 @@ def test_photo_sized_outputs(backend, grid):
     assert_matches_reference(labels, scores, logits, (480, 640), None, 100.0, None)
 
 
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_bands_match_one_band(backend, monkeypatch):
-    """Bands of cell rows are an implementation detail: a budget forcing 3-4 rows per band gives
+    """Bands of cell rows are an implementation detail: a budget forcing 2-5 rows per band gives
     the same labels as one band (with and without scores) and the same scores to rounding."""
     import kernels.scores
     import kernels.upsample_argmax
 
-    logits, out_size, kwargs = case_arguments(16)  # 13 x 9 grid, 171 classes
+    logits, out_size, kwargs = case_arguments(16, backend)  # 13 x 9 grid (interpreter: 6 x 4), 171 classes
     one_band = run_segment(backend, logits, out_size, **kwargs)
     labels_only = run_labels_only(backend, logits, out_size, grid_extent=kwargs["grid_extent"])
-    if backend == "tiled":  # 3 rows of refined cells a band (17 refined columns), chunks of 2-3 blocks
-        monkeypatch.setattr(kernels.scores, "BAND_ELEMENTS", 3 * 17 * 172)
+    if backend != "triton":  # 3 rows of refined cells a band (17 refined columns), chunks of 2-3 blocks
+        monkeypatch.setattr(kernels.scores, "BAND_ELEMENTS", 3 * 17 * 172)  # native labels: 5 grid rows a band
         monkeypatch.setattr(kernels.scores, "CHUNK_ELEMENTS", 3 * 7 * 172)
-    else:
-        monkeypatch.setattr(kernels.upsample_argmax, "PRUNE_ELEMENTS", 4 * 9 * 171 * 4)  # 4 rows per band at most
+    else:  # 2 rows of refined cells a band with scores (7 refined columns), 3 grid rows without
+        monkeypatch.setattr(kernels.upsample_argmax, "PRUNE_ELEMENTS", 2 * 4 * 7 * 171)
     banded = run_segment(backend, logits, out_size, **kwargs)
     assert torch.equal(banded[0], one_band[0])
     # Bands group pixels differently, so a score's sum runs over differently padded slots: ulps.
@@ -353,7 +409,7 @@ def test_background_threshold_needs_scores(backend):
         segment(logits, (5, 5), background_threshold=0.5, with_scores=False)
 
 
-@pytest.mark.parametrize("backend", ["reference", "tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_ties_go_to_the_lowest_index(backend):
     """Exact ties resolve as torch.argmax does: the lowest class index wins."""
     generator = torch.Generator().manual_seed(7)
@@ -373,7 +429,7 @@ def test_ties_go_to_the_lowest_index(backend):
     torch.testing.assert_close(scores, probabilities.amax(1), atol=SCORE_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["tiled", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_near_ties_just_above_the_margin_are_exact(backend):
     """Two classes 2e-4..1e-3 apart with random sign: the pruning must never drop the true winner."""
     generator = torch.Generator().manual_seed(3)
@@ -386,7 +442,8 @@ def test_near_ties_just_above_the_margin_are_exact(backend):
     assert set(labels.unique().tolist()) == {1, 4}
 
 
-def test_score_pruning_stays_within_its_tolerance():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_score_pruning_stays_within_its_tolerance(backend):
     """Soft logits over many classes: the dropped classes provably move no score by more than the
     tolerance, and the pruning does drop classes (so the bound is what is being tested)."""
     generator = torch.Generator().manual_seed(5)
@@ -395,7 +452,8 @@ def test_score_pruning_stays_within_its_tolerance():
     for tolerance in (1e-5, 1e-3, 3e-2):
         candidates = cells.cell_candidates(logits, range(6), 100.0, tolerance)
         assert candidates.count.float().mean() < 120
-        _, scores = segment_tiled(logits, (31, 29), logit_scale=100.0, score_tolerance=tolerance)
+        with native_kernel() if backend == "native" else contextlib.nullcontext():
+            _, scores = segment_tiled(logits, (31, 29), logit_scale=100.0, score_tolerance=tolerance)
         assert (scores - want).abs().max() <= tolerance + 2e-6
     assert cells.cell_candidates(logits, range(6), 100.0, 1e-5).count.sum() > candidates.count.sum()
 
@@ -438,21 +496,28 @@ def test_bad_arguments_are_named():
         Head("cuda-magic")
 
 
-def test_fast_head_on_cpu_is_the_tiled_path():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_head_on_cpu_is_the_tiled_path(backend):
     generator = torch.Generator().manual_seed(11)
     logits = make_logits(generator, 2, 7, 9, 10, "scene", torch.float32)
-    fast = Head("fast").segment(logits, (20, 30), grid_extent=(6.5, 8.0), logit_scale=50.0, background_threshold=0.4)
-    tiled = segment_tiled(logits, (20, 30), grid_extent=(6.5, 8.0), logit_scale=50.0, background_threshold=0.4)
+    with native_kernel() if backend == "native" else contextlib.nullcontext():
+        kwargs = {"grid_extent": (6.5, 8.0), "logit_scale": 50.0, "background_threshold": 0.4}
+        fast = Head("fast").segment(logits, (20, 30), **kwargs)
+        tiled = segment_tiled(logits, (20, 30), **kwargs)
+        path = Head("fast").path(logits.device)
+        assert path.startswith("tiled: native kernel" if backend == "native" else "tiled: eager torch"), path
+    assert Head("reference").path(logits.device).startswith("reference")
     assert torch.equal(fast[0], tiled[0]) and torch.equal(fast[1], tiled[1])
 
 
-def test_cpu_path_never_allocates_classes_times_pixels():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_path_never_allocates_classes_times_pixels(backend):
     """1000 classes on a 1024 x 2048 output: C*H*W floats would be 8 GiB; the tiled head's peak of
     live tensors stays under 160 MiB (1/50 of that is 164 MiB) and no tensor exceeds 64 MiB."""
     generator = torch.Generator().manual_seed(2)
     logits = make_logits(generator, 1, 32, 64, 1000, "scene", torch.float32, noise_level=0.01)
     head = Head("fast")
-    with TensorMemoryTracker() as tracker:
+    with native_kernel() if backend == "native" else contextlib.nullcontext(), TensorMemoryTracker() as tracker:
         labels, scores = head.segment(logits, (1024, 2048), logit_scale=100.0)
     full = 1000 * 1024 * 2048 * 4
     assert labels.shape == (1, 1024, 2048) and scores.shape == (1, 1024, 2048)
@@ -460,11 +525,12 @@ def test_cpu_path_never_allocates_classes_times_pixels():
     assert tracker.largest_bytes < 64 * 2**20, (tracker.largest_bytes, tracker.largest_shape)
     # The same logits, on a crop small enough for the reference, still agree with it.
     crop = logits[:, :4, :8]
-    labels, scores = run_segment("tiled", crop, (128, 256), logit_scale=100.0)
+    labels, scores = run_segment(backend, crop, (128, 256), logit_scale=100.0)
     assert_matches_reference(labels, scores, crop, (128, 256), None, 100.0, None)
 
 
-# ---- Labels only on the CPU: kernels/separable.py (what segment_tiled(with_scores=False) runs) ----
+# ---- Labels only on the CPU: kernels/separable.py (what segment_tiled(with_scores=False) runs in eager torch),
+# and the native kernel's labels (kernels/scores.segment without scores) where the tests take both ----
 
 # (B, h, w, C, H, W, grid_extent, dtype): 1xN and Nx1 grids, 1 to 300 classes, downsampling on one or both
 # axes, non-integer scales whose cells alternate 2 and 3 pixels (so some cells are cut into two segments),
@@ -492,9 +558,10 @@ def near_tie_logits(generator: torch.Generator, shape: tuple[int, ...], dtype: t
     return (coarse + fine).to(dtype)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["iid", "near_ties", "scene"])
 @pytest.mark.parametrize("case", SEPARABLE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_separable_labels_match_reference(case, kind):
+def test_separable_labels_match_reference(case, kind, backend):
     batch, h, w, classes, height, width, extent, dtype = case
     generator = torch.Generator().manual_seed(h * 1000 + w * 10 + classes)
     if kind == "iid":
@@ -503,7 +570,7 @@ def test_separable_labels_match_reference(case, kind):
         logits = near_tie_logits(generator, (batch, h, w, classes), dtype)
     else:
         logits = make_logits(generator, batch, h, w, classes, "scene", dtype)
-    labels = run_labels_only("tiled", logits, (height, width), grid_extent=extent)
+    labels = run_labels_only(backend, logits, (height, width), grid_extent=extent)
     want, _ = segment_reference(logits, (height, width), grid_extent=extent, with_scores=False)
     assert_labels_match(labels, want, logits.float(), (height, width), extent)
 
@@ -523,23 +590,28 @@ def tangent_logits(classes: int, scale: float = 10.0) -> torch.Tensor:
     return torch.stack([top, bottom])[None].float()  # [1, 2 rows, 2 columns, C]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("classes", [3, 40, 150])
-def test_separable_keeps_every_class_on_the_envelope(classes):
+def test_separable_keeps_every_class_on_the_envelope(classes, backend):
     """All C classes win somewhere in every row: the pruning must keep each where it wins. A test
     that checked only one kink (or dropped the second round's other side) loses classes here."""
     logits = tangent_logits(classes)
     out_size = (9, 40 * classes)
-    labels = run_labels_only("tiled", logits, out_size)
+    labels = run_labels_only(backend, logits, out_size)
     want, _ = segment_reference(logits, out_size, with_scores=False)
     assert_labels_match(labels, want, logits, out_size, None)
     for row in labels[0]:
         assert set(row.tolist()) == set(range(classes))
-    transposed = run_labels_only("tiled", logits.transpose(1, 2).contiguous(), out_size[::-1])  # by columns
-    assert torch.equal(transposed[0].T, labels[0])
+    transposed = run_labels_only(backend, logits.transpose(1, 2).contiguous(), out_size[::-1])  # by columns
+    if backend == "tiled":  # the same rows, read as columns: the same arithmetic
+        assert torch.equal(transposed[0].T, labels[0])
+    else:  # the kernel interpolates along its own x first: exact crossings may round the other way
+        assert_labels_match(transposed.transpose(1, 2), want, logits, out_size, None)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_separable_exact_ties_go_to_the_lowest_index(dtype):
+def test_separable_exact_ties_go_to_the_lowest_index(dtype, backend):
     """Duplicated classes tie exactly everywhere: the lowest index wins, as torch.argmax.
 
     The judge is argmax over a float64 upsampling in channels-first layout, where duplicated
@@ -551,7 +623,7 @@ def test_separable_exact_ties_go_to_the_lowest_index(dtype):
     # In image 1, 2, 7 and 11 are one class three times, the highest on the right half.
     logits[1, ..., 7] = logits[1, ..., 11] = logits[1, ..., 2] = logits[1, ..., 2] + 1.0 * (torch.arange(6) >= 3)
     logits = logits.to(dtype)
-    labels = run_labels_only("tiled", logits, (19, 31))
+    labels = run_labels_only(backend, logits, (19, 31))
     channels_first = logits.double().permute(0, 3, 1, 2).contiguous()
     upsampled = F.interpolate(channels_first, size=(19, 31), mode="bilinear", align_corners=False)
     distinct = upsampled[:, [c for c in range(12) if c not in (7, 9, 11)]].topk(2, dim=1).values
@@ -690,19 +762,32 @@ def score_case_logits(case: tuple, kind: str) -> torch.Tensor:
     return make_logits(generator, batch, h, w, classes, "scene", dtype)
 
 
-@pytest.mark.parametrize("path", ["dense", "sparse"])
-@pytest.mark.parametrize("kind", ["iid", "scene", "near_ties", "steep"])
-@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_both_score_paths_match_reference(case, kind, path, monkeypatch):
-    """Each evaluation of ``kernels/scores.py`` on its own (every band dense, or every band gathered):
-    labels of the reference where its margin is clear, scores within 1e-6 of the float64 reference."""
+SCORE_PATHS = ["dense", "sparse", "native", "native-lists"]
+
+
+def force_score_path(path: str, monkeypatch) -> str:
+    """Every band of ``kernels/scores.py`` on ``path``: eager ``dense`` or ``sparse`` (gathered blocks), or
+    the native kernel on every class (``native``) or on each cell's list (``native-lists``). Returns the
+    backend to run."""
     import kernels.scores
 
     monkeypatch.setattr(kernels.scores, "DENSE_FRACTION", 0.0 if path == "dense" else float("inf"))
+    monkeypatch.setattr(kernels.scores, "NATIVE_DENSE_FRACTION", 0.0 if path == "native" else float("inf"))
+    return "native" if path.startswith("native") else "tiled"
+
+
+@pytest.mark.parametrize("path", SCORE_PATHS)
+@pytest.mark.parametrize("kind", ["iid", "scene", "near_ties", "steep"])
+@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_each_score_path_matches_reference(case, kind, path, monkeypatch):
+    """Each evaluation of ``kernels/scores.py`` on its own (every band dense, or every band gathered; the
+    native kernel on every class or on lists): labels of the reference where its margin is clear, scores
+    within 1e-6 of the float64 reference."""
+    backend = force_score_path(path, monkeypatch)
     logits = score_case_logits(case, kind)
     height, width, extent, logit_scale = case[4:8]
     kwargs = {"grid_extent": extent, "logit_scale": logit_scale, "background_threshold": None}
-    labels, scores = run_segment("tiled", logits, (height, width), **kwargs)
+    labels, scores = run_segment(backend, logits, (height, width), **kwargs)
     assert_matches_reference(labels, scores, logits, (height, width), **kwargs)
 
 
@@ -718,9 +803,11 @@ def test_triton_scores_match_reference(case, kind):
     assert_matches_reference(labels, scores, logits, (height, width), **kwargs)
 
 
-def test_scores_at_benchmark_scale_are_exact():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scores_at_benchmark_scale_are_exact(backend):
     """C=150, 32x32 -> 512x512 (``benchmarks.head``'s data): the dense path on iid logits, the gathered one
-    on the scene; labels equal to the reference at every pixel, scores within 1e-6 (measured 3.6e-7)."""
+    on the scene; labels equal to the reference at every pixel, scores within 1e-6 (measured 3.6e-7 eager,
+    2.4e-7 native on iid logits; 4.2e-7 native on the scene)."""
     from benchmarks.head import random_logits, scene_logits
     from kernels import scores as score_module
 
@@ -728,26 +815,26 @@ def test_scores_at_benchmark_scale_are_exact():
     for logits, most in ((random_logits(150), 150.0), (scene_logits(150), 60.0)):
         labels, scores = poisoned(1, (512, 512))
         tally = [0, 0]
-        score_module.segment_with_scores(logits, rows, cols, labels, scores, 100.0, 1e-7, tally)
+        with native_kernel() if backend == "native" else contextlib.nullcontext():
+            kernel = native.kernel()
+            score_module.segment(logits, rows, cols, labels, scores, 100.0, 1e-7, tally, kernel=kernel)
         assert tally[0] / tally[1] <= most  # iid: every class at every pixel; scene: ~36 (padding included)
         want_labels, want_scores = segment_reference(logits, (512, 512), logit_scale=100.0)
         assert torch.equal(labels, want_labels)
         assert (scores - want_scores).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("path", SCORE_PATHS)
 @pytest.mark.parametrize("logit_scale", [1e3, 1e4])
 def test_scores_of_exponents_far_below_zero(path, logit_scale, monkeypatch):
     """Scales that put the winner of a cell hundreds below the refined grid's maxima and most classes
     below float32's exp range: the per-pixel shift and the clamp keep every score finite and exact to
     float32's precision, which scales with the exponents (1e-6 at CLIP's 100, here 1e-5: measured 3.4e-6)."""
-    import kernels.scores
-
-    monkeypatch.setattr(kernels.scores, "DENSE_FRACTION", 0.0 if path == "dense" else float("inf"))
+    backend = force_score_path(path, monkeypatch)
     generator = torch.Generator().manual_seed(21)
     logits = make_logits(generator, 1, 6, 7, 20, "scene", torch.float32, noise_level=0.2)
     kwargs = {"grid_extent": None, "logit_scale": logit_scale, "background_threshold": 0.9}
-    labels, scores = run_segment("tiled", logits, (31, 37), **kwargs)
+    labels, scores = run_segment(backend, logits, (31, 37), **kwargs)
     assert_matches_reference(labels, scores, logits, (31, 37), **kwargs, score_atol=1e-5)
     assert (scores < 0.999).any()  # some pixels are shared between classes even at this scale
 
@@ -796,18 +883,15 @@ def test_axis_sampling_is_atens_to_the_ulp():
 
 # ---- Background threshold (issue 23 items 12 and 15): one rule, "strictly below", in every backend ----
 
-SCORE_BACKENDS = ["reference", "tiled-dense", "tiled-sparse", pytest.param("triton", marks=needs_interpreter)]
+SCORE_BACKENDS = ["reference", *SCORE_PATHS, pytest.param("triton", marks=needs_interpreter)]
 
 
 def segment_with(backend: str, logits: torch.Tensor, out_size: tuple[int, int], monkeypatch, **kwargs):
-    """``backend``'s labels and scores (tiled forced onto one of its two score paths), poisoned outputs."""
-    import kernels.scores
-
+    """``backend``'s labels and scores (tiled forced onto one of its score paths), poisoned outputs."""
     if backend == "reference":
         return segment_reference(logits, out_size, **kwargs)
-    if backend.startswith("tiled"):
-        monkeypatch.setattr(kernels.scores, "DENSE_FRACTION", 0.0 if backend == "tiled-dense" else float("inf"))
-        return run_segment("tiled", logits, out_size, **kwargs)
+    if backend in SCORE_PATHS:
+        return run_segment(force_score_path(backend, monkeypatch), logits, out_size, **kwargs)
     return run_segment("triton", logits, out_size, **kwargs)
 
 
@@ -859,6 +943,343 @@ def test_head_refuses_a_threshold_outside_zero_one(backend):
     assert (labels >= 0).all()
     labels, scores = head.segment(logits, (5, 5), background_threshold=1.0)
     assert torch.equal(labels == BACKGROUND, scores < 1.0)
+
+
+# ---- The native kernel (kernels/native.py): its arithmetic, its checks, and when it is used ----
+
+
+@pytest.fixture()
+def fresh_native(tmp_path, monkeypatch):
+    """A process state of its own (no kernel, no failure, no eager time) and an empty cache folder; the
+    session's state comes back afterwards."""
+    saved = native._state
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path / "cache" / "native"
+    native._state = saved
+
+
+def test_native_exp_is_float32_exact():
+    """The kernel's exp against float64 on [-87, 0] (below, floored at -87): within 1e-7 relative
+    (measured 8.3e-8; torch's float32 exp: 6.2e-8), and exp(0) exactly 1 (the winner's term on the grid)."""
+    with native_kernel():
+        kernel = native.kernel()
+    x = torch.cat([torch.linspace(-87.0, 0.0, 1_000_003), -torch.rand(4096) * 1e-3, torch.tensor([0.0, -90.0, -1e9])])
+    got = kernel.exp(x).double()
+    want = torch.exp(x.double().clamp_min(-87.0))
+    assert ((got - want).abs() / want).max() < 1e-7
+    assert got[-3] == 1.0
+
+
+def native_blocks_case():
+    """A 2 x 3 grid of 4 classes and its blocks: ``(grid, row_segments, rows, cols, labels, scores)``."""
+    grid = -torch.rand(2, 3, 4)
+    grid[..., 0] = 0.0
+    rows = (torch.tensor([0]), torch.tensor([[0, 1]]), torch.tensor([[0.25, 0.75]]), 1)
+    cols = (torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.2, 0.6], [0.1, 0.9]]), 1)
+    return grid, torch.tensor([0]), rows, cols, torch.empty(2, 4, dtype=torch.int16), torch.empty(2, 4)
+
+
+def test_native_kernel_checks_what_the_c_code_trusts():
+    """Every index the C code follows is checked first: a wrong dtype, a cell past the grid, an index past
+    the output, a segment past the list, a bound that is no number are each one ValueError naming it (and
+    never reach C). A bound keeping every class, evaluated as lists, gives what every class gives."""
+    with native_kernel():
+        kernel = native.kernel()
+    grid, segments, rows, cols, labels, scores = native_blocks_case()
+    evaluated = kernel.segment_blocks(grid, segments, rows, cols, None, 0.9, labels, scores)  # valid
+    assert (labels == 0).all() and (scores > 0.25).all() and evaluated == 2 * 16 * 4  # 2 blocks, 16 lanes, 4 classes
+    again = labels.clone(), scores.clone()
+    assert kernel.segment_blocks(grid, segments, rows, cols, -1e30, 2.0, *again) == evaluated
+    assert torch.equal(again[0], labels) and torch.equal(again[1], scores)
+    assert kernel.segment_blocks(grid, segments, rows, cols, 0.0, 2.0, *again) < evaluated  # winners only
+    assert torch.equal(again[0], labels)
+    bad = {
+        "grid must be a 3-d torch.float32": (grid.double(), segments, rows, cols),
+        "rows: a cell outside the grid": (grid, segments, (torch.tensor([1]), *rows[1:]), cols),
+        "cols: an index outside the output": (
+            grid,
+            segments,
+            rows,
+            (cols[0], torch.tensor([[0, 1], [2, 4]]), *cols[2:]),
+        ),
+        "row_segments out of range": (grid, torch.tensor([1]), rows, cols),
+        "cols: cell": (grid, segments, rows, (cols[0][:1], *cols[1:])),
+    }
+    for message, arguments in bad.items():
+        with pytest.raises(ValueError, match=message):
+            kernel.segment_blocks(*arguments, None, 0.9, labels, scores)
+    with pytest.raises(ValueError, match="labels must be a 2-d torch.int16"):
+        kernel.segment_blocks(grid, segments, rows, cols, None, 0.9, labels.int(), scores)
+    for bound in (float("nan"), 1.0):
+        with pytest.raises(ValueError, match="bound must be a number at most 0"):
+            kernel.segment_blocks(grid, segments, rows, cols, bound, 0.9, labels, scores)
+
+
+def test_native_mode_is_read_and_checked(monkeypatch):
+    for value, want in (("", "auto"), ("auto", "auto"), ("ON", "on"), ("1", "on"), ("off", "off"), ("0", "off")):
+        monkeypatch.setenv(native.ENV, value)
+        assert native.mode() == want
+    monkeypatch.setenv(native.ENV, "fast")
+    with pytest.raises(ValueError, match=r"\$PACL_FAST_NATIVE must be one of"):
+        native.mode()
+
+
+def test_auto_builds_in_the_background_and_a_new_process_loads_it(fresh_native, monkeypatch):
+    """``auto``: ``Head()`` starts the build in a thread (the first call waits for it) into the cache; a new
+    process (a reset state) loads that build without compiling, and its head runs it from the first call."""
+    monkeypatch.setenv(native.ENV, "auto")
+    assert "not loaded yet" in native.status()
+    head = Head("fast")
+    builder = native._state.builder
+    assert builder is not None and builder.name == "pacl-native-build"
+    built = native.kernel()
+    assert not builder.is_alive() and built is not None and built.path.parent == fresh_native and built.path.is_file()
+    native.reset()
+
+    def no_compile(*args):
+        raise AssertionError("compiled again although a build was cached")
+
+    monkeypatch.setattr(native, "_compile", no_compile)
+    logits = make_logits(torch.Generator().manual_seed(30), 1, 4, 5, 7, "scene", torch.float32)
+    labels, scores = head.segment(logits, (9, 11), logit_scale=100.0)
+    assert native.kernel().path == built.path and head.path(logits.device) == f"tiled: native kernel ({built.path})"
+    assert_matches_reference(labels, scores, logits, (9, 11), None, 100.0, None)
+    monkeypatch.setenv(native.ENV, "off")
+    assert Head("fast").path(logits.device) == "tiled: eager torch ($PACL_FAST_NATIVE=off)"
+
+
+@pytest.mark.parametrize("mode, level", [("on", "WARNING"), ("auto", "INFO")])
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_working_compiler_the_head_stays_eager(
+    compiler, mode, level, fresh_native, tmp_path, monkeypatch, caplog
+):
+    """No C compiler, or one that fails: the head runs eager torch (never an error) and one log line says
+    why, a warning under ``on``, info under ``auto`` (the default)."""
+    if compiler == "missing":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        why = "no C compiler"
+    else:
+        script = tmp_path / "broken-cc"
+        script.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("CC", str(script))
+        why = "this compiler is broken"
+    monkeypatch.setenv(native.ENV, mode)
+    logits = make_logits(torch.Generator().manual_seed(31), 1, 4, 5, 7, "scene", torch.float32)
+    with caplog.at_level(level, logger="kernels.native"):
+        labels, scores = run_segment("tiled", logits, (9, 11), logit_scale=100.0)
+        run_segment("tiled", logits, (9, 11), logit_scale=100.0)
+    assert_matches_reference(labels, scores, logits, (9, 11), None, 100.0, None)
+    assert native.kernel() is None and why in native.status()
+    lines = [(record.levelname, why in record.getMessage()) for record in caplog.records]
+    assert lines == [(level, True)]  # once, not per call
+    assert not fresh_native.exists() or not list(fresh_native.glob("*.so"))
+
+
+def test_a_kernel_failing_its_self_test_is_refused(fresh_native, monkeypatch):
+    """A library computing something else (here an exp off by 1e-3) is refused by the self-test: eager."""
+    broken = native.SOURCE.replace("p = p * (r * r) + r + 1.0f;", "p = p * (r * r) + r + 1.001f;")
+    assert broken != native.SOURCE
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv(native.ENV, "on")
+    assert native.kernel() is None
+    assert "fails its self-test" in native.status()
+
+
+def test_a_cache_others_can_write_to_is_not_trusted(fresh_native, monkeypatch):
+    """A library in a folder writable by others is never loaded (someone else may have put it there): the
+    kernel is built in a private folder instead, and works."""
+    fresh_native.mkdir(parents=True)
+    fresh_native.chmod(0o777)
+    planted = native.library_path()
+    planted.write_bytes(b"\x7fELF not a library")
+    monkeypatch.setenv(native.ENV, "on")
+    kernel = native.kernel()
+    assert kernel is not None and kernel.path != planted and kernel.path.parent != fresh_native
+    assert planted.read_bytes() == b"\x7fELF not a library"
+
+
+def test_a_corrupt_cached_library_is_built_again(fresh_native, monkeypatch):
+    fresh_native.mkdir(parents=True, mode=0o700)
+    path = native.library_path()
+    path.write_bytes(b"garbage")
+    path.chmod(0o600)
+    monkeypatch.setenv(native.ENV, "on")
+    kernel = native.kernel()
+    assert kernel is not None and kernel.path == path and path.read_bytes()[:4] == b"\x7fELF"
+
+
+def build_shared_library(tmp_path, name: str, source: str):
+    """``source`` compiled with the kernel's compiler into ``tmp_path / name`` (skips without one)."""
+    import subprocess
+
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    (tmp_path / f"{name}.c").write_text(source)
+    subprocess.run([*command, "-shared", "-fPIC", "-o", str(tmp_path / name), str(tmp_path / f"{name}.c")], check=True)
+    return tmp_path / name
+
+
+def test_a_foreign_library_in_the_cache_is_never_loaded(fresh_native, tmp_path, monkeypatch, caplog):
+    """A real shared library at the cache's name that is not a sealed build of this key is rebuilt without
+    ever reaching the dynamic loader (its constructor would run there: here it writes a file)."""
+    marker = tmp_path / "constructor-ran"
+    source = "#include <stdio.h>\n__attribute__((constructor)) static void ran(void) "
+    source += f'{{ fclose(fopen("{marker}", "w")); }}\n'
+    foreign = build_shared_library(tmp_path, "foreign.so", source)
+    fresh_native.mkdir(parents=True, mode=0o700)
+    path = native.library_path()
+    path.write_bytes(foreign.read_bytes())
+    path.chmod(0o600)
+    monkeypatch.setenv(native.ENV, "on")
+    with caplog.at_level("INFO", logger="kernels.native"):
+        kernel = native.kernel()
+    assert kernel is not None and kernel.path == path, native.status()
+    assert not marker.exists(), "the foreign library was loaded"
+    assert native._sealed(path, native._key_of(path)) and path.read_bytes() != foreign.read_bytes()
+    assert any("not a sealed build" in record.getMessage() for record in caplog.records)
+
+
+def test_a_tampered_or_other_keys_build_is_built_again(fresh_native, monkeypatch):
+    """A sealed build with one byte of its body changed (the digest no longer matches), or a whole build of
+    another key renamed to this one, is rebuilt: only a file whose trailer names this key and digest loads."""
+    monkeypatch.setenv(native.ENV, "on")
+    path = native.kernel().path
+    good = path.read_bytes()
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0x01
+    other_key = good[: -native.TRAILER_BYTES] + good[-native.TRAILER_BYTES :].replace(
+        native._key_of(path).encode(), b"0" * 24
+    )
+    assert other_key != good
+    for planted in (bytes(tampered), other_key):
+        # A new file renamed over the build (writing into the loaded one would change this process's code).
+        path.with_suffix(".new").write_bytes(planted)
+        os.replace(path.with_suffix(".new"), path)
+        native.reset()
+        assert not native._sealed(path, native._key_of(path))
+        assert native.kernel() is not None and native._sealed(path, native._key_of(path)), native.status()
+
+
+def test_a_sealed_build_failing_its_checks_is_replaced(fresh_native, tmp_path, monkeypatch):
+    """A cached file sealed for this key whose library fails its self-test (a broken kernel) is rebuilt and
+    the rebuild is what runs, although the dynamic loader already holds the broken one under the cache's
+    name: a build is loaded and checked under its temporary name, then renamed into the cache."""
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    path = native.library_path(command)
+    broken = tmp_path / "broken.so"
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "SOURCE", native.SOURCE.replace("+ r + 1.0f;", "+ r + 1.001f;"))
+        native._compile(command, broken)
+    native._append_trailer(broken, native._key_of(path))
+    fresh_native.mkdir(parents=True, mode=0o700)
+    os.replace(broken, path)
+    monkeypatch.setenv(native.ENV, "on")
+    kernel = native.kernel()
+    assert kernel is not None and kernel.path == path, native.status()
+    assert native._sealed(path, native._key_of(path)) and kernel.exp(torch.zeros(1)).item() == 1.0
+
+
+def test_the_cache_key_names_the_compiler(tmp_path):
+    """Another compiler (a wrapper script around this one), or the same one changed since (a new
+    modification time), builds under another name: one compiler's build is never another's."""
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "wrapped-cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {command[0]} "$@"\n')
+    wrapper.chmod(0o755)
+    names = {native.library_path(command), native.library_path([str(wrapper)])}
+    os.utime(wrapper, ns=(0, 10**18))
+    names.add(native.library_path([str(wrapper)]))
+    assert len(names) == 3 and native.library_path(command) == native.library_path(command)
+
+
+def test_concurrent_builders_do_not_race(fresh_native, monkeypatch):
+    """Threads building into the same empty cache at once (compiles run in parallel processes) each compile
+    to a temporary of their own and rename it over the one name: all get a working kernel, the folder holds
+    one sealed build and no temporary."""
+    import threading
+
+    targets, barrier = [], threading.Barrier(3)
+    compile_for_real = native._compile
+
+    def compile_in_step(command, target):
+        targets.append(target)
+        barrier.wait(timeout=60)  # all three compile at the same time
+        compile_for_real(command, target)
+
+    monkeypatch.setattr(native, "_compile", compile_in_step)
+    kernels, errors = [], []
+
+    def build():
+        try:
+            kernels.append(native.load_or_build())
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    path = native.library_path()
+    assert not errors and len(kernels) == 3 and all(kernel.path == path for kernel in kernels)
+    assert len(set(targets)) == 3 and path not in targets and all(target.parent == path.parent for target in targets)
+    assert sorted(fresh_native.iterdir()) == [path] and native._sealed(path, native._key_of(path))
+
+
+def test_importing_compiles_nothing(tmp_path):
+    """Importing the package, the head and the kernels runs no compiler and writes no cache; making a head
+    then does (the same process, so the marker compiler is proven to be the one found)."""
+    import subprocess
+    import sys
+
+    command = native.compiler()
+    if command is None:
+        pytest.skip("no C compiler")
+    marker = tmp_path / "compiler-ran"
+    spy = tmp_path / "spy-cc"
+    spy.write_text(f'#!/bin/sh\ntouch {marker}\nexec {command[0]} "$@"\n')
+    spy.chmod(0o755)
+    cache = tmp_path / "cache"
+    script = (
+        "import pathlib, pacl_fast, pacl_fast.head, kernels.tiled, kernels.scores, kernels.native as native\n"
+        f"assert not pathlib.Path({str(marker)!r}).exists(), 'a compiler ran on import'\n"
+        f"assert not pathlib.Path({str(cache)!r}).exists(), 'the cache was written on import'\n"
+        "pacl_fast.head.Head('fast')\n"
+        "assert native.kernel() is not None, native.status()\n"
+    )
+    env = {**os.environ, "CC": str(spy), "PACL_FAST_NATIVE": "auto", "PACL_FAST_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.exists() and list((cache / "native").glob("pacl-native-*.so"))
+
+
+def test_native_head_in_several_threads():
+    """Threads share the library, each with its own work buffer (the call releases the GIL): the same
+    labels and scores as one thread."""
+    import threading
+
+    logits = [make_logits(torch.Generator().manual_seed(40 + i), 1, 9, 7, 60, "scene", torch.float32) for i in range(4)]
+    with native_kernel():
+        alone = [segment_tiled(x, (50, 41), logit_scale=100.0) for x in logits]
+        results = [None] * 4
+
+        def run(i):
+            results[i] = segment_tiled(logits[i], (50, 41), logit_scale=100.0)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for (labels, scores), (want_labels, want_scores) in zip(results, alone):
+        assert torch.equal(labels, want_labels) and torch.equal(scores, want_scores)
 
 
 # ---- CUDA: the compiled kernels (benchmarks/gpu_check.sh runs these) ----

@@ -74,3 +74,39 @@ def test_no_function_in_pacl_fast_is_longer_than_the_limit():
     offenders = {str(p.relative_to(ROOT)): long_functions(p) for p in sources("pacl_fast")}
     offenders = {path: found for path, found in offenders.items() if found}
     assert offenders == {}, f"functions over {MAX_FUNCTION_LINES} lines: split them into named steps: {offenders}"
+
+
+def test_public_names_resolve_and_type_checkers_see_the_same():
+    """``pacl_fast``'s lazy exports (PEP 562): each resolves to its module's object, and the eager
+    ``TYPE_CHECKING`` imports name the same objects from the same modules, so IDEs and runtime agree."""
+    import importlib
+
+    import pacl_fast
+
+    exports = pacl_fast._EXPORTS
+    for name, module in exports.items():
+        assert getattr(pacl_fast, name) is getattr(importlib.import_module(module), name), name
+    tree = ast.parse((ROOT / "pacl_fast" / "__init__.py").read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    eager = {alias.name: node.module for node in guarded.body for alias in node.names}
+    assert eager == exports
+    assert {"WeightsUnavailableError", "EncoderUnavailableError"} <= set(pacl_fast.__all__)  # what callers catch
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout section is how a newcomer finds a room: every module of the engine, the
+    kernels, training and the benchmarks is named there (a new one added without a line fails here)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("## Tests and CI")]
+    modules = [*sources("pacl_fast"), *sources("kernels"), *sources("train"), *sorted((ROOT / "benchmarks").glob("*"))]
+    unnamed = [
+        str(path.relative_to(ROOT))
+        for path in modules
+        if path.suffix in (".py", ".sh")
+        and path.stem not in ("__init__", "__main__", "conftest")
+        and not path.stem.startswith("test_")
+        and not re.search(rf"(?<![\w.]){re.escape(path.stem)}(?![\w])", layout)
+    ]
+    assert not unnamed, f"README's Layout does not name: {unnamed}"

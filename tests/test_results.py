@@ -108,6 +108,11 @@ def test_image_names(tmp_path):
     assert image_name(Image.open(path)) == "holiday.photo"
     assert image_name(Image.fromarray(random_image((8, 8), 0))) is None  # made in memory: no file name
     assert image_name(np.zeros((4, 4, 3), np.uint8)) is None
+    # A file name that is not UTF-8 gets the CLI's %XX form, so that save(), print and JSON take it.
+    odd = tmp_path / os.fsdecode(b"caf\xe9 \xff.png")
+    Image.fromarray(random_image((8, 8), 0)).save(odd)
+    assert image_name(odd) == image_name(Image.open(odd)) == "caf%E9 %FF"
+    assert image_name("/photos/...png") is None  # a stem no output file can carry
 
 
 def test_class_shares_keep_a_class_named_background_apart_from_thresholded_pixels():

@@ -21,11 +21,19 @@ def test_throughput_benchmark_tiny(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["encoder_flops_per_image"]["pacl"] > 1e7  # tiny ViT: ~22 MFLOP
     assert "tensorrt:fp16" in result["skipped"] or "tensorrt:fp16" in result["setup_s"]
+    # The row a user gets with no speed options, named by what "auto" chose (issue 20), and the goals' verdicts.
+    assert result["default_choice"].startswith("encoder=") and "(" in result["default_choice"]
+    for batch in (1, 3):
+        assert f"goal batch {batch}: default Segmenter(...) with scores >= 2x naive: " in printed
+        assert f"goal batch {batch}: best labels-only row >= 4.5x naive: " in printed
     for batch_result in result["results"]:
         rows = {row["pipeline"]: row for row in batch_result["rows"]}
         assert rows["naive peer"]["speedup"] == pytest.approx(1.0)
         assert {"torch:fp32 + reference", "torch:bf16 + reference", "torch:bf16 + fast:labels"} <= set(rows)
         assert "torch:fp32 + fast:labels (scene-like logits)" in rows
+        default = [name for name in rows if name.startswith("default Segmenter(...): ")]
+        assert len(default) == 1 and default[0].endswith(" + fast"), default
+        assert rows[default[0]]["head_ms_per_image"] > 0 and rows[default[0]]["setup_s"] > 0
         for row in rows.values():
             assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
             assert row["encoder_pct_of_bf16_ceiling"] > 0

@@ -949,3 +949,18 @@ def test_pacl_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path
     segmenter = make_segmenter(clip, pacl_weights=tmp_path / "ddp" / "pacl.safetensors")
     result = segmenter.predict(SyntheticSegmentation(1, seed=1)[0][0], CLASS_NAMES, templates="single")
     assert result.labels.shape == (64, 64) and result.labels.max() < len(CLASS_NAMES)
+
+
+def test_resume_cleanup_removes_only_dead_writers_checkpoint_temporaries(tmp_path):
+    """A run's start deleted every ``.step_*.tmp`` in the checkpoint folder, a live writer's too (a
+    second run or another node saving into it): now only those of killed writers go (files' rules)."""
+    from tests.test_files import killed_write
+    from train.checkpoints import remove_stale_temporaries
+
+    out = tmp_path / "run"
+    dead = killed_write(checkpoint_path(out, 3))
+    prefix, writer_id, _, end = dead.name.rsplit("-", 3)
+    live = dead.with_name(f"{prefix}-{writer_id}-{os.getpid()}-{end}")  # as if this process were writing it
+    live.write_bytes(b"half")
+    assert remove_stale_temporaries(out) == 1
+    assert not dead.exists() and live.read_bytes() == b"half"

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pacl_fast import files
 from pacl_fast.files import NotARegularFileError, atomic_write, open_regular, read_regular_bytes
 from pacl_fast.weights import nonfinite_tensors
 
@@ -63,12 +64,11 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete half-written checkpoints a killed process left (``atomic_write``'s ``.step_*.tmp``)."""
-    folder = out / CHECKPOINT_DIR
-    if folder.is_dir():
-        for temporary in folder.glob(".step_*.tmp"):
-            temporary.unlink(missing_ok=True)
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the half-written checkpoints killed writers left; return how many. The rules are
+    :func:`pacl_fast.files.remove_stale_temporaries`'s: a live writer's file (a second run writing
+    into the same folder, another node's) is never touched, only one whose writer is gone."""
+    return files.remove_stale_temporaries(out / CHECKPOINT_DIR)
 
 
 def _canonical(value: object, digest: Any) -> None:

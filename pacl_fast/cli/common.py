@@ -494,6 +494,33 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
             print(f"pacl-fast {name}: error: {cli_words(str(error))}", file=sys.stderr)
             print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
             return 2
+        except ImportError as error:  # an optional package the chosen options need (OpenCV, timm, OpenVINO...)
+            print(f"pacl-fast {name}: error: {missing_package(error)}", file=sys.stderr)
+            print("  (set PACL_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
+
+
+#: Modules whose pip package has another name, or that an extra of ours installs.
+PIP_PACKAGES = {
+    "cv2": "opencv-python-headless",
+    "PIL": "pillow",
+    "timm": 'timm (or pip install -e ".[vfm]")',
+    "onnx": 'onnx onnxscript (or pip install -e ".[onnx]")',
+    "onnxruntime": 'onnxruntime (or pip install -e ".[onnx]")',
+    "openvino": 'openvino (or pip install -e ".[openvino]")',
+    "nncf": 'nncf (or pip install -e ".[openvino]")',
+    "fastapi": 'fastapi uvicorn (or pip install -e ".[serve]")',
+    "webdataset": 'webdataset (or pip install -e ".[train]")',
+}
+
+
+def missing_package(error: ImportError) -> str:
+    """One line for an import that failed: which module, and the pip command that installs it."""
+    module = (error.name or "").split(".")[0]
+    if isinstance(error, ModuleNotFoundError) and module:
+        install = PIP_PACKAGES.get(module, module)
+        return f"these options need the Python package {module!r}, which is not installed: pip install {install}"
+    return f"an installed package failed to import ({error}); reinstall it"
 
 
 def let_progress_bars_close(error: BaseException) -> None:
