@@ -47,6 +47,7 @@ setup(
             "nncf>=2.10",
             "httpx",
             "selenium",
+            "timm>=1.0",  # ProxyCLIP's vision foundation models (the vfm extra)
         ],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["onnx", "onnxscript", "tensorrt>=10.1"],
@@ -60,6 +61,8 @@ setup(
         ],
         "client": ["requests"],  # only to call a service (the README's Python client)
         "train": ["webdataset"],
+        # ProxyCLIP's vision foundation models (DINO ViT-B/8, DINOv2 ViT-B/14 with registers) on timm's modules
+        "vfm": ["timm>=1.0"],
     },
-    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:main"]},
+    entry_points={"console_scripts": ["pacl-fast = pacl_fast.cli:console"]},
 )

@@ -7,6 +7,8 @@ used as the reference in tests and benchmarks.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -320,3 +322,146 @@ def training_free_embeddings_reference(
     patches = embeddings[:, 1:]  # [B, h*w, E]
     patches = patches / patches.norm(dim=-1, keepdim=True)
     return patches.reshape(x.shape[0], grid[0], grid[1], -1)
+
+
+# --- ProxyCLIP (mc-lan/ProxyCLIP@e7b767f) and the vision foundation models it borrows attention from ---
+
+
+def vit_features_reference(
+    pixels: torch.Tensor,
+    weights: dict,
+    *,
+    patch_size: int,
+    num_heads: int,
+    registers: int = 0,
+    positional_resize: str = "dino",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """A DINO / DINOv2 ViT as its authors' hub model runs it: ImageNet-normalised pixels ``[B, 3, H, W]``
+    -> the last block's tokens after the final norm, patch tokens only, ``[B, H/p, W/p, C]`` (float64).
+
+    ``weights`` uses the authors' checkpoint names: ``cls_token`` ``[1, 1, C]``, ``pos_embed``
+    ``[1, 1 + g0^2, C]`` (class position first), ``register_tokens`` ``[1, R, C]`` (DINOv2 with
+    registers), ``patch_embed.proj.weight/bias``, ``blocks.{i}.norm1/attn.qkv/attn.proj/ls1.gamma/
+    norm2/mlp.fc1/mlp.fc2/ls2.gamma`` (``ls*`` for DINOv2 only) and ``norm.weight/bias``.
+
+    * DINO (facebookresearch/dino ``vision_transformer.py`` l. 174-233): tokens ``[cls, patches] +
+      pos``, patch positions resized bicubic with ``scale_factor=((h + 0.1) / g0, (w + 0.1) / g0)``.
+    * DINOv2 (``dinov2/models/vision_transformer.py`` l. 180-233, ``hub/backbones.py`` l. 113-124):
+      patch positions resized bicubic to ``size=(h, w)`` with antialiasing; registers inserted
+      after the class token once positions are added.
+    Blocks: ``x + ls1 * attn(norm1(x))``, ``x + ls2 * mlp(norm2(x))``, softmax attention with
+    ``d**-0.5`` per head, exact GELU.
+    """
+
+    def w(name: str) -> torch.Tensor:
+        return weights[name].detach().double()
+
+    x = F.conv2d(pixels.double(), w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=patch_size)
+    batch, width, h, wd = x.shape
+    x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+    pos = w("pos_embed")  # [1, 1 + g0^2, C]
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    patch_pos = pos[:, 1:].reshape(1, side, side, width).permute(0, 3, 1, 2)
+    if (side, side) != (h, wd):
+        if positional_resize == "dino":
+            scale = ((h + 0.1) / side, (wd + 0.1) / side)
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
+        elif positional_resize == "dinov2":
+            patch_pos = F.interpolate(patch_pos, size=(h, wd), mode="bicubic", antialias=True, align_corners=False)
+        else:
+            raise ValueError(f"positional_resize must be 'dino' or 'dinov2', got {positional_resize!r}")
+    pos = torch.cat([pos[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, h * wd, width)], dim=1)
+    x = torch.cat([w("cls_token").expand(batch, 1, width), x], dim=1) + pos  # [B, 1 + h*w, C]
+    if registers:
+        x = torch.cat([x[:, :1], w("register_tokens").expand(batch, registers, width), x[:, 1:]], dim=1)
+    head_dim = width // num_heads
+    for i in itertools.count():
+        if f"blocks.{i}.norm1.weight" not in weights:
+            break
+        b = f"blocks.{i}."
+        y = _layer_norm(x, w(b + "norm1.weight"), w(b + "norm1.bias"), eps)
+        qkv = y @ w(b + "attn.qkv.weight").T + w(b + "attn.qkv.bias")  # [B, N, 3C]
+        heads = []
+        for head in range(num_heads):
+            cols = slice(head * head_dim, (head + 1) * head_dim)
+            q, k, v = (qkv[..., part * width :][..., cols] for part in range(3))
+            heads.append(torch.softmax(q @ k.transpose(1, 2) * head_dim**-0.5, dim=-1) @ v)
+        attended = torch.cat(heads, dim=-1) @ w(b + "attn.proj.weight").T + w(b + "attn.proj.bias")
+        x = x + (attended * w(b + "ls1.gamma") if b + "ls1.gamma" in weights else attended)
+        y = _layer_norm(x, w(b + "norm2.weight"), w(b + "norm2.bias"), eps)
+        hidden = _activation(y @ w(b + "mlp.fc1.weight").T + w(b + "mlp.fc1.bias"), "gelu")
+        mlp = hidden @ w(b + "mlp.fc2.weight").T + w(b + "mlp.fc2.bias")
+        x = x + (mlp * w(b + "ls2.gamma") if b + "ls2.gamma" in weights else mlp)
+    x = _layer_norm(x, w("norm.weight"), w("norm.bias"), eps)[:, 1 + registers :]
+    return x.reshape(batch, h, wd, width)
+
+
+def proxyclip_reference(
+    x: torch.Tensor,
+    weights: dict,
+    grid: tuple[int, int],
+    vfm_features: torch.Tensor,
+    ln_post: tuple[torch.Tensor, torch.Tensor, float],
+    proj: torch.Tensor,
+    beta: float = 1.2,
+    gamma: float = 3.0,
+) -> torch.Tensor:
+    """ProxyCLIP's last block and projection, in float64, one image and one head at a time.
+
+    Written from mc-lan/ProxyCLIP@e7b767f ``open_clip/transformer.py`` l. 560-587 and 530-532:
+
+    Args:
+        x: the output of CLIP's block ``L-1``, ``[B, 1 + h*w, D]`` (class token first).
+        weights: the last block's ``num_heads``, ``ln_1_weight``, ``ln_1_bias``, ``ln_1_eps``,
+            ``in_proj_weight`` ``[3D, D]``, ``in_proj_bias``, ``out_proj_weight``, ``out_proj_bias``.
+        grid: CLIP's patch grid ``(h, w)``.
+        vfm_features: the VFM's patch tokens ``[B, H, W, C]`` (:func:`vit_features_reference`).
+        ln_post: CLIP's final norm (weight, bias, eps); proj: ``[D, E]``.
+    Returns:
+        Unit patch embeddings on the VFM grid ``[B, H, W, E]``: per head, the values
+        ``v = (ln_1(x) W_v + b_v)[1:]`` as a ``[d, h, w]`` map resized bilinearly
+        (``align_corners=False``) to ``(H, W)``; ``S`` the cosine similarity of the VFM tokens;
+        ``A = gamma * (S - beta * mean(S))``, entries ``< 0`` set to ``-inf``, a row left with none
+        kept whole (the authors' NaN, defined); ``softmax(A) v``; heads concatenated, ``out_proj``,
+        ``ln_post``, ``proj``, divided by the L2 norm. ``mean(S)`` is the image's own (the
+        authors' whole-batch mean at their batch of 1).
+    """
+
+    def get(name: str) -> torch.Tensor | None:
+        value = weights.get(name)
+        return None if value is None else value.detach().double()
+
+    x = x.double()
+    batch, length, width = x.shape
+    heads = int(weights["num_heads"])
+    head_dim = width // heads
+    out_h, out_w = vfm_features.shape[1:3]
+    outputs = []
+    for image in range(batch):
+        y = _layer_norm(x[image], get("ln_1_weight"), get("ln_1_bias"), weights["ln_1_eps"])  # [N, D]
+        v_all = y @ get("in_proj_weight")[2 * width :].T
+        if get("in_proj_bias") is not None:
+            v_all = v_all + get("in_proj_bias")[2 * width :]
+        features = vfm_features[image].double().reshape(out_h * out_w, -1)  # [M, C]
+        unit = features / features.norm(dim=-1, keepdim=True)
+        similarity = unit @ unit.T  # [M, M]
+        affinity = (similarity - similarity.mean() * beta) * gamma
+        masked = affinity.clone()
+        for row in range(masked.shape[0]):
+            if (affinity[row] >= 0).any():
+                masked[row][affinity[row] < 0] = float("-inf")
+        attention = torch.softmax(masked, dim=-1)  # [M, M]
+        per_head = []
+        for head in range(heads):
+            v = v_all[1:, head * head_dim : (head + 1) * head_dim]  # [h*w, d]
+            v = v.T.reshape(1, head_dim, grid[0], grid[1])
+            v = F.interpolate(v, size=(out_h, out_w), mode="bilinear", align_corners=False)
+            per_head.append(attention @ v.reshape(head_dim, out_h * out_w).T)  # [M, d]
+        attended = torch.cat(per_head, dim=-1) @ get("out_proj_weight").T  # [M, D]
+        if get("out_proj_bias") is not None:
+            attended = attended + get("out_proj_bias")
+        weight, bias, eps = ln_post
+        embedded = _layer_norm(attended, weight.detach().double(), bias.detach().double(), eps) @ proj.double()
+        outputs.append(embedded / embedded.norm(dim=-1, keepdim=True))
+    return torch.stack(outputs).reshape(batch, out_h, out_w, -1)

@@ -1,5 +1,5 @@
 """``python -m pacl_fast``: the same as ``pacl-fast``."""
 
-from pacl_fast.cli import main
+from pacl_fast.cli import console
 
-raise SystemExit(main())
+console()

@@ -31,8 +31,11 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
+import sys
+import types
 import urllib.parse
 import urllib.request
 import warnings
@@ -44,7 +47,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
 from pacl_fast.files import open_regular, read_regular_bytes
@@ -82,6 +85,13 @@ PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 MAX_CONFIG_BYTES = 1 << 20
 #: safetensors' own limit on its JSON header.
 MAX_SAFETENSORS_HEADER = 100_000_000
+#: safetensors' dtype names that :func:`read_safetensors` reads itself (others go through the safetensors library).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 
 def resize_positional_scale_factor(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -177,16 +187,84 @@ def check_safetensors(path: str | os.PathLike) -> None:
         )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a CLIP checkpoint file, never unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _read_exactly(f: Any, buffer: memoryview, path: str | os.PathLike) -> None:
+    """Fill ``buffer`` from ``f``; a file that ends first was cut while being read."""
+    done = 0
+    while done < len(buffer):
+        count = f.readinto(buffer[done:])
+        if not count:
+            raise ValueError(f"CLIP weights file {path} ended while being read: it is being written or was truncated")
+        done += count
 
-        check_safetensors(path)
+
+def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each in memory of its own, read in one pass over the file.
+
+    Why not ``safetensors.torch.load_file``: its tensors map the file, so loading them into a model is a
+    second pass (page faults, then a copy), and a model that kept them would change if the file were
+    rewritten in place. Here each tensor is read straight into its own storage, and with ``digest`` the
+    same bytes are hashed as they arrive, so the file's sha256 (the CLIP's identity) costs no second read:
+    :func:`file_sha256` answers from it. (Hashing on a second thread measured no faster on the shared 2-core
+    machine: there was no idle core to hash on.)
+
+    The header is held to the format: known dtypes, shapes that match their byte ranges, ranges that tile
+    the data exactly (what safetensors itself requires); ``ValueError`` naming the file otherwise. Dtypes it
+    does not know (fp8...) and big-endian machines go through the safetensors library, copied.
+    """
+    check_safetensors(path)
+    with open_regular(path) as f:
+        stat = os.fstat(f.fileno())
+        prefix = f.read(8)
+        header_bytes = f.read(int.from_bytes(prefix, "little"))
         try:
-            state = load_file(str(path))
-        except Exception as error:  # safetensors' own errors name no file
-            raise ValueError(f"cannot read CLIP weights file {path}: {error}") from error
+            header = json.loads(header_bytes)
+            header.pop("__metadata__", None)
+            entries = sorted(
+                ((name, SAFETENSORS_DTYPES.get(entry["dtype"]), [int(n) for n in entry["shape"]],
+                  *(int(offset) for offset in entry["data_offsets"])) for name, entry in header.items()),
+                key=lambda entry: entry[3],
+            )  # fmt: skip
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"CLIP weights file {path} has a broken safetensors header ({error})") from None
+        if sys.byteorder != "little" or any(dtype is None for _, dtype, *_ in entries):
+            return _read_safetensors_library(path)
+        hasher = hashlib.sha256(prefix + header_bytes) if digest else None
+        state: dict[str, torch.Tensor] = {}
+        position = 0
+        for name, dtype, shape, start, end in entries:
+            size = math.prod(shape) * dtype.itemsize
+            if start != position or end - start != size or min(shape, default=0) < 0:
+                raise ValueError(
+                    f"CLIP weights file {path} has a broken safetensors header: tensor {name!r} ({dtype}, shape "
+                    f"{shape}) has bytes {start}..{end}, expected {position}..{position + size}"
+                )
+            tensor = torch.empty(shape, dtype=dtype)  # [*shape]
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            _read_exactly(f, buffer, path)
+            if hasher is not None:
+                hasher.update(buffer)
+            state[name] = tensor
+            position = end
+    if hasher is not None:
+        _SHA_CACHE[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = hasher.hexdigest()
+    return state
+
+
+def _read_safetensors_library(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """What :func:`read_safetensors` cannot read itself, through the safetensors library, copied out of its map."""
+    from safetensors.torch import load_file
+
+    try:
+        return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+    except Exception as error:  # safetensors' own errors name no file
+        raise ValueError(f"cannot read CLIP weights file {path}: {error}") from error
+
+
+def _read_state_dict(path: Path, *, digest: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of a CLIP checkpoint file, never unpickling arbitrary objects (safetensors: with ``digest``, the
+    file's sha256 is taken on the way, see :func:`read_safetensors`)."""
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path, digest=digest)
     else:
         try:
             with open_regular(path) as f:
@@ -519,6 +597,17 @@ class FrozenClipModel(nn.Module):
 
     backbone: ClipBackbone
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Input sides (canvases, sliding windows) must be multiples of this: the CLIP's patch size (ProxyCLIP:
+        the lcm of the CLIP's and its VFM's)."""
+        return self.backbone.patch_size
+
+    @property
+    def grid_patch(self) -> int:
+        """Pixels per cell of the output grid ``[B, H/q, W/q, E]``: the CLIP's patch size (ProxyCLIP: its VFM's)."""
+        return self.backbone.patch_size
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[T, L]`` -> unit CLIP text embeddings ``[T, E]`` (frozen)."""
         with torch.no_grad():
@@ -717,23 +806,27 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
     if isinstance(clip, dict):
         model_cfg = copy.deepcopy(clip)
         arch = f"custom-{config_digest(model_cfg)}"
-        try:
-            model = open_clip.CLIP(**copy.deepcopy(model_cfg))
-        except TypeError as error:
-            raise ValueError(f"clip config is not a valid open_clip model_cfg: {error}") from error
-        open_clip.set_model_preprocess_cfg(
-            model, {"mean": OPENAI_MEAN, "std": OPENAI_STD, "size": model.visual.image_size}
-        )
+
+        def build(device: str = "cpu") -> nn.Module:
+            try:
+                return open_clip.CLIP(**copy.deepcopy(model_cfg))
+            except TypeError as error:
+                raise ValueError(f"clip config is not a valid open_clip model_cfg: {error}") from error
+
         tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg.get("text_cfg", {}).get("context_length", 77))
         if clip_weights is None:
+            model = build()
             _random_init_warning(arch)
             weights_id = "random"
         else:
             path = Path(clip_weights)
             if not path.is_file():
                 raise FileNotFoundError(f"clip_weights file not found: {path} (a custom config needs a local file)")
-            _load_into(model, path)
+            model = _build_and_load(build, path)
             weights_id = f"sha256:{file_sha256(path)}"
+        open_clip.set_model_preprocess_cfg(
+            model, {"mean": OPENAI_MEAN, "std": OPENAI_STD, "size": model.visual.image_size}
+        )
     elif not isinstance(clip, str):
         raise TypeError(f"clip must be a model name, 'local-dir:PATH' or a config dict, got {type(clip).__name__}")
     elif clip.startswith(LOCAL_DIR_PREFIX):
@@ -751,7 +844,11 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
             check_safetensors(weights_path)
         try:
             with _quiet_open_clip():
-                model = open_clip.create_model(clip, weights_only=True)
+                model = _fast_load(
+                    lambda device: open_clip.create_model(clip, load_weights=False, device=device), weights_path
+                )
+                if model is None:
+                    model = open_clip.create_model(clip, weights_only=True)
         except (RuntimeError, ValueError, KeyError) as error:  # open_clip's load of a file that does not fit
             message = " ".join(str(error).split())[:400]
             raise ValueError(f"{clip!r}: open_clip cannot build the model from {weights_path}: {message}") from error
@@ -763,15 +860,17 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
         if model_cfg is None:
             raise ValueError(f"unknown open_clip model {clip!r}; see open_clip.list_models()")
         arch = clip
-        if clip_weights is None:
+
+        def build(device: str = "cpu") -> nn.Module:
             with _quiet_open_clip():
-                model = open_clip.create_model(clip, pretrained=None)
+                return open_clip.create_model(clip, pretrained=None, device=device)
+
+        if clip_weights is None:
+            model = build()
             _random_init_warning(arch)
             weights_id = "random"
         elif Path(clip_weights).is_file():
-            with _quiet_open_clip():
-                model = open_clip.create_model(clip, pretrained=None)
-            _load_into(model, Path(clip_weights))
+            model = _build_and_load(build, Path(clip_weights))
             weights_id = f"sha256:{file_sha256(clip_weights)}"
         elif os.path.exists(clip_weights):
             raise ValueError(f"clip_weights {clip_weights} is not a regular file")
@@ -785,16 +884,20 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
                 check_safetensors(checkpoint)
             quick_gelu = bool(settings.get("quick_gelu", False))
             preprocess = {key: settings[key] for key in PREPROCESS_KEYS if settings.get(key) is not None}
+            # A file path as ``pretrained`` takes no settings from a tag: the forced ones below are all there are,
+            # so the model built empty (pretrained=None) is the one open_clip builds around the file.
+            options = {"force_quick_gelu": quick_gelu, "force_preprocess_cfg": preprocess}
             try:
                 with _quiet_open_clip():
-                    model = open_clip.create_model(
-                        clip,
-                        pretrained=str(checkpoint),
-                        force_quick_gelu=quick_gelu,
-                        force_preprocess_cfg=preprocess,
-                        weights_only=True,
-                        require_pretrained=True,
+                    model = _fast_load(
+                        lambda device: open_clip.create_model(clip, pretrained=None, device=device, **options),
+                        checkpoint,
+                        digest=False,
                     )
+                    if model is None:
+                        model = open_clip.create_model(
+                            clip, pretrained=str(checkpoint), weights_only=True, require_pretrained=True, **options
+                        )
             except (RuntimeError, ValueError, KeyError) as error:
                 message = " ".join(str(error).split())[:400]
                 raise ValueError(f"open_clip cannot load {checkpoint} (tag {tag!r} of {clip}): {message}") from error
@@ -804,6 +907,101 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
             weights_id = tag
         tokenizer = open_clip.get_tokenizer(clip)
     return ClipBackbone(model, tokenizer, ClipIdentity(arch, weights_id), model_cfg)
+
+
+# --- construction without random init: the weights file's tensors assigned to a model built on the meta device ----
+
+
+def _build_and_load(build: Callable[[str], nn.Module], path: Path) -> nn.Module:
+    """``build()`` with the weights of ``path`` (our own loading: a model name or config with a local file): built
+    empty and assigned when the file fits exactly (:func:`_assigned`), else built, randomly initialised and loaded
+    the plain way (:func:`_load_into`), whose errors say what does not fit."""
+    state = _read_state_dict(path)
+    model = _assigned(build, state)
+    if model is None:
+        model = build("cpu")
+        _load_into(model, path, state)
+    return model
+
+
+def _fast_load(build: Callable[[str], nn.Module], path: Path, *, digest: bool = True) -> nn.Module | None:
+    """The model open_clip would build and load from ``path`` (a ``local-dir:`` folder's file, a tag's download),
+    built empty and assigned, when the file is one ``open_clip.load_checkpoint`` loads as it is (its keys and
+    shapes are the model's: its conversions and resizes change nothing then); None otherwise, and for files
+    this cannot read, so that open_clip's own loading runs and reports."""
+    if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+        return None
+    try:
+        state = _read_state_dict(path, digest=digest)
+    except ValueError as error:
+        logger.debug("%s: not read here (%s); open_clip loads it", path, error)
+        return None
+    return _assigned(build, state)
+
+
+def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """``build("meta")`` run on the meta device (modules and shapes; no memory, no random init of 150M
+    parameters that the weights would overwrite), then ``state``'s tensors assigned as its parameters and
+    buffers (no copy), in the model's dtypes, and the non-persistent buffers it needs rebuilt
+    (:func:`_rebuild_buffers`). Equal, tensor for tensor, to ``build("cpu")`` + ``load_state_dict(state)``
+    (tests/test_backbone.py holds it to that).
+
+    None, for the plain way, when ``state`` is not exactly the model's (keys, shapes), when the model cannot
+    be built on the meta device, or when it keeps a tensor this does not know how to rebuild.
+    """
+    try:
+        with torch.device("meta"):
+            model = build("meta")
+    except Exception as error:  # a tower that cannot be built without memory (the plain way will say if it is ours)
+        logger.debug("building on the meta device failed (%s); built the plain way", error)
+        return None
+    own = model.state_dict(keep_vars=True)
+    if own.keys() != state.keys() or any(own[name].shape != state[name].shape for name in own):
+        return None
+    model.load_state_dict(_owned(state, own), strict=True, assign=True)
+    return model if _rebuild_buffers(model) else None
+
+
+def _owned(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as the model's tensors: in their dtypes (what ``copy_`` into them would round to: fp16
+    checkpoints become fp32), contiguous, and each in storage of its own (a view of a larger or shared storage
+    from a torch file is copied out, so that no tensor keeps another's bytes alive or aliases it)."""
+    seen: set[int] = set()
+    owned = {}
+    for name, value in state.items():
+        tensor = value.to(own[name].dtype)
+        storage = tensor.untyped_storage()
+        if tensor is value and (
+            not tensor.is_contiguous()
+            or storage.data_ptr() in seen
+            or storage.nbytes() != tensor.numel() * tensor.element_size()
+        ):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(tensor.untyped_storage().data_ptr())
+        owned[name] = tensor.detach()
+    return owned
+
+
+#: open_clip modules whose non-persistent ``attn_mask`` is the text tower's causal mask.
+_CAUSAL_MASK_OWNERS = (open_clip.CLIP, TextTransformer)
+
+
+def _rebuild_buffers(model: nn.Module) -> bool:
+    """Fill the tensors a meta-built model does not get from its weights file: open_clip's non-persistent causal
+    masks, computed by open_clip's own ``build_causal_mask``. False when anything else is still on the meta
+    device (a buffer or attribute of a tower this does not know)."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None or not buffer.is_meta:
+                continue
+            square = buffer.ndim == 2 and buffer.shape[0] == buffer.shape[1]
+            if name != "attn_mask" or not isinstance(module, _CAUSAL_MASK_OWNERS) or not square:
+                return False
+            mask = TextTransformer.build_causal_mask(types.SimpleNamespace(num_pos=buffer.shape[0]))
+            module._buffers[name] = mask.to(buffer.dtype)
+        if any(isinstance(value, torch.Tensor) and value.is_meta for value in vars(module).values()):
+            return False
+    return not any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers()))
 
 
 def _read_local_config(path: Path) -> dict[str, Any]:
@@ -817,8 +1015,9 @@ def _read_local_config(path: Path) -> dict[str, Any]:
     return config["model_cfg"]
 
 
-def _load_into(model: nn.Module, path: Path) -> None:
-    state = _read_state_dict(path)
+def _load_into(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``state`` (else the file's tensors) copied into ``model``; ValueError naming ``path`` when they do not fit."""
+    state = _read_state_dict(path) if state is None else state
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "logit_bias"]
     if missing or unexpected:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pacl_fast.backbone import LOCAL_DIR_PREFIX, RandomWeightsWarning, config_digest, load_clip
+from pacl_fast.choices import DEFAULT_VFM, VFM_METHODS
 from pacl_fast.defaults import ModelDefaults, recorded_defaults, resolve_defaults
 from pacl_fast.encoders import (
     AUTO,
@@ -41,10 +42,12 @@ from pacl_fast.encoders import (
     make_encoder,
     resolve_dtype,
 )
+from pacl_fast.encoders.auto import CachedSizesEncoder
 from pacl_fast.encoders.torch_encoder import DEFAULT_TEXT_DTYPE, resolve_text_dtype
 from pacl_fast.head import Head
 from pacl_fast.methods import TrainingFreeCLIP, resolve_method
 from pacl_fast.model import PACL
+from pacl_fast.proxyclip import ProxyCLIP
 from pacl_fast.weights import PACLMetadata, pacl_from_tensors, read_pacl_weights
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,8 @@ def build_model(
     method: str | None = None,
     device: str | torch.device | None = None,
     strict_clip: bool = True,
+    vfm: str | None = None,
+    vfm_weights: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, PACLMetadata | None]:
     """The model of ``method`` on the named CLIP (see :func:`build`), and its PACL metadata if any.
 
@@ -127,12 +132,19 @@ def build_model(
     name = display_name(clip, clip_weights)
     clip, clip_weights, pacl_weights = resolve_demo(clip, clip_weights, pacl_weights, method)
     method = resolve_method(method, pacl_weights is not None)
+    vfm = check_vfm(method, vfm, vfm_weights)
     checked = read_pacl_weights(pacl_weights) if pacl_weights is not None else None
     if checked is not None:
         recorded_defaults(checked[1], pacl_weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = load_clip(clip, clip_weights, device=device)
-    model, metadata = _model(backbone, method, checked, pacl_weights, device, strict_clip)
+    if vfm is not None:  # the VFM's file is read before the CLIP loads, as PACL weights are
+        from pacl_fast.vfm import load_vfm
+
+        foundation = load_vfm(vfm, vfm_weights, device=device)
+        model, metadata = ProxyCLIP(load_clip(clip, clip_weights, device=device), foundation).to(device), None
+    else:
+        backbone = load_clip(clip, clip_weights, device=device)
+        model, metadata = _model(backbone, method, checked, pacl_weights, device, strict_clip)
     model.model_defaults = resolve_defaults(model, metadata, pacl_weights)
     model.display_name = name
     model.pacl_metadata = metadata
@@ -160,6 +172,25 @@ def _model(
         return PACL(backbone).to(device), None
     tensors, metadata = checked
     return pacl_from_tensors(backbone, tensors, metadata, pacl_weights, strict_clip=strict_clip), metadata
+
+
+def check_vfm(method: str, vfm: str | None, vfm_weights: str | os.PathLike | None) -> str | None:
+    """The VFM a (resolved) ``method`` runs with: ``vfm``, or :data:`~pacl_fast.choices.DEFAULT_VFM` for a VFM
+    method; None for the others, which refuse a ``vfm`` or ``vfm_weights`` (ValueError saying so)."""
+    if method in VFM_METHODS:
+        from pacl_fast.choices import VFMS
+
+        vfm = DEFAULT_VFM if vfm is None else vfm
+        if vfm not in VFMS:
+            raise ValueError(f"unknown vfm {vfm!r}: choose one of {', '.join(VFMS)}")
+        return vfm
+    given = [f"{name}={value!r}" for name, value in (("vfm", vfm), ("vfm_weights", vfm_weights)) if value is not None]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} given with method={method!r}: a vision foundation model is used only by "
+            f"method={' or '.join(repr(m) for m in VFM_METHODS)}; drop it, or pass that method"
+        )
+    return None
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype, text_dtype: torch.dtype) -> nn.Module:
@@ -222,7 +253,12 @@ def _make(model: nn.Module, choice: Choice, options: dict, owned: bool) -> Encod
         dtype = DEFAULT_DTYPES[choice.encoder] if dtype is None else dtype
         text_dtype = resolve_text_dtype(options.get("text_dtype", DEFAULT_TEXT_DTYPE), dtype)
         cast_model(model, dtype, text_dtype)
-    return make_encoder(choice.encoder, model, dtype, **options)
+    made = make_encoder(choice.encoder, model, dtype, **options)
+    if choice.only_sizes is None:
+        return made
+    # encoder="auto", OpenVINO models cached for some sizes and too few images to pay a build: the others eager.
+    # (Options reaching here are OpenVINO's or shared: none is torch's alone, else choose took eager torch.)
+    return CachedSizesEncoder(made, choice.only_sizes, lambda: make_encoder("torch", model, choice.eager_dtype))
 
 
 def build(
@@ -238,6 +274,8 @@ def build(
     backend: str = "fast",
     strict_clip: bool = True,
     expected_images: float | None = None,
+    vfm: str | None = None,
+    vfm_weights: str | os.PathLike | None = None,
 ) -> Parts:
     """Build the model, its encoder and the head from names.
 
@@ -245,8 +283,8 @@ def build(
         clip: open_clip model name, ``"local-dir:PATH"``, an open_clip config dict, or ``"demo"``.
         clip_weights: pretrained tag, local checkpoint file, or None (random init, with a warning).
         pacl_weights: PACL safetensors file (only with ``method="pacl"``).
-        method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip"``; None: ``"pacl"`` with
-            PACL weights, else ``"naclip"``.
+        method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip" | "proxyclip"``; None: ``"pacl"``
+            with PACL weights, else ``"naclip"``.
         device: default CUDA when available.
         dtype: encoder precision; ``"auto"`` (default): the fastest the device runs natively (bf16 on CPUs
             with AVX512-BF16 or AMX and on GPUs from Ampere, see :mod:`pacl_fast.encoders.auto`); None: the
@@ -259,11 +297,16 @@ def build(
         strict_clip: refuse PACL weights recorded for another CLIP.
         expected_images: how many images the caller will segment (the CLI: its inputs or the dataset's
             size; a service: ``math.inf``); None: unknown (a few). Only ``encoder="auto"`` reads it.
+        vfm: ``method="proxyclip"`` only: its vision foundation model, ``"dino_vitb8"`` (default) or
+            ``"dinov2_vitb14_reg"`` (:mod:`pacl_fast.vfm`).
+        vfm_weights: the VFM's weights: the authors' hub checkpoint or timm's state dict as a local file,
+            ``"timm"`` (timm downloads them), or None (random init, with a warning).
     """
     head = Head(backend)  # bad names fail before anything is loaded
     check_choices(encoder, dtype)
     model, metadata = build_model(
-        clip, clip_weights, pacl_weights, method=method, device=device, strict_clip=strict_clip
+        clip, clip_weights, pacl_weights, method=method, device=device, strict_clip=strict_clip, vfm=vfm,
+        vfm_weights=vfm_weights,
     )
     made, choice = encoder_for(
         model, encoder, dtype, expected_images=expected_images, options=encoder_options, owned=True

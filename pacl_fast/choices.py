@@ -10,10 +10,12 @@ of the training-free names is held equal by the same test.
 
 from __future__ import annotations
 
-#: What turns patch tokens into class-comparable embeddings (``pacl_fast.methods``).
-METHODS: tuple[str, ...] = ("pacl", "maskclip", "sclip", "clearclip", "naclip")
-#: The methods that need no PACL weights (they change CLIP's last block only).
-TRAINING_FREE_METHODS: tuple[str, ...] = METHODS[1:]
+#: The methods that need no PACL weights and change CLIP's last block only (``pacl_fast.methods``).
+TRAINING_FREE_METHODS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip")
+#: Training-free methods that borrow a vision foundation model's attention (``pacl_fast.proxyclip``).
+VFM_METHODS: tuple[str, ...] = ("proxyclip",)
+#: What turns patch tokens into class-comparable embeddings.
+METHODS: tuple[str, ...] = ("pacl", *TRAINING_FREE_METHODS, *VFM_METHODS)
 #: What runs without PACL weights: the best of the four on the eight standard benchmarks (NACLIP's paper).
 DEFAULT_TRAINING_FREE_METHOD = "naclip"
 
@@ -34,7 +36,7 @@ TEXT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 HEAD_BACKENDS: tuple[str, ...] = ("reference", "fast", "tiled", "triton")
 
 #: The training-free papers whose evaluation protocols are presets (``pacl_fast.protocols``).
-PROTOCOLS: tuple[str, ...] = ("sclip", "naclip", "clearclip")
+PROTOCOLS: tuple[str, ...] = ("sclip", "naclip", "clearclip", "proxyclip")
 #: Benchmarks ``eval`` reads (``pacl_fast.data.segmentation``), sorted.
 DATASETS: tuple[str, ...] = (
     "ade20k", "cityscapes", "cocoobject", "cocostuff", "context59", "context60", "synthetic", "voc20", "voc21",
@@ -60,3 +62,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 MAX_ASPECT_RATIO = 16
 #: Image formats the service decodes (Pillow format names).
 SERVE_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+#: Vision foundation models ProxyCLIP borrows its attention from (``pacl_fast.vfm``).
+VFMS: tuple[str, ...] = ("dino_vitb8", "dinov2_vitb14_reg")
+#: The VFM a VFM method runs without one named: ProxyCLIP's (``configs/base_config.py`` l. 6, ``vfm_model='dino'``).
+DEFAULT_VFM = "dino_vitb8"

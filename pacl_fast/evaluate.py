@@ -130,7 +130,9 @@ def evaluate_segmentation(
     state = RunState(state_dir, fingerprint, dist)
     predictor = _SegmentationPredictor.build(segmenter, dataset, plan, protocol)
     if protocol is not None:
-        preprocess = protocol.preprocessor(segmenter.patch_size, segmenter.mean, segmenter.std, segmenter.max_pixels)
+        preprocess = protocol.preprocessor(
+            segmenter.pixel_multiple, segmenter.mean, segmenter.std, segmenter.max_pixels, segmenter.grid_patch
+        )
     else:
         preprocess = segmenter.preprocessor(plan.sliding_window)
 

@@ -155,8 +155,10 @@ class Geometry:
     """How a model input (canvas) maps back to the original image.
 
     The original ``(H, W)`` image was resized to ``resized_size`` and padded (bottom/right) to
-    ``canvas_size``, a multiple of ``patch_size``. The patch grid is ``canvas / patch``; the
-    original covers ``grid_extent = resized / patch`` cells of it (fractional).
+    ``canvas_size``, a multiple of the model's pixel multiple (its patch size; ProxyCLIP: the lcm of
+    both towers' patch sizes), hence of ``patch_size``: the pixels per cell of the model's output grid
+    (the CLIP's patch size; ProxyCLIP: its VFM's). The grid is ``canvas / patch``; the original covers
+    ``grid_extent = resized / patch`` cells of it (fractional).
     """
 
     original_size: tuple[int, int]
@@ -187,18 +189,27 @@ def _check_plan(original_size: tuple[int, int], short_side: int, patch_size: int
         )
 
 
-def _on_patch_canvas(original_size: tuple[int, int], resized: tuple[int, int], patch_size: int) -> Geometry:
+def _on_patch_canvas(
+    original_size: tuple[int, int], resized: tuple[int, int], patch_size: int, grid_patch: int | None
+) -> Geometry:
+    grid_patch = patch_size if grid_patch is None else grid_patch
+    if patch_size % grid_patch:
+        raise ValueError(f"the canvas multiple {patch_size} must be a multiple of the grid patch {grid_patch}")
     canvas = tuple(-(-side // patch_size) * patch_size for side in resized)
-    return Geometry(original_size, resized, canvas, patch_size)
+    return Geometry(original_size, resized, canvas, grid_patch)
 
 
-def plan_resize(original_size: tuple[int, int], short_side: int, patch_size: int) -> Geometry:
-    """Short side to ``short_side`` (rounded to nearest), aspect kept, padded up to the patch multiple.
-    Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
+def plan_resize(
+    original_size: tuple[int, int], short_side: int, patch_size: int, grid_patch: int | None = None
+) -> Geometry:
+    """Short side to ``short_side`` (rounded to nearest), aspect kept, padded up to a multiple of ``patch_size``
+    (the model's pixel multiple); the output grid has a cell every ``grid_patch`` pixels (default
+    ``patch_size``). Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
     _check_plan(original_size, short_side, patch_size)
     height, width = original_size
     scale = short_side / min(height, width)
-    return _on_patch_canvas(original_size, (max(1, round(height * scale)), max(1, round(width * scale))), patch_size)
+    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return _on_patch_canvas(original_size, resized, patch_size, grid_patch)
 
 
 def mmcv_rescale_size(original_size: tuple[int, int], short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -217,15 +228,15 @@ def mmcv_rescale_size(original_size: tuple[int, int], short_side: int, max_long_
 
 
 def plan_mmcv_resize(
-    original_size: tuple[int, int], short_side: int, max_long_side: int, patch_size: int
+    original_size: tuple[int, int], short_side: int, max_long_side: int, patch_size: int, grid_patch: int | None = None
 ) -> Geometry:
-    """:func:`mmcv_rescale_size`, padded up to the patch multiple (what ``--protocol`` runs).
-    Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
+    """:func:`mmcv_rescale_size`, padded up to a multiple of ``patch_size`` (what ``--protocol`` runs; ``grid_patch``
+    as :func:`plan_resize`'s). Refuses images over :data:`MAX_ASPECT_RATIO` (see :func:`_check_plan`)."""
     _check_plan(original_size, short_side, patch_size)
     resized = mmcv_rescale_size(original_size, short_side, max_long_side)
     if min(resized) < 1:
         raise ValueError(f"image of {original_size[0]}x{original_size[1]} pixels resizes to {resized}: nothing left")
-    return _on_patch_canvas(original_size, resized, patch_size)
+    return _on_patch_canvas(original_size, resized, patch_size, grid_patch)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -348,9 +359,11 @@ class SegmentationPreprocess:
     """Decode + resize + normalise + pad one image, as a picklable callable (DataLoader workers run it).
 
     The short side goes to ``short_side`` (the model's image size, or a sliding window's); the
-    canvas is padded to a multiple of ``patch_size``. ``kernel`` (:data:`RESIZE_KERNELS`): the engine's
-    ``"bicubic"`` (:func:`plan_resize`, :func:`resize`), or ``"mmcv"`` as the training-free protocols
-    resize (:func:`plan_mmcv_resize` with ``max_long_side``, :func:`resize_mmcv`).
+    canvas is padded to a multiple of ``patch_size`` (the model's pixel multiple), and the geometry's
+    grid has a cell every ``grid_patch`` pixels (None: ``patch_size``; ProxyCLIP: its VFM's patch).
+    ``kernel`` (:data:`RESIZE_KERNELS`): the engine's ``"bicubic"`` (:func:`plan_resize`, :func:`resize`), or
+    ``"mmcv"`` as the training-free protocols resize (:func:`plan_mmcv_resize` with ``max_long_side``,
+    :func:`resize_mmcv`).
     """
 
     short_side: int
@@ -361,6 +374,7 @@ class SegmentationPreprocess:
     keep_image: bool = False
     kernel: str = "bicubic"
     max_long_side: int | None = None
+    grid_patch: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in RESIZE_KERNELS:
@@ -372,9 +386,9 @@ class SegmentationPreprocess:
         decoded = load_image(image, max_pixels=self.max_pixels)
         size = tuple(decoded.shape[-2:])
         if self.kernel == "mmcv":
-            geometry = plan_mmcv_resize(size, self.short_side, self.max_long_side, self.patch_size)
+            geometry = plan_mmcv_resize(size, self.short_side, self.max_long_side, self.patch_size, self.grid_patch)
         else:
-            geometry = plan_resize(size, self.short_side, self.patch_size)
+            geometry = plan_resize(size, self.short_side, self.patch_size, self.grid_patch)
         pixels = fit_to_model(decoded, geometry, self.mean, self.std, self.kernel)
         return Prepared(pixels, geometry, decoded if self.keep_image else None)
 
@@ -384,7 +398,8 @@ class SlidingWindow:
     """Sliding-window inference: the image's short side is resized to ``short_side`` (None: the
     model's size), then ``crop x crop`` windows with ``stride`` cover the canvas; logits of
     overlapping windows are averaged on the patch grid. ``crop`` and ``stride`` must be multiples
-    of the patch size so that every window sits on the same grid."""
+    of the model's pixel multiple (its patch size; ProxyCLIP: the lcm of both towers' patch sizes)
+    so that every window sits on the same grid."""
 
     crop: int
     stride: int
@@ -396,12 +411,17 @@ class SlidingWindow:
         if self.stride > self.crop:
             raise ValueError(f"SlidingWindow stride {self.stride} > crop {self.crop} would leave gaps")
 
-    def origins(self, canvas_size: tuple[int, int], patch_size: int) -> list[tuple[int, int, int, int]]:
-        """Windows ``(y0, x0, height, width)`` covering the canvas, the last ones flush with its end."""
+    def origins(
+        self, canvas_size: tuple[int, int], patch_size: int, what: str | None = None
+    ) -> list[tuple[int, int, int, int]]:
+        """Windows ``(y0, x0, height, width)`` covering the canvas, the last ones flush with its end.
+
+        ``patch_size``: the model's pixel multiple, which ``crop`` and ``stride`` must be multiples of;
+        ``what``: its name in the error (default ``"patch size N"``)."""
         if self.crop % patch_size or self.stride % patch_size:
             raise ValueError(
                 f"SlidingWindow crop={self.crop} and stride={self.stride} must be multiples "
-                f"of the patch size {patch_size}"
+                f"of the {what or f'patch size {patch_size}'}"
             )
 
         def starts(length: int) -> tuple[list[int], int]:

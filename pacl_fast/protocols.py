@@ -1,12 +1,12 @@
 """The training-free papers' evaluation protocols as exact presets (``pacl-fast eval --protocol``).
 
-SCLIP, NACLIP and ClearCLIP each evaluate the eight standard benchmarks with an mmsegmentation
-config per dataset (``configs/cfg_*.py``) on top of their segmentor's defaults. :data:`PRESETS`
+SCLIP, NACLIP, ClearCLIP and ProxyCLIP each evaluate the eight standard benchmarks with an
+mmsegmentation config per dataset (``configs/cfg_*.py``) on top of their segmentor's defaults. :data:`PRESETS`
 holds what those files set, read from the repositories at the commits in :data:`REPOSITORIES`;
 every preset's ``source`` cites the file and lines each value comes from.
 
-What all three do, per image (``clip_segmentor.py`` / ``naclip.py`` / ``clearclip_segmentor.py``),
-and what the engine does under ``--protocol``:
+What all four do, per image (``clip_segmentor.py`` / ``naclip.py`` / ``clearclip_segmentor.py`` /
+``proxyclip_segmentor.py``), and what the engine does under ``--protocol``:
 
 1. Resize the image with mmcv's ``Resize(scale=(2048, S), keep_ratio=True)``: factor
    ``min(2048 / long, S / short)``, sides rounded half up, ``cv2.resize`` bilinear on the uint8
@@ -31,9 +31,12 @@ normalised again), the same as ``pacl_fast.prompts.IMAGENET_TEMPLATES``. The cla
 shipped verbatim in ``pacl_fast/assets/class_names`` (:data:`NAME_FILES` holds their git blob ids)
 and parsed as the repositories parse them (:func:`read_names_file`).
 
-The CLIP: all three run OpenAI's ViT-B/16 weights with QuickGELU (``--clip ViT-B-16 --clip-weights
+The CLIP: all four run OpenAI's ViT-B/16 weights with QuickGELU (``--clip ViT-B-16 --clip-weights
 openai`` builds exactly that: ``pacl_fast.backbone.pretrained_settings``), and the training-free last
-blocks and positional resizes of ``pacl_fast.methods``. Details the engine does not follow are
+blocks and positional resizes of ``pacl_fast.methods`` (ProxyCLIP: ``pacl_fast.proxyclip``, with DINO
+ViT-B/8 by default, ``--method proxyclip --vfm dino_vitb8 --vfm-weights dino_vitbase8_pretrain.pth``).
+A protocol fixes the evaluation, not the method: run ``--protocol proxyclip`` with ``--method proxyclip``
+to reproduce the paper. Details the engine does not follow are
 recorded per preset (``precision``, ``crop_remainder``) and listed, each with its measured effect,
 in :data:`DIFFERENCES`.
 """
@@ -59,13 +62,16 @@ REPOSITORIES = {
     "sclip": ("wangf3014/SCLIP", "b56bd3014b9e8a3ee3450bcfc53700a67d627b7a"),
     "naclip": ("sinahmr/NACLIP", "0cac3a651f753b11315ea799cfbfabf79da1bd76"),
     "clearclip": ("mc-lan/ClearCLIP", "ad68a404d55d48d27330b93554eb64a234ff717f"),
+    "proxyclip": ("mc-lan/ProxyCLIP", "e7b767fbc58ea218a3b8ba34cd92db521cc5f2e1"),
 }
 
 NAMES_DIR = Path(__file__).parent / "assets" / "class_names"
 
 #: Shipped class-name files (under :data:`NAMES_DIR`) -> git blob id of the repository file they copy.
 #: NACLIP's ``configs/cls_*.txt`` are the same blobs as SCLIP's; ClearCLIP's differ only for
-#: VOC21, VOC20 and COCO-Object (no synonyms, background as the word "background").
+#: VOC21, VOC20 and COCO-Object (no synonyms, background as the word "background"). ProxyCLIP's are
+#: SCLIP's blobs but for VOC20 (ClearCLIP's blob), VOC21 and COCO-Object (their own: background as 26
+#: and 17 kinds of stuff separated by "; ", no synonyms for the other classes).
 NAME_FILES = {
     "sclip/cls_voc21.txt": "a618275ddc2525ab2fbede9c81649da47b57de76",
     "sclip/cls_voc20.txt": "5f1ce8355a724fd73af74adc6022281da9542973",
@@ -78,6 +84,8 @@ NAME_FILES = {
     "clearclip/cls_voc21.txt": "913c968f5a11102741b5fa17cf6aba9c1814b419",
     "clearclip/cls_voc20.txt": "3f073de079b698e44eab182776ea0026009b8973",
     "clearclip/cls_coco_object.txt": "e290149963116c873fe6c54d28337a78bc500d8a",
+    "proxyclip/cls_voc21.txt": "5b8dc7e2b75c5e604fcb772c8fe9bbb877719624",
+    "proxyclip/cls_coco_object.txt": "db0f477941c551be23719fdff5036961366d05c9",
 }
 
 # --dataset key -> (the repositories' config file, class-name file)
@@ -102,9 +110,11 @@ def git_blob_id(data: bytes) -> str:
 def read_names_file(relative: str) -> tuple[tuple[str, ...], ...]:
     """A shipped class-name file, parsed as the repositories parse it (``get_cls_idx``).
 
-    One class per line; SCLIP and NACLIP split a line on ``", "``, ClearCLIP on ``","``; only the
-    newline is removed, nothing is stripped, so names keep any other whitespace (Context60's last
-    name is ``"wood "``, so its prompts read "a photo of a wood ."). This differs on purpose from
+    One class per line; SCLIP and NACLIP split a line on ``", "``, ClearCLIP on ``","``, ProxyCLIP on
+    ``"; "`` (``proxyclip_segmentor.py`` l. 329-340); the files two repositories share hold none of
+    these separators, so they read the same whichever splits them. Only the newline is removed, nothing
+    is stripped, so names keep any other whitespace (Context60's last name is ``"wood "``, so its prompts
+    read "a photo of a wood ."). This differs on purpose from
     :func:`pacl_fast.data.names.parse_class_names`, which strips: these presets are exact.
     """
     if relative not in NAME_FILES:
@@ -115,7 +125,7 @@ def read_names_file(relative: str) -> tuple[tuple[str, ...], ...]:
     data = path.read_bytes()
     if git_blob_id(data) != NAME_FILES[relative]:
         raise ValueError(f"class-name file {path} was changed: it is not the repository's file {NAME_FILES[relative]}")
-    separator = "," if relative.startswith("clearclip/") else ", "
+    separator = {"clearclip": ",", "proxyclip": "; "}.get(relative.partition("/")[0], ", ")
     lines = data.decode("utf-8").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # a final newline ends the last line, as readlines() sees it
@@ -130,7 +140,7 @@ class EvalProtocol:
     """One paper's evaluation of one benchmark, as its repository's config sets it.
 
     Fields (what the engine does with each):
-        name, dataset: the protocol (``sclip | naclip | clearclip``) and the ``--dataset`` key.
+        name, dataset: the protocol (``sclip | naclip | clearclip | proxyclip``) and the ``--dataset`` key.
         logit_scale: cosines are multiplied by it before the softmax over queries.
         prob_threshold: pixels whose best class probability is under it become class 0
             (0.0: off, the repositories' default, since a probability is never under 0).
@@ -145,8 +155,8 @@ class EvalProtocol:
         templates: ``"imagenet"``, CLIP's 80 ImageNet templates.
         pamr: ``(iterations, dilations)`` of PAMR on the image-size cosine logits, or ``None``.
         crop_remainder: ``"drop"`` (pixels past the last whole patch are not seen; logits are
-            stretched over the window) or ``"pad"`` (ClearCLIP: centred zero padding after
-            normalisation, logits cropped back).
+            stretched over the window) or ``"pad"`` (centred zero padding after normalisation, logits
+            cropped back: ClearCLIP to the patch multiple, ProxyCLIP to a multiple of 56).
         precision: the repositories run CLIP in ``"fp16"`` on CUDA.
         source: ``repository file:lines`` for every value above.
     """
@@ -192,14 +202,21 @@ class EvalProtocol:
         return np.repeat(np.arange(len(self.class_names)), [len(s) for s in self.class_names])
 
     def preprocessor(
-        self, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...], max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        patch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        grid_patch: int | None = None,
     ) -> SegmentationPreprocess:
         """The image -> model input step of this protocol: mmcv's ``Resize(scale=(max_long_side, short_side),
         keep_ratio=True)`` as the repositories' test pipelines run it (``images.plan_mmcv_resize``,
-        ``images.resize_mmcv``: OpenCV bilinear, no antialiasing), normalised, padded to the patch multiple."""
+        ``images.resize_mmcv``: OpenCV bilinear, no antialiasing), normalised, padded to a multiple of
+        ``patch_size`` (the model's pixel multiple; ``grid_patch``: its output grid's cell, default the same)."""
         return SegmentationPreprocess(
-            self.short_side, patch_size, mean, std, max_pixels, kernel="mmcv", max_long_side=self.max_long_side
-        )
+            self.short_side, patch_size, mean, std, max_pixels, kernel="mmcv", max_long_side=self.max_long_side,
+            grid_patch=grid_patch,
+        )  # fmt: skip
 
     def pamr_guide(self, pixels: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """NACLIP's PAMR guide for one prepared image: the network input ``[3, canvas_h, canvas_w]`` (normalised;
@@ -437,15 +454,67 @@ def _build() -> dict[tuple[str, str], EvalProtocol]:
                 f"mc-lan/ClearCLIP configs/{names} (class names, split on ',': clearclip_segmentor.py:281-292)",
             ),
         )
+        presets["proxyclip", dataset] = _proxyclip(dataset, config, names)
     return presets
 
 
-#: ``(protocol, dataset) -> EvalProtocol`` for the 3 protocols x 8 benchmarks.
+#: ProxyCLIP's configs: the lines of ``model = dict(...)`` keys and of ``Resize`` per dataset, and what they set.
+_PROXYCLIP_CONFIG = {
+    "voc21": ("5-6", 15, {"prob_threshold": 0.2}),
+    "voc20": ("5", 14, {}),
+    "context60": ("5-6", 15, {"prob_threshold": 0.15}),
+    "context59": ("5", 14, {}),
+    "cocoobject": ("5-6", 15, {"prob_threshold": 0.25}),
+    "cocostuff": ("5", 14, {}),
+    "ade20k": ("5", 14, {"short_side": 448}),
+    "cityscapes": ("5-7", 16, {"short_side": 448, "slide_crop": 224}),
+}
+
+
+def _proxyclip(dataset: str, config: str, names: str) -> EvalProtocol:
+    """ProxyCLIP: ``proxyclip_segmentor.py`` ``__init__`` defaults, then ``configs/<config>`` (on ``base_config.py``:
+    OpenAI's ViT-B/16 and DINO ViT-B/8, the engine's ``--method proxyclip`` default VFM)."""
+    lines, resize_line, keys = _PROXYCLIP_CONFIG[dataset]
+    # Its own VOC21 and COCO-Object files; its cls_voc20.txt is ClearCLIP's blob, the others SCLIP's.
+    names_file = next(f"{r}/{names}" for r in ("proxyclip", "clearclip", "sclip") if f"{r}/{names}" in NAME_FILES)
+    short = keys.get("short_side", 336)
+    repo = "mc-lan/ProxyCLIP"
+    return EvalProtocol(
+        name="proxyclip",
+        dataset=dataset,
+        logit_scale=40.0,
+        prob_threshold=keys.get("prob_threshold", 0.0),
+        area_threshold=None,
+        short_side=short,
+        slide_crop=keys.get("slide_crop", 336),
+        slide_stride=112,
+        background=_background(dataset, names_file),
+        names_file=names_file,
+        templates="imagenet",
+        pamr=None,
+        crop_remainder="pad",
+        source=(
+            f"{repo} configs/{config}:{lines} (name_path and model keys set)",
+            f"{repo} configs/{config}:{resize_line} (Resize scale=(2048, {short}))",
+            f"{repo} proxyclip_segmentor.py:30-31 (defaults: prob_thd=0.0, logit_scale=40, beta=1.2, gamma=3.0, "
+            "slide_stride=112, slide_crop=336)",
+            f"{repo} configs/base_config.py:2-8 (clip_type='openai', model_type='ViT-B/16', vfm_model='dino')",
+            f"{repo} proxyclip_segmentor.py:188-244 (slide: windows padded to a multiple of 56, l. 218-223 and "
+            "294-306), 246-265 (resize to the original size)",
+            f"{repo} proxyclip_segmentor.py:267-292 (postprocess_result), 40 and 74 (fp16)",
+            f"{repo} configs/{names} (class names, split on '; ': proxyclip_segmentor.py:329-340; "
+            "openai_imagenet_template, l. 90)",
+        ),
+    )
+
+
+#: ``(protocol, dataset) -> EvalProtocol`` for the 4 protocols x 8 benchmarks.
 PRESETS: dict[tuple[str, str], EvalProtocol] = _build()
 
 
 def get_protocol(name: str, dataset: str) -> EvalProtocol:
-    """The preset of protocol ``name`` (``sclip | naclip | clearclip``) for ``dataset`` (a ``--dataset`` key)."""
+    """The preset of protocol ``name`` (``sclip | naclip | clearclip | proxyclip``) for ``dataset`` (a ``--dataset``
+    key)."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     if (name, dataset) not in PRESETS:
@@ -477,22 +546,26 @@ class Difference:
 #: (``python -m benchmarks.protocol_differences --scenes 200``; JSON in ``benchmarks/results``). Settings of
 #: the synthetic-world runs: SCLIP (short side 96, windows 64/32), NACLIP whole image and windows (96; 64/32;
 #: PAMR), ClearCLIP (128; 128/64); mIoU under the engine's ``--protocol``: 0.285, 0.230, 0.234, 0.075 (ClearCLIP
-#: at twice the demo CLIP's size is near chance, 0.090, so its rows say little).
+#: at twice the demo CLIP's size is near chance, 0.090, so its rows say little). ProxyCLIP's effects are not
+#: measured: the synthetic world trains no VFM, so a random one would measure noise.
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         step="precision",
         repositories="CLIP in fp16 on CUDA (clip.load / create_model(precision='fp16')); SCLIP sums windows and "
         "post-processes in float32 (preds = img.new_zeros, clip_segmentor.py l. 98), NACLIP runs PAMR in float32 "
         "and the softmax in fp16 (naclip.py l. 132), ClearCLIP everything in fp16 from inputs.half() "
-        "(clearclip_segmentor.py l. 208); positional embeddings are resized in fp16",
+        "(clearclip_segmentor.py l. 208), ProxyCLIP CLIP and VFM in fp16 (proxyclip_segmentor.py l. 40, 74, 116), "
+        "its affinities too; positional embeddings are resized in fp16",
         engine="the towers in the encoder's precision (float32 unless --dtype float16 --text-dtype float16); "
-        "window sums, PAMR, softmax and thresholds in float32; positional embeddings resized in float32",
+        "window sums, PAMR, softmax and thresholds in float32; positional embeddings resized in float32; "
+        "ProxyCLIP's affinities (similarity, threshold, softmax) in float32 whatever the encoder's precision",
         effect="fp16 towers and fp16 cosines against float32: 0.03-0.15% of pixels change, mIoU within +0.0002",
     ),
     Difference(
         step="window averaging",
         repositories="each window's patch cosines upsampled (bilinear) to the window's pixels, summed into the "
-        "canvas, divided by the count, then resized to the image (forward_slide, e.g. naclip.py l. 71-108); a "
+        "canvas, divided by the count, then resized to the image (forward_slide, e.g. naclip.py l. 71-108, "
+        "proxyclip_segmentor.py l. 188-244); a "
         "whole image is upsampled to the network input, then to the image",
         engine="windows averaged on the patch grid, upsampled once to the image (Segmenter._window_logits, the "
         "head's grid_extent mapping)",
@@ -504,17 +577,25 @@ DIFFERENCES: tuple[Difference, ...] = (
         repositories="windows placed on the resized image in pixels (the last one flush with its border); SCLIP "
         "and NACLIP let the stride-16 patch convolution drop a window's last H % 16 rows and W % 16 columns and "
         "stretch its logits over all its pixels; ClearCLIP pads each window to the patch multiple, centred, with "
-        "zeros after normalisation, and crops the logits back (clearclip_segmentor.py l. 168-183)",
-        engine="the resized image padded bottom and right to the patch multiple (zeros after normalisation), "
-        "windows on the patch grid of that canvas (crop_remainder records the repositories' way per preset)",
+        "zeros after normalisation, and crops the logits back (clearclip_segmentor.py l. 168-183); ProxyCLIP pads "
+        "each window so, to a multiple of 56 (proxyclip_segmentor.py l. 218-231, 294-306), and its CLIP's stride-16 "
+        "convolution then drops what is past a multiple of 16",
+        engine="the resized image padded bottom and right to the patch multiple (zeros after normalisation; "
+        "ProxyCLIP: to the lcm of both patch sizes, 16 with DINO ViT-B/8, 112 with DINOv2 ViT-B/14), windows on "
+        "the grid of that canvas (crop_remainder records the repositories' way per preset)",
         effect="with sides of 12.5 patches (a remainder in every window): 12-24% of pixels change; mIoU -0.001 "
         "(SCLIP), +0.008 and +0.013 (NACLIP whole image, windows), -0.001 (ClearCLIP). Benchmark images whose "
-        "resized sides are multiples of 16 (VOC's 500 x 375 at 336: 448 x 336) have none",
+        "resized sides are multiples of 16 (VOC's 500 x 375 at 336: 448 x 336) have none. ProxyCLIP's presets: "
+        "every window is 336 x 336 (Cityscapes 224 x 224), a multiple of 56, 16 and 8, so no window is padded; "
+        "its last window sits flush with the image where the engine's sits flush with the canvas (not measured: "
+        "no VFM is trained in the synthetic world)",
     ),
     Difference(
         step="normalisation constants",
         repositories="SegDataPreProcessor(mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323]) on "
-        "0..255 pixels (e.g. naclip.py l. 24): CLIP's mean/std rounded to 3 decimals",
+        "0..255 pixels (e.g. naclip.py l. 24, proxyclip_segmentor.py l. 33-37): CLIP's mean/std rounded to 3 "
+        "decimals (ProxyCLIP then un-normalises with the exact ones and normalises with ImageNet's for the VFM, "
+        "l. 79-80 and 113)",
         engine="(pixels / 255 - mean) / std with the CLIP's own mean/std (open_clip's, e.g. 0.48145466)",
         effect="no pixel changes in 200 scenes x 4 presets (the inputs differ by about 1e-5 relative)",
     ),
@@ -531,6 +612,24 @@ DIFFERENCES: tuple[Difference, ...] = (
         engine="cv2.resize from opencv-python-headless as installed (any version >= 4.5)",
         effect="not measurable here: only OpenCV 5.1 was run (the tests hold the engine to it); results of "
         "other builds on uint8 images were not compared",
+    ),
+    Difference(
+        step="ProxyCLIP: a crop whose affinities are all masked",
+        repositories="every entry of a row of A = gamma * (S - beta * mean(S)) below 0 is set to -inf, so a row with "
+        "none left (every similarity under beta * mean(S): a near-uniform crop, where mean(S) passes 1 / beta) is "
+        "softmax(-inf...) = NaN, and so are that crop's logits (open_clip/transformer.py l. 573-578)",
+        engine="such a row takes the softmax of its unmasked A (attention by similarity, as every other row); "
+        "rows with an entry kept are the authors' exactly (pacl_fast.proxyclip.proxy_attention)",
+        effect="none where the authors' output is defined; not measured on benchmarks (no VFM is trained in the "
+        "synthetic world, and the weights cannot be downloaded here)",
+    ),
+    Difference(
+        step="ProxyCLIP: square crops, batch of one",
+        repositories="the VFM's grid is read from the crop's height for both sides (proxyclip_segmentor.py l. 149, "
+        "158) and CLIP's values are reshaped as (W/16, H/16) (open_clip/transformer.py l. 521, 580); mean(S) is "
+        "taken over the whole batch (l. 573), which is one crop",
+        engine="each grid's own height and width; mean(S) per image, so a batch equals its images one by one",
+        effect="none under the presets: every window is square and the authors run one crop at a time",
     ),
     Difference(
         step="PAMR out of memory",

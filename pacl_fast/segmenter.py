@@ -72,8 +72,8 @@ class Segmenter:
         clip_weights: pretrained tag (fetched by open_clip), local checkpoint file, or None (random
             init, with a warning; for tests and benchmarks).
         pacl_weights: PACL safetensors file (see ``pacl_fast.weights``); only with ``method="pacl"``.
-        method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip"``; None: ``"pacl"`` when
-            PACL weights are given, else ``"naclip"``.
+        method: ``"pacl" | "maskclip" | "sclip" | "clearclip" | "naclip" | "proxyclip"``; None: ``"pacl"``
+            when PACL weights are given, else ``"naclip"``.
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available.
         dtype: encoder precision: ``torch.float32`` / ``bfloat16`` / ``float16`` (or their names);
             ``"auto"`` (default): the fastest the device runs natively (bf16 on CPUs with AVX512-BF16 or
@@ -101,6 +101,9 @@ class Segmenter:
             None: yes unless ``$PACL_FAST_NO_TEXT_CACHE`` is set. They are always kept in memory.
         expected_images: how many images this segmenter will segment, for ``encoder="auto"`` (a build
             pays only over many images); None: unknown, a few; ``math.inf``: a service.
+        vfm, vfm_weights: ``method="proxyclip"`` only: its vision foundation model (``"dino_vitb8"``, the
+            default, or ``"dinov2_vitb14_reg"``) and that model's weights (a local file, ``"timm"``, or None:
+            random init with a warning). Its labels then live on the VFM's finer grid (:attr:`grid_patch`).
     """
 
     def __init__(
@@ -123,6 +126,8 @@ class Segmenter:
         logit_scale: float | None = None,
         text_cache: bool | None = None,
         expected_images: float | None = None,
+        vfm: str | None = None,
+        vfm_weights: str | os.PathLike | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,7 +136,8 @@ class Segmenter:
         self.metadata: PACLMetadata | None = None
         if isinstance(clip, nn.Module):
             given = [name for name, value in (("clip_weights", clip_weights), ("pacl_weights", pacl_weights),
-                                              ("method", method)) if value is not None]  # fmt: skip
+                                              ("method", method), ("vfm", vfm), ("vfm_weights", vfm_weights))
+                     if value is not None]  # fmt: skip
             if given:
                 raise TypeError(f"{', '.join(given)} build a model: pass them with a CLIP name, not with a built model")
             model, choice = clip, None
@@ -156,6 +162,8 @@ class Segmenter:
                 backend=backend,
                 strict_clip=strict_clip,
                 expected_images=expected_images,
+                vfm=vfm,
+                vfm_weights=vfm_weights,
             )
             model, encoder, head, self.metadata = parts.model, parts.encoder, head or parts.head, parts.metadata
             choice = parts.choice
@@ -174,9 +182,14 @@ class Segmenter:
         self._why = "; ".join(choice.reasons) if choice is not None and choice.reasons else "as given"
         self.choices = f"encoder={encoder.name} {self.precision} ({self._why})"
         self.image_size = image_size or self.defaults.image_size
-        if self.image_size < backbone.patch_size:
-            raise ValueError(f"image_size={self.image_size} is smaller than the patch size {backbone.patch_size}")
         self.patch_size = backbone.patch_size
+        #: Sides of canvases and sliding windows are multiples of this; the output grid has a cell every
+        #: ``grid_patch`` pixels. Both are the CLIP's patch size, except for ProxyCLIP (lcm of both towers'
+        #: patch sizes; the VFM's patch size).
+        self.pixel_multiple = int(model.pixel_multiple)
+        self.grid_patch = int(model.grid_patch)
+        if self.image_size < self.pixel_multiple:
+            raise ValueError(f"image_size={self.image_size} is smaller than the {self._multiple_words}")
         self.mean, self.std = backbone.mean_std
         self.max_pixels = max_pixels
         self.batch_size = batch_size
@@ -196,13 +209,26 @@ class Segmenter:
         return self.model.method
 
     @property
+    def vfm(self) -> str | None:
+        """The vision foundation model and its weights (``dino_vitb8@sha256:...``) of a VFM method, else None."""
+        vfm = getattr(self.model, "vfm", None)
+        return None if vfm is None else vfm.identity
+
+    @property
+    def _multiple_words(self) -> str:
+        if self.pixel_multiple == self.patch_size:
+            return f"patch size {self.patch_size}"
+        return (f"pixel multiple {self.pixel_multiple} (the lcm of the CLIP's patch size {self.patch_size} and the "
+                f"VFM's {self.grid_patch})")  # fmt: skip
+
+    @property
     def model_id(self) -> str:
         """Identifies CLIP + method (+ PACL weights) + precision: what run settings record. The precision is
         what the encoder computes in (OpenVINO's fp32, bf16 and int8 runs differ; their torch dtype does not)."""
         if self.method == "pacl":
             detail = f"{self.metadata.date}/{self.metadata.steps}" if self.metadata else "untrained"
         else:
-            detail = ""
+            detail = self.vfm or ""
         return f"{self.model.backbone.identity}|{self.method}{':' if detail else ''}{detail}|{self.precision}"
 
     def resolve(
@@ -234,7 +260,8 @@ class Segmenter:
     # ----------------------------------------------------------------------------- tensor level
 
     def patch_logits(self, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``[B, 3, H, W]`` -> cosine logits on the patch grid ``[B, H/p, W/p, C]`` (float32)."""
+        """Normalised pixels ``[B, 3, H, W]`` -> cosine logits on the output grid ``[B, H/q, W/q, C]`` (float32;
+        ``q``: :attr:`grid_patch`)."""
         class_embeddings = class_embeddings.to(self.device)
         if self._embedder is not None:
             tokens = self.encoder.encode_tokens(pixels)  # [B, h, w, D]
@@ -258,9 +285,9 @@ class Segmenter:
         All windows of the batch go through the encoder ``batch_size`` at a time; a grid cell's
         logits are the mean over the windows that cover it.
         """
-        p = self.patch_size
+        p = self.grid_patch  # windows sit on multiples of pixel_multiple, which grid_patch divides
         batch, _, height, width = pixels.shape
-        windows = window.origins((height, width), p)
+        windows = window.origins((height, width), self.pixel_multiple, self._multiple_words)
         count = torch.zeros(height // p, width // p, 1, device=self.device)
         for y, x, h, w in windows:
             count[y // p : (y + h) // p, x // p : (x + w) // p] += 1
@@ -368,17 +395,21 @@ class Segmenter:
         if background_threshold is not None and not 0.0 <= background_threshold <= 1.0:
             raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
         short_side = (sliding_window.short_side if sliding_window else None) or self.image_size
-        if short_side < self.patch_size:
-            raise ValueError(f"image size {short_side} is smaller than the model's patch size {self.patch_size}")
+        if short_side < self.pixel_multiple:
+            raise ValueError(f"image size {short_side} is smaller than the model's {self._multiple_words}")
         if sliding_window is not None:
-            sliding_window.origins((sliding_window.crop, sliding_window.crop), self.patch_size)
+            crop = (sliding_window.crop, sliding_window.crop)
+            sliding_window.origins(crop, self.pixel_multiple, self._multiple_words)
 
     def preprocessor(
         self, sliding_window: SlidingWindow | None = None, keep_images: bool = False
     ) -> SegmentationPreprocess:
         """The picklable image -> :class:`~pacl_fast.images.Prepared` step (run it in DataLoader workers)."""
         short_side = (sliding_window.short_side if sliding_window else None) or self.image_size
-        return SegmentationPreprocess(short_side, self.patch_size, self.mean, self.std, self.max_pixels, keep_images)
+        return SegmentationPreprocess(
+            short_side, self.pixel_multiple, self.mean, self.std, self.max_pixels, keep_images,
+            grid_patch=self.grid_patch,
+        )  # fmt: skip
 
     def segment_prepared(
         self,
@@ -536,8 +567,9 @@ class Segmenter:
 
     def __repr__(self) -> str:
         pacl = f", pacl={'trained' if self.metadata else 'untrained'}" if self.method == "pacl" else ""
+        vfm = f", vfm={self.vfm}" if self.vfm is not None else ""
         return (
-            f"Segmenter(method={self.method}, clip={self.name}{pacl}, device={self.device}, "
+            f"Segmenter(method={self.method}, clip={self.name}{pacl}{vfm}, device={self.device}, "
             f"encoder={self.encoder.name}, dtype={self.precision}, image_size={self.image_size}, "
             f"backend={self.head.backend}, {self.defaults.describe()}, why={self._why!r})"
         )

@@ -533,3 +533,159 @@ def test_cli_names_a_truncated_clip_file_in_one_line(tmp_path, tiny_config, tiny
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"error: CLIP weights file {folder / 'open_clip_model.safetensors'} is truncated" in err
+
+
+# --- construction without random init (issue 20, "Cold and warm") -------------------------------------------
+
+
+def assert_same_model(fast, plain):
+    """Every parameter and buffer (the non-persistent causal masks too) of ``fast`` is ``plain``'s: names,
+    dtypes, shapes, strides, requires_grad and bits; none is left on the meta device, none shares storage."""
+    for kind in ("named_parameters", "named_buffers"):
+        got, want = dict(getattr(fast, kind)()), dict(getattr(plain, kind)())
+        assert got.keys() == want.keys(), kind
+        for name, tensor in want.items():
+            other = got[name]
+            assert not other.is_meta, name
+            assert (other.dtype, other.shape, other.stride()) == (tensor.dtype, tensor.shape, tensor.stride()), name
+            assert other.requires_grad == tensor.requires_grad, name
+            assert torch.equal(other, tensor), name
+    storages = [t.untyped_storage().data_ptr() for t in (*fast.parameters(), *fast.buffers()) if t.numel()]
+    assert len(storages) == len(set(storages))
+
+
+@pytest.fixture()
+def no_random_init(monkeypatch):
+    """Counts calls of torch's initialisers on tensors with memory: a model built the plain way makes hundreds
+    (built on the meta device, open_clip calls them too, on tensors that have none)."""
+    calls = []
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "constant_"):
+        original = getattr(torch.nn.init, name)
+
+        def counted(tensor, *args, _original=original, _name=name, **kwargs):
+            if not tensor.is_meta:
+                calls.append(_name)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, counted)
+    return calls
+
+
+def plain_model(build, path):
+    """What load_clip built before: the model randomly initialised, then the file copied into it."""
+    from pacl_fast.backbone import _load_into
+
+    model = build()
+    _load_into(model, path)
+    return model.requires_grad_(False).eval()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_weights_file_model_is_built_empty_and_equals_the_plain_one(tmp_path, tiny_config, no_random_init, dtype):
+    """A config dict with a weights file: built on the meta device, the file's tensors assigned (fp16 files
+    rounded to the model's fp32 as copy_ would), the causal mask rebuilt: equal to the plain build, bit for bit,
+    and not one random initialiser run."""
+    torch.manual_seed(5)
+    path = save_weights(open_clip.CLIP(**tiny_config), tmp_path / "w.safetensors", dtype)
+    no_random_init.clear()
+    fast = load_clip(tiny_config, path)
+    assert no_random_init == []
+    assert_same_model(fast.clip, plain_model(lambda: open_clip.CLIP(**tiny_config), path))
+
+
+def test_local_dir_and_tag_models_are_built_empty_and_equal_open_clips(tmp_path, tiny_config, stand_in, no_random_init):
+    """The two ways open_clip loads the file itself (a ``local-dir:`` folder, a tag's download): the same model
+    as open_clip's create_model builds and loads, without its random init."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
+    torch.manual_seed(6)
+    save_weights(open_clip.CLIP(**tiny_config), folder / "open_clip_model.safetensors")
+    weights, _ = stand_in
+    cases = {
+        f"local-dir:{folder}": lambda: open_clip.create_model(f"local-dir:{folder}"),
+        "stand_in": lambda: open_clip.create_model("pacl-tiny", pretrained=str(weights), force_quick_gelu=True,
+                                                   force_preprocess_cfg={"mean": STAND_IN_MEAN, "std": STAND_IN_STD,
+                                                                         "interpolation": "bicubic",
+                                                                         "resize_mode": "shortest"}),
+    }  # fmt: skip
+    for clip, open_clips in cases.items():
+        no_random_init.clear()
+        fast = load_clip(clip) if clip.startswith("local-dir:") else load_clip("pacl-tiny", "stand_in")
+        assert no_random_init == [], clip
+        expected = open_clips()
+        assert_same_model(fast.clip, expected.requires_grad_(False).eval())
+        assert fast.clip.visual.preprocess_cfg == expected.visual.preprocess_cfg, clip
+        assert activations(fast.clip) == activations(expected), clip
+
+
+def test_vit_b16_from_a_weights_file_equals_the_plain_build(tmp_path, no_random_init):
+    """The benchmark's model (benchmarks/cold_start.py): ViT-B-16 from a local safetensors file."""
+    torch.manual_seed(7)
+    plain = open_clip.create_model("ViT-B-16")
+    path = save_weights(plain, tmp_path / "vit.safetensors")
+    no_random_init.clear()
+    fast = load_clip("ViT-B-16", path)
+    assert no_random_init == []
+    assert_same_model(fast.clip, plain.requires_grad_(False).eval())
+    assert fast.clip.attn_mask.shape == (77, 77)
+
+
+def test_a_file_that_does_not_fit_exactly_is_loaded_the_plain_way(tmp_path, tiny_config):
+    """A model whose logit_bias the file lacks (tolerated, as before: it keeps its init value) cannot be
+    assigned: it is built and loaded the plain way, with the same result; an extra tensor is still named."""
+    config = {**tiny_config, "init_logit_bias": -3.0}
+    torch.manual_seed(8)
+    state = {k: v.contiguous() for k, v in open_clip.CLIP(**config).state_dict().items() if k != "logit_bias"}
+    path = tmp_path / "no_bias.safetensors"
+    save_file(state, str(path))
+    backbone = load_clip(config, path)
+    assert backbone.clip.logit_bias.item() == -3.0
+    torch.manual_seed(9)
+    assert_same_model(backbone.clip, plain_model(lambda: open_clip.CLIP(**config), path))
+    save_file({**state, "stray": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match=r"does not fit this architecture: missing \[\], unexpected \['stray'\]"):
+        load_clip(config, path)
+
+
+def test_loaded_weights_do_not_map_the_file(tmp_path, tiny_config):
+    """The model's tensors are its own: the file rewritten in place afterwards (same size, other bytes) changes
+    nothing in it (safetensors' load_file maps the file; a model assigned those tensors would follow it)."""
+    torch.manual_seed(10)
+    path = save_weights(open_clip.CLIP(**tiny_config), tmp_path / "w.safetensors")
+    backbone = load_clip(tiny_config, path)
+    before = {k: v.clone() for k, v in backbone.clip.state_dict().items()}
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # every tensor's bytes zeroed, in the same inode
+    with open(path, "r+b") as f:
+        f.write(data)
+    after = backbone.clip.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_read_safetensors_hashes_what_it_reads_and_checks_the_ranges(tmp_path, tiny_backbone):
+    import hashlib
+
+    from pacl_fast import backbone
+
+    path = save_weights(tiny_backbone.clip, tmp_path / "w.safetensors")
+    backbone._SHA_CACHE.clear()
+    state = backbone.read_safetensors(path)
+    assert backbone._SHA_CACHE and backbone.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = tiny_backbone.clip.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    # two tensors' byte ranges swapped in the header: sizes no longer match their ranges
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    small, large = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[small]["data_offsets"], header[large]["data_offsets"] = (
+        header[large]["data_offsets"], header[small]["data_offsets"])  # fmt: skip
+    if header[small]["shape"] == header[large]["shape"]:
+        header[small]["shape"] = [0]
+    text = json.dumps(header).encode()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    with pytest.raises(ValueError, match=f"{broken}.*broken safetensors header: tensor"):
+        backbone.read_safetensors(broken)

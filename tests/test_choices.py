@@ -21,6 +21,12 @@ def test_implementations_match_the_lists():
     assert KERNEL_TRAINING_FREE == choices.TRAINING_FREE_METHODS  # kernels/ may not import pacl_fast
     assert {protocol for protocol, _ in PRESETS} == set(choices.PROTOCOLS)
     assert choices.DEFAULT_TRAINING_FREE_METHOD in choices.TRAINING_FREE_METHODS
+    from pacl_fast.proxyclip import ProxyCLIP
+    from pacl_fast.vfm import SPECS
+
+    assert (ProxyCLIP.method,) == choices.VFM_METHODS and tuple(SPECS) == choices.VFMS
+    assert ("pacl", *choices.TRAINING_FREE_METHODS, *choices.VFM_METHODS) == choices.METHODS
+    assert choices.DEFAULT_VFM in choices.VFMS
 
 
 def test_choices_imports_only_the_standard_library():

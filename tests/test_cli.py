@@ -606,6 +606,73 @@ def test_pacl_weights_of_another_clip_name_the_option_that_allows_them(tmp_path,
     assert "1 written" in capsys.readouterr().out
 
 
+def test_timings_line_says_where_the_seconds_went(tmp_path, capsys, monkeypatch):
+    """``PACL_FAST_TIMINGS=1`` (issue 20): one stderr line at the end, every phase of the real command and the
+    total they add up to; the text is charged to ``text`` the first time and comes from the cache the second."""
+    from pacl_fast.cli.common import Timings
+
+    monkeypatch.setenv("PACL_FAST_TIMINGS", "1")
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path / "cache"))
+    photo = _photo(tmp_path)
+    lines = []
+    for run in ("cold", "warm"):
+        argv = ["segment", str(photo), "--labels", "circle,square", "--out", str(tmp_path / run), *DEMO]
+        assert main(argv) == 0
+        lines.append([line for line in capsys.readouterr().err.splitlines() if "timings:" in line])
+    parts = []
+    for found in lines:
+        assert len(found) == 1 and found[0].startswith("pacl-fast: timings: imports "), found
+        seconds = dict(part.rsplit(" ", 2)[:2] for part in found[0].split("timings: ")[1].split(", "))
+        assert list(seconds)[:5] == ["imports", "model", "text", "images", "writing"] and "other" in seconds
+        seconds = {name: float(value) for name, value in seconds.items()}
+        assert abs(sum(v for k, v in seconds.items() if k != "total") - seconds["total"]) <= 0.01 * len(seconds)
+        assert all(value >= 0 for value in seconds.values())
+        parts.append(seconds)
+    assert parts[0]["model"] > 0 and parts[0]["images"] > 0  # writing: a small PNG can take under 5 ms (0.00)
+    assert parts[1]["text"] < parts[0]["text"]  # the second run reads the text cache
+    # Each second goes to the innermost phase: an import inside a phase is the imports', not the phase's.
+    (tmp_path / "slow_to_import_probe.py").write_text("import time\ntime.sleep(0.3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    timings = Timings()
+    started = timings.seconds["imports"]
+    timings.install()
+    try:
+        with timings.phase("model"):
+            import slow_to_import_probe  # noqa: F401
+
+            time.sleep(0.1)
+    finally:
+        timings.uninstall()
+    assert 0.1 <= timings.seconds["model"] < 0.38 and timings.seconds["imports"] - started >= 0.3
+
+
+def test_run_and_exit_runs_what_teardown_is_for_and_skips_the_rest(tmp_path):
+    """``pacl-fast`` ends without the interpreter's teardown (seconds of freeing torch): the exit code, the
+    atexit functions, temporary folders' finalizers and unflushed output still happen; a thread still running
+    is waited for, as the ordinary exit does."""
+    script = (
+        "import atexit, sys, tempfile, threading, time\n"
+        "from pathlib import Path\n"
+        "from pacl_fast.process_exit import run_and_exit\n"
+        "def main():\n"
+        "    folder = tempfile.TemporaryDirectory()\n"
+        "    Path(sys.argv[1]).write_text(folder.name)\n"
+        "    atexit.register(lambda: Path(sys.argv[2]).write_text('ran'))\n"
+        "    if sys.argv[3] == 'thread':\n"
+        "        threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[4]).write_text('done'))).start()\n"
+        "    sys.stdout.write('unflushed')\n"
+        "    return 3\n"
+        "run_and_exit(main)\n"
+    )
+    for mode in ("alone", "thread"):
+        names, ran, done = tmp_path / f"{mode}-tmp", tmp_path / f"{mode}-atexit", tmp_path / f"{mode}-thread"
+        result = subprocess.run([sys.executable, "-c", script, str(names), str(ran), mode, str(done)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 3 and result.stdout == "unflushed", (result.stdout, result.stderr)
+        assert ran.read_text() == "ran" and not Path(names.read_text()).exists()
+        assert done.is_file() == (mode == "thread")
+
+
 def test_a_missing_optional_package_is_one_line_naming_the_pip_command(capsys, monkeypatch):
     """An option whose package is not installed (OpenCV for --protocol, timm for a VFM...) ended in a
     ModuleNotFoundError traceback: now one line naming the module and how to install it."""

@@ -31,8 +31,13 @@ from pacl_fast.refine import pamr
 # ClearCLIP: clearclip_segmentor.py:23 defaults logit_scale=50, prob_thd=0.0, slide_stride=224,
 #   slide_crop=448; cfg_voc21.py:6 prob_thd=0.5, cfg_context60.py:6 0.15, cfg_coco_object.py:6 0.4,
 #   cfg_city_scapes.py:6 slide_crop=224; Resize (2048, 448) everywhere.
+# ProxyCLIP (mc-lan/ProxyCLIP@e7b767f): proxyclip_segmentor.py:30-31 defaults prob_thd=0.0, logit_scale=40,
+#   slide_stride=112, slide_crop=336; cfg_voc21.py:6 prob_thd=0.2, cfg_context60.py:6 0.15,
+#   cfg_coco_object.py:6 0.25, cfg_city_scapes.py:6-7 slide_stride=112, slide_crop=224; Resize (2048, 336)
+#   except cfg_ade20k.py:14 and cfg_city_scapes.py:16 (2048, 448).
 # Background (class 0 of cls_voc21 / cls_context60 / cls_coco_object.txt): SCLIP and NACLIP ask VOC21
-# and COCO-Object with 26 stuff names and Context60 with "background"; ClearCLIP says "background".
+# and COCO-Object with 26 stuff names and Context60 with "background"; ClearCLIP says "background";
+# ProxyCLIP asks VOC21 with 26 and COCO-Object with 17 stuff names, Context60 with "background".
 EXPECTED = {
     ("sclip", "voc21"): (65, 0.1, 0.1, 336, (224, 112), "stuff"),
     ("sclip", "context60"): (50, 0.1, None, 336, (224, 112), "word"),
@@ -58,6 +63,14 @@ EXPECTED = {
     ("clearclip", "context59"): (50, 0.0, None, 448, (448, 224), None),
     ("clearclip", "ade20k"): (50, 0.0, None, 448, (448, 224), None),
     ("clearclip", "cocostuff"): (50, 0.0, None, 448, (448, 224), None),
+    ("proxyclip", "voc21"): (40, 0.2, None, 336, (336, 112), "stuff"),
+    ("proxyclip", "context60"): (40, 0.15, None, 336, (336, 112), "word"),
+    ("proxyclip", "cocoobject"): (40, 0.25, None, 336, (336, 112), "stuff"),
+    ("proxyclip", "voc20"): (40, 0.0, None, 336, (336, 112), None),
+    ("proxyclip", "cityscapes"): (40, 0.0, None, 448, (224, 112), None),
+    ("proxyclip", "context59"): (40, 0.0, None, 336, (336, 112), None),
+    ("proxyclip", "ade20k"): (40, 0.0, None, 448, (336, 112), None),
+    ("proxyclip", "cocostuff"): (40, 0.0, None, 336, (336, 112), None),
 }
 
 
@@ -73,7 +86,7 @@ def test_every_preset_holds_what_its_repository_config_sets():
         assert preset.background == background, (name, dataset)
         assert preset.background_index == (0 if background else None)
         assert preset.pamr == ((10, (8, 16)) if name == "naclip" else None)
-        assert preset.crop_remainder == ("pad" if name == "clearclip" else "drop")
+        assert preset.crop_remainder == ("pad" if name in ("clearclip", "proxyclip") else "drop")
         assert preset.templates == "imagenet" and preset.max_long_side == 2048 and preset.precision == "fp16"
         assert len(preset.class_names) == len(DATASETS[dataset].classes), (name, dataset)
         assert any("configs/cfg_" in s for s in preset.source) and any(".txt" in s for s in preset.source)
@@ -97,6 +110,18 @@ def test_class_name_files_are_the_repositories_files_parsed_their_way():
     assert len(coco.class_names[0]) == 26 and coco.class_names[1][-1] == "body"
     assert "bed" in coco.class_names[0] and coco.class_names[60] == ("bed",)  # the file lists "bed" twice
     assert len(coco.queries) == 26 + 8 + 79 and coco.query_class.tolist().count(0) == 26
+    # ProxyCLIP: its own VOC21 and COCO-Object files, split on "; "; the others are SCLIP's and ClearCLIP's blobs.
+    proxy_voc = get_protocol("proxyclip", "voc21").class_names
+    assert len(proxy_voc[0]) == 26 and proxy_voc[0][:2] == ("sky", "wall") and proxy_voc[15] == ("person",)
+    assert proxy_voc[1:] == get_protocol("proxyclip", "voc20").class_names  # VOC20 + the stuff background
+    proxy_coco = get_protocol("proxyclip", "cocoobject").class_names
+    assert len(proxy_coco[0]) == 17 and proxy_coco[0][-1] == "rail" and proxy_coco[1] == ("person",)
+    assert all(len(n) == 1 for n in proxy_coco[1:]) and len(proxy_coco) == 81
+    assert get_protocol("proxyclip", "voc20").names_file == "clearclip/cls_voc20.txt"
+    assert get_protocol("proxyclip", "context60").class_names == context60
+    for dataset in ("voc20", "context60", "context59", "cocostuff", "ade20k", "cityscapes"):  # shared files: no
+        data = (protocols.NAMES_DIR / get_protocol("proxyclip", dataset).names_file).read_bytes()  # separator
+        assert b"; " not in data and b"," not in data, dataset
 
 
 def test_a_changed_name_file_is_refused(tmp_path, monkeypatch):

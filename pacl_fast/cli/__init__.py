@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pacl_fast.cli import classify, demo, export, segment, serve
 from pacl_fast.cli import eval as evaluate
 from pacl_fast.cli.common import HELP, UsageError, run_command
+from pacl_fast.process_exit import run_and_exit
 
-__all__ = ["COMMANDS", "HELP", "UsageError", "build_parser", "main"]
+__all__ = ["COMMANDS", "HELP", "UsageError", "build_parser", "console", "main"]
 
 #: Every command, in the order ``pacl-fast --help`` lists them.
 COMMANDS = {
@@ -45,3 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(args.command, COMMANDS[args.command].run, args)
+
+
+def console() -> None:
+    """``pacl-fast`` and ``python -m pacl_fast``: :func:`main` on the command line, then the process ends
+    without the interpreter's seconds of teardown (:func:`~pacl_fast.process_exit.run_and_exit`)."""
+    run_and_exit(main)

@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +20,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pacl_fast.choices import (
     AUTO,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_VFM,
     DTYPE_CHOICES,
     ENCODER_CHOICES,
     HEAD_BACKENDS,
     METHODS,
     TEMPLATE_PRESETS,
     TEXT_DTYPES,
+    VFM_METHODS,
+    VFMS,
 )
 
 if TYPE_CHECKING:
@@ -169,8 +174,21 @@ def add_weights_arguments(group: Options) -> None:
         "--method",
         default=None,
         choices=METHODS,
-        help="pacl (needs --pacl-weights), or a training-free method on the CLIP alone; default: pacl with "
-        "--pacl-weights, else naclip",
+        help="pacl (needs --pacl-weights), a training-free method on the CLIP alone, or proxyclip (the CLIP with a "
+        "vision foundation model: --vfm); default: pacl with --pacl-weights, else naclip",
+    )
+    group.add_argument(
+        "--vfm",
+        default=None,
+        choices=VFMS,
+        help=f"--method proxyclip: the vision foundation model whose attention it borrows (default {DEFAULT_VFM}, "
+        "the authors'); its grid, finer than the CLIP's, is the output's",
+    )
+    group.add_argument(
+        "--vfm-weights",
+        default=None,
+        help="--method proxyclip: the VFM's weights, a local file (the authors' hub checkpoint, e.g. "
+        "dino_vitbase8_pretrain.pth, or timm's state dict) or 'timm' (timm downloads them); default: random init",
     )
     group.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     group.add_argument(
@@ -254,6 +272,15 @@ def check_weights_files(args: argparse.Namespace) -> None:
         raise UsageError(f"--clip-weights {args.clip_weights}: no such file (give a local checkpoint or a tag)")
     if args.pacl_weights is not None and args.method not in (None, "pacl"):
         raise UsageError(f"--pacl-weights is used only by --method pacl, not {args.method}: drop one of them")
+    vfm_options = [option for option, value in (("--vfm", args.vfm), ("--vfm-weights", args.vfm_weights)) if value]
+    if vfm_options and args.method not in VFM_METHODS:
+        method = f"--method {args.method}" if args.method else "the default method"
+        raise UsageError(
+            f"{' and '.join(vfm_options)} given with {method}: a vision foundation model is used only by "
+            f"--method {' or '.join(VFM_METHODS)}"
+        )
+    if args.vfm_weights not in (None, "timm") and not Path(args.vfm_weights).is_file():
+        raise UsageError(f"--vfm-weights {args.vfm_weights}: no such file (give the VFM's checkpoint, or 'timm')")
 
 
 def check_text(labels: Sequence[str] | None, templates: str | None) -> None:
@@ -335,6 +362,8 @@ def make_segmenter(
         max_pixels=max_pixels,
         text_cache=False if args.no_text_cache else None,
         strict_clip=args.strict_clip,
+        vfm=args.vfm,
+        vfm_weights=args.vfm_weights,
         expected_images=expected_images,
     )
     if announce:
@@ -411,6 +440,143 @@ def write_json(path: Path | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------- where time goes
+
+#: ``PACL_FAST_TIMINGS=1``: a command ends with one stderr line saying where its seconds went (:class:`Timings`).
+TIMINGS_ENV = "PACL_FAST_TIMINGS"
+
+
+class Timings:
+    """Where a command's seconds go, measured inside the real command: one stderr line at its end,
+    ``timings: imports 3.1 s, model 1.2 s, text 0.3 s, images 0.9 s, writing 0.1 s, other 0.2 s, total 5.8 s``.
+
+    Each second is charged to exactly one phase: the innermost one running (:meth:`phase`), so phases exclude
+    the phases and imports inside them and the parts add up to the total. ``imports`` counts from the
+    process's start (the interpreter's own start-up and the modules imported before the command runs), then
+    every ``import`` statement wherever it runs (an import hook on this thread; ``importlib.import_module``
+    called outside an import statement is charged to the phase that calls it). ``other``: what no phase
+    claims (options, inputs, checks, the summary). ``total``: the process's age at the line; what a caller
+    measures beyond it is the interpreter's exit.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"imports": process_age() or 0.0}  # the start-up, before this clock
+        self.stack = ["other"]
+        self.thread = threading.get_ident()
+        self.last = time.perf_counter()
+        self.saved_import = None
+
+    def charge(self) -> None:
+        """The seconds since the last change, to the innermost phase running."""
+        now = time.perf_counter()
+        top = self.stack[-1]
+        self.seconds[top] = self.seconds.get(top, 0.0) + now - self.last
+        self.last = now
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """The block's seconds are ``name``'s (those of phases and imports inside it are theirs)."""
+        self.charge()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.charge()
+            self.stack.pop()
+
+    def timed(self, name: str, function: Callable) -> Callable:
+        """``function`` with its calls charged to phase ``name``."""
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return function(*args, **kwargs)
+
+        return timed_call
+
+    def install(self) -> None:
+        """Charge ``import`` statements (this thread's, outermost only) to ``imports`` until :meth:`uninstall`."""
+        import builtins
+
+        original = self.saved_import = builtins.__import__
+
+        def timed_import(*args: Any, **kwargs: Any) -> Any:
+            if self.stack[-1] == "imports" or threading.get_ident() != self.thread:
+                return original(*args, **kwargs)
+            with self.phase("imports"):
+                return original(*args, **kwargs)
+
+        builtins.__import__ = timed_import
+
+    def uninstall(self) -> None:
+        import builtins
+
+        if self.saved_import is not None:
+            builtins.__import__ = self.saved_import
+            self.saved_import = None
+
+    def line(self) -> str:
+        """``timings: imports 3.1 s, ..., total 5.8 s``: the phases in the order a command meets them."""
+        self.charge()
+        order = ("imports", "model", "text", "images", "writing")
+        names = [name for name in order if name in self.seconds]
+        names += [name for name in self.seconds if name not in order and name != "other"] + ["other"]
+        total = sum(self.seconds.values())
+        parts = [f"{name} {self.seconds.get(name, 0.0):.2f} s" for name in names]
+        return "timings: " + ", ".join([*parts, f"total {total:.2f} s"])
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: ``/proc/self/stat``'s start time against the boot clock, in
+    clock ticks of 10 ms); None where the system does not say."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, ticks after boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+#: The running command's :class:`Timings` (None: not asked for), set by :func:`run_command`.
+_timings: Timings | None = None
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """A phase of the running command for ``PACL_FAST_TIMINGS`` (nothing when it is not set)."""
+    if _timings is None:
+        yield
+    else:
+        with _timings.phase(name):
+            yield
+
+
+def timings_on() -> bool:
+    """Whether the running command reports its timings (``PACL_FAST_TIMINGS``)."""
+    return _timings is not None
+
+
+def timed(name: str, function: Callable) -> Callable:
+    """``function``, its calls a phase ``name`` of the running command when ``PACL_FAST_TIMINGS`` is set."""
+    return function if _timings is None else _timings.timed(name, function)
+
+
+@contextmanager
+def timings_report() -> Iterator[None]:
+    """While a command runs, its :class:`Timings` when ``PACL_FAST_TIMINGS`` is set, and the line at its end."""
+    global _timings
+    if not os.environ.get(TIMINGS_ENV) or _timings is not None:
+        yield
+        return
+    _timings = Timings()
+    _timings.install()
+    try:
+        yield
+    finally:
+        _timings.uninstall()
+        line, _timings = _timings.line(), None
+        say(line)
+
+
 # --------------------------------------------------------------------------------------- running one
 
 
@@ -477,7 +643,7 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
     """``run(args)`` as a command: logging to stderr (:func:`command_logging`), and errors as one line that
     says what to do (``PACL_FAST_DEBUG=1``: the traceback instead). Ctrl-C ends it on a fresh line (a
     progress bar may hold the current one) with what was done, if the command said (:class:`Interrupted`)."""
-    with command_logging(getattr(args, "verbose", False), getattr(args, "show_loggers", ())):
+    with command_logging(getattr(args, "verbose", False), getattr(args, "show_loggers", ())), timings_report():
         if os.environ.get("PACL_FAST_DEBUG"):
             return run(args)
         from pacl_fast.encoders.base import EncoderUnavailableError

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(report.metrics.table())
         print(f"{report.dataset}: {report.num_images} images, {len(report.failures)} failed")
-        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights),
+        model = {"clip": str(args.clip), "pacl_weights": common.path_text(args.pacl_weights), "vfm": segmenter.vfm,
                  "name": segmenter.name, "choices": segmenter.choices}  # fmt: skip
         ran = {"background_threshold": threshold, "sliding_window": None if window is None else asdict(window)}
         common.write_json(args.json, {"model": model, "options": ran, **report.to_dict()})

@@ -88,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
     common.check_weights_files(args)
     model, _ = build_model(
         args.clip, args.clip_weights, args.pacl_weights, method=args.method, device=args.device,
-        strict_clip=args.strict_clip,
+        strict_clip=args.strict_clip, vfm=args.vfm, vfm_weights=args.vfm_weights,
     )  # fmt: skip
     size = model.model_defaults.image_size  # the model's input size, as a Segmenter runs it by default
     sizes = args.image_sizes or [(size, size)]
     shown = ", ".join(f"{h}x{w}" for h, w in sizes)
-    common.say(f"export {args.format} {precision} of method={model.method}, clip={model.display_name}, "
+    vfm = f", vfm={model.vfm.identity}" if getattr(model, "vfm", None) is not None else ""
+    common.say(f"export {args.format} {precision} of method={model.method}, clip={model.display_name}{vfm}, "
         f"image sizes {shown} -> {args.out}")  # fmt: skip
     try:
         export_artifacts(

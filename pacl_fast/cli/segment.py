@@ -14,6 +14,7 @@ from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
 
 if TYPE_CHECKING:
     from pacl_fast.bulk import Inputs
+    from pacl_fast.segmenter import Segmenter
 
 
 def add_parser(sub: common.Subcommands) -> None:
@@ -79,6 +80,22 @@ def expected_images(inputs: Inputs, world_size: int) -> float:
     return math.inf if inputs.shards else len(inputs.files) / world_size
 
 
+def time_phases(segmenter: Segmenter) -> None:
+    """``PACL_FAST_TIMINGS``: the segmenter's class-name embeddings timed as ``text`` and each result's PNG
+    writing as ``writing`` (the rest of the bulk run is ``images``), by wrapping this one segmenter's methods."""
+    segmenter.encode_labels = common.timed("text", segmenter.encode_labels)
+    segment_images = segmenter.segment_images
+
+    def segment_images_timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Segmenter.segment_images's
+        results = segment_images(*args, **kwargs)
+        for result in results:
+            if hasattr(result, "save"):
+                result.save = common.timed("writing", result.save)
+        return results
+
+    segmenter.segment_images = segment_images_timed
+
+
 def run(args: argparse.Namespace) -> int:
     from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 
@@ -102,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"0 written, {skipped} skipped (already written), 0 failed")
             return 0
     dist, device = common.distributed(args)
-    segmenter = common.make_segmenter(args, device, expected_images=expected_images(inputs, dist.world_size))
+    with common.phase("model"):
+        segmenter = common.make_segmenter(args, device, expected_images=expected_images(inputs, dist.world_size))
+    if common.timings_on():
+        time_phases(segmenter)
     # What the options leave out is the model's (its defaults), as predict and the service use it.
     asked = segmenter.resolve(args.templates, args.background_threshold, args.sliding_window)
 
@@ -117,22 +137,23 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     try:
-        summary = segment_bulk(
-            segmenter,
-            inputs,
-            args.labels,
-            args.out,
-            templates=asked.templates,
-            background_threshold=asked.background_threshold,
-            sliding_window=asked.sliding_window,
-            overlays=not args.no_overlay,
-            overwrite=args.overwrite,
-            dist=dist,
-            workers=args.workers,
-            max_member_bytes=args.max_member_bytes,
-            on_result=report,
-            request=request,
-        )
+        with common.phase("images"):  # decoding, the encoder, the head: what text and writing leave
+            summary = segment_bulk(
+                segmenter,
+                inputs,
+                args.labels,
+                args.out,
+                templates=asked.templates,
+                background_threshold=asked.background_threshold,
+                sliding_window=asked.sliding_window,
+                overlays=not args.no_overlay,
+                overwrite=args.overwrite,
+                dist=dist,
+                workers=args.workers,
+                max_member_bytes=args.max_member_bytes,
+                on_result=report,
+                request=request,
+            )
     except KeyboardInterrupt:
         by = " by this rank" if dist.enabled else ""
         raise common.Interrupted(

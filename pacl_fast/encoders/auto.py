@@ -18,10 +18,14 @@ many images the caller will segment (``pacl-fast segment``: its inputs; ``eval``
 size; ``serve``: ``math.inf``, a service runs until stopped; None: unknown, as for ``predict`` on a
 few images). The rule:
 
-1. OpenVINO installed, the model on the CPU, and a model of these weights already cached
-   (``pacl-fast export --format openvino``, or an earlier run): ``openvino``; nothing to build for
-   the cached sizes.
-2. OpenVINO installed and ``expected_images >= OPENVINO_MIN_IMAGES[units]``: ``openvino``.
+1. OpenVINO installed, the model on the CPU, and ``expected_images >= OPENVINO_MIN_IMAGES[units]``:
+   ``openvino``; the work pays a build for every input size it meets.
+2. OpenVINO installed, the model on the CPU, a model of these weights already cached for some input sizes
+   (``pacl-fast export --format openvino``, or an earlier run), and fewer images announced (or none said):
+   ``openvino`` for the cached sizes only, and every other size through eager torch in the precision rule 3
+   would choose (:class:`CachedSizesEncoder`, its torch copy made when such a size first comes). An image of a
+   new size never pays a build the work cannot repay (10-20 s for ViT-B-16), and what runs on a size that
+   is not cached does not depend on what earlier runs left in the cache.
 3. Otherwise eager ``torch``. ``compile`` is never chosen: on both CPUs measured it saves nothing
    over eager bf16 (below) and costs 30-60 s per input size; on CUDA it was not measured (no GPU
    was lent to this work), so it is not chosen blind there either.
@@ -59,6 +63,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +72,7 @@ import torch
 from torch import nn
 
 from pacl_fast.choices import AUTO
-from pacl_fast.encoders.base import dtype_name, resolve_dtype
+from pacl_fast.encoders.base import Encoder, as_size, dtype_name, resolve_dtype
 from pacl_fast.encoders.graph import model_device
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -78,12 +84,17 @@ OPENVINO_MIN_IMAGES: dict[str, int] = {"AMX-BF16": 300, "AVX512-BF16": 2000, "fp
 @dataclass(frozen=True)
 class Choice:
     """An encoder and precision, and why: ``str(choice)`` is the short line printed for users, e.g.
-    ``encoder=openvino bf16 (OpenVINO installed, cached model found (224x224); CPU has AMX-BF16)``."""
+    ``encoder=openvino bf16 (OpenVINO installed, cached model found (224x224); CPU has AMX-BF16)``.
+
+    ``only_sizes``: OpenVINO runs these input sizes ``(H, W)`` only (its cached models), eager torch in
+    ``eager_dtype`` the others (:class:`CachedSizesEncoder`); None: the encoder runs every size."""
 
     encoder: str
     dtype: torch.dtype | None  # what make_encoder gets (None: the backend's default or ``options``' precision)
     precision: str  # what the encoder computes in: fp32, bf16, fp16, int8
     reasons: tuple[str, ...] = field(default=())
+    only_sizes: tuple[tuple[int, int], ...] | None = None
+    eager_dtype: torch.dtype | None = None
 
     def __str__(self) -> str:
         return f"encoder={self.encoder} {self.precision} ({'; '.join(self.reasons) or 'as given'})"
@@ -178,13 +189,15 @@ def choose_encoder(
         return "torch", "eager: OpenVINO not installed (pip install pacl-fast[openvino])"
     from pacl_fast.encoders.openvino_encoder import cached_sizes
 
-    sizes = cached_sizes(model, options.get("cache_dir"))
-    if sizes:
-        return "openvino", f"OpenVINO installed, cached model found ({', '.join(f'{h}x{w}' for h, w in sizes)})"
     units = (cpu_bf16_units() or "fp32") if dtype != torch.float32 else "fp32"
     needed = OPENVINO_MIN_IMAGES[units]
     if expected_images is not None and expected_images >= needed:
         return "openvino", f"OpenVINO installed; {count} pay its build (one per input size; >= {needed} do)"
+    sizes = cached_sizes(model, options.get("cache_dir"))
+    if sizes:
+        found = ", ".join(f"{h}x{w}" for h, w in sizes)
+        pays = "image count not given" if count is None else f"{count} do not pay a build (>= {needed} would)"
+        return "openvino", f"OpenVINO installed, cached model found ({found}): other sizes eager, {pays}"
     if count is None:
         return "torch", "eager: OpenVINO installed, no model cached, image count not given (expected_images)"
     return "torch", f"eager: OpenVINO installed, no model cached, {count} do not pay its build (>= {needed} would)"
@@ -212,16 +225,70 @@ def choose(
         raise ValueError(f"expected_images must be a number of images >= 0 or None, got {expected_images!r}")
     given = None if dtype in (AUTO, None) else resolve_dtype(dtype)
     reasons = []
+    only_sizes = eager_dtype = None
     if encoder == AUTO:
         encoder, why = choose_encoder(model, given, expected_images, options)
         reasons.append(why)
+        if encoder == "openvino" and "other sizes eager" in why:  # rule 2: the cached sizes only
+            from pacl_fast.encoders.openvino_encoder import cached_sizes
+
+            only_sizes = tuple(cached_sizes(model, options.get("cache_dir")))
+            eager_dtype = given if dtype != AUTO else choose_dtype("torch", model_device(model), {})[0]
     if dtype == AUTO:
         chosen, why = choose_dtype(encoder, model_device(model), options)
         reasons.append(why)
     else:
         chosen = given
     precision = options.get("precision") if encoder == "openvino" and options.get("precision") else None
-    return Choice(encoder, chosen, precision or _precision_of(encoder, chosen), tuple(reasons))
+    precision = precision or _precision_of(encoder, chosen)
+    return Choice(encoder, chosen, precision, tuple(reasons), only_sizes, eager_dtype)
+
+
+class CachedSizesEncoder:
+    """OpenVINO for the input sizes it has cached models of, eager torch for every other size (rule 2 of the
+    module docstring): an image of a new size costs no build. The torch encoder (a copy of the model in
+    ``eager_dtype``) is made when such a size first comes. Text and CLIP's global embedding: OpenVINO's (the
+    model in PyTorch fp32), so that the text cache's entries do not depend on which sizes come.
+
+    Args:
+        openvino: the OpenVINO encoder (its model must stay as it is: the torch copy is made from it).
+        sizes: the ``(H, W)`` OpenVINO runs.
+        eager: makes the torch encoder for the other sizes.
+    """
+
+    name = "openvino"
+
+    def __init__(self, openvino: Encoder, sizes: Sequence[tuple[int, int]], eager: Callable[[], Encoder]):
+        self.openvino, self.sizes, self._make_eager = openvino, frozenset(sizes), eager
+        self._eager: Encoder | None = None
+        self._lock = threading.Lock()
+        self.dtype, self.precision = openvino.dtype, openvino.precision
+
+    def eager(self) -> Encoder:
+        """The torch encoder of the sizes OpenVINO has no model of (made on first call)."""
+        with self._lock:
+            if self._eager is None:
+                self._eager = self._make_eager()
+            return self._eager
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, h, w, E]`` unit embeddings: OpenVINO's for a cached
+        ``(H, W)``, eager torch's (float32 out) for any other."""
+        if as_size(pixels.shape[-2:]) in self.sizes:
+            return self.openvino.encode_image(pixels)
+        return self.eager().encode_image(pixels).float()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[T, L]`` token ids -> ``[T, E]`` unit text embeddings: OpenVINO's (PyTorch fp32)."""
+        return self.openvino.encode_text(tokens)
+
+    def encode_global(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> ``[B, E]`` CLIP's unit image embeddings: OpenVINO's (PyTorch fp32)."""
+        return self.openvino.encode_global(pixels)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(self.sizes))
+        return f"CachedSizesEncoder({self.openvino!r} for {sizes}, eager torch for other sizes)"
 
 
 def _precision_of(encoder: str, dtype: torch.dtype | None) -> str:

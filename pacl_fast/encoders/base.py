@@ -103,14 +103,18 @@ def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def check_pixels(pixels: torch.Tensor, patch_size: int) -> tuple[int, int]:
-    """``[B, 3, H, W]`` with sides multiples of the patch size; returns the grid ``(H/p, W/p)``."""
+def check_pixels(pixels: torch.Tensor, patch_size: int, grid_patch: int | None = None) -> tuple[int, int]:
+    """``[B, 3, H, W]`` with sides multiples of ``patch_size`` (the model's ``pixel_multiple``: its CLIP's patch
+    size, for ProxyCLIP the lcm of both towers'); returns the output grid ``(H/q, W/q)``, ``q`` = ``grid_patch``
+    (the model's; default ``patch_size``)."""
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
     height, width = pixels.shape[-2:]
+    grid_patch = patch_size if grid_patch is None else grid_patch
     if height % patch_size or width % patch_size:
-        raise ValueError(f"image sides must be multiples of the patch size {patch_size}, got {height}x{width}")
-    return height // patch_size, width // patch_size
+        what = "patch size" if grid_patch == patch_size else "pixel multiple"
+        raise ValueError(f"image sides must be multiples of the {what} {patch_size}, got {height}x{width}")
+    return height // grid_patch, width // grid_patch
 
 
 def check_out(

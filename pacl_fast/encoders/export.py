@@ -112,7 +112,8 @@ def export_image_onnx(
 ) -> Path:
     """Export the image tower for inputs ``[B, 3, H, W]`` (B dynamic) to ``folder/model.onnx``.
 
-    Graph: ``pixels`` ``[B, 3, H, W]`` (``dtype``) -> ``patches`` ``[B, H/p, W/p, E]`` (``dtype``), unit rows.
+    Graph: ``pixels`` ``[B, 3, H, W]`` (``dtype``) -> ``patches`` ``[B, H/q, W/q, E]`` (``dtype``), unit rows
+    (``q``: the model's ``grid_patch``; ProxyCLIP's VFM, with its re-normalisation, is inside the graph).
     """
     require_onnx()
     model = cast_copy(model, dtype)
@@ -273,7 +274,7 @@ def export_onnx(
 
     def image(size: tuple[int, int]) -> Callable[[], dict]:
         path = lambda: cache.image(size).relative_to(out).as_posix()  # noqa: E731
-        return lambda: image_entry(path(), size, backbone.patch_size, backbone.embed_dim, name)
+        return lambda: image_entry(path(), size, model.grid_patch, backbone.embed_dim, name)
 
     def text() -> dict:
         entry = {

@@ -130,9 +130,9 @@ class ImageTower(nn.Module):
         Export traces with fake tensors: a cache miss during tracing would store a fake tensor in
         the cache that the eager model shares. Priming makes tracing read a real constant.
         """
-        patch = self.backbone.patch_size
-        if image_size[0] % patch or image_size[1] % patch:
-            raise ValueError(f"image size {image_size} must be a multiple of the patch size {patch}")
+        multiple = self.model.pixel_multiple
+        if image_size[0] % multiple or image_size[1] % multiple:
+            raise ValueError(f"image size {image_size} must be a multiple of the model's pixel multiple {multiple}")
         weight = self.backbone.visual.conv1.weight
         key = (image_size[0], image_size[1], weight.dtype, weight.device)
         if key not in self._primed:  # one eager pass fills every cache the model's method reads

@@ -72,7 +72,8 @@ class OnnxRuntimeEncoder:
             raise ValueError(f"encoder='onnxruntime' runs float32 or float16 graphs, got dtype={dtype}")
         self.dtype = dtype
         self.threads = threads or torch.get_num_threads()
-        self.patch_size = model.backbone.patch_size
+        self.patch_size = model.backbone.patch_size  # encode_global's
+        self.pixel_multiple, self.grid_patch = model.pixel_multiple, model.grid_patch
         self.embed_dim = model.backbone.embed_dim
         self.cache = OnnxCache(model, dtype, cache_dir)
         self._sessions: dict[object, object] = {}
@@ -126,7 +127,7 @@ class OnnxRuntimeEncoder:
 
         ``out``: an optional contiguous ``[B, h, w, E]`` tensor (``dtype``, on the device) to write into.
         """
-        grid = check_pixels(pixels, self.patch_size)
+        grid = check_pixels(pixels, self.pixel_multiple, self.grid_patch)
         pixels = pixels.to(self.device, self.dtype).contiguous()
         patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), self.dtype, self.device)
         self._run(self.image_session(tuple(pixels.shape[-2:])), (IMAGE_INPUT, IMAGE_OUTPUT), pixels, patches)

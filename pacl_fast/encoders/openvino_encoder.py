@@ -270,6 +270,7 @@ class OpenVINOEncoder:
         self.synthetic_calibration = Calibration.resolve("synthetic", calibration_size)
         backbone = model.backbone
         self.patch_size, self.embed_dim = backbone.patch_size, backbone.embed_dim
+        self.pixel_multiple, self.grid_patch = model.pixel_multiple, model.grid_patch
         self.image_size, (self.mean, self.std) = backbone.image_size, backbone.mean_std
         self.onnx = OnnxCache(model, torch.float32, cache_dir)
         key = cache_key(self.onnx.key, self.ov.__version__, self.cpu)
@@ -407,7 +408,7 @@ class OpenVINOEncoder:
 
         ``out``: an optional contiguous ``[B, h, w, E]`` float32 CPU tensor to write into.
         """
-        grid = check_pixels(pixels, self.patch_size)
+        grid = check_pixels(pixels, self.pixel_multiple, self.grid_patch)
         pixels = pixels.to("cpu", torch.float32).contiguous()
         patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), torch.float32, torch.device("cpu"))
         model = self._prepare(as_size(pixels.shape[-2:]))
@@ -476,7 +477,7 @@ def export_openvino(
         return image_entry(
             path.relative_to(out).as_posix(),
             size,
-            encoder.patch_size,
+            encoder.grid_patch,
             encoder.embed_dim,
             "float32",
             precision=precision,

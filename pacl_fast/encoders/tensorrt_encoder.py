@@ -225,6 +225,7 @@ class TensorRTEncoder:
         self.workspace_bytes = int(workspace_gib * (1 << 30))
         self.progress = progress
         self.patch_size = model.backbone.patch_size
+        self.pixel_multiple, self.grid_patch = model.pixel_multiple, model.grid_patch
         self.embed_dim = model.backbone.embed_dim
         self.onnx = OnnxCache(model, dtype, cache_dir)
         cache_root = Path(cache_dir or default_cache_dir())
@@ -294,7 +295,7 @@ class TensorRTEncoder:
 
         ``out``: an optional contiguous ``[B, h, w, E]`` tensor (engine precision, on the GPU) to write into.
         """
-        grid = check_pixels(pixels, self.patch_size)
+        grid = check_pixels(pixels, self.pixel_multiple, self.grid_patch)
         engine = self.engine(tuple(pixels.shape[-2:]))
         pixels = pixels.to(self.device, engine.input_dtype).contiguous()
         patches = check_out(out, (pixels.shape[0], *grid, self.embed_dim), engine.output_dtype, self.device)
@@ -333,7 +334,7 @@ def export_tensorrt(
     out = Path(out)
     encoder = TensorRTEncoder(model, dtype, max_batch=max_batch, cache_dir=out, progress=progress)
     encoder.store.temporary = encoder.onnx.store.temporary = False  # an export writes where it is asked, or fails
-    patch, embed_dim, name = encoder.patch_size, encoder.embed_dim, dtype_name(dtype)
+    patch, embed_dim, name = encoder.grid_patch, encoder.embed_dim, dtype_name(dtype)
 
     def job(size: tuple[int, int]) -> dict:
         encoder.engine(size)

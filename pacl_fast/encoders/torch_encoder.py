@@ -59,6 +59,7 @@ class TorchEncoder:
         self.compiled = compile
         self.channels_last = channels_last
         self.patch_size = self.model.backbone.patch_size
+        self.pixel_multiple, self.grid_patch = self.model.pixel_multiple, self.model.grid_patch
         if channels_last:
             conv = self.model.backbone.visual.conv1
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
@@ -82,7 +83,7 @@ class TorchEncoder:
         return "compile" if self.compiled else "torch"
 
     def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        check_pixels(pixels, self.patch_size)
+        check_pixels(pixels, self.pixel_multiple, self.grid_patch)
         pixels = pixels.to(self.device, self.dtype)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)

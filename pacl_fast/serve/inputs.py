@@ -319,7 +319,7 @@ def default_sliding_window(segmenter: Segmenter) -> tuple[int, int, int | None]:
     window = segmenter.defaults.sliding_window
     if window is not None:
         return window.crop, window.stride, window.short_side
-    image_size, patch_size = segmenter.image_size, segmenter.patch_size
+    image_size, patch_size = segmenter.image_size, segmenter.pixel_multiple  # CLIP's patch size but for ProxyCLIP
     crop = max(patch_size, image_size // patch_size * patch_size)
     stride = max(patch_size, crop // 2 // patch_size * patch_size)
     return crop, stride, 2 * image_size
@@ -328,7 +328,7 @@ def default_sliding_window(segmenter: Segmenter) -> tuple[int, int, int | None]:
 def parse_sliding_window(value: str, segmenter: Segmenter) -> tuple[int, int, int | None] | bool | None:
     """``true`` (the default window), ``false`` (none: False), or ``CROP,STRIDE[,SHORT]`` pixels, at most 4x
     the model's size; not given (empty): None, the model's."""
-    image_size, patch_size = segmenter.image_size, segmenter.patch_size
+    image_size, patch_size = segmenter.image_size, segmenter.pixel_multiple  # CLIP's patch size but for ProxyCLIP
     text = value.strip().lower()
     if not text:
         return None
@@ -353,7 +353,7 @@ def parse_sliding_window(value: str, segmenter: Segmenter) -> tuple[int, int, in
         )
     if crop % patch_size or stride % patch_size:
         raise ApiError(
-            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the patch size {patch_size}"
+            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the {segmenter._multiple_words}"
         )
     return crop, stride, short
 

@@ -96,7 +96,7 @@ def prepare(data: bytes, options: SegmentOptions, segmenter: Segmenter, settings
     except (ValueError, TypeError) as error:
         raise ApiError(422, "bad_image", str(error)) from None
     if window is not None:
-        count = len(window.origins(prepared.geometry.canvas_size, segmenter.patch_size))
+        count = len(window.origins(prepared.geometry.canvas_size, segmenter.pixel_multiple))
         if count > settings.max_windows:
             raise ApiError(
                 422, "bad_option", f"sliding_window makes {count} windows, over the limit of {settings.max_windows}"

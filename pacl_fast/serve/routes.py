@@ -153,6 +153,9 @@ async def info(segmenter: Model, settings: Settings) -> dict:
         "choices": segmenter.choices,  # which encoder and precision run, and why
         "image_size": segmenter.image_size,
         "patch_size": segmenter.patch_size,
+        "pixel_multiple": segmenter.pixel_multiple,
+        "grid_patch": segmenter.grid_patch,
+        "vfm": segmenter.vfm,
         "templates": list(TEMPLATE_PRESETS),
         "defaults": defaults,
         "default_templates": defaults["templates"],
