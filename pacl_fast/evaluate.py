@@ -118,44 +118,9 @@ def evaluate_segmentation(
         workers: DataLoader processes decoding images ahead of the model.
     """
     dist = dist or DistInfo()
-    dense = False
-    if protocol is not None:
-        _check_protocol(protocol, segmenter, dataset, names, templates, sliding_window, background_threshold)
-        require_opencv()  # before any image: the protocols resize with OpenCV
-        queries, query_class = protocol.queries, protocol.query_class
-        templates = protocol.templates
-        if not protocol.whole_image:
-            sliding_window = SlidingWindow(protocol.slide_crop, protocol.slide_stride, protocol.short_side)
-        background_threshold = protocol.prob_threshold or None
-        dense = protocol.pamr is not None or protocol.area_threshold is not None
-    else:
-        asked = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
-        if asked.num_classes != dataset.num_classes:
-            raise ValueError(
-                f"{len(asked.names)} class names given for {dataset.num_classes} classes of {dataset.name}"
-            )
-        queries, query_class = asked.queries, asked.query_class
-        templates = templates if templates is not None else (dataset.templates or segmenter.defaults.templates)
-    segmenter.check_options(sliding_window, background_threshold)
-    if background_threshold is not None and dataset.background_index is None:
-        raise ValueError(
-            f"{dataset.name} has no background class, so background_threshold has nothing to predict; "
-            "use it with a dataset that has one (voc21, context60, cocoobject)"
-        )
+    plan = _segmentation_plan(segmenter, dataset, names, templates, sliding_window, background_threshold, protocol)
     num_items = len(dataset) if limit is None else min(limit, len(dataset))
-    settings = {
-        "model": segmenter.model_id,
-        "split": getattr(dataset, "split", None),
-        "root": str(getattr(dataset, "root", "")),
-        "names": list(queries) if protocol is not None else [list(n) for n in asked.names],
-        "templates": list(templates) if not isinstance(templates, str) else templates,
-        "sliding_window": None if sliding_window is None else asdict(sliding_window),
-        "image_size": segmenter.image_size,
-        "logit_scale": segmenter.logit_scale,
-        "background_threshold": background_threshold,
-        "eval_protocol": None if protocol is None else protocol.to_dict(),
-        "limit": limit,
-    }
+    settings = _segmentation_settings(segmenter, dataset, plan, protocol, limit)
     fingerprint = {
         "task": "segmentation",
         "dataset": dataset.name,
@@ -163,51 +128,13 @@ def evaluate_segmentation(
         **_samples(len(dataset), dataset.sample_id),  # pins the images
     }
     state = RunState(state_dir, fingerprint, dist)
-    background = dataset.background_index if dataset.background_index is not None else -1
-    to_class = np.append(np.asarray(query_class, dtype=np.int64), background)  # query label -> class; -1 -> last
-    embeddings = _query_embeddings(segmenter, queries, templates)  # once, before any image
+    predictor = _SegmentationPredictor.build(segmenter, dataset, plan, protocol)
     if protocol is not None:
         preprocess = protocol.preprocessor(
             segmenter.pixel_multiple, segmenter.mean, segmenter.std, segmenter.max_pixels, segmenter.grid_patch
         )
     else:
-        preprocess = segmenter.preprocessor(sliding_window)
-
-    def predict(batch: list[tuple[int, Any]]) -> list[np.ndarray | Exception]:
-        """Class labels ``[H, W]`` per image, or the error that stopped it."""
-        if not dense:
-            masks = segmenter.segment_prepared(
-                [prepared for _, (prepared, _) in batch],
-                embeddings,
-                sliding_window=sliding_window,
-                background_threshold=background_threshold,
-                with_scores=background_threshold is not None,
-            )
-            return [m if isinstance(m, Exception) else to_class[m[0].numpy().astype(np.int64)] for m in masks]
-        outcomes = []
-        for _, (prepared, _) in batch:
-            try:
-                logits = segmenter.image_logits(prepared, embeddings, sliding_window)  # [Q, H, W]
-                guide = None
-                if protocol.pamr is not None:  # NACLIP's: the network input resized back to the image
-                    guide = protocol.pamr_guide(prepared.pixels.to(logits.device), prepared.geometry)
-                outcomes.append(protocol.postprocess(logits, guide).cpu().numpy())
-            except (ValueError, RuntimeError) as error:
-                outcomes.append(error)
-        return outcomes
-
-    def process(batch: list[tuple[int, Any]], sums: dict[str, torch.Tensor]) -> list[tuple[int, str]]:
-        errors = []
-        for (index, (_, mask)), prediction in zip(batch, predict(batch)):
-            try:  # this image fails alone
-                if isinstance(prediction, Exception):
-                    raise prediction
-                counts = confusion_matrix(prediction, mask, dataset.num_classes, dataset.ignore_index)
-            except Exception as error:
-                errors.append((index, f"{type(error).__name__}: {error}"))
-                continue
-            sums["confusion"] += counts
-        return errors
+        preprocess = segmenter.preprocessor(plan.sliding_window)
 
     def running_miou(sums: dict[str, torch.Tensor]) -> str:
         return f"mIoU {100 * SegmentationMetrics(dataset.classes, sums['confusion'].numpy()).miou:.2f} (this rank)"
@@ -215,7 +142,7 @@ def evaluate_segmentation(
     totals, failures = run_sharded(
         num_items,
         _PreparedSamples(dataset, preprocess),
-        process,
+        predictor.process,
         {"confusion": torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64)},
         dist=dist,
         state=state,
@@ -229,6 +156,148 @@ def evaluate_segmentation(
     )
     metrics = SegmentationMetrics(tuple(dataset.classes), totals["confusion"].numpy())
     return SegmentationReport(dataset.name, num_items, metrics, failures, settings)
+
+
+@dataclass(frozen=True)
+class _SegmentationPlan:
+    """What a segmentation run asks the model, resolved from a protocol or from the caller's options."""
+
+    queries: tuple[str, ...]  # every name asked, in order (a class may have several)
+    query_class: tuple[int, ...]  # query index -> class index
+    names: list  # the names as the run's settings record them
+    templates: str | Sequence[str]
+    sliding_window: SlidingWindow | None
+    background_threshold: float | None
+    dense: bool  # post-processing on image-size logits (a protocol's PAMR or area threshold)
+
+
+def _segmentation_plan(
+    segmenter: Segmenter,
+    dataset: SegmentationDataset,
+    names: Sequence[Sequence[str]] | None,
+    templates: str | Sequence[str] | None,
+    sliding_window: SlidingWindow | None,
+    background_threshold: float | None,
+    protocol: EvalProtocol | None,
+) -> _SegmentationPlan:
+    """The queries, templates, window and threshold of a run, checked before any image is read."""
+    dense = False
+    if protocol is not None:
+        _check_protocol(protocol, segmenter, dataset, names, templates, sliding_window, background_threshold)
+        require_opencv()  # before any image: the protocols resize with OpenCV
+        queries, query_class = protocol.queries, protocol.query_class
+        recorded_names = list(queries)
+        templates = protocol.templates
+        if not protocol.whole_image:
+            sliding_window = SlidingWindow(protocol.slide_crop, protocol.slide_stride, protocol.short_side)
+        background_threshold = protocol.prob_threshold or None
+        dense = protocol.pamr is not None or protocol.area_threshold is not None
+    else:
+        asked = ClassQueries.from_names(names if names is not None else dataset.prompt_names())
+        if asked.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"{len(asked.names)} class names given for {dataset.num_classes} classes of {dataset.name}"
+            )
+        queries, query_class = asked.queries, asked.query_class
+        recorded_names = [list(n) for n in asked.names]
+        templates = templates if templates is not None else (dataset.templates or segmenter.defaults.templates)
+    segmenter.check_options(sliding_window, background_threshold)
+    if background_threshold is not None and dataset.background_index is None:
+        raise ValueError(
+            f"{dataset.name} has no background class, so background_threshold has nothing to predict; "
+            "use it with a dataset that has one (voc21, context60, cocoobject)"
+        )
+    return _SegmentationPlan(
+        queries, query_class, recorded_names, templates, sliding_window, background_threshold, dense
+    )
+
+
+def _segmentation_settings(
+    segmenter: Segmenter,
+    dataset: SegmentationDataset,
+    plan: _SegmentationPlan,
+    protocol: EvalProtocol | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Every setting the numbers depend on: the report's record and (with the samples) the run's fingerprint."""
+    templates = plan.templates
+    return {
+        "model": segmenter.model_id,
+        "split": getattr(dataset, "split", None),
+        "root": str(getattr(dataset, "root", "")),
+        "names": plan.names,
+        "templates": list(templates) if not isinstance(templates, str) else templates,
+        "sliding_window": None if plan.sliding_window is None else asdict(plan.sliding_window),
+        "image_size": segmenter.image_size,
+        "logit_scale": segmenter.logit_scale,
+        "background_threshold": plan.background_threshold,
+        "eval_protocol": None if protocol is None else protocol.to_dict(),
+        "limit": limit,
+    }
+
+
+@dataclass(frozen=True)
+class _SegmentationPredictor:
+    """One batch of prepared images -> confusion counts added to the run's sums; an image fails alone."""
+
+    segmenter: Segmenter
+    dataset: SegmentationDataset
+    plan: _SegmentationPlan
+    protocol: EvalProtocol | None
+    embeddings: torch.Tensor  # [Q, E]
+    to_class: np.ndarray  # [Q + 1] query label -> class; the last entry (-1) -> background or ignored
+
+    @classmethod
+    def build(
+        cls,
+        segmenter: Segmenter,
+        dataset: SegmentationDataset,
+        plan: _SegmentationPlan,
+        protocol: EvalProtocol | None,
+    ) -> _SegmentationPredictor:
+        background = dataset.background_index if dataset.background_index is not None else -1
+        to_class = np.append(np.asarray(plan.query_class, dtype=np.int64), background)  # query label -> class
+        embeddings = _query_embeddings(segmenter, plan.queries, plan.templates)  # once, before any image
+        return cls(segmenter, dataset, plan, protocol, embeddings, to_class)
+
+    def predict(self, batch: list[tuple[int, Any]]) -> list[np.ndarray | Exception]:
+        """Class labels ``[H, W]`` per image, or the error that stopped it."""
+        plan, segmenter = self.plan, self.segmenter
+        if not plan.dense:
+            masks = segmenter.segment_prepared(
+                [prepared for _, (prepared, _) in batch],
+                self.embeddings,
+                sliding_window=plan.sliding_window,
+                background_threshold=plan.background_threshold,
+                with_scores=plan.background_threshold is not None,
+            )
+            return [m if isinstance(m, Exception) else self.to_class[m[0].numpy().astype(np.int64)] for m in masks]
+        protocol = self.protocol
+        outcomes = []
+        for _, (prepared, _) in batch:
+            try:
+                logits = segmenter.image_logits(prepared, self.embeddings, plan.sliding_window)  # [Q, H, W]
+                guide = None
+                if protocol.pamr is not None:  # NACLIP's: the network input resized back to the image
+                    guide = protocol.pamr_guide(prepared.pixels.to(logits.device), prepared.geometry)
+                outcomes.append(protocol.postprocess(logits, guide).cpu().numpy())
+            except (ValueError, RuntimeError) as error:
+                outcomes.append(error)
+        return outcomes
+
+    def process(self, batch: list[tuple[int, Any]], sums: dict[str, torch.Tensor]) -> list[tuple[int, str]]:
+        dataset = self.dataset
+        errors = []
+        for (index, (_, mask)), prediction in zip(batch, self.predict(batch)):
+            try:  # this image fails alone
+                if isinstance(prediction, Exception):
+                    raise prediction
+                counts = confusion_matrix(prediction, mask, dataset.num_classes, dataset.ignore_index)
+            except Exception as error:
+                errors.append((index, f"{type(error).__name__}: {error}"))
+                continue
+            sums["confusion"] += counts
+        return errors
 
 
 def _check_protocol(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import re
 import tempfile
-import warnings
 
 import pytest
 import torch
@@ -20,16 +17,11 @@ os.environ.setdefault("PACL_FAST_CACHE", tempfile.mkdtemp(prefix="pacl-fast-test
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
+import helpers  # noqa: E402 - after the environment above
+from helpers import make_segmenter, quiet_load_clip, random_pacl  # noqa: E402, F401 - also for older imports
+
 from pacl_fast.demo import TINY_CLIP_CONFIG  # noqa: E402
 from pacl_fast.model import PACL  # noqa: E402
-
-
-def quiet_load_clip(*args, **kwargs):
-    """load_clip without the random-weights warning (tests use random CLIPs on purpose)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        return load_clip(*args, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -52,73 +44,21 @@ def tiny_pacl(tiny_backbone) -> PACL:
     return model
 
 
-def make_segmenter(config, pacl_weights=None, **kwargs):
-    from pacl_fast.segmenter import Segmenter
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        kwargs.setdefault("method", "pacl")  # most tests exercise PACL; training-free methods ask for theirs
-        # Eager fp32 unless a test asks: tolerances here are fp32's, and the auto choice (bf16 or OpenVINO on
-        # some machines) would make them depend on the machine. The auto choice has tests of its own.
-        kwargs.setdefault("dtype", None)
-        kwargs.setdefault("encoder", "torch")
-        return Segmenter(config, pacl_weights=pacl_weights, device="cpu", **kwargs)
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config) -> PACL:
+    """PACL on the tiny random CLIP (seed 0), MLP branch made to count; one per test module (tests that
+    change it work on a copy)."""
+    return random_pacl(tiny_config)
 
 
-# ---- CI: backends the test extra installs must run, and every skip must be a known hardware one ----------
-
-#: ``CI=true`` (``.ci/run`` exports it): a backend whose packages the ``test`` extra installs must run on CPU
-#: instead of skipping, and the run fails if any test skips for a reason that :func:`allowed_skips` does not list.
-ON_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-#: Encoder backends -> the distributions they need (beyond torch) and the skip reason they give without them.
-BACKEND_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
-    "onnxruntime": (("onnx", "onnxruntime", "onnxscript"), r"needs onnxruntime|ONNX export needs"),
-    "openvino": (("onnx", "onnxscript", "openvino"), r"needs OpenVINO"),
-}
-
-#: Skip reasons that hardware explains: no GPU, no TensorRT (a GPU library), no GPU build of onnxruntime (a
-#: package of its own, onnxruntime-gpu), a CPU without bf16 units; and with CUDA, the interpreter cases
-#: (Triton compiles for the GPU there).
-HARDWARE_SKIPS = (
-    r"needs a CUDA device",
-    r"needs TensorRT",
-    r"needs onnxruntime's CUDA execution provider",
-    r"TensorRT (and CUDA )?(is|are) (installed|present)",
-    r"AVX512-BF16 or AMX",
-    *((r"Triton interpreter not active",) if torch.cuda.is_available() else ()),
-)
+@pytest.fixture(scope="module")
+def segmenter(tiny_config):
+    """The tiny random PACL segmenter, eager fp32 on the CPU (``helpers.make_segmenter``'s defaults); one per
+    test module."""
+    return make_segmenter(tiny_config)
 
 
-def packages_of_test_extra() -> set[str]:
-    """Distributions that ``pip install -e ".[test]"`` installs, from the installed package's metadata."""
-    requirements = importlib.metadata.requires("pacl-fast") or []
-    extra = re.compile(r"""extra\s*==\s*["']test["']""")
-    return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements if extra.search(r)}
-
-
-def required_on_ci(backend: str) -> bool:
-    """Whether ``backend`` must run (not skip) on a CPU CI machine: the test extra installs all it needs."""
-    packages = BACKEND_PACKAGES.get(backend, ((), ""))[0]
-    return ON_CI and bool(packages) and set(packages) <= packages_of_test_extra()
-
-
-def skip_unavailable(backend: str, error: Exception, device: str = "cpu") -> None:
-    """Skip a test whose encoder backend cannot run here (``EncoderUnavailableError``), saying why; but on CI
-    fail instead when the test extra installs that backend's packages and the test runs on the CPU: a broken
-    install must not turn every case of a backend into a skip."""
-    if device == "cpu" and required_on_ci(backend):
-        pytest.fail(f"CI: encoder {backend!r} is installed by the test extra but unavailable: {error}", pytrace=False)
-    pytest.skip(str(error))
-
-
-def allowed_skips() -> list[re.Pattern]:
-    """Skip reasons CI accepts: hardware, and backends that the test extra does not install."""
-    patterns = list(HARDWARE_SKIPS)
-    patterns += [reason for name, (_, reason) in BACKEND_PACKAGES.items() if not required_on_ci(name)]
-    return [re.compile(pattern) for pattern in patterns]
-
+# ---- CI: a skip that no missing hardware explains fails the run (the rules are in helpers.py) ---------------
 
 _SKIPS: list[tuple[str, str]] = []  # (test id, reason) of every skip in this session
 
@@ -140,18 +80,18 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 
 
 def unexplained_skips() -> list[tuple[str, str]]:
-    allowed = allowed_skips()
+    allowed = helpers.allowed_skips()
     return [(nodeid, reason) for nodeid, reason in _SKIPS if not any(p.search(reason) for p in allowed)]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """On CI, a skip that no hardware explains fails the run (exit status 1), listed in the summary."""
-    if ON_CI and exitstatus == pytest.ExitCode.OK and unexplained_skips():
+    if helpers.ON_CI and exitstatus == pytest.ExitCode.OK and unexplained_skips():
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
-    if not ON_CI:
+    if not helpers.ON_CI:
         return
     unexplained = unexplained_skips()
     if unexplained:
@@ -164,6 +104,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if unexplained:
         terminalreporter.write_line(
             "On CI every backend the test extra installs must run: only the reasons of HARDWARE_SKIPS in "
-            "tests/conftest.py (no CUDA, no TensorRT, CPU features) may skip. Fix the install or the test.",
+            "tests/helpers.py (no CUDA, no TensorRT, CPU features) may skip. Fix the install or the test.",
             red=True,
         )

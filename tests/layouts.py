@@ -96,7 +96,7 @@ def write_cityscapes(root: Path, masks: dict[str, np.ndarray], *, train_ids: boo
 def write_tiny_clip(folder: Path, config: dict, seed: int = 0) -> Path:
     """A random tiny CLIP in open_clip's local-dir layout, so that separate processes load the same weights."""
     import torch
-    from conftest import quiet_load_clip
+    from helpers import quiet_load_clip
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def write_tiny_clip(folder: Path, config: dict, seed: int = 0) -> Path:
 def write_tiny_pacl(clip_folder: Path, path: Path, seed: int = 1) -> Path:
     """PACL weights paired with the CLIP in ``clip_folder`` (its MLP branch made non-trivial)."""
     import torch
-    from conftest import quiet_load_clip
+    from helpers import quiet_load_clip
 
     from pacl_fast.model import PACL
     from pacl_fast.weights import save_pacl_weights

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from PIL import Image
 from safetensors.torch import save_file
 

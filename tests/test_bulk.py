@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_segmenter
+from helpers import killed_write, make_segmenter, writer_in_progress
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
-from test_files import killed_write, writer_in_progress
 
 from pacl_fast.bulk import already_done, check_output_folder, collect_inputs, request_record, segment_bulk
 from pacl_fast.data.shards import LINK_READ_FACTOR, MemberTooLarge, MemberUnusable, iterate_samples
@@ -29,7 +28,7 @@ LABELS = ["circle", "square", "sky"]
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_config):
+def segmenter_batch3(tiny_config):
     return make_segmenter(tiny_config, batch_size=3)
 
 
@@ -70,13 +69,13 @@ def test_inputs_from_folders_lists_and_shards(tmp_path):
         collect_inputs([], [tmp_path / "missing.txt"])
 
 
-def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_path, segmenter):
+def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_path, segmenter_batch3):
     paths = _folder(tmp_path / "in", 5)
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     seen = []
     summary = segment_bulk(
-        segmenter,
+        segmenter_batch3,
         collect_inputs([tmp_path / "in"]),
         LABELS,
         out,
@@ -90,16 +89,18 @@ def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_p
     assert "cannot decode" in summary.failures[0][1]
     for key, path in zip(sorted(keys), sorted(paths, key=lambda p: p.relative_to(tmp_path / "in").as_posix())):
         labels = np.array(Image.open(out / f"{key}_labels.png"))
-        expected = segmenter.predict(path, LABELS, templates="single").labels
+        expected = segmenter_batch3.predict(path, LABELS, templates="single").labels
         np.testing.assert_array_equal(labels, expected.astype(np.uint8))
         assert Image.open(out / f"{key}_overlay.png").size == Image.open(path).size
     assert not list(out.rglob("*.tmp"))
 
     (out / "sub" / "img03_labels.png").unlink()  # as if killed before this one was written
-    again = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), LABELS, out, templates="single", progress=False)
+    again = segment_bulk(
+        segmenter_batch3, collect_inputs([tmp_path / "in"]), LABELS, out, templates="single", progress=False
+    )
     assert (again.written, again.skipped, len(again.failures)) == (1, 4, 1)
     redo = segment_bulk(
-        segmenter,
+        segmenter_batch3,
         collect_inputs([tmp_path / "in"]),
         LABELS,
         tmp_path / "labels-only",
@@ -109,11 +110,11 @@ def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_p
     )
     assert redo.written == 5 and not list((tmp_path / "labels-only").rglob("*_overlay.png"))
     with pytest.raises(ValueError, match=r"made with other settings \(differs in: labels\).*--overwrite"):
-        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, templates="single")
+        segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, templates="single")
     with pytest.raises(ValueError, match=r"differs in: templates"):
-        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), LABELS, out, progress=False)
+        segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "in"]), LABELS, out, progress=False)
     redone = segment_bulk(
-        segmenter, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, overwrite=True, progress=False
+        segmenter_batch3, collect_inputs([tmp_path / "in"]), ["cat", "dog"], out, overwrite=True, progress=False
     )
     assert redone.written == 5 and redone.skipped == 0
 
@@ -133,7 +134,7 @@ def _png_bytes(image: np.ndarray, format: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def test_webdataset_shards(tmp_path, segmenter):
+def test_webdataset_shards(tmp_path, segmenter_batch3):
     images = {f"s{i:03d}": random_image((24 + i, 33), seed=10 + i) for i in range(5)}
     _write_shard(
         tmp_path / "shard-000.tar",
@@ -158,7 +159,7 @@ def test_webdataset_shards(tmp_path, segmenter):
     ]
     inputs = collect_inputs([tmp_path / "shard-000.tar", tmp_path / "shard-001.tar", tmp_path / "gone.tar"])
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, workers=2)
+    summary = segment_bulk(segmenter_batch3, inputs, LABELS, out, templates="single", progress=False, workers=2)
     assert summary.written == 4
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_labels.png"))
     assert written == ["nested/s002_labels.png", "s000_labels.png", "s001_labels.png", "s005_labels.png"]
@@ -166,9 +167,9 @@ def test_webdataset_shards(tmp_path, segmenter):
     assert "no image field" in failures[f"{tmp_path / 'shard-001.tar'}:s003"]
     assert "cannot decode png" in failures[f"{tmp_path / 'shard-001.tar'}:s004"]
     assert "cannot read shard" in failures[str(tmp_path / "gone.tar")]
-    expected = segmenter.predict(images["s000"], LABELS, templates="single").labels
+    expected = segmenter_batch3.predict(images["s000"], LABELS, templates="single").labels
     np.testing.assert_array_equal(np.array(Image.open(out / "s000_labels.png")), expected.astype(np.uint8))
-    again = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False)
+    again = segment_bulk(segmenter_batch3, inputs, LABELS, out, templates="single", progress=False)
     assert (again.written, again.skipped) == (0, 4)
 
 
@@ -186,7 +187,7 @@ def _files_outside(root: Path, out: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_relative_to(out)}
 
 
-def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter):
+def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter_batch3):
     """Issue 10 item 1: ../x, sub/../../x, absolute and empty-segment keys wrote outside OUT."""
     png = _png_bytes(random_image((20, 28), seed=1))
     (tmp_path / "x_labels.png").write_bytes(b"precious")  # what ../x would have overwritten
@@ -200,7 +201,7 @@ def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter):
     _write_shard(tmp_path / "evil.tar", samples)
     before = _files_outside(tmp_path, out)
     summary = segment_bulk(
-        segmenter, collect_inputs([tmp_path / "evil.tar"]), LABELS, out, templates="single", progress=False
+        segmenter_batch3, collect_inputs([tmp_path / "evil.tar"]), LABELS, out, templates="single", progress=False
     )
     assert summary.written == 2 and (out / "ok_labels.png").is_file() and (out / "ok_overlay.png").is_file()
     assert (out / "c_labels.png").is_file() and (out / "c_overlay.png").is_file()
@@ -212,7 +213,7 @@ def test_hostile_shard_keys_never_write_outside_out(tmp_path, segmenter):
     assert "resolves outside" in failures[f"{tmp_path / 'evil.tar'}:link/d"]
 
 
-def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
+def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter_batch3):
     """Issue 10 items 2 and 3: a decompression bomb, an oversized member, a damaged shard fail alone."""
     images = {f"s{i}": random_image((20 + i, 30), seed=i) for i in range(6)}
     _write_shard(
@@ -236,7 +237,9 @@ def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
     inputs = collect_inputs([tmp_path / "a.tar", tmp_path / "cut.tar", tmp_path / "c.tar", tmp_path / "files"])
     out = tmp_path / "out"
     largest = max(len(_png_bytes(image)) for image in images.values())
-    summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, max_member_bytes=largest)
+    summary = segment_bulk(
+        segmenter_batch3, inputs, LABELS, out, templates="single", progress=False, max_member_bytes=largest
+    )
     written = sorted(p.name.removesuffix("_labels.png") for p in out.glob("*_labels.png"))
     assert written == ["after", "s0", "s1", "s2", "s3", "s4"] and summary.written == 6
     failures = dict(summary.failures)
@@ -249,7 +252,7 @@ def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
     assert "unexpected end of data" in failures[str(tmp_path / "cut.tar")]
     assert len(summary.failures) == 5
     with pytest.raises(ValueError, match="max_member_bytes must be >= 1"):
-        segment_bulk(segmenter, inputs, LABELS, tmp_path / "o2", max_member_bytes=0, progress=False)
+        segment_bulk(segmenter_batch3, inputs, LABELS, tmp_path / "o2", max_member_bytes=0, progress=False)
     assert not (tmp_path / "o2").exists()
 
 
@@ -261,7 +264,7 @@ def test_one_bad_sample_never_stops_the_job(tmp_path, segmenter):
         ("garbage header", "unreadable tar header after member s4.png"),
     ],
 )
-def test_a_shard_damaged_between_members_is_reported(tmp_path, segmenter, damage, message):
+def test_a_shard_damaged_between_members_is_reported(tmp_path, segmenter_batch3, damage, message):
     """tarfile ends its loop quietly on these (as on the end-of-archive marker): the samples before the
     damage are written and the shard is reported, never silently shortened."""
     images = {f"s{i}": random_image((20, 30), seed=i) for i in (3, 4, 5)}
@@ -275,14 +278,14 @@ def test_a_shard_damaged_between_members_is_reported(tmp_path, segmenter, damage
         "garbage header": raw[:boundary] + b"\x07" * 512 + raw[boundary + 512 :],
     }[damage]
     (tmp_path / "d.tar").write_bytes(damaged)
-    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "d.tar"]), LABELS, tmp_path / "out",
+    summary = segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "d.tar"]), LABELS, tmp_path / "out",
                            templates="single", progress=False)  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out").glob("*_labels.png")) == ["s3_labels.png", "s4_labels.png"]
     failures = dict(summary.failures)
     assert message in failures[str(tmp_path / "d.tar")] and len(failures) == 1
 
 
-def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
+def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter_batch3):
     """Issue 10 item 4: the same key in two shards, twice in one shard, or in a shard and a file was merged."""
     png = [_png_bytes(random_image((18, 22 + i), seed=i)) for i in range(4)]
     _write_shard(tmp_path / "one.tar", [("k", {"png": png[0]}), ("other", {"png": png[1]}), ("k", {"jpg": png[2]})])
@@ -290,7 +293,7 @@ def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
     save_image(random_image((16, 16), 9), tmp_path / "photo.png")
     inputs = collect_inputs([tmp_path / "photo.png", tmp_path / "one.tar", tmp_path / "two.tar"])
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False)
+    summary = segment_bulk(segmenter_batch3, inputs, LABELS, out, templates="single", progress=False)
     assert summary.written == 3  # photo, one.tar:k, one.tar:other
     one, two = tmp_path / "one.tar", tmp_path / "two.tar"
     assert sorted(summary.failures) == [
@@ -298,13 +301,13 @@ def test_duplicate_keys_are_reported_with_both_sources(tmp_path, segmenter):
         (f"{two}:k", f"output name 'k' is already taken by {one}:k"),
         (f"{two}:photo", f"output name 'photo' is already taken by {tmp_path / 'photo.png'}"),
     ]
-    expected = segmenter.predict(Image.open(io.BytesIO(png[0])), LABELS, templates="single").labels
+    expected = segmenter_batch3.predict(Image.open(io.BytesIO(png[0])), LABELS, templates="single").labels
     np.testing.assert_array_equal(np.array(Image.open(out / "k_labels.png")), expected)  # the first one stands
-    again = segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False)
+    again = segment_bulk(segmenter_batch3, inputs, LABELS, out, templates="single", progress=False)
     assert (again.written, again.skipped, sorted(again.failures)) == (0, 3, sorted(summary.failures))
 
 
-def test_a_long_file_name_fails_alone(tmp_path, segmenter):
+def test_a_long_file_name_fails_alone(tmp_path, segmenter_batch3):
     """Issue 10 item 5: a 245+ character name crashed a folder run before any image (ENAMETOOLONG)."""
     paths = _folder(tmp_path / "in", 3)
     long_path = tmp_path / "in" / ("n" * 246 + ".png")
@@ -313,7 +316,7 @@ def test_a_long_file_name_fails_alone(tmp_path, segmenter):
         tmp_path / "s.tar", [("m" * 246, {"png": b"x"}), ("fine", {"png": _png_bytes(random_image((9, 9), 0))})]
     )
     inputs = collect_inputs([tmp_path / "in", tmp_path / "s.tar"])
-    summary = segment_bulk(segmenter, inputs, LABELS, tmp_path / "out", templates="single", progress=False)
+    summary = segment_bulk(segmenter_batch3, inputs, LABELS, tmp_path / "out", templates="single", progress=False)
     assert summary.written == len(paths) + 1
     failures = dict(summary.failures)
     assert "output name is 246 characters long, over the limit of 200" in failures[str(long_path)]
@@ -321,24 +324,29 @@ def test_a_long_file_name_fails_alone(tmp_path, segmenter):
 
 
 @pytest.mark.parametrize("inside", ["in/out", "in"])
-def test_out_inside_an_input_folder_never_segments_its_own_outputs(tmp_path, segmenter, inside):
+def test_out_inside_an_input_folder_never_segments_its_own_outputs(tmp_path, segmenter_batch3, inside):
     """Issue 10 item 6: each rerun segmented the previous outputs (2, 4, 8 new files...)."""
     _folder(tmp_path / "in", 3)
     out = tmp_path / inside
     for run in range(3):
         summary = segment_bulk(
-            segmenter, collect_inputs([tmp_path / "in"]), LABELS, out, templates="single", progress=False
+            segmenter_batch3, collect_inputs([tmp_path / "in"]), LABELS, out, templates="single", progress=False
         )
         assert (summary.written, summary.skipped) == ((3, 0) if run == 0 else (0, 3)), run
         assert summary.left_out == (0 if run == 0 else 6) and not summary.failures
     assert len(list(out.rglob("*_labels.png"))) == 3
 
 
-def test_an_input_named_like_an_output_outside_out_is_segmented(tmp_path, segmenter):
+def test_an_input_named_like_an_output_outside_out_is_segmented(tmp_path, segmenter_batch3):
     """Only outputs *inside* OUT are left out of the scan: a photo called cat_overlay.png elsewhere is an input."""
     save_image(random_image((30, 41), seed=7), tmp_path / "photos" / "cat_overlay.png")
     summary = segment_bulk(
-        segmenter, collect_inputs([tmp_path / "photos"]), LABELS, tmp_path / "out", templates="single", progress=False
+        segmenter_batch3,
+        collect_inputs([tmp_path / "photos"]),
+        LABELS,
+        tmp_path / "out",
+        templates="single",
+        progress=False,
     )
     assert (summary.written, summary.left_out) == (1, 0) and (tmp_path / "out" / "cat_overlay_labels.png").is_file()
 
@@ -353,33 +361,37 @@ def test_an_input_named_like_an_output_outside_out_is_segmented(tmp_path, segmen
         (dict(sliding_window=SlidingWindow(8, 8, short_side=4)), "image size 4 is smaller than the model's patch"),
     ],
 )
-def test_settings_are_validated_before_the_settings_file_is_written(tmp_path, segmenter, change, message):
+def test_settings_are_validated_before_the_settings_file_is_written(tmp_path, segmenter_batch3, change, message):
     """Issue 10 item 7: after a typo the settings file was written, and the corrected rerun was refused."""
     _folder(tmp_path / "in", 2)
     out = tmp_path / "out"
     arguments = dict(labels=LABELS, templates="single", background_threshold=None, sliding_window=None)
     with pytest.raises(ValueError, match=message):
-        segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **(arguments | change))
+        segment_bulk(
+            segmenter_batch3, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **(arguments | change)
+        )
     assert not out.exists()
-    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **arguments)
+    summary = segment_bulk(
+        segmenter_batch3, collect_inputs([tmp_path / "in"]), out_dir=out, progress=False, **arguments
+    )
     assert summary.written == 2
 
 
-def test_sliding_windows_and_background_threshold_through_bulk(tmp_path, segmenter):
+def test_sliding_windows_and_background_threshold_through_bulk(tmp_path, segmenter_batch3):
     """Issue 13 items 9 and 12: bulk's label PNGs hold predict's labels (background 255), overlays keep background."""
     path = tmp_path / "in" / "wide.png"
     save_image(random_image((40, 90), seed=4), path)
     window = SlidingWindow(16, 8, short_side=32)
-    plain = segmenter.predict(path, LABELS, templates="single", sliding_window=window)
+    plain = segmenter_batch3.predict(path, LABELS, templates="single", sliding_window=window)
     threshold = float(np.median(plain.scores))  # about half the pixels become background
-    expected = segmenter.predict(
+    expected = segmenter_batch3.predict(
         path, LABELS, templates="single", sliding_window=window, background_threshold=threshold
     )
     background = expected.labels == -1
     assert 0 < background.mean() < 1
     out = tmp_path / "out"
     segment_bulk(
-        segmenter,
+        segmenter_batch3,
         collect_inputs([tmp_path / "in"]),
         LABELS,
         out,
@@ -473,11 +485,11 @@ def _labels_of(out: Path, key: str) -> np.ndarray:
     return np.array(Image.open(out / f"{key}_labels.png"))
 
 
-def _expected(segmenter, image) -> np.ndarray:
-    return segmenter.predict(image, LABELS, templates="single").labels.astype(np.uint8)
+def _expected(segmenter_batch3, image) -> np.ndarray:
+    return segmenter_batch3.predict(image, LABELS, templates="single").labels.astype(np.uint8)
 
 
-def test_a_shard_made_with_tar_of_a_folder_reads_dot_keys_by_their_names(tmp_path, segmenter):
+def test_a_shard_made_with_tar_of_a_folder_reads_dot_keys_by_their_names(tmp_path, segmenter_batch3):
     """Issue 23 item 7: ``tar -cf s.tar -C folder .`` names members ./key; every sample failed on the '.' segment."""
     images = {"a": random_image((20, 30), 1), "sub/b": random_image((22, 26), 2)}
     for key, image in images.items():
@@ -487,14 +499,14 @@ def test_a_shard_made_with_tar_of_a_folder_reads_dot_keys_by_their_names(tmp_pat
         assert {"./a.png", "./sub/b.png"} <= set(tar.getnames())
     assert sorted(sample["__key__"] for sample in iterate_samples(shard)) == ["a", "sub/b"]
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
+    summary = segment_bulk(segmenter_batch3, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
     assert summary.written == 2 and not summary.failures
     for key, image in images.items():
-        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, image))
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter_batch3, image))
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["tar", "tar.gz"])
-def test_links_in_a_shard_are_read_or_reported_never_dropped(tmp_path, segmenter, compress):
+def test_links_in_a_shard_are_read_or_reported_never_dropped(tmp_path, segmenter_batch3, compress):
     """Issue 23 item 8: hard links and symbolic links vanished without a word ('2 written, 0 failed' of 4)."""
     folder = tmp_path / "folder"
     a, b = random_image((20, 30), 1), random_image((24, 28), 2)
@@ -520,10 +532,10 @@ def test_links_in_a_shard_are_read_or_reported_never_dropped(tmp_path, segmenter
         kinds = Counter("link" if m.islnk() else "symlink" if m.issym() else "file" for m in tar if not m.isdir())
     assert kinds == Counter(file=2, link=1, symlink=8)
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
+    summary = segment_bulk(segmenter_batch3, collect_inputs([shard]), LABELS, out, templates="single", progress=False)
     assert summary.written == 5
     for key, image in {"a": a, "hard": a, "b": b, "soft": b, "sub/up": a}.items():
-        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, image))
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter_batch3, image))
     failures = {source.rsplit(":", 1)[1]: why for source, why in summary.failures}
     assert sorted(failures) == ["abs", "dangling", "dir", "escape", "loop1", "loop2"]
     assert "is a symbolic link to /" in failures["abs"] and failures["abs"].endswith("outside the archive")
@@ -578,7 +590,7 @@ def test_links_are_followed_forward_bounded_and_never_without_end(tmp_path):
             assert isinstance(turn, MemberUnusable) and "links have read 4 times the shard" in str(turn)
 
 
-def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter):
+def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter_batch3):
     """Issue 23 item 9: a file name that is not UTF-8 (bytes caf\\xe9 on Linux) failed with a codec error.
     Its bytes become %XX; a real name that gives the same output name is refused, not merged."""
     folder, elsewhere = tmp_path / "in", tmp_path / "shard"
@@ -591,7 +603,7 @@ def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter):
     save_image(odd[b"l\xe9"], listed)
     (tmp_path / "list.txt").write_bytes(bytes(listed) + b"\n")
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, collect_inputs([folder, shard], [tmp_path / "list.txt"]), LABELS, out,
+    summary = segment_bulk(segmenter_batch3, collect_inputs([folder, shard], [tmp_path / "list.txt"]), LABELS, out,
                            templates="single", progress=False)  # fmt: skip
     assert summary.written == 3
     assert sorted(os.fsencode(p.name) for p in out.glob("*_labels.png")) == [
@@ -600,12 +612,12 @@ def test_names_that_are_not_utf8_get_safe_output_names(tmp_path, segmenter):
     for name, image in odd.items():
         key = name.decode("latin-1").replace("\xe9", "%E9")
         expected = image if name != b"caf\xe9" else random_image((18, 18), 7)  # caf%E9.png sorts first
-        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter, expected))
+        np.testing.assert_array_equal(_labels_of(out, key), _expected(segmenter_batch3, expected))
     ((source, why),) = summary.failures
     assert source.isprintable() and "\\udce9" in source and why.startswith("output name 'caf%E9' is already taken")
 
 
-def test_an_inner_dot_dot_key_is_refused_even_inside_out(tmp_path, segmenter):
+def test_an_inner_dot_dot_key_is_refused_even_inside_out(tmp_path, segmenter_batch3):
     """Issue 23 item 14: a shard key sub/../x stays inside OUT; it would write OUT/x beside the real x, make
     OUT/sub and escape duplicate detection. File lists name ../ paths by where they lead (normalised), so
     two lines for one file are a duplicate, not a '..' key."""
@@ -615,35 +627,35 @@ def test_an_inner_dot_dot_key_is_refused_even_inside_out(tmp_path, segmenter):
     save_image(other, tmp_path / "photos" / "p.png")
     (tmp_path / "list.txt").write_text(f"{tmp_path}/photos/p.png\n{tmp_path}/photos/../photos/p.png\n")
     out = tmp_path / "out"
-    summary = segment_bulk(segmenter, collect_inputs([tmp_path / "s.tar"], [tmp_path / "list.txt"]), LABELS, out,
+    summary = segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "s.tar"], [tmp_path / "list.txt"]), LABELS, out,
                            templates="single", progress=False)  # fmt: skip
     assert summary.written == 2 and not (out / "sub").exists() and not (out / "new").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.endswith("_labels.png")) == ["p_labels.png", "x_labels.png"]
-    np.testing.assert_array_equal(_labels_of(out, "x"), _expected(segmenter, x))
+    np.testing.assert_array_equal(_labels_of(out, "x"), _expected(segmenter_batch3, x))
     failures = dict(summary.failures)
     for key in ("sub/../x", "new/../y"):
         assert f"output name {key!r} has an empty, '.' or '..' segment" in failures[f"{tmp_path / 's.tar'}:{key}"]
     assert "output name 'p' is already taken by" in failures[f"{tmp_path}/photos/../photos/p.png"]
 
 
-def test_a_rerun_removes_what_killed_writes_left_but_never_a_live_writers_file(tmp_path, segmenter):
+def test_a_rerun_removes_what_killed_writes_left_but_never_a_live_writers_file(tmp_path, segmenter_batch3):
     """Issue 23 item 10: killed writes left .<name>.*.tmp files in OUT that no rerun removed. Another
     process still writing into OUT (another rank) keeps its temporary file."""
     _folder(tmp_path / "in", 3)
     out = tmp_path / "out"
     run = dict(labels=LABELS, out_dir=out, templates="single", progress=False)
-    assert segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run).written == 3
+    assert segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "in"]), **run).written == 3
     (out / "sub" / "img01_labels.png").unlink()
     dead = killed_write(out / "sub" / "img01_labels.png")  # killed while writing it
     with writer_in_progress(out / "elsewhere_labels.png") as (writer, live):
-        again = segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), **run)
+        again = segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "in"]), **run)
         assert (again.written, again.skipped) == (1, 2) and not dead.exists() and live.exists()
         writer.communicate(b"go on\n", timeout=30)
     assert not list(out.rglob("*.tmp")) and (out / "elsewhere_labels.png").read_bytes() == b"half and the rest"
 
 
 @pytest.mark.timeout(120)
-def test_a_run_that_wrote_nothing_does_not_lock_its_folder(tmp_path, segmenter):
+def test_a_run_that_wrote_nothing_does_not_lock_its_folder(tmp_path, segmenter_batch3):
     """Issue 24 item 6: two undecodable inputs, 0 written; a rerun with other labels was refused ('the label
     maps in OUT were made with other settings') although no label map existed. Settings files are read as
     hostile (issue 23 items 3 and 5): a FIFO or 100,000 nested brackets is a one-line refusal."""
@@ -653,7 +665,7 @@ def test_a_run_that_wrote_nothing_does_not_lock_its_folder(tmp_path, segmenter):
     out = tmp_path / "out"
 
     def run(labels):
-        return segment_bulk(segmenter, collect_inputs([tmp_path / "in"]), labels, out, templates="single",
+        return segment_bulk(segmenter_batch3, collect_inputs([tmp_path / "in"]), labels, out, templates="single",
                             progress=False)  # fmt: skip
 
     assert (run(LABELS).written, len(run(["cat", "dog"]).failures)) == (0, 2)
@@ -722,7 +734,7 @@ def test_a_read_only_out_is_one_line_before_the_model_loads(tmp_path, tiny_confi
     assert list(read_only.iterdir()) == []
 
 
-def test_a_finished_rerun_is_skipped_only_when_every_option_matches_the_record(tmp_path, segmenter, tiny_config):
+def test_a_finished_rerun_is_skipped_only_when_every_option_matches_the_record(tmp_path, segmenter_batch3, tiny_config):
     """Issue 22: the skip compared a hand-written list of options, so a forgotten option that changes the
     outputs gave '0 written, N skipped' without the work. It now compares the record the run writes, made
     of every option: one added later (``a_new_option``) is compared without anyone listing it."""
@@ -734,7 +746,7 @@ def test_a_finished_rerun_is_skipped_only_when_every_option_matches_the_record(t
                    clip_weights=None, backend="fast", quiet=False, workers=0, run=print)  # fmt: skip
     inputs = collect_inputs([tmp_path / "in"])
     record = request_record(options)
-    segment_bulk(segmenter, inputs, LABELS, out, templates="single", progress=False, request=record)
+    segment_bulk(segmenter_batch3, inputs, LABELS, out, templates="single", progress=False, request=record)
     assert json.loads((out / ".pacl-segment.json").read_text())["request"] == record  # what is compared
     assert already_done(inputs, out, True, request_record(options)) == 3
     same = {"quiet": True, "workers": 4, "images": ["elsewhere"], "out": "elsewhere", "run": len}

@@ -1,6 +1,6 @@
-"""The CI checks of ``tests/conftest.py`` (``CI=true``, exported by ``.ci/run``): a skip that no missing
-hardware explains fails the run, and a backend that the test extra installs fails instead of skipping when
-it is unavailable on the CPU."""
+"""The CI checks of ``tests/conftest.py`` and ``tests/helpers.py`` (``CI=true``, exported by ``.ci/run``): a
+skip that no missing hardware explains fails the run, and a backend that the test extra installs fails instead
+of skipping when it is unavailable on the CPU."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import conftest
+import helpers
 import pytest
 
 TESTS = Path(__file__).parent
 
 THROWAWAY = """
 import pytest
-from conftest import skip_unavailable
+from helpers import skip_unavailable
 
 
 @pytest.mark.skipif(True, reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -51,7 +51,8 @@ def test_on_ci_unexplained_skips_and_unavailable_installed_backends_fail(tmp_pat
     """A throwaway test folder with this conftest, run as .ci/run runs the suite."""
     folder = tmp_path / "tests"
     folder.mkdir()
-    shutil.copy(TESTS / "conftest.py", folder / "conftest.py")
+    for name in ("conftest.py", "helpers.py"):
+        shutil.copy(TESTS / name, folder / name)
     (folder / "test_throwaway.py").write_text(THROWAWAY)
     env = {**os.environ, "CI": "true", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(folder)])}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)]
@@ -66,18 +67,18 @@ def test_on_ci_unexplained_skips_and_unavailable_installed_backends_fail(tmp_pat
 
 
 def test_off_ci_an_unavailable_backend_skips(monkeypatch):
-    monkeypatch.setattr(conftest, "ON_CI", False)
+    monkeypatch.setattr(helpers, "ON_CI", False)
     with pytest.raises(pytest.skip.Exception, match="onnxruntime failed to import"):
-        conftest.skip_unavailable("onnxruntime", RuntimeError("onnxruntime failed to import"))
-    assert not conftest.required_on_ci("onnxruntime")
+        helpers.skip_unavailable("onnxruntime", RuntimeError("onnxruntime failed to import"))
+    assert not helpers.required_on_ci("onnxruntime")
 
 
 def test_backends_the_test_extra_installs_are_required_on_ci(monkeypatch):
     """onnxruntime's packages are all in the test extra (setup.py); TensorRT's are not."""
-    monkeypatch.setattr(conftest, "ON_CI", True)
-    assert {"onnx", "onnxruntime", "onnxscript"} <= conftest.packages_of_test_extra()
-    assert conftest.required_on_ci("onnxruntime") and not conftest.required_on_ci("tensorrt")
+    monkeypatch.setattr(helpers, "ON_CI", True)
+    assert {"onnx", "onnxruntime", "onnxscript"} <= helpers.packages_of_test_extra()
+    assert helpers.required_on_ci("onnxruntime") and not helpers.required_on_ci("tensorrt")
     with pytest.raises(pytest.fail.Exception, match="installed by the test extra"):
-        conftest.skip_unavailable("onnxruntime", RuntimeError("onnxruntime failed to import"))
+        helpers.skip_unavailable("onnxruntime", RuntimeError("onnxruntime failed to import"))
     with pytest.raises(pytest.skip.Exception):  # on a GPU the CPU-only package of the extra may not suffice
-        conftest.skip_unavailable("onnxruntime", RuntimeError("no CUDA execution provider"), device="cuda")
+        helpers.skip_unavailable("onnxruntime", RuntimeError("no CUDA execution provider"), device="cuda")

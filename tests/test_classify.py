@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_segmenter
+from helpers import make_segmenter
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
 

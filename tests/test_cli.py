@@ -20,7 +20,7 @@ def test_segment_writes_good_images_and_names_bad_ones(tmp_path, tiny_config, ca
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_config}))
     import torch
-    from conftest import quiet_load_clip
+    from helpers import quiet_load_clip
     from safetensors.torch import save_file
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 
 from pacl_fast.model import PACL
 

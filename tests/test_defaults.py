@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import wait_ready
 from layouts import write_tiny_clip, write_tiny_pacl
 from PIL import Image
 
@@ -68,13 +68,6 @@ def serve_door(argv: list[str]) -> TestClient:
     resolve_model_options(args)
     segmenter = common.make_segmenter(args, args.device, expected_images=math.inf, announce=False)
     return TestClient(create_app(segmenter, settings))
-
-
-def wait_ready(client: TestClient, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------- the three doors
@@ -304,7 +297,7 @@ def test_models_have_names_that_say_something(tmp_path, tiny_clip):
 
 def test_the_logit_scale_is_read_once_when_the_segmenter_is_built(tiny_config):
     """It was ``float(model.logit_scale)`` on every batch: a host-device sync on CUDA. The model is frozen."""
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     segmenter = make_segmenter(tiny_config)
     read = segmenter.logit_scale
@@ -316,7 +309,7 @@ def test_the_logit_scale_is_read_once_when_the_segmenter_is_built(tiny_config):
 
 def test_model_id_records_the_precision_the_encoder_computes_in(tiny_config, tmp_path):
     """OpenVINO fp32 and bf16 runs take float32 inputs alike: their ids recorded the same ``torch.float32``."""
-    from conftest import make_segmenter, skip_unavailable
+    from helpers import make_segmenter, skip_unavailable
 
     from pacl_fast.encoders import EncoderUnavailableError
 
@@ -338,7 +331,7 @@ def test_every_door_accepts_every_template_preset(tiny_config):
     """``predict(templates="synthetic")`` was refused while the service offered that preset (issue 19 item 4):
     the library, the command line's early check and the service take each preset of ``choices.TEMPLATE_PRESETS``,
     and each names the same templates."""
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     from pacl_fast.choices import TEMPLATE_PRESETS
     from pacl_fast.cli.common import check_text

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_segmenter
+from helpers import make_segmenter, opencv
 from layouts import (
     save_image,
     write_ade,
@@ -78,7 +78,7 @@ def test_ignore_index_is_honoured_and_bad_values_refused():
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_config):
+def segmenter_batch2(tiny_config):
     return make_segmenter(tiny_config, batch_size=2)  # evaluation batches images: runs save per batch
 
 
@@ -92,7 +92,7 @@ def _voc_masks(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     return masks
 
 
-def _expected_confusion(segmenter, dataset, names, **predict_args) -> np.ndarray:
+def _expected_confusion(segmenter_batch2, dataset, names, **predict_args) -> np.ndarray:
     """Pixel counts written out per class with plain numpy, from Segmenter.predict's labels."""
     queries = [n for synonyms in names for n in synonyms]
     owner = [c for c, synonyms in enumerate(names) for _ in synonyms]
@@ -100,7 +100,7 @@ def _expected_confusion(segmenter, dataset, names, **predict_args) -> np.ndarray
     confusion = np.zeros((classes, classes), np.int64)
     for index in range(len(dataset)):
         image, truth = dataset[index]
-        labels = segmenter.predict(image, queries, templates="single", **predict_args).labels
+        labels = segmenter_batch2.predict(image, queries, templates="single", **predict_args).labels
         prediction = np.vectorize(lambda q: dataset.background_index if q < 0 else owner[q])(labels)
         for t in range(classes):
             for p in range(classes):
@@ -109,12 +109,12 @@ def _expected_confusion(segmenter, dataset, names, **predict_args) -> np.ndarray
 
 
 @pytest.mark.parametrize("window", [None, SlidingWindow(32, 16, short_side=48)])
-def test_evaluation_equals_counts_by_hand(tmp_path, segmenter, window):
+def test_evaluation_equals_counts_by_hand(tmp_path, segmenter_batch2, window):
     write_voc(tmp_path, _voc_masks(3))
     dataset = open_dataset("voc21", tmp_path)
     names = dataset.prompt_names()
-    report = evaluate_segmentation(segmenter, dataset, templates="single", sliding_window=window, progress=False)
-    expected = _expected_confusion(segmenter, dataset, names, sliding_window=window)
+    report = evaluate_segmentation(segmenter_batch2, dataset, templates="single", sliding_window=window, progress=False)
+    expected = _expected_confusion(segmenter_batch2, dataset, names, sliding_window=window)
     np.testing.assert_array_equal(report.metrics.confusion, expected)
     scored = sum(int((dataset[i][1] != 255).sum()) for i in range(len(dataset)))
     assert report.metrics.confusion.sum() == scored and report.num_images == 3 and not report.failures
@@ -131,7 +131,7 @@ def test_evaluation_equals_counts_by_hand(tmp_path, segmenter, window):
         (dict(background_threshold=1.5), r"probability in \[0, 1\], got 1.5"),
     ],
 )
-def test_options_that_fail_every_image_are_refused_before_any_is_read(tmp_path, segmenter, options, message):
+def test_options_that_fail_every_image_are_refused_before_any_is_read(tmp_path, segmenter_batch2, options, message):
     write_voc(tmp_path, _voc_masks(2))
     dataset = open_dataset("voc21", tmp_path)
     images = sorted((tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
@@ -139,31 +139,35 @@ def test_options_that_fail_every_image_are_refused_before_any_is_read(tmp_path, 
     for path in images:
         path.write_bytes(b"not an image")  # read, any of them would fail on its own
     with pytest.raises(ValueError, match=message):
-        evaluate_segmentation(segmenter, dataset, templates="single", progress=False, **options)
+        evaluate_segmentation(segmenter_batch2, dataset, templates="single", progress=False, **options)
 
 
-def test_background_threshold_predicts_the_background_class(tmp_path, segmenter):
+def test_background_threshold_predicts_the_background_class(tmp_path, segmenter_batch2):
     write_voc(tmp_path, _voc_masks(2))
     voc21 = open_dataset("voc21", tmp_path)
     names = [("background",), ("cat",), ("dog",)] + [(f"class {i}",) for i in range(18)]
-    plain = evaluate_segmentation(segmenter, voc21, names=names, templates="single", progress=False)
+    plain = evaluate_segmentation(segmenter_batch2, voc21, names=names, templates="single", progress=False)
     thresholded = evaluate_segmentation(
-        segmenter, voc21, names=names, templates="single", background_threshold=1.0, progress=False
+        segmenter_batch2, voc21, names=names, templates="single", background_threshold=1.0, progress=False
     )
     # Every winner probability is below 1, so everything becomes background.
     assert thresholded.metrics.confusion[:, 1:].sum() == 0
     assert thresholded.metrics.confusion.sum() == plain.metrics.confusion.sum()
     with pytest.raises(ValueError, match="voc20 has no background class"):
-        evaluate_segmentation(segmenter, open_dataset("voc20", tmp_path), background_threshold=0.5, progress=False)
+        evaluate_segmentation(
+            segmenter_batch2, open_dataset("voc20", tmp_path), background_threshold=0.5, progress=False
+        )
     with pytest.raises(ValueError, match="2 class names given for 21 classes"):
-        evaluate_segmentation(segmenter, voc21, names=[("a",), ("b",)], progress=False)
+        evaluate_segmentation(segmenter_batch2, voc21, names=[("a",), ("b",)], progress=False)
 
 
-def test_reduce_zero_label_dataset_never_scores_other(tmp_path, segmenter):
+def test_reduce_zero_label_dataset_never_scores_other(tmp_path, segmenter_batch2):
     masks = {"ADE_val_1": np.zeros((20, 24), np.uint8), "ADE_val_2": np.full((20, 24), 3, np.uint8)}
     masks["ADE_val_1"][5:9, 5:9] = 7
     write_ade(tmp_path, masks)
-    report = evaluate_segmentation(segmenter, open_dataset("ade20k", tmp_path), templates="single", progress=False)
+    report = evaluate_segmentation(
+        segmenter_batch2, open_dataset("ade20k", tmp_path), templates="single", progress=False
+    )
     assert report.metrics.confusion.sum() == 16 + 20 * 24  # "other" (0) pixels are not scored
     assert report.metrics.pixels[6] == 16 and report.metrics.pixels[2] == 480
 
@@ -183,20 +187,20 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("name,writer,mapping", LAYOUTS)
-def test_every_layout_evaluates_to_counts_by_hand(tmp_path, segmenter, name, writer, mapping):
+def test_every_layout_evaluates_to_counts_by_hand(tmp_path, segmenter_batch2, name, writer, mapping):
     rng = np.random.default_rng(len(mapping))
     values = np.array(sorted(mapping), np.uint8)
     masks = {f"aachen_{i:06d}_000019": rng.choice(values, size=(18 + 5 * i, 26)) for i in range(2)}
     writer(tmp_path, masks)
     dataset = open_dataset(name, tmp_path)
     classes = [(c,) for c in dataset.classes]
-    report = evaluate_segmentation(segmenter, dataset, names=classes, templates="single", progress=False)
+    report = evaluate_segmentation(segmenter_batch2, dataset, names=classes, templates="single", progress=False)
     expected = np.zeros((len(classes),) * 2, np.int64)
     for index, key in enumerate(masks):
         truth = np.vectorize(mapping.get)(masks[key])
         (path,) = [p for p in tmp_path.rglob(f"{key}*") if p.suffix == ".jpg" or p.name.endswith("_leftImg8bit.png")]
         image = np.array(Image.open(path).convert("RGB"))
-        prediction = segmenter.predict(image, dataset.classes, templates="single").labels
+        prediction = segmenter_batch2.predict(image, dataset.classes, templates="single").labels
         assert dataset.sample_id(index) == key
         for t in np.unique(truth[truth != 255]):
             for p in np.unique(prediction):
@@ -224,23 +228,23 @@ class DiesAfter:
         return self.dataset[index]
 
 
-def test_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path, segmenter):
+def test_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path, segmenter_batch2):
     write_voc(tmp_path, _voc_masks(5))
     dataset = open_dataset("voc21", tmp_path)
     state = tmp_path / "state"
     kwargs = dict(templates="single", progress=False, state_dir=state, save_every=1)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_segmentation(segmenter, DiesAfter(dataset, 3), **kwargs)
+        evaluate_segmentation(segmenter_batch2, DiesAfter(dataset, 3), **kwargs)
     saved = json.loads((state / "rank00000-of-00001.json").read_text())
     assert saved["done"] == 2  # the whole batches done before the kill (batch size 2)
     resumed_reader = DiesAfter(dataset, None)
-    resumed = evaluate_segmentation(segmenter, resumed_reader, **kwargs)
+    resumed = evaluate_segmentation(segmenter_batch2, resumed_reader, **kwargs)
     assert resumed_reader.reads == 3  # only what was left
-    whole = evaluate_segmentation(segmenter, dataset, templates="single", progress=False)
+    whole = evaluate_segmentation(segmenter_batch2, dataset, templates="single", progress=False)
     np.testing.assert_array_equal(resumed.metrics.confusion, whole.metrics.confusion)
     assert resumed.metrics.miou == whole.metrics.miou
     with pytest.raises(ValueError, match=r"other settings \(differs in: templates\)"):
-        evaluate_segmentation(segmenter, dataset, templates="short", progress=False, state_dir=state)
+        evaluate_segmentation(segmenter_batch2, dataset, templates="short", progress=False, state_dir=state)
 
 
 def _forge(path: Path, **fields) -> None:
@@ -252,54 +256,54 @@ def _forge(path: Path, **fields) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_forged_state_is_refused_and_restart_starts_over(tmp_path, segmenter):
+def test_forged_state_is_refused_and_restart_starts_over(tmp_path, segmenter_batch2):
     """Issue 10 item 9: an edited partial state changed the reported mIoU; now it is refused, naming --restart."""
     world = open_dataset("synthetic", None)
     state = tmp_path / "state"
     kwargs = dict(limit=4, templates="single", progress=False, state_dir=state, save_every=1)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_segmentation(segmenter, DiesAfter(world, 2), **kwargs)
+        evaluate_segmentation(segmenter_batch2, DiesAfter(world, 2), **kwargs)
     path = state / "rank00000-of-00001.json"
     saved = json.loads(path.read_text())
     _forge(path, done=10**6)
     with pytest.raises(ValueError, match=r"done=1000000 is not an item count in 0\.\.4.*--restart"):
-        evaluate_segmentation(segmenter, world, **kwargs)
+        evaluate_segmentation(segmenter_batch2, world, **kwargs)
     confusion = np.array(saved["sums"]["confusion"]["values"])
     confusion[0] += 10**6  # all of class 0 right: a better mIoU
     forged = {"confusion": {"shape": saved["sums"]["confusion"]["shape"], "values": confusion.tolist()}}
     _forge(path, done=saved["done"], sums=forged)
     path.write_text(path.read_text().replace('"checksum": "', '"checksum": "0'))  # a hand edit, not re-hashed
     with pytest.raises(ValueError, match="checksum does not match.*--restart"):
-        evaluate_segmentation(segmenter, world, **kwargs)
+        evaluate_segmentation(segmenter_batch2, world, **kwargs)
     clear_state(state, DistInfo())  # what --restart does
-    restarted = evaluate_segmentation(segmenter, world, **kwargs)
-    fresh = evaluate_segmentation(segmenter, world, limit=4, templates="single", progress=False)
+    restarted = evaluate_segmentation(segmenter_batch2, world, **kwargs)
+    fresh = evaluate_segmentation(segmenter_batch2, world, limit=4, templates="single", progress=False)
     np.testing.assert_array_equal(restarted.metrics.confusion, fresh.metrics.confusion)
 
 
-def test_changed_split_list_or_process_count_is_not_resumed(tmp_path, segmenter):
+def test_changed_split_list_or_process_count_is_not_resumed(tmp_path, segmenter_batch2):
     """Issue 10 item 9: after the split list changed, a resumed run mixed old and new images."""
     masks = _voc_masks(4)
     voc = write_voc(tmp_path, masks)
     state = tmp_path / "state"
     kwargs = dict(templates="single", progress=False, state_dir=state, save_every=1)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_segmentation(segmenter, DiesAfter(open_dataset("voc21", tmp_path), 2), **kwargs)
+        evaluate_segmentation(segmenter_batch2, DiesAfter(open_dataset("voc21", tmp_path), 2), **kwargs)
     split = voc / "ImageSets" / "Segmentation" / "val.txt"
     ids = split.read_text().split()
     split.write_text("\n".join([ids[1], ids[0], *ids[2:]]) + "\n")  # same images, other order
     with pytest.raises(ValueError, match=r"differs in: sample_ids_sha256\).*--restart"):
-        evaluate_segmentation(segmenter, open_dataset("voc21", tmp_path), **kwargs)
+        evaluate_segmentation(segmenter_batch2, open_dataset("voc21", tmp_path), **kwargs)
     split.write_text("\n".join(ids[:3]) + "\n")  # one image fewer
     with pytest.raises(ValueError, match=r"differs in: num_samples, sample_ids_sha256\)"):
-        evaluate_segmentation(segmenter, open_dataset("voc21", tmp_path), **kwargs)
+        evaluate_segmentation(segmenter_batch2, open_dataset("voc21", tmp_path), **kwargs)
     clear_state(state, DistInfo())
     dataset = open_dataset("voc21", tmp_path)
     # Rank 0 of 2 alone (no process group: it keeps its own share's sums), then one process on its state.
-    half = evaluate_segmentation(segmenter, dataset, dist=DistInfo(0, 2), **kwargs)
+    half = evaluate_segmentation(segmenter_batch2, dataset, dist=DistInfo(0, 2), **kwargs)
     assert half.metrics.confusion.sum() == sum(int((masks[k] != 255).sum()) for k in ids[:3:2])
     with pytest.raises(ValueError, match=r"another number of processes \(rank00000-of-00002.json\).*--restart"):
-        evaluate_segmentation(segmenter, dataset, **kwargs)
+        evaluate_segmentation(segmenter_batch2, dataset, **kwargs)
 
 
 def test_eval_command_restart_discards_a_bad_state(tmp_path, tiny_config, capsys):
@@ -317,10 +321,12 @@ def test_eval_command_restart_discards_a_bad_state(tmp_path, tiny_config, capsys
     assert "mIoU" in capsys.readouterr().out and not state.exists()
 
 
-def test_a_bad_image_is_reported_and_the_rest_scored(tmp_path, segmenter):
+def test_a_bad_image_is_reported_and_the_rest_scored(tmp_path, segmenter_batch2):
     voc = write_voc(tmp_path, _voc_masks(3))
     (voc / "JPEGImages" / "2007_000001.jpg").write_bytes(b"not a jpeg")
-    report = evaluate_segmentation(segmenter, open_dataset("voc21", tmp_path), templates="single", progress=False)
+    report = evaluate_segmentation(
+        segmenter_batch2, open_dataset("voc21", tmp_path), templates="single", progress=False
+    )
     assert [f["id"] for f in report.failures] == ["2007_000001"]
     assert "cannot decode image file" in report.failures[0]["error"]
     masks = _voc_masks(3)
@@ -336,16 +342,16 @@ def test_help(command, capsys):
     assert "--json" in text and "--state-dir" in text and "--pacl-weights" in text
 
 
-def test_synthetic_world_through_the_same_evaluator(tmp_path, tiny_config, segmenter, capsys):
+def test_synthetic_world_through_the_same_evaluator(tmp_path, tiny_config, segmenter_batch2, capsys):
     from pacl_fast.data.synthetic import SYNTHETIC_TEMPLATES
 
     world = open_dataset("synthetic", None)
-    report = evaluate_segmentation(segmenter, world, limit=3, progress=False)
+    report = evaluate_segmentation(segmenter_batch2, world, limit=3, progress=False)
     assert report.protocol["templates"] == list(SYNTHETIC_TEMPLATES) and report.num_images == 3
     expected = np.zeros((6, 6), np.int64)
     for index in range(3):
         image, truth = world[index]
-        prediction = segmenter.predict(image, world.classes, templates=SYNTHETIC_TEMPLATES).labels
+        prediction = segmenter_batch2.predict(image, world.classes, templates=SYNTHETIC_TEMPLATES).labels
         for t in range(6):
             for p in range(6):
                 expected[t, p] += np.sum((truth == t) & (prediction == p))
@@ -433,12 +439,7 @@ def test_batched_evaluation_equals_one_image_at_a_time(tmp_path, tiny_config):
     np.testing.assert_array_equal(batched.metrics.confusion, expected)
 
 
-def opencv():
-    """OpenCV, which --protocol resizes with (a dependency of pacl-fast; CI fails on this skip)."""
-    return pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
-
-
-def authors_input(image: np.ndarray, protocol, segmenter):
+def authors_input(image: np.ndarray, protocol, segmenter_batch2):
     """The repositories' network input for one image, written out: mmcv's ``Resize(scale=(2048, S),
     keep_ratio=True)`` (``rescale_size``: factor ``min(2048 / long, S / short)``, sides ``int(x * f + 0.5)``;
     ``cv2.resize`` INTER_LINEAR on the uint8 image), normalised; then padded bottom/right to the patch
@@ -450,8 +451,10 @@ def authors_input(image: np.ndarray, protocol, segmenter):
     factor = min(max(2048, protocol.short_side) / max(h, w), min(2048, protocol.short_side) / min(h, w))
     new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)  # [h', w', 3] uint8
-    pixels = normalize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255, segmenter.mean, segmenter.std)
-    p = segmenter.patch_size
+    pixels = normalize(
+        torch.from_numpy(resized).permute(2, 0, 1).float() / 255, segmenter_batch2.mean, segmenter_batch2.std
+    )
+    p = segmenter_batch2.patch_size
     canvas = (-(-new_h // p) * p, -(-new_w // p) * p)
     padded = torch.nn.functional.pad(pixels, (0, canvas[1] - new_w, 0, canvas[0] - new_h))
     return Prepared(padded, Geometry((h, w), (new_h, new_w), canvas, p)), pixels[None]
@@ -478,17 +481,19 @@ def test_windowed_protocol_presets_drive_the_evaluation(tmp_path, tiny_config, n
     else:
         write_voc(tmp_path, masks)
     dataset = open_dataset(dataset_name, tmp_path)
-    segmenter = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
-    report = evaluate_segmentation(segmenter, dataset, protocol=protocol, progress=False)
+    segmenter_batch2 = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
+    report = evaluate_segmentation(segmenter_batch2, dataset, protocol=protocol, progress=False)
     assert not report.failures
     window = SlidingWindow(protocol.slide_crop, protocol.slide_stride, protocol.short_side)
     unique = sorted(set(protocol.queries))
-    texts = segmenter.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
+    texts = segmenter_batch2.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
     classes = dataset.num_classes
     expected = np.zeros((classes, classes), np.int64)
     for index in range(len(dataset)):
         image, truth = dataset[index]
-        dense = segmenter.image_logits(authors_input(image, protocol, segmenter)[0], texts, window)  # [Q, H, W]
+        dense = segmenter_batch2.image_logits(
+            authors_input(image, protocol, segmenter_batch2)[0], texts, window
+        )  # [Q, H, W]
         labels = protocol.postprocess(dense).numpy()
         expected += confusion_matrix(labels, truth, classes).numpy()
     np.testing.assert_array_equal(report.metrics.confusion, expected)
@@ -515,19 +520,19 @@ def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
     masks = _voc_masks(2)
     write_voc(tmp_path, masks)
     dataset = open_dataset("voc21", tmp_path)
-    segmenter = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
-    report = evaluate_segmentation(segmenter, dataset, protocol=protocol, progress=False)
+    segmenter_batch2 = make_segmenter(tiny_config, image_size=protocol.short_side, logit_scale=protocol.logit_scale)
+    report = evaluate_segmentation(segmenter_batch2, dataset, protocol=protocol, progress=False)
     assert report.protocol["eval_protocol"]["name"] == "naclip" and report.protocol["logit_scale"] == 40
     unique = list(dict.fromkeys(protocol.queries))
-    texts = segmenter.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
+    texts = segmenter_batch2.encode_labels(unique, "imagenet")[[unique.index(q) for q in protocol.queries]]
     expected = np.zeros((21, 21), np.int64)
     for index in range(len(dataset)):
         image, truth = dataset[index]
-        prepared, network_input = authors_input(image, protocol, segmenter)
+        prepared, network_input = authors_input(image, protocol, segmenter_batch2)
         assert min(prepared.geometry.resized_size) == 336
-        patches = segmenter.encoder.encode_image(prepared.pixels[None])
+        patches = segmenter_batch2.encoder.encode_image(prepared.pixels[None])
         logits = torch.nn.functional.normalize(patches.float(), dim=-1) @ texts.T  # [1, h, w, Q]
-        dense = segmenter.head.upsample(logits, truth.shape, prepared.geometry.grid_extent)  # [1, Q, H, W]
+        dense = segmenter_batch2.head.upsample(logits, truth.shape, prepared.geometry.grid_extent)  # [1, Q, H, W]
         guide = torch.nn.functional.interpolate(network_input, size=truth.shape, mode="bilinear", align_corners=False)
         refined = pamr(guide, dense, 10, (8, 16))[0]
         labels = protocol_labels_of(refined, protocol)
@@ -536,6 +541,8 @@ def test_protocol_presets_drive_the_evaluation(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="build the segmenter with image_size=336, logit_scale=40"):
         evaluate_segmentation(make_segmenter(tiny_config), dataset, protocol=protocol, progress=False)
     with pytest.raises(ValueError, match="a protocol sets the class names"):
-        evaluate_segmentation(segmenter, dataset, protocol=protocol, templates="single", progress=False)
+        evaluate_segmentation(segmenter_batch2, dataset, protocol=protocol, templates="single", progress=False)
     with pytest.raises(ValueError, match="preset is for voc21, the dataset is synthetic"):
-        evaluate_segmentation(segmenter, open_dataset("synthetic", None), protocol=protocol, limit=1, progress=False)
+        evaluate_segmentation(
+            segmenter_batch2, open_dataset("synthetic", None), protocol=protocol, limit=1, progress=False
+        )

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from helpers import killed_write, writer_in_progress
 
 from pacl_fast.files import (
     STALE_TEMPORARY_SECONDS,
@@ -83,52 +80,6 @@ def test_open_regular_refuses_fifos_and_folders_without_blocking(tmp_path):
 
 
 # ---- atomic_write: the umask, and the temporary files of killed writers -----------------------------------
-
-ROOT = Path(__file__).resolve().parents[1]
-_WRITER = """
-import sys
-from pacl_fast.files import atomic_write
-
-def write(f):
-    f.write(b"half")
-    f.flush()
-    print("writing", flush=True)
-    sys.stdin.readline()  # holds its temporary file until told to go on
-    f.write(b" and the rest")
-
-atomic_write(sys.argv[1], write)
-"""
-
-
-@contextlib.contextmanager
-def writer_in_progress(path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """Another process inside ``atomic_write(path)``, holding its half-written temporary file:
-    yields ``(process, temporary)``; writing a line to its stdin lets it finish."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    process = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-    )
-    try:
-        assert process.stdout.readline().strip() == b"writing"
-        (temporary,) = [p for p in path.parent.iterdir() if f"-{process.pid}-" in p.name]
-        yield process, temporary
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-        process.stdin.close()
-        process.stdout.close()
-
-
-def killed_write(path: Path) -> Path:
-    """The temporary file an ``atomic_write(path)`` killed with SIGKILL in the middle leaves behind
-    (``path`` itself is left as it was)."""
-    before = path.read_bytes() if path.exists() else None
-    with writer_in_progress(path) as (process, temporary):
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    assert temporary.is_file() and (path.read_bytes() if path.exists() else None) == before
-    return temporary
 
 
 @contextlib.contextmanager

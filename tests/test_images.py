@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import opencv
 from PIL import Image
 
 from kernels.reference import upsample_logits
@@ -137,10 +138,6 @@ def test_plan_resize_refuses_strips_it_would_blow_up():
 
 
 # --- mmcv's Resize, as the training-free protocols resize (issue 19 item 3) ---------------------------------
-
-
-def opencv():
-    return pytest.importorskip("cv2", reason="needs OpenCV (opencv-python-headless, a dependency of pacl-fast)")
 
 
 def mmcv_size(height: int, width: int, short: int, long: int = 2048) -> tuple[int, int]:

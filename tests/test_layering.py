@@ -46,6 +46,36 @@ def test_kernels_import_nothing_from_pacl_fast(path):
     assert "pacl_fast" not in imported_modules(path)
 
 
+#: Issue 22: no function in ``pacl_fast/`` longer than this many lines (a longer one is split into named steps).
+MAX_FUNCTION_LINES = 110
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``name (N lines, line L)`` of every function or method in ``path`` over ``limit`` lines, nested ones too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                found.append(f"{node.name} ({length} lines, line {node.lineno})")
+    return found
+
+
+def test_long_functions_counts_every_line_of_nested_and_async_functions(tmp_path):
+    module = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(4))
+    method_body = body.replace("    ", "        ")
+    module.write_text(f"def short():\n{body}\nclass C:\n    async def method(self):\n{method_body}")
+    assert long_functions(module, limit=5) == []
+    assert long_functions(module, limit=4) == ["short (5 lines, line 1)", "method (5 lines, line 8)"]
+
+
+def test_no_function_in_pacl_fast_is_longer_than_the_limit():
+    offenders = {str(p.relative_to(ROOT)): long_functions(p) for p in sources("pacl_fast")}
+    offenders = {path: found for path, found in offenders.items() if found}
+    assert offenders == {}, f"functions over {MAX_FUNCTION_LINES} lines: split them into named steps: {offenders}"
+
+
 def test_public_names_resolve_and_type_checkers_see_the_same():
     """``pacl_fast``'s lazy exports (PEP 562): each resolves to its module's object, and the eager
     ``TYPE_CHECKING`` imports name the same objects from the same modules, so IDEs and runtime agree."""

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from open_clip.transformer import LayerScale, QuickGELU
 
 from kernels.reference import gaussian_neighbourhood as reference_gaussian

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from PIL import Image
 
 from pacl_fast.data.synthetic import WorldConfig, render_scene
@@ -461,7 +461,7 @@ def test_bad_openvino_arguments(model, shared):
 @needs_openvino
 @pytest.mark.slow
 def test_segmenter_with_openvino_matches_torch(tiny_config, tmp_path):
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     eager = make_segmenter(tiny_config)
     ov = make_segmenter(tiny_config, encoder="openvino", encoder_options={"cache_dir": tmp_path})

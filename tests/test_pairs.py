@@ -1,23 +1,16 @@
-import io
 import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import png_bytes, write_shard
 from torch.utils.data import DataLoader
 
 from pacl_fast.data.pairs import CsvPairs, ShardPosition, WebDatasetPairs
 from pacl_fast.data.stream import DataError, PairStream, collate_pairs
 from pacl_fast.files import NotARegularFileError
 from pacl_fast.images import square_crop
-
-
-def png_bytes(seed, size=(40, 30)):
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_csv_pairs_skip_and_count_bad_rows(tmp_path):
@@ -47,14 +40,6 @@ def test_csv_columns_are_checked(tmp_path):
     assert CsvPairs(table, 32, image_key="path", caption_key="text").size == 1
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         CsvPairs(tmp_path / "nope.csv", 32)
-
-
-def write_shard(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset_corrupt_member_is_skipped_and_counted(tmp_path):

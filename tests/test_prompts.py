@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from safetensors.torch import save
 
 from pacl_fast.backbone import ClipIdentity
@@ -133,12 +133,6 @@ def test_the_embedder_checks_labels_with_its_models_tokenizer(tiny_model, encode
 
 CLASSES = ["cat", "traffic light", "sky", "chest of drawers", "grass", "person", "swimming pool"]  # 7: odd
 TEMPLATES = ("a photo of a {}.", "itap of the {}", "{}", "a blurry photo of my {}, seen from far away.", "the {}!")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_config):
-    torch.manual_seed(0)
-    return PACL(quiet_load_clip(tiny_config)).eval()
 
 
 @pytest.fixture(scope="module")

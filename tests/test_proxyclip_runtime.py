@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import skip_unavailable
+from helpers import skip_unavailable
 from PIL import Image
 from test_methods import TINY_LS_CONFIG, load_randomised
 from test_proxyclip import tiny_vfm

@@ -138,7 +138,7 @@ def test_saved_label_maps_and_overlays_honour_the_umask(tmp_path, mask, mode):
 def test_results_of_one_call_get_distinct_stems_and_save_side_by_side(tmp_path, tiny_config):
     """Issue 19 item 5: ``predict([array_a, array_b])`` named both results ``image0``, so the second ``save``
     into the same folder was refused. Inputs without a file name are named by their position in the call."""
-    from conftest import make_segmenter
+    from helpers import make_segmenter
 
     segmenter = make_segmenter(tiny_config)
     photo = tmp_path / "photo.png"

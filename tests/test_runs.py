@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from test_files import killed_write
+from helpers import killed_write
 
 from pacl_fast.distributed import DistInfo
 from pacl_fast.runs import (

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_segmenter
+from helpers import make_segmenter
 from layouts import random_image
 from PIL import Image
 
@@ -13,11 +13,6 @@ from pacl_fast.results import BatchError, ImageError, Segmentation
 from pacl_fast.weights import save_pacl_weights
 
 LABELS = ["circle", "square", "sky"]
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_config):
-    return make_segmenter(tiny_config)
 
 
 def test_predict_every_input_kind(tmp_path, segmenter):
@@ -414,7 +409,7 @@ def test_vit_b_16_patch_tokens_under_the_auto_dtype_match_fp32():
     test_encoders.py::test_backend_matches_reference_vit_b_16[torch-bfloat16] (PACL embeddings)."""
     import copy
 
-    from conftest import quiet_load_clip
+    from helpers import quiet_load_clip
 
     from pacl_fast.encoders import TorchEncoder
     from pacl_fast.model import PACL

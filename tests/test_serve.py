@@ -27,8 +27,8 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from conftest import make_segmenter
 from fastapi.testclient import TestClient
+from helpers import make_segmenter, wait_ready
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,13 +67,6 @@ def random_image(seed: int, height: int, width: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def wait_ready(client, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
-
-
 def wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -98,11 +91,6 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_config):
-    return make_segmenter(tiny_config)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pacl_fast.encoders import EncoderUnavailableError, make_encoder

@@ -10,14 +10,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_load_clip
+from helpers import quiet_load_clip
 from torch import nn
 
 from pacl_fast import text_tower
 from pacl_fast.backbone import ClipBackbone, ClipIdentity
 from pacl_fast.demo import TINY_CLIP_CONFIG
 from pacl_fast.encoders import EncoderUnavailableError, TorchEncoder, make_encoder
-from pacl_fast.model import PACL
 from pacl_fast.text_tower import PromptTruncatedWarning
 
 EXACT = 0.99999  # cosine of the truncated tower to the full one (fp32)
@@ -291,12 +290,6 @@ def test_tokenize_names_the_texts_it_cuts(tiny_backbone):
 
 
 # --- text precision and the encoders ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_config) -> PACL:
-    torch.manual_seed(0)
-    return PACL(quiet_load_clip(tiny_config)).eval()
 
 
 def test_text_runs_in_float32_by_default_and_bf16_on_request(tiny_model):

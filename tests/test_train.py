@@ -21,6 +21,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from helpers import make_segmenter, png_bytes, write_shard
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
 
@@ -29,8 +30,6 @@ from pacl_fast.data.synthetic import CLASS_NAMES, SyntheticSegmentation, WorldCo
 from pacl_fast.images import normalize
 from pacl_fast.model import PACL, contrastive_loss
 from pacl_fast.weights import read_pacl_weights
-from tests.conftest import make_segmenter
-from tests.test_pairs import png_bytes, write_shard
 from train.checkpoints import KEEP_CHECKPOINTS, CheckpointError, checkpoint_path, read_checkpoint, state_checksum
 from train.config import TrainConfig, build_parser
 from train.stages import PaclStage, export_clip, lr_factor, parameter_groups
