@@ -954,7 +954,7 @@ def test_pacl_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path
 def test_resume_cleanup_removes_only_dead_writers_checkpoint_temporaries(tmp_path):
     """A run's start deleted every ``.step_*.tmp`` in the checkpoint folder, a live writer's too (a
     second run or another node saving into it): now only those of killed writers go (files' rules)."""
-    from tests.test_files import killed_write
+    from helpers import killed_write
     from train.checkpoints import remove_stale_temporaries
 
     out = tmp_path / "run"
