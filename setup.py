@@ -37,6 +37,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-timeout",
+            "pytest-xdist",  # the README's test command runs on every core (-n auto)
             "pytest-benchmark",
             "ruff",
             "onnx",

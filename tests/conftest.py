@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
@@ -16,6 +17,11 @@ os.environ.setdefault("PACL_FAST_CACHE", tempfile.mkdtemp(prefix="pacl-fast-test
 # it is first imported (open_clip imports it), so this must come before any other import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest-xdist's workers ignore SIGINT, and a child process inherits an ignored signal: the Ctrl-C tests'
+# subprocesses would then never see theirs. Each test process takes Ctrl-C as an interactive one does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import helpers  # noqa: E402 - after the environment above
 from helpers import make_segmenter, quiet_load_clip, random_pacl  # noqa: E402, F401 - also for older imports
