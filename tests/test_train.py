@@ -955,6 +955,7 @@ def test_resume_cleanup_removes_only_dead_writers_checkpoint_temporaries(tmp_pat
     """A run's start deleted every ``.step_*.tmp`` in the checkpoint folder, a live writer's too (a
     second run or another node saving into it): now only those of killed writers go (files' rules)."""
     from helpers import killed_write
+
     from train.checkpoints import remove_stale_temporaries
 
     out = tmp_path / "run"
