@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pacl_fast.cli import common
+import pacl_fast.cli.common as common
 
 
 def add_parser(sub: common.Subcommands) -> None:

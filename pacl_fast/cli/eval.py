@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pacl_fast.choices import DATASETS, PROTOCOLS
-from pacl_fast.cli import common
+import pacl_fast.cli.common as common
 
 if TYPE_CHECKING:
     from pacl_fast.data.segmentation import SegmentationDataset

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS
-from pacl_fast.cli import common
+import pacl_fast.cli.common as common
 
 
 def image_sizes(text: str) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacl_fast.cli import common
+import pacl_fast.cli.common as common
 from pacl_fast.data.shards import DEFAULT_MAX_MEMBER_BYTES
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pacl_fast.cli import common
+import pacl_fast.cli.common as common
 from pacl_fast.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
