@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pacl_fast.choices import DATASETS, PROTOCOLS
 import pacl_fast.cli.common as common
+from pacl_fast.choices import DATASETS, PROTOCOLS
 
 if TYPE_CHECKING:
     from pacl_fast.data.segmentation import SegmentationDataset

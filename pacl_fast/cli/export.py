@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS
 import pacl_fast.cli.common as common
+from pacl_fast.choices import EXPORT_FORMATS, EXPORT_PRECISIONS
 
 
 def image_sizes(text: str) -> list[tuple[int, int]]:
