@@ -298,6 +298,19 @@ def test_bad_calibration_is_named(model, fresh, tmp_path):
 # --- the cache -----------------------------------------------------------------------------------------
 
 
+def assert_each_breakage_is_named_and_rebuilt(breakages, model, fresh, folder, pixels, expected, caplog) -> None:
+    """Break the cache entry ``folder`` each way in turn: the next encoder names the breakage in a warning,
+    rebuilds the entry in place (equal outputs, a record again) and leaves no temporary folder."""
+    for message, breakage in breakages.items():
+        breakage()
+        caplog.clear()
+        encoder = OpenVINOEncoder(model, cache_dir=fresh)
+        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=1e-4, rtol=0)
+        assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
+        assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+
+
 @needs_openvino
 def test_broken_cache_entries_are_named_and_rebuilt(model, fresh, caplog):
     pixels = torch.randn(2, 3, *SIZE)
@@ -308,14 +321,7 @@ def test_broken_cache_entries_are_named_and_rebuilt(model, fresh, caplog):
         "model.bin has": lambda: (folder / MODEL_BIN).write_bytes((folder / MODEL_BIN).read_bytes()[:1000]),
         "it failed to load": lambda: (folder / MODEL_XML).write_bytes(b"<" * (folder / MODEL_XML).stat().st_size),
     }
-    for message, breakage in breakages.items():
-        breakage()
-        caplog.clear()
-        encoder = OpenVINOEncoder(model, cache_dir=fresh)
-        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=1e-4, rtol=0)
-        assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
-        assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+    assert_each_breakage_is_named_and_rebuilt(breakages, model, fresh, folder, pixels, expected, caplog)
 
 
 @needs_openvino
@@ -349,14 +355,7 @@ def test_a_broken_entry_of_any_shape_is_rebuilt_once(model, fresh, caplog):
         "entry.json names a file outside its folder": forged,
         "entry.json cannot be read": fifo,
     }
-    for message, breakage in breakages.items():
-        breakage()
-        caplog.clear()
-        encoder = OpenVINOEncoder(model, cache_dir=fresh)
-        torch.testing.assert_close(encoder.encode_image(pixels), expected, atol=1e-4, rtol=0)
-        assert f"OpenVINO cache entry {folder} is broken ({message}" in caplog.text, message
-        assert encoder.model_folder(SIZE) == folder and (folder / ENTRY_JSON).is_file()
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    assert_each_breakage_is_named_and_rebuilt(breakages, model, fresh, folder, pixels, expected, caplog)
 
 
 @needs_openvino
