@@ -483,12 +483,18 @@ def test_a_forged_checkpoint_is_one_line_error(pacl_run, tiny_clip_dir, tmp_path
     assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(pacl_run, tiny_clip_dir, tmp_path):
-    out, _ = pacl_run
+def unfinished_copy(out: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished run ``out`` without its exported ``pacl.safetensors``, and the copy's newest
+    checkpoint: the start of the tests that damage a run's checkpoints and run the same command again."""
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "pacl.safetensors").unlink()
-    newest = copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+    return copy, copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(pacl_run, tiny_clip_dir, tmp_path):
+    out, _ = pacl_run
+    copy, newest = unfinished_copy(out, tmp_path)
     newest.write_bytes(newest.read_bytes()[:5000])
     code, err = train(*pacl_args(tiny_clip_dir, copy))
     assert code == 0, err[-2000:]
@@ -531,10 +537,7 @@ def test_an_edited_step_or_data_state_is_refused_by_the_checksum(pacl_run, tiny_
 def test_a_checkpoint_holding_nan_is_refused_and_auto_resume_falls_back(pacl_run, tiny_clip_dir, tmp_path):
     """Issue 23 item 4: a checkpoint with a NaN tensor ran on with a NaN loss and exported NaN weights."""
     out, _ = pacl_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "pacl.safetensors").unlink()
-    newest = copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+    copy, newest = unfinished_copy(out, tmp_path)
 
     def poison(state):
         state["model"]["embedder.fc1.bias"][3] = float("nan")
@@ -616,10 +619,7 @@ def test_export_clip_refuses_non_finite_tensors(tmp_path):
 def test_a_fifo_where_a_checkpoint_or_the_log_is_expected_never_hangs(pacl_run, tiny_clip_dir, tmp_path):
     """Issue 23 item 3: reading a FIFO waits for a writer, forever; a FIFO at log.jsonl blocks its writer."""
     out, _ = pacl_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "pacl.safetensors").unlink()
-    newest = copy / "checkpoints" / f"step_{PACL_STEPS:08d}.pt"
+    copy, newest = unfinished_copy(out, tmp_path)
     newest.unlink()
     os.mkfifo(newest)
     code, err = train(*pacl_args(tiny_clip_dir, copy))
