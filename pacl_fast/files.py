@@ -105,12 +105,27 @@ def open_regular(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         yield f
 
 
+class FileTooLargeError(ValueError):
+    """A file over the size its reader accepts; ``size``: what it holds (as far as known)."""
+
+    def __init__(self, path: str | os.PathLike, size: int, max_bytes: int):
+        super().__init__(f"{path}: over {max_bytes} bytes ({size} bytes)")
+        self.size = size
+
+
 def read_regular_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
-    """The bytes of the regular file ``path`` (see :func:`open_regular`); ``ValueError`` past ``max_bytes``."""
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), from one descriptor.
+    :class:`FileTooLargeError` past ``max_bytes``: refused by its size before anything is read, and
+    also if it grew past the cap while being read."""
     with open_regular(path) as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"{path}: over {max_bytes} bytes")
+        if max_bytes is None:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileTooLargeError(path, size, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(path, len(data), max_bytes)
     return data
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load, save
 
 from pacl_fast.backbone import ClipBackbone, ClipIdentity
-from pacl_fast.files import atomic_write, open_regular
+from pacl_fast.files import FileTooLargeError, atomic_write, read_regular_bytes
 from pacl_fast.model import PACL, PACLConfig
 
 FORMAT = "pacl-fast/pacl-weights"
@@ -204,11 +204,10 @@ def read_weights_bytes(path: str | os.PathLike, max_bytes: int = MAX_WEIGHTS_BYT
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"PACL weights file not found: {path}")
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise ValueError(f"{path} is {size} bytes, over the {max_bytes} a PACL weights file may have")
-        return f.read(max_bytes + 1)
+    try:
+        return read_regular_bytes(path, max_bytes)
+    except FileTooLargeError as error:
+        raise ValueError(f"{path} is {error.size} bytes, over the {max_bytes} a PACL weights file may have") from None
 
 
 def parse_header(data: bytes, path: str | os.PathLike) -> tuple[dict, int]:
