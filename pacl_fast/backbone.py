@@ -281,6 +281,9 @@ def _read_state_dict(path: Path, *, digest: bool = True) -> dict[str, torch.Tens
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"CLIP checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    others = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ValueError(f"CLIP checkpoint {path} holds entries that are not tensors: {others[:5]}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

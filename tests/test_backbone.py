@@ -148,6 +148,11 @@ def test_local_checkpoint_files(tmp_path, tiny_config, tiny_backbone):
         load_clip(tiny_config, evil_path)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_clip(tiny_config, tmp_path / "missing.safetensors")
+    # weights_only=True admits ints and lists: one where a tensor belongs is an error naming the file and entry
+    odd_path = tmp_path / "odd.pt"
+    torch.save({**state, "logit_scale": 3}, odd_path)
+    with pytest.raises(ValueError, match=r"odd.pt holds entries that are not tensors: \['logit_scale'\]"):
+        load_clip(tiny_config, odd_path)
 
 
 def test_local_dir_layout(tmp_path, tiny_config, tiny_backbone):
