@@ -31,7 +31,7 @@ from pacl_fast.images import (
     describe,
     to_uint8_hwc,
 )
-from pacl_fast.prompts import TextEmbedder, validate_labels
+from pacl_fast.prompts import TextEmbedder
 from pacl_fast.results import BatchError, ImageError, Segmentation, image_name
 from pacl_fast.weights import PACLMetadata
 
@@ -536,8 +536,8 @@ class Segmenter:
         items = [images] if single else list(images)
         if not items:
             raise ValueError("images is empty")
-        class_names = validate_labels(labels, self.text_embedder.tokenize)  # the model's own tokenizer
-        class_embeddings = self.encode_labels(class_names, templates)
+        class_embeddings = self.encode_labels(labels, templates)  # checks the labels with the model's tokenizer
+        class_names = tuple(labels)
         results: list[Segmentation | ImageError | None] = [None] * len(items)
 
         preprocess = self.preprocessor(sliding_window, keep_images=keep_images)
