@@ -424,7 +424,9 @@ def load_or_build() -> NativeKernel:
     command = compiler()
     path = library_path(command)
     folder = path.parent
-    if path.exists() and _private(folder, "folder") and _private(path, "file"):
+    if path.exists() and not (_private(folder, "folder") and _private(path, "file")):
+        logger.info("CPU head: cached native kernel %s is writable by others or not ours; building one", path)
+    elif path.exists():
         if not _sealed(path, _key_of(path)):
             logger.info("CPU head: cached native kernel %s is not a sealed build of this key; building it again", path)
         else:
@@ -442,6 +444,7 @@ def load_or_build() -> NativeKernel:
         target = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             _compile(command, target)
+            os.chmod(target, 0o700)  # the compiler honours the umask: 002 would leave a file the cache refuses
             _append_trailer(target, _key_of(path))
             # Checked before it is published, and loaded under a name no earlier load in this process had
             # (the dynamic loader would hand back a library it loaded from ``path`` before).

@@ -959,6 +959,24 @@ def fresh_native(tmp_path, monkeypatch):
     native._state = saved
 
 
+def test_a_build_under_a_group_writable_umask_is_cached_and_reused(fresh_native):
+    """The compiler honours the umask: under 002 the library came out group-writable, which the cache
+    refuses to load, so every process compiled again. The build is made private whatever the umask."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    cached = native.library_path(native.compiler())
+    old = os.umask(0o002)
+    try:
+        native.load_or_build()
+        built = cached.stat()
+        native.reset()
+        second = native.load_or_build()
+    finally:
+        os.umask(old)
+    assert not built.st_mode & 0o022 and second.path == cached  # the cached file itself was loaded
+    assert cached.stat().st_mtime_ns == built.st_mtime_ns and cached.stat().st_ino == built.st_ino  # not rebuilt
+
+
 def test_native_exp_is_float32_exact():
     """The kernel's exp against float64 on [-87, 0] (below, floored at -87): within 1e-7 relative
     (measured 8.3e-8; torch's float32 exp: 6.2e-8), and exp(0) exactly 1 (the winner's term on the grid)."""
