@@ -654,6 +654,7 @@ def test_run_and_exit_runs_what_teardown_is_for_and_skips_the_rest(tmp_path):
         "import atexit, sys, tempfile, threading, time\n"
         "from pathlib import Path\n"
         "from pacl_fast.process_exit import run_and_exit\n"
+        "atexit.register(lambda: Path(sys.argv[5]).write_text('teardown'))  # before: the skipped teardown's turn\n"
         "def main():\n"
         "    folder = tempfile.TemporaryDirectory()\n"
         "    Path(sys.argv[1]).write_text(folder.name)\n"
@@ -666,11 +667,13 @@ def test_run_and_exit_runs_what_teardown_is_for_and_skips_the_rest(tmp_path):
     )
     for mode in ("alone", "thread"):
         names, ran, done = tmp_path / f"{mode}-tmp", tmp_path / f"{mode}-atexit", tmp_path / f"{mode}-thread"
-        result = subprocess.run([sys.executable, "-c", script, str(names), str(ran), mode, str(done)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        teardown = tmp_path / f"{mode}-teardown"
+        result = subprocess.run([sys.executable, "-c", script, str(names), str(ran), mode, str(done), str(teardown)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert result.returncode == 3 and result.stdout == "unflushed", (result.stdout, result.stderr)
         assert ran.read_text() == "ran" and not Path(names.read_text()).exists()
         assert done.is_file() == (mode == "thread")
+        assert not teardown.exists()  # what was registered before run_and_exit (the teardown's turn) is skipped
 
 
 def test_a_missing_optional_package_is_one_line_naming_the_pip_command(capsys, monkeypatch):
