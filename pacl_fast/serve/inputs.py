@@ -292,10 +292,6 @@ def parse_labels(value: str | list, settings: ServeSettings) -> tuple[str, ...]:
     long = [name[:40] + "..." for name in names if len(name) > settings.max_label_chars]
     if long:
         raise ApiError(422, "bad_labels", f"labels over {settings.max_label_chars} characters: {long}")
-    seen: set[str] = set()
-    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
-    if duplicates:
-        raise ApiError(422, "bad_labels", f"labels has duplicates: {duplicates}")
     from pacl_fast.prompts import validate_labels
 
     try:  # whatever else the library refuses is the client's mistake too, found before the job is queued
