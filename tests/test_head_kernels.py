@@ -1108,14 +1108,15 @@ def test_a_kernel_failing_its_self_test_is_refused(fresh_native, monkeypatch):
 def test_a_cache_others_can_write_to_is_not_trusted(fresh_native, monkeypatch):
     """A library in a folder writable by others is never loaded (someone else may have put it there): the
     kernel is built in a private folder instead, and works."""
-    fresh_native.mkdir(parents=True)
-    fresh_native.chmod(0o777)
-    planted = native.library_path()
-    planted.write_bytes(b"\x7fELF not a library")
     monkeypatch.setenv(native.ENV, "on")
+    planted = native.library_path()
+    native.load_or_build()  # a genuine sealed build: only the folder's permissions may refuse it
+    fresh_native.chmod(0o777)
+    sealed = planted.read_bytes()
+    native.reset()
     kernel = native.kernel()
     assert kernel is not None and kernel.path != planted and kernel.path.parent != fresh_native
-    assert planted.read_bytes() == b"\x7fELF not a library"
+    assert planted.read_bytes() == sealed
 
 
 def test_a_corrupt_cached_library_is_built_again(fresh_native, monkeypatch):
