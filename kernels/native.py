@@ -257,11 +257,15 @@ def prepare() -> None:
     if mode() == "off":
         return
     state = _state
-    with state.lock:
+    if not state.lock.acquire(blocking=False):  # held: a load or build is under way (_settle holds it throughout)
+        return
+    try:
         if state.kernel is not None or state.failure is not None or state.builder is not None:
             return
         state.builder = threading.Thread(target=_settle, args=(state,), name="pacl-native-build", daemon=True)
         state.builder.start()
+    finally:
+        state.lock.release()
 
 
 def kernel() -> NativeKernel | None:

@@ -977,6 +977,22 @@ def test_a_build_under_a_group_writable_umask_is_cached_and_reused(fresh_native)
     assert cached.stat().st_mtime_ns == built.st_mtime_ns and cached.stat().st_ino == built.st_ino  # not rebuilt
 
 
+def test_prepare_never_waits_for_a_build_under_way(fresh_native, monkeypatch):
+    """prepare() promises to return at once; it waited for a whole compile when a load or build held the
+    state's lock (a second Head made while the first one's kernel compiled)."""
+    import threading
+
+    monkeypatch.setenv(native.ENV, "on")
+    state = native._state
+    with state.lock:  # as _settle holds it for a whole load_or_build()
+        caller = threading.Thread(target=native.prepare)
+        caller.start()
+        caller.join(timeout=10)
+        returned = not caller.is_alive()
+    caller.join()
+    assert returned and state.builder is None  # it left the build to the one under way
+
+
 def test_native_exp_is_float32_exact():
     """The kernel's exp against float64 on [-87, 0] (below, floored at -87): within 1e-7 relative
     (measured 8.3e-8; torch's float32 exp: 6.2e-8), and exp(0) exactly 1 (the winner's term on the grid)."""
