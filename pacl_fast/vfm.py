@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacl_fast.backbone import RandomWeightsWarning
+from pacl_fast.backbone import RandomWeightsWarning, read_safetensors, resize_positional_scale_factor
 from pacl_fast.choices import VFMS
 from pacl_fast.files import open_regular
 
@@ -108,15 +108,13 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a torch checkpoint (``weights_only=True``), never unpickled."""
     if not path.is_file():
         raise FileNotFoundError(f"vfm_weights {path}: no such file")
+    if path.suffix == ".safetensors":  # one pass, hashed on the way: the identity's file_sha256 reads nothing again
+        try:
+            return read_safetensors(path)
+        except ValueError as error:
+            raise ValueError(f"vfm_weights {path}: not a readable safetensors file ({error})") from None
     with open_regular(path) as f:
         data = f.read()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load
-
-        try:
-            return load(data)
-        except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"vfm_weights {path}: not a readable safetensors file ({error})") from None
     import io
 
     try:
@@ -176,9 +174,8 @@ class VisionFoundationModel(nn.Module):
             resized = pos.detach().to(dtype)
         else:
             square = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, C, g0, g0]
-            if self.spec.positional_resize == "dino":
-                scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-                patch_pos = F.interpolate(square, scale_factor=scale, mode="bicubic", align_corners=False)
+            if self.spec.positional_resize == "dino":  # DINO's interpolate_pos_encoding, as the CLIP methods'
+                patch_pos = resize_positional_scale_factor(square, tuple(grid))
             else:
                 patch_pos = F.interpolate(square, size=grid, mode="bicubic", antialias=True, align_corners=False)
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
