@@ -66,12 +66,15 @@ def print_summary(written: int, skipped: int, failures: list[tuple[str, str]], t
             print(f"  {source}: {error}", file=sys.stderr)
 
 
-def missing_inputs(inputs: Inputs) -> list[tuple[str, str]]:
-    """Files and shards named as inputs that do not exist (each fails; the rest are segmented)."""
+def missing_inputs(inputs: Inputs) -> list[tuple[str, str]] | None:
+    """When no file or shard named as an input exists: each as a failure (nothing to segment, so no model is
+    loaded); else None (one that exists is found at the first stat, and the missing ones fail in the run)."""
     from pacl_fast.bulk import printable
 
     paths = [item.path for item in inputs.files] + list(inputs.shards)
-    return [(printable(str(path)), "no such file") for path in paths if not path.is_file()]
+    if any(path.is_file() for path in paths):
+        return None
+    return [(printable(str(path)), "no such file") for path in paths]
 
 
 def expected_images(inputs: Inputs, world_size: int) -> float:
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     common.encoder_choice(args)
     inputs = collect_inputs(args.images, args.file_list)
     missing = missing_inputs(inputs)
-    if len(missing) == len(inputs.files) + len(inputs.shards):  # nothing to segment: no model, no --out
+    if missing is not None:  # nothing to segment: no model, no --out
         if os.environ.get("RANK", "0") == "0":
             failures = [*inputs.refused, *missing]
             print_summary(0, 0, failures, len(failures))
