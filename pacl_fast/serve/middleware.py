@@ -11,10 +11,11 @@ from starlette.requests import Request
 
 from pacl_fast.serve import errors
 from pacl_fast.serve.metrics import ServeMetrics
+from pacl_fast.serve.routes import router
 
-#: Endpoints named in metrics; anything else is counted as "other" (bounded label values).
-ENDPOINTS = ("/", "/static/app.js", "/static/style.css", "/healthz", "/readyz", "/metrics", "/v1/info",
-             "/v1/segment", "/v1/embed-labels", "/docs", "/openapi.json")  # fmt: skip
+#: Endpoints named in metrics: the router's routes and FastAPI's own pages; anything else is counted as "other"
+#: (bounded label values). Read from the router, so a new route is named without a second list to keep.
+ENDPOINTS = frozenset({route.path for route in router.routes} | {"/docs", "/openapi.json"})
 
 
 def new_request_id() -> str:
