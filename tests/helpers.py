@@ -81,9 +81,10 @@ def png_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """A tar shard holding ``members`` (name, bytes) in order, as webdataset writes them."""
-    with tarfile.open(path, "w") as tar:
+def write_shard(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> None:
+    """A tar shard holding ``members`` (name, bytes) in order, as webdataset writes them (``mode``: tarfile's,
+    e.g. ``"w:gz"``)."""
+    with tarfile.open(path, mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

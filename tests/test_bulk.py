@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import killed_write, make_segmenter, writer_in_progress
+from helpers import killed_write, make_segmenter, write_shard, writer_in_progress
 from layouts import random_image, save_image, write_tiny_clip
 from PIL import Image
 
@@ -120,12 +120,9 @@ def test_folder_run_writes_each_image_skips_done_ones_and_reports_bad_ones(tmp_p
 
 
 def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], mode: str = "w") -> None:
-    with tarfile.open(path, mode) as archive:
-        for key, fields in samples:
-            for extension, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
+    """``helpers.write_shard`` from samples ``(key, {extension: bytes})``."""
+    members = [(f"{key}.{extension}", data) for key, fields in samples for extension, data in fields.items()]
+    write_shard(path, members, mode)
 
 
 def _png_bytes(image: np.ndarray, format: str = "PNG") -> bytes:
