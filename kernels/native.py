@@ -7,7 +7,8 @@ the score under about 0.7 ns (C=150, 512x512: 39 M evaluations, 28 ms and more, 
 ``torch.compile`` (Inductor, dynamic shapes) of the fused per-chunk function took 164 ms there,
 slower than the eager head, after a 22 s cold compile (2 s with Inductor's cache warm, plus 1.5-2.4 s
 to import it). ``_native_source.SOURCE`` does every step in registers: about 0.4 ns per (pixel,
-class) for all of them together (16 ms for those 39 M), 0.2 without the exps (labels only).
+class) for all of them together as blocks (16 ms for those 39 M), about 0.2 as strips (each class's
+exps a geometric progression down a cell's rows: 7 ms), 0.15 without the exps (labels only).
 
 When. ``$PACL_FAST_NATIVE``: ``auto`` (default), ``on`` or ``off``. The kernel is compiled once per
 machine and CPU (``cc -O3 -march=native``, 0.2-0.8 s measured) into ``$PACL_FAST_CACHE/native``
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import fine_grid
 from kernels._native_source import SOURCE
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ MODES = ("auto", "on", "off")
 #: A temporary build file left by a killed process is removed once it is this old.
 STALE_SECONDS = 3600
 #: Version of the exported signatures the Python side calls (``pacl_native_abi`` in the source).
-ABI = 3
+ABI = 4
 #: Seconds a compile may take before it counts as failed.
 COMPILE_TIMEOUT = 120
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing")
@@ -99,9 +101,20 @@ class NativeKernel:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         self._segment = library.pacl_segment_blocks
         self._segment.restype = size
-        self._segment.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, size, size, size]
+        self._segment.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, size, size]
         self._segment.argtypes += [pointer, pointer, pointer, size, size, size, ctypes.c_float, ctypes.c_float]
         self._segment.argtypes += [size, size, pointer, pointer, pointer, pointer]
+        self._strips = library.pacl_segment_strips
+        self._strips.restype = size
+        self._strips.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, size, size, pointer]
+        self._strips.argtypes += [pointer, size, size, ctypes.c_float, ctypes.c_float, size]
+        self._strips.argtypes += [pointer, pointer, pointer, pointer, pointer]
+        self._strip_floats = library.pacl_native_strip_floats
+        self._strip_floats.restype = size
+        self._strip_floats.argtypes = [size]
+        self._relative = library.pacl_relative_logits
+        self._relative.restype = None
+        self._relative.argtypes = [pointer, size, size, size, size, size, size, ctypes.c_double, pointer, pointer]
         self._exp = library.pacl_native_exp
         self._exp.restype = None
         self._exp.argtypes = [pointer, pointer, size]
@@ -118,19 +131,106 @@ class NativeKernel:
 
     def _work(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This thread's work buffer (64-byte aligned) and room for ``num_classes`` class indices."""
-        work = getattr(self._local, "work", None)
-        if work is None:
-            work = self._local.work = torch.empty(self.work_floats + 16)
+        work = _aligned(self._local, "work", self.work_floats)
         classes = getattr(self._local, "classes", None)
         if classes is None or classes.numel() < num_classes:
             classes = self._local.classes = torch.empty(num_classes, dtype=torch.int32)
-        offset = (-work.data_ptr() % 64) // 4
-        return work[offset : offset + self.work_floats], classes
+        return work, classes
+
+    def relative_logits(self, values: torch.Tensor, rows: range, logit_scale: float, factor: int) -> torch.Tensor:
+        """``fine_grid.relative_logits(values[None], rows, logit_scale, factor)[0]``, the same bits in one pass
+        (the torch code makes six passes over float64 copies: 2.8 ms of a 512x512 C=150 image's 11 with scores).
+
+        Args:
+            values: one image's logits ``[h, w, C]`` float32, contiguous.
+            rows: refined rows (a ``range`` with step 1, inside the refined grid).
+            factor: the refinement (a power of two, ``fine_grid.REFINE`` or 1).
+        Returns:
+            ``[len(rows), (w - 1) * factor + 1, C]`` float32: a view of this thread's buffer, valid until the next call.
+        """
+        grid_h, grid_w, num_classes = _checked(values, "values", torch.float32, 3).shape
+        if factor < 1 or factor & (factor - 1):
+            raise ValueError(f"factor must be a power of two, got {factor!r}")
+        fine_h, fine_w = (grid_h - 1) * factor + 1, (grid_w - 1) * factor + 1
+        if rows.step != 1 or not 0 <= rows.start < rows.stop <= fine_h:
+            raise ValueError(f"rows {rows} must be a step-1 range inside the refined grid's {fine_h} rows")
+        out = _aligned(self._local, "relative", len(rows) * fine_w * num_classes)
+        line = _aligned(self._local, "line", 4 * grid_w * num_classes)  # 2 * w * C doubles
+        self._relative(
+            values.data_ptr(), grid_h, grid_w, num_classes, rows.start, len(rows), factor, float(logit_scale),
+            out.data_ptr(), line.data_ptr(),
+        )
+        return out.view(len(rows), fine_w, num_classes)
+
+    def segment_strips(
+        self,
+        grid: torch.Tensor,
+        rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+        columns: tuple[torch.Tensor, torch.Tensor, int],
+        bound: float | None,
+        dense: float,
+        labels: torch.Tensor,
+        scores: torch.Tensor,
+        geometric: bool = True,
+    ) -> int:
+        """Write the labels and scores of every pixel of the row segments ``rows``, 16 output columns at a
+        time, each class's terms a geometric progression down a cell's rows where that is exact to float32
+        (``_native_source.py``, "Strips"); returns the (pixel, class) evaluations, spare lanes included.
+
+        Args:
+            grid, bound, dense, labels: as :meth:`segment_blocks`; ``scores`` ``[H, W]`` float32 (required).
+            rows: ``(cell [S], index [S, depth], weight [S, depth], upper)`` as :meth:`segment_blocks`.
+            columns: ``(cell [W], weight [W], upper)``: output column ``x`` samples grid columns ``cell[x]``
+                and ``cell[x] + upper`` at ``weight[x]``; ascending, 16 consecutive columns spanning at most
+                :data:`STRIP_GROUP_CELLS` cells (:func:`strips_fit`).
+            geometric: False: an exact exp for every term (tests).
+        """
+        points, grid_w, num_classes = _checked(grid, "grid", torch.float32, 3).shape
+        height, width = _checked(labels, "labels", torch.int16, 2).shape
+        if _checked(scores, "scores", torch.float32, 2).shape != labels.shape:
+            raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ")
+        if not 1 <= num_classes <= 32767:
+            raise ValueError(f"grid has {num_classes} classes: int16 labels hold 1 to 32767")
+        row_cell, row_index, row_weight, row_upper = _axis(rows, "rows", points, height)
+        col_cell = _checked(columns[0], "columns cell", torch.int64, 1)
+        col_weight = _checked(columns[1], "columns weight", torch.float32, 1)
+        col_upper = columns[2]
+        if col_cell.numel() != width or col_weight.numel() != width or col_upper not in (0, 1):
+            raise ValueError(f"columns: {col_cell.numel()} cells and {col_weight.numel()} weights for {width} columns")
+        if not (int(col_cell.min()) >= 0 and int(col_cell.max()) + col_upper < grid_w) or not strips_fit(col_cell):
+            raise ValueError("columns: a cell outside the grid, or 16 columns spanning too many cells")
+        if bound is not None and not bound <= 0.0:  # NaN too
+            raise ValueError(f"bound must be a number at most 0 (or None), got {bound!r}")
+        work, classes = self._work(num_classes)
+        table = _aligned(self._local, "table", int(self._strip_floats(num_classes)))
+        return self._strips(
+            grid.data_ptr(),
+            grid_w,
+            num_classes,
+            row_cell.numel(),
+            row_cell.data_ptr(),
+            row_index.data_ptr(),
+            row_weight.data_ptr(),
+            row_index.shape[1],
+            row_upper,
+            width,
+            col_cell.data_ptr(),
+            col_weight.data_ptr(),
+            col_upper,
+            int(bound is not None),
+            0.0 if bound is None else bound,
+            min(float(dense), 2.0),
+            int(geometric),
+            labels.data_ptr(),
+            scores.data_ptr(),
+            work.data_ptr(),
+            table.data_ptr(),
+            classes.data_ptr(),
+        )
 
     def segment_blocks(
         self,
         grid: torch.Tensor,
-        row_segments: torch.Tensor,
         rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
         cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
         bound: float | None,
@@ -138,13 +238,12 @@ class NativeKernel:
         labels: torch.Tensor,
         scores: torch.Tensor | None,
     ) -> int:
-        """Write the labels (and scores) of every pixel of row segments ``row_segments`` (all columns);
+        """Write the labels (and scores) of every pixel of the row segments ``rows`` (all columns);
         returns the (pixel, class) evaluations, spare lanes of a block's last vector included.
 
         Args:
             grid: ``[points, grid_w, C]`` float32, contiguous (``fine_grid.relative_logits``: with scores
                 every exponent must be at most 0, the largest of each point exactly 0).
-            row_segments: ``[s]`` int64, the row segments to evaluate.
             rows, cols: ``(cell [S], index [S, depth], weight [S, depth], upper)`` of each axis (cells
                 index ``grid``'s rows / columns; see ``kernels.scores._AxisCells``).
             bound: each block evaluates the classes whose largest corner is at least its floor (the
@@ -161,9 +260,6 @@ class NativeKernel:
             raise ValueError(f"grid has {num_classes} classes: int16 labels hold 1 to 32767")
         row_cell, row_index, row_weight, row_upper = _axis(rows, "rows", points, height)
         col_cell, col_index, col_weight, col_upper = _axis(cols, "cols", grid_w, width)
-        row_segments = _checked(row_segments, "row_segments", torch.int64, 1)
-        if row_segments.numel() and not 0 <= int(row_segments.min()) <= int(row_segments.max()) < row_cell.numel():
-            raise ValueError("row_segments out of range")
         if bound is not None and not bound <= 0.0:  # NaN too
             raise ValueError(f"bound must be a number at most 0 (or None), got {bound!r}")
         work, classes = self._work(num_classes)
@@ -171,8 +267,7 @@ class NativeKernel:
             grid.data_ptr(),
             grid_w,
             num_classes,
-            row_segments.numel(),
-            row_segments.data_ptr(),
+            row_cell.numel(),
             row_cell.data_ptr(),
             row_index.data_ptr(),
             row_weight.data_ptr(),
@@ -194,6 +289,33 @@ class NativeKernel:
             work.data_ptr(),
             classes.data_ptr(),
         )
+
+
+#: Cells 16 consecutive output columns may span for :meth:`NativeKernel.segment_strips` (``GROUP_CELLS`` in C).
+STRIP_GROUP_CELLS = 4
+
+
+def strips_fit(column_cell: torch.Tensor) -> bool:
+    """Whether output columns sampling grid columns ``column_cell`` ``[W]`` (int64) can run as strips: ascending,
+    each 16 consecutive columns (from column 0) within :data:`STRIP_GROUP_CELLS` cells (upsampling by about 5
+    or more on the grid the kernel reads)."""
+    if column_cell.numel() == 0 or bool((column_cell[1:] < column_cell[:-1]).any()):
+        return False
+    firsts = column_cell[::16]
+    lasts = column_cell[15::16]
+    if lasts.numel() < firsts.numel():
+        lasts = torch.cat([lasts, column_cell[-1:]])
+    return bool((lasts - firsts < STRIP_GROUP_CELLS).all())
+
+
+def _aligned(local: threading.local, name: str, floats: int) -> torch.Tensor:
+    """This thread's buffer ``name`` of at least ``floats`` float32, 64-byte aligned (kept and grown)."""
+    buffer = getattr(local, name, None)
+    if buffer is None or buffer.numel() < floats + 16:
+        buffer = torch.empty(floats + 16)
+        setattr(local, name, buffer)
+    offset = (-buffer.data_ptr() % 64) // 4
+    return buffer[offset : offset + floats]
 
 
 def _checked(tensor: torch.Tensor, name: str, dtype: torch.dtype, ndim: int) -> torch.Tensor:
@@ -535,26 +657,39 @@ def _self_test(native: NativeKernel) -> None:
     want = torch.lerp(upper[:, xs], upper[:, xs + 1], wx[None, :, None])  # [5, 6, C]
     want_labels = want.argmax(-1)
     # With a bound of -6, each block evaluates the classes whose largest corner is within 6 of its floor.
-    listed = torch.empty_like(want)
+    # Strips (one group of 16 lanes holds the 6 columns) evaluate the classes some cell of the row keeps.
+    listed, grouped = torch.empty_like(want), torch.empty_like(want)
     for s in range(2):
+        row_dropped = torch.ones(want.shape[-1], dtype=torch.bool)
         for c in range(3):
             corners = exact[row_cell[s] : row_cell[s] + 2, col_cell[c] : col_cell[c] + 2].reshape(4, -1)  # [4, C]
             dropped = corners.amax(0) - corners.amin(0).amax() < -6.0
+            row_dropped &= dropped
             block = want[row_index[s][:, None], col_index[c][None, :]]
             listed[row_index[s][:, None], col_index[c][None, :]] = block.masked_fill(dropped, -torch.inf)
+        grouped[row_index[s]] = want[row_index[s]].masked_fill(row_dropped, -torch.inf)
     x = torch.linspace(-87.0, 0.0, 4096)
     relative = (native.exp(x).double() / torch.exp(x.double()) - 1).abs().max()
     problems = [f"exp off by {float(relative):.2e} relative"] if not relative < 2e-7 else []
-    for bound, dense, values in ((None, 0.0, want), (-6.0, 2.0, listed)):
-        labels, scores = torch.full((5, 6), -7, dtype=torch.int16), torch.full((5, 6), float("nan"))
-        rows = (row_cell, row_index, row_weight, 1)
-        native.segment_blocks(
-            grid, torch.arange(2), rows, (col_cell, col_index, col_weight, 1), bound, dense, labels, scores
-        )
-        if not torch.equal(labels.long(), want_labels):
-            problems.append(f"labels differ (bound {bound})")
-        error = float((scores.double() - torch.softmax(values, -1).amax(-1)).abs().max())
-        if not error < 1e-6:
-            problems.append(f"scores off by {error:.2e} (bound {bound})")
+    rows = (row_cell, row_index, row_weight, 1)
+    columns = (col_cell.repeat_interleave(2), col_weight.reshape(-1), 1)  # the same columns, one by one
+    for bound, dense, by_block, by_group in ((None, 0.0, want, want), (-6.0, 2.0, listed, grouped)):
+        for run in ("blocks", "strips", "exact strips"):
+            values = by_block if run == "blocks" else by_group
+            labels, scores = torch.full((5, 6), -7, dtype=torch.int16), torch.full((5, 6), float("nan"))
+            if run == "blocks":
+                native.segment_blocks(grid, rows, (col_cell, col_index, col_weight, 1), bound, dense, labels, scores)
+            else:
+                native.segment_strips(grid, rows, columns, bound, dense, labels, scores, run == "strips")
+            if not torch.equal(labels.long(), want_labels):
+                problems.append(f"{run}: labels differ (bound {bound})")
+            error = float((scores.double() - torch.softmax(values, -1).amax(-1)).abs().max())
+            if not error < 1e-6:
+                problems.append(f"{run}: scores off by {error:.2e} (bound {bound})")
+    logits = torch.randn(3, 4, 21, generator=generator)
+    logits[1, 2, 3] = float("nan")
+    relative = native.relative_logits(logits, range(1, 4), 100.0, 2).nan_to_num(1.0)
+    if not torch.equal(relative, fine_grid.relative_logits(logits[None], range(1, 4), 100.0)[0].nan_to_num(1.0)):
+        problems.append("relative logits differ from fine_grid's")
     if problems:
         raise NativeUnavailable(f"{native.path} fails its self-test: {', '.join(problems)}")

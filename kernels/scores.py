@@ -22,9 +22,12 @@ At scale 100 and ``tolerance`` 1e-7 a cell of a scene keeps ~30 of 150 classes.
 **The native kernel** (``kernels/native.py``, where a C compiler builds it: what the CPU head runs):
 every block of pixels of one refined cell in vector lanes, the classes the bound below keeps for it
 broadcast one at a time (every class where it keeps ``NATIVE_DENSE_FRACTION`` of them), the largest value,
-its first class and the sum of exps in one pass (``kernels/_native_source.py``). The eager
+its first class and the sum of exps in one pass (``kernels/_native_source.py``); with scores, where the
+output is upsampled enough (``native.strips_fit``), as *strips*: 16 output columns in the lanes, each
+class's exps a geometric progression down a cell's rows (two exps per class and chain of 8 rows, then a
+multiply per row; each 16 columns evaluate the classes some cell under them keeps). The eager
 evaluations below are its fallback; per (pixel, class) they cost one pass over memory per step, the
-kernel about 0.4 ns for all of them together (``kernels/native.py``). Labels alone
+kernel about 0.4 ns for all of them together as blocks, 0.2 as strips (``benchmarks.head``). Labels alone
 (:func:`segment` without scores) run it on the grid itself, each cell keeping the classes that can win there.
 
 **Dense bands** (cells keep most classes: structureless logits, where at scale 100 nearly every
@@ -69,6 +72,11 @@ DENSE_FRACTION = 0.8
 GATHER_COST = 16.0
 # The native kernel evaluates every class (contiguous loads, no list) of a block keeping this share of them.
 NATIVE_DENSE_FRACTION = 0.9
+# With scores, the native kernel runs strips where the columns fit (``native.strips_fit``), each class's terms a
+# geometric progression down a cell's rows where that is exact (``NATIVE_GEOMETRIC``); else blocks. (Tests turn
+# each off to hold every path to the reference.)
+NATIVE_STRIPS = True
+NATIVE_GEOMETRIC = True
 # Lowest exponent exp() is given (exp(-87) ~ 1.6e-38: float32's smallest normal numbers are near it).
 FLOOR = -87.0
 # A band whose winners may fall below this exponent subtracts each pixel's largest first.
@@ -238,26 +246,31 @@ def _segment_native(
     (``NativeKernel.segment_blocks``)."""
     batch, _, grid_w, num_classes = values.shape
     fine_w = fine_grid.refined_size(grid_w, factor)
-    columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
+    # With scores, strips (each class's exps a geometric progression down the rows) where the columns fit them.
+    strips = scores is not None and NATIVE_STRIPS and native.strips_fit(col_cells.cell_of)
+    if strips:
+        columns = (col_cells.cell_of, col_cells.weight_of, col_cells.upper)
+        lanes = -(-labels.shape[2] // 16) * 16 * -(-row_cells.index.shape[1] // 4) * 4  # a segment's, 4 rows a pass
+    else:
+        columns = (col_cells.cell, col_cells.index, col_cells.weight, col_cells.upper)
+        block = row_cells.index.shape[1] * col_cells.index.shape[1]
+        lanes = -(-block // 16) * 16 * col_cells.cell.numel()  # its blocks' vectors' spare lanes included
     band_cells = cells.balanced_band_rows(row_cells.cells, fine_w * num_classes, BAND_ELEMENTS)
-    block = row_cells.index.shape[1] * col_cells.index.shape[1]
-    lanes = -(-block // 16) * 16  # pixels a block evaluates, its vectors' spare lanes included
     for b, band, in_band, points in _bands(batch, row_cells, band_cells):
-        grid = fine_grid.relative_logits(values[b : b + 1], points, logit_scale, factor)[0]  # [p, wf, C]
+        grid = kernel.relative_logits(values[b].float().contiguous(), points, logit_scale, factor)  # [p, wf, C]
         band_rows = row_cells.cell.index_select(0, in_band) - band.start
-        evaluated = kernel.segment_blocks(
-            grid,
-            torch.arange(in_band.numel()),
-            (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper),
-            columns,
-            bound,
-            NATIVE_DENSE_FRACTION,
-            labels[b],
-            None if scores is None else scores[b],
-        )
+        rows = (band_rows, row_cells.index[in_band], row_cells.weight[in_band], row_cells.upper)
+        if strips:
+            evaluated = kernel.segment_strips(
+                grid, rows, columns, bound, NATIVE_DENSE_FRACTION, labels[b], scores[b], NATIVE_GEOMETRIC
+            )
+        else:
+            evaluated = kernel.segment_blocks(
+                grid, rows, columns, bound, NATIVE_DENSE_FRACTION, labels[b], None if scores is None else scores[b]
+            )
         if tally is not None:
             tally[0] += evaluated
-            tally[1] += in_band.numel() * col_cells.cell.numel() * lanes
+            tally[1] += in_band.numel() * lanes
 
 
 def _bands(batch: int, row_cells: _AxisCells, band_cells: int) -> Iterator[tuple[int, range, torch.Tensor, range]]:
