@@ -715,9 +715,17 @@ static inline double lerp_exact(double start, double end, double weight) {
     return weight < 0.5 ? start + weight * (end - start) : end - (end - start) * (1.0 - weight);
 }
 
+/* Lanes of 8 doubles: the largest so far and whether any was NaN. */
+static inline void track_largest(vd here, vd* most, vl* odd) {
+    const vl higher = here > *most;
+    *most = (vd)(((vl)here & higher) | ((vl)*most & ~higher));
+    *odd |= here != here;
+}
+
 void pacl_relative_logits(const float* values, int64_t h, int64_t w, int64_t C, int64_t first, int64_t rows,
                           int64_t factor, double scale, float* out, double* line) {
-    const int64_t fine_w = (w - 1) * factor + 1;
+    (void)h;
+    const int64_t fine_w = (w - 1) * factor + 1, whole = C - C % 8;
     double* point = line + w * C;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t at = first + r, a = at / factor, s = at % factor;
@@ -732,37 +740,50 @@ void pacl_relative_logits(const float* values, int64_t h, int64_t w, int64_t C, 
         for (int64_t q = 0; q < fine_w; q++) {
             const int64_t j = q / factor, t = q % factor;
             const double* left = line + j * C;
+            const double* values_here = left; /* a grid column: the line itself */
+            vd most = (vd){0} - __builtin_inf();
+            vl odd = (vl){0};
             if (t == 0) {
-                for (int64_t c = 0; c < C; c++) point[c] = left[c];
+                for (int64_t c = 0; c < whole; c += 8) {
+                    vd here;
+                    __builtin_memcpy(&here, left + c, sizeof here);
+                    track_largest(here, &most, &odd);
+                }
             } else {
                 const double weight = (double)t / (double)factor;
-                for (int64_t c = 0; c < C; c++) point[c] = lerp_exact(left[c], left[c + C], weight);
+                const vd weight_v = (vd){0} + weight, rest_v = (vd){0} + (1.0 - weight);
+                for (int64_t c = 0; c < whole; c += 8) {
+                    vd start, end;
+                    __builtin_memcpy(&start, left + c, sizeof start);
+                    __builtin_memcpy(&end, left + c + C, sizeof end);
+                    /* lerp_exact, lane-wise: the weight is the same for every lane */
+                    const vd here = weight < 0.5 ? start + weight_v * (end - start) : end - (end - start) * rest_v;
+                    __builtin_memcpy(point + c, &here, sizeof here);
+                    track_largest(here, &most, &odd);
+                }
+                for (int64_t c = whole; c < C; c++) point[c] = lerp_exact(left[c], left[c + C], weight);
+                values_here = point;
             }
             double largest = -__builtin_inf();
             int nan = 0;
-            int64_t c = 0;
-            if (C >= 8) { /* 8 lanes of maxima (the scalar chain's compare latency was most of the time) */
-                vd most = (vd){0} - __builtin_inf();
-                vl odd = (vl){0};
-                for (; c + 8 <= C; c += 8) {
-                    vd here;
-                    __builtin_memcpy(&here, point + c, sizeof here);
-                    const vl higher = here > most;
-                    most = (vd)(((vl)here & higher) | ((vl)most & ~higher));
-                    odd |= here != here;
-                }
-                for (int l = 0; l < 8; l++) {
-                    largest = most[l] > largest ? most[l] : largest;
-                    nan |= odd[l] != 0;
-                }
+            for (int l = 0; l < 8; l++) {
+                largest = most[l] > largest ? most[l] : largest;
+                nan |= odd[l] != 0;
             }
-            for (; c < C; c++) {
-                largest = point[c] > largest ? point[c] : largest;
-                nan |= point[c] != point[c];
+            for (int64_t c = whole; c < C; c++) {
+                largest = values_here[c] > largest ? values_here[c] : largest;
+                nan |= values_here[c] != values_here[c];
             }
             if (nan) largest = __builtin_nan(""); /* as torch.amax */
             float* o = out + (r * fine_w + q) * C;
-            for (int64_t c = 0; c < C; c++) o[c] = (float)((point[c] - largest) * scale);
+            const vd largest_v = (vd){0} + largest, scale_v = (vd){0} + scale;
+            for (int64_t c = 0; c < whole; c += 8) {
+                vd here;
+                __builtin_memcpy(&here, values_here + c, sizeof here);
+                const vf8 rounded = __builtin_convertvector((here - largest_v) * scale_v, vf8);
+                __builtin_memcpy(o + c, &rounded, sizeof rounded);
+            }
+            for (int64_t c = whole; c < C; c++) o[c] = (float)((values_here[c] - largest) * scale);
         }
     }
 }
