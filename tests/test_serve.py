@@ -38,8 +38,9 @@ from pacl_fast.cli.serve import run as run_serve
 from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
 from pacl_fast.serve.batcher import Batcher, NotReady
+from pacl_fast.serve.errors import ApiError
 from pacl_fast.serve.inputs import MULTIPART_OVERHEAD, SEGMENT_OPTIONS, SegmentOptions, parse_segment_options
-from pacl_fast.serve.jobs import SegmentKey
+from pacl_fast.serve.jobs import SegmentKey, admit
 from pacl_fast.serve.local import LocalServer, free_port
 from pacl_fast.serve.metrics import ServeMetrics
 from pacl_fast.serve.settings import ServeSettings
@@ -672,6 +673,48 @@ def test_loading_and_failed_models_are_not_ready(tiny_config):
     assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
 
 
+def assert_not_ready_alike(client, message: str) -> None:
+    """Both doors of a not-ready model say ``message``: a route's model dependency (``deps.ready_model``, before a
+    body is read: GET /v1/info, POST /v1/segment) and the queue's admission (``jobs.admit``, after it is read)."""
+    batcher = client.app.state.batcher
+    with pytest.raises(NotReady) as refusal:
+        batcher.check_ready()
+    assert str(refusal.value) == message
+    with pytest.raises(ApiError) as admitted:
+        admit(batcher)
+    assert (admitted.value.status, admitted.value.kind, admitted.value.message) == (503, "not_ready", message)
+    assert admitted.value.headers == {"Retry-After": "5"}
+    for response, body_unread in ((client.get("/v1/info"), False), (post_image(client, GOOD), True)):
+        assert response.status_code == 503, response.text
+        assert (response.json()["error"], response.json()["detail"]) == ("not_ready", message)
+        assert response.headers["Retry-After"] == "5"
+        assert (response.headers.get("Connection") == "close") == body_unread  # a POST's body was never read
+
+
+def test_not_ready_says_the_same_through_every_door(tiny_config):
+    """One refusal (``Batcher.check_ready``) for the routes' model dependency and the queue's admission: the same
+    503, kind and sentence while the model loads and after it failed."""
+    release = threading.Event()
+
+    def slow_factory():
+        release.wait(10)
+        return make_segmenter(tiny_config)
+
+    with TestClient(create_app(slow_factory, SETTINGS)) as client:
+        assert_not_ready_alike(client, "the model is loading")
+        release.set()
+        wait_ready(client)
+        client.app.state.batcher.check_ready()  # ready: no refusal
+        assert client.get("/v1/info").status_code == 200
+
+    def broken_factory():
+        raise FileNotFoundError("no weights at /nowhere")
+
+    with TestClient(create_app(broken_factory, SETTINGS, on_fatal=lambda error: None)) as client:
+        wait_for(lambda: client.get("/readyz").json()["status"] == "failed")
+        assert_not_ready_alike(client, "the model is failed")
+
+
 def test_a_stuck_worker_is_not_ready_and_refuses_at_once(tiny_config, tmp_path, monkeypatch, caplog):
     """A model call blocked reading a FIFO (a cache entry that is not a file): past the timeout the service
     says not ready (503 "stuck"), refuses new work at once instead of letting it time out, logs where the
@@ -706,6 +749,10 @@ def test_a_stuck_worker_is_not_ready_and_refuses_at_once(tiny_config, tmp_path, 
             assert time.monotonic() - start < settings.timeout  # refused, not left to time out
             assert refused.status_code == 503 and refused.json()["error"] == "not_ready", refused.text
             assert "stuck" in refused.json()["detail"] and refused.headers["Retry-After"] == "5"
+            stuck = r"the model is stuck: the model worker has run one batch for \d+ s, over the 1 s bound"
+            assert re.fullmatch(stuck, refused.json()["detail"]), refused.text
+            with pytest.raises(NotReady, match=f"^{stuck}$"):  # the same sentence at the queue's door
+                client.app.state.batcher.check_ready()
         finally:
             unblock()
         monkeypatch.undo()
