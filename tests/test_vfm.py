@@ -111,3 +111,38 @@ def test_weights_that_do_not_fit_are_refused_naming_the_file(tmp_path):
         vit_with_weights(name, {**state, "cls_token": torch.zeros(1, 1, 4)}, "x.pth", **options)
     with pytest.raises(ValueError, match="vfm_weights x.pth: norm.bias holds non-finite values"):
         vit_with_weights(name, {**state, "norm.bias": torch.full((48,), float("nan"))}, "x.pth", **options)
+
+
+class BlockWithAConstant(timm.models.vision_transformer.Block):
+    """A block that computes a tensor at init which no weights file holds (as rope tables are): a non-persistent
+    buffer, and a plain tensor attribute."""
+
+    def __init__(self, dim: int, *args, **kwargs):
+        super().__init__(dim, *args, **kwargs)
+        self.register_buffer("table", torch.arange(dim, dtype=torch.float32).sin(), persistent=False)
+        self.offsets = torch.linspace(0, 1, 5)
+
+
+class BlockThatNeedsMemory(timm.models.vision_transformer.Block):
+    """A block whose init reads a value (``.item()``), which the meta device cannot give."""
+
+    def __init__(self, dim: int, *args, **kwargs):
+        super().__init__(dim, *args, **kwargs)
+        self.heads_seen = int(torch.tensor(float(kwargs.get("num_heads", args[0] if args else 1))).item())
+
+
+@pytest.mark.parametrize("block", [BlockWithAConstant, BlockThatNeedsMemory])
+def test_a_vit_the_meta_build_cannot_give_is_built_the_plain_way(block):
+    """Tensors timm computes at init and the weights do not hold must not be left on the meta device (or as
+    garbage): such a ViT, or one that cannot be built on the meta device, is built the plain way, equal to it."""
+    name = "dinov2_vitb14_reg"
+    side, size = TINY_SIZES[name]
+    options = {"img_size": side, "block_fn": block, **TINY_VFM}
+    state = hub_to_timm(hub_layout_weights(name, seed=6), name)
+    plain = plain_vit(name, state, **options)
+    fast = vit_with_weights(name, {k: v.clone() for k, v in state.items()}, "tiny.pth", **options)
+    assert_same_model(fast, plain)
+    for ours, theirs in zip(fast.blocks, plain.blocks):
+        if block is BlockWithAConstant:
+            assert torch.equal(ours.offsets, theirs.offsets) and torch.equal(ours.table, theirs.table)
+    assert_same_features(name, fast, plain, size)
