@@ -118,18 +118,37 @@ def validate_labels(
         raise ValueError(f"labels has duplicates: {sorted(set(duplicates))}")
     if len(labels) > 32767:
         raise ValueError(f"at most 32767 labels fit int16 label maps, got {len(labels)}")
-    tokens = (tokenizer or clip_tokenizer())(list(labels))  # [C, L]
-    if len(labels) > 1:
-        _, group = torch.unique(tokens, dim=0, return_inverse=True)  # [C]: equal rows, equal group
-        first: dict[int, str] = {}
-        same = [(first[g], label) for label, g in zip(labels, group.tolist()) if first.setdefault(g, label) != label]
-        if same:
-            shown = "; ".join(f"{a!r} and {b!r}" for a, b in same[:5]) + ("; ..." if len(same) > 5 else "")
-            raise ValueError(
-                f"labels has duplicates to the tokenizer, which lowercases and cleans whitespace: {shown} "
-                "are the same text to the model (one embedding, the pixels split between them); keep one of each"
-            )
+    same = same_to_tokenizer(labels, tokenizer)
+    if same:
+        shown = "; ".join(f"{a!r} and {b!r}" for a, b in same[:5]) + ("; ..." if len(same) > 5 else "")
+        raise ValueError(
+            f"labels has duplicates to the tokenizer, which lowercases and cleans whitespace: {shown} "
+            "are the same text to the model (one embedding, the pixels split between them); keep one of each"
+        )
     return labels
+
+
+def same_to_tokenizer(
+    labels: Sequence[str], tokenizer: Callable[[list[str]], torch.Tensor] | None = None
+) -> list[tuple[str, str]]:
+    """Each label whose tokens equal an earlier label's, as ``(earlier, label)``, in order; a label given twice too.
+
+    The one rule for "the same class named twice" (:func:`validate_labels`, the CLI's ``--labels``): the tokenizer
+    (``tokenizer`` or :func:`clip_tokenizer`) decides, as it lowercases, fixes unicode and HTML entities, cleans
+    whitespace and truncates; a hand-made approximation (casefold, say) refuses ``Straße, STRASSE``, which it keeps
+    apart, and lets ``café`` composed and decomposed through, which it makes one.
+    """
+    labels = list(labels)
+    if not labels:
+        return []
+    tokens = (tokenizer or clip_tokenizer())(labels)  # [C, L]
+    _, group = torch.unique(tokens, dim=0, return_inverse=True)  # [C]: equal rows, equal group
+    first: dict[int, int] = {}
+    return [
+        (labels[first[g]], label)
+        for index, (label, g) in enumerate(zip(labels, group.tolist()))
+        if first.setdefault(g, index) != index
+    ]
 
 
 def ensemble_text_embeddings(

@@ -26,6 +26,7 @@ and benchmarks only).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -37,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacl_fast.backbone import RandomWeightsWarning, read_safetensors, resize_positional_scale_factor
+from pacl_fast.backbone import (
+    RandomWeightsWarning,
+    _assigned,
+    file_sha256,
+    read_safetensors,
+    resize_positional_scale_factor,
+)
 from pacl_fast.choices import VFMS
 from pacl_fast.files import open_regular
 
@@ -70,6 +77,8 @@ SPECS: dict[str, VFMSpec] = {
     ),
 }
 assert tuple(SPECS) == VFMS
+
+logger = logging.getLogger(__name__)
 
 
 def _require_timm():  # noqa: ANN202 - the module
@@ -213,27 +222,65 @@ class VisionFoundationModel(nn.Module):
         return x.reshape(batch, grid[0], grid[1], -1)
 
 
+def _timm_vit(spec: VFMSpec, *, pretrained: bool = False, **options) -> nn.Module:
+    """timm's ViT of ``spec`` without a classifier, any input size; ``options``: other ``create_model`` arguments."""
+    timm = _require_timm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's notes on pretrained configs
+        return timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **options)
+
+
+def vit_with_weights(name: str, state: dict[str, torch.Tensor], path: str | os.PathLike, **options) -> nn.Module:
+    """timm's ViT of the VFM ``name`` holding ``state`` (timm's key names, read from ``path``), checked first.
+
+    Built as the CLIP is (``backbone._assigned``): modules and shapes on the meta device, then the file's tensors
+    assigned, because timm's random init of 86M parameters (~2 s on a CPU) is all overwritten. The plain way
+    (random init, then ``load_state_dict``) where timm cannot build on the meta device or leaves a tensor there
+    that the weights do not hold. ``options``: ``timm.create_model`` overrides (tiny configs in tests).
+    """
+    spec = SPECS[name]
+    try:
+        with torch.device("meta"):
+            skeleton = _timm_vit(spec, **options)
+    except Exception as error:  # noqa: BLE001 - a timm whose ViT needs memory to build: the plain way
+        logger.debug("vfm %s: building on the meta device failed (%s); built the plain way", name, error)
+        skeleton = None
+    model = skeleton if skeleton is not None else _timm_vit(spec, **options)
+    expected = model.state_dict()  # shapes only, on the meta device
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"vfm_weights {path} do not fit {name}: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"vfm_weights {path}: {key} is {tuple(tensor.shape)}, {name} needs {tuple(expected[key].shape)}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"vfm_weights {path}: {key} holds non-finite values")
+    if skeleton is not None:
+        vit = _assigned(lambda _device: skeleton, state)
+        if vit is not None:
+            return vit
+        logger.debug("vfm %s: a tensor of timm's ViT is not in the weights; built the plain way", name)
+        model = _timm_vit(spec, **options)
+    model.load_state_dict(state)
+    return model
+
+
 def load_vfm(
     name: str, weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu"
 ) -> VisionFoundationModel:
     """Build the VFM ``name`` (:data:`SPECS`) with ``weights`` (see the module docstring)."""
     if name not in SPECS:
         raise ValueError(f"unknown vfm {name!r}: choose one of {', '.join(SPECS)}")
-    timm = _require_timm()
+    _require_timm()
     spec = SPECS[name]
-    hub = weights == "timm"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # timm's notes on pretrained configs
-        try:
-            vit = timm.create_model(spec.timm_name, pretrained=hub, num_classes=0, dynamic_img_size=True)
-        except Exception as error:  # hub failures: one line with what to do
-            if not hub:
-                raise
-            raise RuntimeError(
-                f"could not download {spec.timm_name} for vfm {name} ({type(error).__name__}): without a network, "
-                f"download the authors' {spec.hub_file} on a connected machine and pass it as vfm_weights"
-            ) from None
     if weights is None:
+        vit = _timm_vit(spec)
         warnings.warn(
             f"vfm {name} is randomly initialised (vfm_weights=None): fine for tests and benchmarks, meaningless "
             f"for segmentation. Pass the authors' {spec.hub_file} or 'timm'.",
@@ -241,28 +288,17 @@ def load_vfm(
             stacklevel=2,
         )
         identity = f"{name}@random"
-    elif hub:
+    elif weights == "timm":
+        try:
+            vit = _timm_vit(spec, pretrained=True)
+        except Exception as error:  # hub failures: one line with what to do
+            raise RuntimeError(
+                f"could not download {spec.timm_name} for vfm {name} ({type(error).__name__}): without a network, "
+                f"download the authors' {spec.hub_file} on a connected machine and pass it as vfm_weights"
+            ) from None
         identity = f"{name}@timm:{spec.timm_name}"
     else:
         path = Path(weights)
-        state = hub_to_timm(read_weights_file(path), name)
-        expected = vit.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"vfm_weights {path} do not fit {name}: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
-            )
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"vfm_weights {path}: {key} is {tuple(tensor.shape)}, {name} needs {tuple(expected[key].shape)}"
-                )
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"vfm_weights {path}: {key} holds non-finite values")
-        vit.load_state_dict(state)
-        from pacl_fast.backbone import file_sha256
-
+        vit = vit_with_weights(name, hub_to_timm(read_weights_file(path), name), path)
         identity = f"{name}@sha256:{file_sha256(path)[:16]}"
     return VisionFoundationModel(name, vit, identity).to(device)

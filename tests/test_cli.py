@@ -573,6 +573,43 @@ def test_what_needs_no_model_is_checked_before_it_loads(tmp_path, capsys):
         assert f"{bad[-2]} must be" in capsys.readouterr().err
 
 
+#: --labels where the CLI's old hand rule (casefold, whitespace collapsed) and the library's (CLIP's tokenizer) split:
+#: the tokenizer keeps 'Straße' and 'STRASSE' apart (it lowercases, it does not casefold ß to ss), and makes one text
+#: of punctuation spacing, composed and decomposed accents, HTML entities.
+LABELS_THE_RULES_SPLIT_ON = [
+    ("Straße,STRASSE", None),
+    ("road,stop sign!,stop sign !", ("stop sign!", "stop sign !")),
+    ("café,cafe\u0301", ("café", "cafe\u0301")),
+    ("fish &amp; chips,fish & chips", ("fish &amp; chips", "fish & chips")),
+]
+
+
+@pytest.mark.parametrize("text,pair", LABELS_THE_RULES_SPLIT_ON)
+def test_cli_labels_follow_the_librarys_duplicate_rule(tmp_path, capsys, text, pair):
+    """``--labels`` refuses exactly what ``validate_labels`` refuses (one rule, ``prompts.same_to_tokenizer``), in
+    the CLI's one line naming both labels; what the library takes, the CLI takes, through every check it makes
+    before the model loads."""
+    from pacl_fast.cli import common
+    from pacl_fast.prompts import validate_labels
+
+    labels = [label.strip() for label in text.split(",")]
+    argv = ["segment", str(_photo(tmp_path)), "--labels", text, "--out", str(tmp_path / "out")]
+    if pair is None:
+        assert validate_labels(labels) == tuple(labels)
+        args = build_parser().parse_args(argv)
+        assert args.labels == labels
+        common.check_text(args.labels, None)  # the CLI's second check before the model: no UsageError
+        return
+    with pytest.raises(ValueError, match="duplicates to the tokenizer"):
+        validate_labels(labels)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *DEMO])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"--labels has {pair[0]!r} and {pair[1]!r}, one name to CLIP's tokenizer: give each class once" in err
+    assert "Segmenter(" not in err and not (tmp_path / "out").exists()
+
+
 def test_a_busy_port_is_one_line_before_the_model_loads(capsys):
     import socket
 

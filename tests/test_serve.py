@@ -38,8 +38,9 @@ from pacl_fast.cli.serve import run as run_serve
 from pacl_fast.images import SlidingWindow
 from pacl_fast.serve.app import create_app, label_map_from_png
 from pacl_fast.serve.batcher import Batcher, NotReady
+from pacl_fast.serve.errors import ApiError
 from pacl_fast.serve.inputs import MULTIPART_OVERHEAD, SEGMENT_OPTIONS, SegmentOptions, parse_segment_options
-from pacl_fast.serve.jobs import SegmentKey
+from pacl_fast.serve.jobs import SegmentKey, admit
 from pacl_fast.serve.local import LocalServer, free_port
 from pacl_fast.serve.metrics import ServeMetrics
 from pacl_fast.serve.settings import ServeSettings
@@ -626,20 +627,54 @@ def test_timeout_answers_504_and_drops_the_work(small_client):
 
 
 def test_metrics_text(client, small_client):
-    samples = metric_samples(client.get("/metrics").text)
-    ok = samples[("pacl_serve_requests_total", (("code", "200"), ("endpoint", "/v1/segment")))]
-    assert ok >= 5
-    assert samples[("pacl_serve_errors_total", (("code", "422"), ("kind", "bad_labels")))] >= 3
-    assert samples[("pacl_serve_queue_depth", ())] == 0
-    assert samples[("pacl_serve_batch_images_count", ())] >= 1
-    batches = samples[("pacl_serve_batch_images_count", ())]
-    assert samples[("pacl_serve_batch_images_bucket", (("le", "2.0"),))] < batches  # the batch of 3
-    assert samples[("pacl_serve_batch_images_bucket", (("le", "1.0"),))] < batches - 1  # and the batch of 2
-    assert samples[("pacl_serve_request_seconds_count", (("endpoint", "/v1/segment"),))] >= ok
-    assert ("pacl_serve_queue_wait_seconds_count", ()) in samples and ("pacl_serve_batch_seconds_sum", ()) in samples
-    # each app counts its own requests (own registry)
-    small = metric_samples(small_client.get("/metrics").text)
-    assert small[("pacl_serve_requests_total", (("code", "200"), ("endpoint", "/v1/segment")))] < ok
+    """Every count moves by exactly the requests made here (so the test holds alone and after any other): five
+    images in a batch of 3 then a batch of 2, three refused for their labels; the other app counts apart."""
+    batcher = client.app.state.batcher
+
+    def samples_of(app_client) -> dict[tuple[str, tuple], float]:
+        return metric_samples(app_client.get("/metrics").text)
+
+    before, small_before = samples_of(client), samples_of(small_client)
+
+    def one_batch(images: list[np.ndarray]) -> None:
+        """``images`` posted together while the worker is held: they run as one batch."""
+        with ThreadPoolExecutor(len(images)) as pool:
+            with batcher.hold():
+                futures = [pool.submit(post_image, client, png(image)) for image in images]
+                wait_for(lambda: batcher.queued == len(images))
+            responses = [future.result() for future in futures]
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        assert [r.json()["batch_size"] for r in responses] == [len(images)] * len(images)
+
+    images = [random_image(40 + i, 40, 64) for i in range(5)]
+    one_batch(images[:3])
+    one_batch(images[3:])
+    for labels in ("a,,b", "[1, 2", "circle,Circle"):  # an empty name, broken JSON, a duplicate to the tokenizer
+        refused = post_image(client, GOOD, labels=labels)
+        assert refused.status_code == 422 and refused.json()["error"] == "bad_labels", refused.text
+    after = samples_of(client)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("pacl_serve_requests_total", code="200", endpoint="/v1/segment") == 5
+    assert moved("pacl_serve_requests_total", code="422", endpoint="/v1/segment") == 3
+    assert moved("pacl_serve_errors_total", code="422", kind="bad_labels") == 3
+    assert moved("pacl_serve_request_seconds_count", endpoint="/v1/segment") == 8  # answered, refused or not
+    assert (moved("pacl_serve_batch_images_count"), moved("pacl_serve_batch_images_sum")) == (2, 5)
+    assert moved("pacl_serve_batch_images_bucket", le="1.0") == 0
+    assert moved("pacl_serve_batch_images_bucket", le="2.0") == 1  # the batch of 2, not the batch of 3
+    assert moved("pacl_serve_batch_images_bucket", le="4.0") == 2
+    assert moved("pacl_serve_batch_seconds_count") == 2 and moved("pacl_serve_queue_wait_seconds_count") == 5
+    assert after[("pacl_serve_queue_depth", ())] == 0
+    # each app counts its own requests (own registry): none of these reached the other app, and its one does not
+    # reach this one
+    ok = ("pacl_serve_requests_total", (("code", "200"), ("endpoint", "/v1/segment")))
+    assert samples_of(small_client).get(ok, 0.0) == small_before.get(ok, 0.0)
+    assert post_image(small_client, GOOD).status_code == 200
+    assert samples_of(small_client)[ok] == small_before.get(ok, 0.0) + 1
+    assert samples_of(client)[ok] == after[ok]
 
 
 def test_loading_and_failed_models_are_not_ready(tiny_config):
@@ -670,6 +705,48 @@ def test_loading_and_failed_models_are_not_ready(tiny_config):
         detail = client.get("/readyz").json()["detail"]
         assert "FileNotFoundError" in detail and "/nowhere" not in detail, detail
     assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
+
+
+def assert_not_ready_alike(client, message: str) -> None:
+    """Both doors of a not-ready model say ``message``: a route's model dependency (``deps.ready_model``, before a
+    body is read: GET /v1/info, POST /v1/segment) and the queue's admission (``jobs.admit``, after it is read)."""
+    batcher = client.app.state.batcher
+    with pytest.raises(NotReady) as refusal:
+        batcher.check_ready()
+    assert str(refusal.value) == message
+    with pytest.raises(ApiError) as admitted:
+        admit(batcher)
+    assert (admitted.value.status, admitted.value.kind, admitted.value.message) == (503, "not_ready", message)
+    assert admitted.value.headers == {"Retry-After": "5"}
+    for response, body_unread in ((client.get("/v1/info"), False), (post_image(client, GOOD), True)):
+        assert response.status_code == 503, response.text
+        assert (response.json()["error"], response.json()["detail"]) == ("not_ready", message)
+        assert response.headers["Retry-After"] == "5"
+        assert (response.headers.get("Connection") == "close") == body_unread  # a POST's body was never read
+
+
+def test_not_ready_says_the_same_through_every_door(tiny_config):
+    """One refusal (``Batcher.check_ready``) for the routes' model dependency and the queue's admission: the same
+    503, kind and sentence while the model loads and after it failed."""
+    release = threading.Event()
+
+    def slow_factory():
+        release.wait(10)
+        return make_segmenter(tiny_config)
+
+    with TestClient(create_app(slow_factory, SETTINGS)) as client:
+        assert_not_ready_alike(client, "the model is loading")
+        release.set()
+        wait_ready(client)
+        client.app.state.batcher.check_ready()  # ready: no refusal
+        assert client.get("/v1/info").status_code == 200
+
+    def broken_factory():
+        raise FileNotFoundError("no weights at /nowhere")
+
+    with TestClient(create_app(broken_factory, SETTINGS, on_fatal=lambda error: None)) as client:
+        wait_for(lambda: client.get("/readyz").json()["status"] == "failed")
+        assert_not_ready_alike(client, "the model is failed")
 
 
 def test_a_stuck_worker_is_not_ready_and_refuses_at_once(tiny_config, tmp_path, monkeypatch, caplog):
@@ -706,6 +783,10 @@ def test_a_stuck_worker_is_not_ready_and_refuses_at_once(tiny_config, tmp_path, 
             assert time.monotonic() - start < settings.timeout  # refused, not left to time out
             assert refused.status_code == 503 and refused.json()["error"] == "not_ready", refused.text
             assert "stuck" in refused.json()["detail"] and refused.headers["Retry-After"] == "5"
+            stuck = r"the model is stuck: the model worker has run one batch for \d+ s, over the 1 s bound"
+            assert re.fullmatch(stuck, refused.json()["detail"]), refused.text
+            with pytest.raises(NotReady, match=f"^{stuck}$"):  # the same sentence at the queue's door
+                client.app.state.batcher.check_ready()
         finally:
             unblock()
         monkeypatch.undo()

@@ -113,18 +113,18 @@ def non_negative_int(name: str) -> Callable[[str], int]:
 
 def labels_list(text: str) -> list[str]:
     """``--labels a,b,c`` -> ``["a", "b", "c"]``; an empty name, or one class named twice (also in another
-    case or spacing, which CLIP's tokenizer reads as the same words), is an error before any model loads."""
+    case or spacing: whatever CLIP's tokenizer reads as the same text, the library's rule,
+    :func:`pacl_fast.prompts.same_to_tokenizer`), is an error before any model loads."""
+    from pacl_fast.prompts import same_to_tokenizer
+
     labels = [label.strip() for label in text.split(",")]
     if not all(labels):
         raise argparse.ArgumentTypeError(f"--labels has an empty name in {text!r}; give 'a,b,c'")
-    seen: dict[str, str] = {}
-    for label in labels:
-        key = " ".join(label.split()).casefold()
-        if key in seen:
-            first = seen[key]
-            twice = f"{label!r} twice" if first == label else f"{first!r} and {label!r}, one name to CLIP's tokenizer"
-            raise argparse.ArgumentTypeError(f"--labels has {twice}: give each class once")
-        seen[key] = label
+    same = same_to_tokenizer(labels)
+    if same:
+        first, label = same[0]
+        twice = f"{label!r} twice" if first == label else f"{first!r} and {label!r}, one name to CLIP's tokenizer"
+        raise argparse.ArgumentTypeError(f"--labels has {twice}: give each class once")
     return labels
 
 

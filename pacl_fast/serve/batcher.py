@@ -205,11 +205,16 @@ class Batcher:
         with self._cond:
             return len(self._pending)
 
-    def admit(self) -> Ticket:
-        """A place in the queue, or :class:`QueueFull` / :class:`NotReady` at once."""
+    def check_ready(self) -> None:
+        """:class:`NotReady` saying why (``the model is loading``; ``stuck`` with how long) unless the status is
+        ``ready``: the one refusal of both doors, a route's model dependency and :meth:`admit`."""
         status = self.status
         if status != "ready":
             raise NotReady(f"the model is {status}" + (f": {self.stuck_detail()}" if status == "stuck" else ""))
+
+    def admit(self) -> Ticket:
+        """A place in the queue, or :class:`QueueFull` / :class:`NotReady` at once."""
+        self.check_ready()
         with self._cond:
             if self._waiting >= self.max_queue:
                 raise QueueFull(self._waiting, self.retry_after())

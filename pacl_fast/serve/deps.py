@@ -11,7 +11,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 
 from pacl_fast.serve import errors
-from pacl_fast.serve.batcher import Batcher
+from pacl_fast.serve.batcher import Batcher, NotReady
 from pacl_fast.serve.inputs import BodyReaders
 from pacl_fast.serve.metrics import ServeMetrics
 from pacl_fast.serve.settings import ServeSettings
@@ -54,10 +54,10 @@ def get_request_id(request: Request) -> str:
 def ready_model(request: Request) -> Segmenter:
     """The model, or 503 while it loads, after it failed, while its worker is stuck, or while stopping."""
     batcher = get_batcher(request)
-    status = batcher.status
-    if status != "ready":
-        message = f"the model is {status}" + (f": {batcher.stuck_detail()}" if status == "stuck" else "")
-        raise errors.not_ready(message, body_unread=request.method == "POST")
+    try:
+        batcher.check_ready()
+    except NotReady as error:
+        raise errors.not_ready(error, body_unread=request.method == "POST") from None
     return batcher.segmenter
 
 
