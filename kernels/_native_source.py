@@ -62,7 +62,8 @@ static inline vf pick_f(lanes_t m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)
 static inline vi pick_i(lanes_t m, vi a, vi b) { return (a & m) | (b & ~m); }
 #endif
 
-static inline vf splat(float x) { return (vf){0} + x; }
+/* x in every lane: a broadcast. ((vf){0} + x is not one: it must turn -0.0 into +0.0, a scalar add first.) */
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vi splat_i(int32_t x) { return (vi){0} + x; }
 static inline vf select_f(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vi select_i(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
@@ -511,23 +512,37 @@ static inline void corner_range_1(const Group* g, int64_t t, int64_t c, float* l
 /* The group's classes: those some cell of it keeps (kept_classes's rule, per cell: largest corner at least
    the cell's floor plus bound), ascending, into classes. Returns their number, or -C for every class (no list:
    prune 0, or at least dense * C kept), and in lowest the smallest corner among the classes it evaluates. */
-static int64_t group_classes(const Group* g, int prune, float bound, float dense, int32_t* classes, float* lowest) {
-    const int64_t C = g->C, whole = C - C % L;
-    float floor[GROUP_CELLS];
-    for (int64_t t = 0; t < g->cells; t++) {
-        vf floor_v = splat(-__builtin_inff()), low, high;
-        for (int64_t c = 0; c < whole; c += L) {
-            corner_range(g, t, c, &low, &high);
-            floor_v = select_f(low > floor_v, low, floor_v);
-        }
-        floor[t] = -__builtin_inff();
-        for (int l = 0; l < L; l++) floor[t] = floor_v[l] > floor[t] ? floor_v[l] : floor[t];
-        for (int64_t c = whole; c < C; c++) {
-            float least, most;
-            corner_range_1(g, t, c, &least, &most);
-            floor[t] = least > floor[t] ? least : floor[t];
-        }
+/* The floor of the cell whose left corners are at top / bottom (right: floats to its right corners): the
+   largest over classes of the class's smallest corner (kept_classes's floor). */
+static float cell_floor(const float* top, const float* bottom, int64_t C, int64_t right) {
+    const int64_t whole = C - C % L;
+    vf floor_v = splat(-__builtin_inff());
+    for (int64_t c = 0; c < whole; c += L) {
+        vf a, b, d, e;
+        __builtin_memcpy(&a, top + c, sizeof a);
+        __builtin_memcpy(&b, top + c + right, sizeof b);
+        __builtin_memcpy(&d, bottom + c, sizeof d);
+        __builtin_memcpy(&e, bottom + c + right, sizeof e);
+        vf low = select_f(a < b, a, b);
+        low = select_f(d < low, d, low);
+        low = select_f(e < low, e, low);
+        floor_v = select_f(low > floor_v, low, floor_v);
     }
+    float floor = -__builtin_inff();
+    for (int l = 0; l < L; l++) floor = floor_v[l] > floor ? floor_v[l] : floor;
+    for (int64_t c = whole; c < C; c++) {
+        float low = top[c] < top[c + right] ? top[c] : top[c + right];
+        low = bottom[c] < low ? bottom[c] : low;
+        low = bottom[c + right] < low ? bottom[c + right] : low;
+        floor = low > floor ? low : floor;
+    }
+    return floor;
+}
+
+static int64_t group_classes(const Group* g, const float* floors, int prune, float bound, float dense,
+                             int32_t* classes, float* lowest) {
+    const int64_t C = g->C, whole = C - C % L;
+    const float* floor = floors + g->first; /* each cell's, computed once per row segment */
     int64_t count = 0;
     vf kept_low = splat(__builtin_inff()), all_low = splat(__builtin_inff());
     float kept_tail = __builtin_inff(), all_tail = __builtin_inff();
@@ -541,10 +556,17 @@ static int64_t group_classes(const Group* g, int prune, float bound, float dense
         }
         all_low = select_f(least < all_low, least, all_low);
         kept_low = select_f(keep & (least < kept_low), least, kept_low);
+#if defined(__AVX512F__) /* the kept lanes' classes, packed: one compressing store */
+        const __mmask16 kept = _mm512_test_epi32_mask((__m512i)keep, (__m512i)keep);
+        const vi lane_class = splat_i((int32_t)c) + (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        _mm512_mask_compressstoreu_epi32(classes + count, kept, (__m512i)lane_class);
+        count += __builtin_popcount((unsigned)kept);
+#else
         for (int l = 0; l < L; l++) {
             classes[count] = (int32_t)(c + l);
             count += keep[l] & 1;
         }
+#endif
     }
     for (int64_t c = whole; c < C; c++) {
         int keep = !prune;
@@ -610,7 +632,7 @@ static inline void write_row(const Group* g, const int32_t* list, int16_t* label
     }
 }
 
-int64_t pacl_native_strip_floats(int64_t num_classes) { return 4 * L * num_classes; }
+int64_t pacl_native_strip_floats(int64_t num_classes, int64_t grid_w) { return 4 * L * num_classes + grid_w; }
 
 /* Labels and scores of every pixel of the given row segments, one image, by strips (above).
 
@@ -619,7 +641,7 @@ int64_t pacl_native_strip_floats(int64_t num_classes) { return 4 * L * num_class
    evaluated). Columns: output column x samples cells col_cell[x] and col_cell[x] + col_upper at weight
    col_weight[x]; the cells of 16 consecutive columns are ascending and span at most GROUP_CELLS (the caller
    checks). prune, bound, dense: as pacl_segment_blocks, per group (a class some cell of it keeps). geometric 0:
-   exact exps everywhere. work: pacl_native_work_floats() floats, table: pacl_native_strip_floats(C), both
+   exact exps everywhere. work: pacl_native_work_floats() floats, table: pacl_native_strip_floats(C, grid_w), both
    64-byte aligned; classes: C int32. Returns the (lane, class) evaluations, spare lanes and rows included. */
 int64_t pacl_segment_strips(const float* grid, int64_t grid_w, int64_t num_classes, int64_t row_segments,
                             const int64_t* row_cell, const int64_t* row_index, const float* row_weight,
@@ -634,6 +656,7 @@ int64_t pacl_segment_strips(const float* grid, int64_t grid_w, int64_t num_class
     vf* top_term = (vf*)(first + PASS);
     vd* total = (vd*)(top_term + PASS); /* 2 * PASS */
     vf* table = (vf*)table_floats;
+    float* floors = table_floats + 4 * L * C; /* each cell's floor, for the row segment at hand */
     Group g = {0};
     Rows rows = {0};
     g.C = C;
@@ -645,6 +668,8 @@ int64_t pacl_segment_strips(const float* grid, int64_t grid_w, int64_t num_class
         while (distinct < depth_y && ys[distinct] != ys[distinct - 1]) distinct++;
         g.top = grid + row_cell[s] * plane;
         g.bottom = g.top + row_upper * plane;
+        for (int64_t cell = col_cell[0]; cell <= col_cell[width - 1]; cell++)
+            floors[cell] = cell_floor(g.top + cell * C, g.bottom + cell * C, C, g.right);
         for (int64_t x0 = 0; x0 < width; x0 += L) {
             g.x0 = x0;
             g.lanes = width - x0 < L ? width - x0 : L;
@@ -658,7 +683,7 @@ int64_t pacl_segment_strips(const float* grid, int64_t grid_w, int64_t num_class
             }
             for (int64_t t = 1; t < g.cells; t++) g.mask[t] = lane_cell == splat_i((int32_t)t);
             float lowest;
-            int64_t count = group_classes(&g, (int)prune, bound, dense, classes, &lowest);
+            int64_t count = group_classes(&g, floors, (int)prune, bound, dense, classes, &lowest);
             const int32_t* list = count < 0 ? 0 : classes;
             count = count < 0 ? -count : count;
             for (int64_t r0 = 0; r0 < distinct; r0 += CHUNK_ROWS) {

@@ -111,7 +111,7 @@ class NativeKernel:
         self._strips.argtypes += [pointer, pointer, pointer, pointer, pointer]
         self._strip_floats = library.pacl_native_strip_floats
         self._strip_floats.restype = size
-        self._strip_floats.argtypes = [size]
+        self._strip_floats.argtypes = [size, size]
         self._relative = library.pacl_relative_logits
         self._relative.restype = None
         self._relative.argtypes = [pointer, size, size, size, size, size, size, ctypes.c_double, pointer, pointer]
@@ -128,6 +128,18 @@ class NativeKernel:
         out = torch.empty_like(padded)
         self._exp(padded.data_ptr(), out.data_ptr(), padded.numel())
         return out[: flat.numel()].view(x.shape)
+
+    _BUFFERS = ("work", "classes", "table", "relative", "line")
+
+    def buffer_bytes(self) -> int:
+        """Bytes this thread's buffers hold (kept between calls, grown to the largest call's needs)."""
+        buffers = (getattr(self._local, name, None) for name in self._BUFFERS)
+        return sum(b.numel() * b.element_size() for b in buffers if b is not None)
+
+    def release_buffers(self) -> None:
+        """Drop this thread's buffers (the next call makes them again, at the sizes it needs)."""
+        for name in self._BUFFERS:
+            self._local.__dict__.pop(name, None)
 
     def _work(self, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This thread's work buffer (64-byte aligned) and room for ``num_classes`` class indices."""
@@ -202,7 +214,7 @@ class NativeKernel:
         if bound is not None and not bound <= 0.0:  # NaN too
             raise ValueError(f"bound must be a number at most 0 (or None), got {bound!r}")
         work, classes = self._work(num_classes)
-        table = _aligned(self._local, "table", int(self._strip_floats(num_classes)))
+        table = _aligned(self._local, "table", int(self._strip_floats(num_classes, grid_w)))
         return self._strips(
             grid.data_ptr(),
             grid_w,
@@ -419,6 +431,11 @@ def _settle(state: _State) -> None:
         except Exception as error:  # a fault of ours: eager torch still answers, the log says what happened
             state.failure = f"{type(error).__name__}: {error}"
             logger.exception("CPU head: building the native kernel failed; eager torch instead")
+
+
+def loaded() -> NativeKernel | None:
+    """The kernel if this process has loaded it, else None (never loads or builds)."""
+    return _state.kernel
 
 
 def status() -> str:

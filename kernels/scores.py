@@ -155,14 +155,18 @@ def segment(
 
 def workspace_bytes() -> int:
     """Bytes the workspaces of this thread's score evaluations hold (kept between calls:
-    ``cells.Workspace``), the refined grid's included."""
-    return _workspace.bytes() + fine_grid.workspace_bytes()
+    ``cells.Workspace``), the refined grid's and the native kernel's buffers included."""
+    kernel = native.loaded()
+    return _workspace.bytes() + fine_grid.workspace_bytes() + (kernel.buffer_bytes() if kernel else 0)
 
 
 def release_workspace() -> None:
     """Drop this thread's workspaces (the next call makes them again, at the sizes it needs)."""
     _workspace.release()
     fine_grid.release_workspace()
+    kernel = native.loaded()
+    if kernel is not None:
+        kernel.release_buffers()
 
 
 @dataclass(frozen=True)

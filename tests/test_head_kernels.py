@@ -1059,6 +1059,23 @@ def test_strips_take_the_geometric_path_where_it_is_exact(kind, geometric, monke
             assert_matches_reference(labels, scores, logits, (height, width), **kwargs)
 
 
+def test_native_buffers_are_counted_and_released():
+    """The kernel's per-thread buffers (refined grid, class table, lists) count in ``scores.workspace_bytes`` (what
+    ``benchmarks.head``'s peaks include) and go with ``scores.release_workspace``."""
+    from kernels import scores as score_module
+
+    with native_kernel():
+        kernel = native.kernel()
+        score_module.release_workspace()
+        before = score_module.workspace_bytes()
+        logits = 0.04 * torch.randn(1, 6, 7, 40, generator=torch.Generator().manual_seed(3))
+        run_segment("native", logits, (96, 112), logit_scale=100.0)
+    grid_bytes = 11 * 13 * 40 * 4  # the refined grid alone
+    assert kernel.buffer_bytes() >= grid_bytes and score_module.workspace_bytes() >= before + grid_bytes
+    score_module.release_workspace()
+    assert kernel.buffer_bytes() == 0
+
+
 def test_native_exp_is_float32_exact():
     """The kernel's exp against float64 on [-87, 0] (below, floored at -87): within 1e-7 relative
     (measured 8.3e-8; torch's float32 exp: 6.2e-8), and exp(0) exactly 1 (the winner's term on the grid)."""
