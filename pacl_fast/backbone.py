@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pacl_fast.files import open_regular, read_regular_bytes
 from pacl_fast.text_tower import (
@@ -953,7 +954,7 @@ def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor])
     be built on the meta device, or when it keeps a tensor this does not know how to rebuild.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _MetaShortcuts():
             model = build("meta")
     except Exception as error:  # a tower that cannot be built without memory (the plain way will say if it is ours)
         logger.debug("building on the meta device failed (%s); built the plain way", error)
@@ -963,6 +964,75 @@ def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor])
         return None
     model.load_state_dict(_owned(state, own), strict=True, assign=True)
     return model if _rebuild_buffers(model) else None
+
+
+#: In-place ops that :class:`_MetaShortcuts` answers on a meta tensor with the tensor itself (random fills, ``nn.init``
+#: ones included, and the causal mask's ``triu_``): in place, on meta, they change no shape, dtype or device.
+_META_IN_PLACE = frozenset({
+    "uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+    "xavier_normal_", "orthogonal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_",
+    "geometric_", "triu_", "tril_",
+})  # fmt: skip
+#: Random factories that :class:`_MetaShortcuts` makes as ``torch.empty`` when the result lands on the meta device.
+_META_FACTORIES = frozenset({"randn", "rand"})
+#: Elementwise products and sums that :class:`_MetaShortcuts` answers as ``torch.empty`` of the broadcast shape and
+#: the promoted dtype (``torch.result_type``) when a meta tensor is among their operands.
+_META_ELEMENTWISE = frozenset({"mul", "__mul__", "__rmul__", "add", "__add__", "__radd__"})
+
+
+class _MetaShortcuts(TorchFunctionMode):
+    """While a model is built on the meta device: the few ops open_clip's constructors run on meta tensors, answered
+    with what they give there.
+
+    A meta tensor has a shape, a dtype and no values. Torch computes random fills, ``triu_`` and elementwise
+    arithmetic on meta through Python decompositions whose first call imports ``torch._dynamo`` (with sympy: about
+    1.5 s of a one-image ``pacl-fast segment`` on a 2-core CPU), although they compute no values. Here: an in-place
+    op of :data:`_META_IN_PLACE` on a meta tensor returns the tensor; a random factory of :data:`_META_FACTORIES`
+    whose result lands on meta is ``torch.empty`` of the same size and options; a product or sum of
+    :data:`_META_ELEMENTWISE` with a meta operand is ``torch.empty`` of ``torch.broadcast_shapes`` and
+    ``torch.result_type`` on meta: the same shapes, dtypes and devices torch gives. Anything else (and any call
+    with ``out=`` or a generator) runs as it is, and tests/test_backbone.py holds a model built this way to one
+    built without it.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _META_IN_PLACE:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init's functions pass it by name
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        if name in _META_FACTORIES and "out" not in kwargs and "generator" not in kwargs:
+            size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if all(isinstance(n, int) for n in size):
+                options = ("dtype", "layout", "device", "requires_grad", "pin_memory")
+                made = torch.empty(tuple(size), **{key: kwargs[key] for key in options if key in kwargs})
+                if made.is_meta:
+                    return made
+        if name in _META_ELEMENTWISE and not kwargs and len(args) == 2 and _meta_operands(args):
+            shape = _broadcast_shape([tuple(x.shape) for x in args if isinstance(x, torch.Tensor)])
+            if shape is not None:
+                return torch.empty(shape, dtype=torch.result_type(*args), device="meta")
+        return func(*args, **kwargs)
+
+
+def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape ``shapes`` broadcast to (torch's rule), or None when they do not broadcast. (Not
+    ``torch.broadcast_shapes``: it imports sympy, 0.2 s.)"""
+    out: list[int] = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(shape)) + shape) for shape in shapes)):
+        sizes = {n for n in dims if n != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _meta_operands(args: tuple) -> bool:
+    """Two operands: tensors on the meta device and Python numbers, at least one of them a tensor."""
+    tensors = [x for x in args if isinstance(x, torch.Tensor)]
+    numbers_ok = all(isinstance(x, (torch.Tensor, int, float)) for x in args)  # bool is an int, numpy.float64 a float
+    return bool(tensors) and numbers_ok and all(x.is_meta for x in tensors)
 
 
 def _owned(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@ import json
 import logging
 import pickle
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -15,6 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pacl_fast.backbone import RandomWeightsWarning, load_clip
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_random_init_warns_and_is_frozen(tiny_config):
@@ -694,3 +699,80 @@ def test_read_safetensors_hashes_what_it_reads_and_checks_the_ranges(tmp_path, t
     broken.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
     with pytest.raises(ValueError, match=f"{broken}.*broken safetensors header: tensor"):
         backbone.read_safetensors(broken)
+
+
+# --- the meta build without torch's Python decompositions, and the persistent digest cache (issue 20: warm start) ---
+
+
+def meta_skeleton(build):
+    """Names, shapes, dtypes, devices, requires_grad and types of every parameter and buffer of ``build()`` on meta."""
+    with torch.device("meta"):
+        model = build()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {name: (t.shape, t.dtype, t.device, t.requires_grad, type(t)) for name, t in tensors}
+
+
+@pytest.mark.parametrize("arch", ["tiny", "ViT-B-16", "ViT-B-32-quickgelu"])
+def test_meta_shortcuts_build_the_same_skeleton(tiny_config, arch):
+    """_MetaShortcuts answers the random fills, triu_ and scalar arithmetic of open_clip's constructors on meta
+    tensors itself: the model it builds has exactly the parameters and buffers (names, shapes, dtypes, devices,
+    requires_grad, types) the plain meta build has."""
+    from pacl_fast.backbone import _MetaShortcuts
+
+    def build():
+        return open_clip.CLIP(**tiny_config) if arch == "tiny" else open_clip.create_model(arch, device="meta")
+
+    plain = meta_skeleton(build)
+    with _MetaShortcuts():
+        shortcut = meta_skeleton(build)
+    assert shortcut == plain and len(plain) > 50
+
+
+def test_meta_shortcuts_answer_what_torch_answers():
+    """Each shortcut against torch's own meta result: shapes, dtypes (type promotion), in-place identity; and what it
+    does not know runs as it is."""
+    from pacl_fast.backbone import _broadcast_shape, _MetaShortcuts
+
+    a = torch.empty(3, 1, device="meta", dtype=torch.float16)
+    b = torch.empty(4, device="meta", dtype=torch.float32)
+    n = torch.empty(2, 2, device="meta", dtype=torch.int64)
+    cases = [lambda: a * b, lambda: 2.5 * n, lambda: n + 1, lambda: n * True, lambda: b.mul(a), lambda: a + 3.0,
+             lambda: torch.randn(2, 3, device="meta"), lambda: torch.rand((5,), device="meta", dtype=torch.float64),
+             lambda: b * np.float64(2.0), lambda: n.sum()]  # fmt: skip
+    for case in cases:
+        want = case()
+        with _MetaShortcuts():
+            got = case()
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+    with _MetaShortcuts():
+        assert torch.nn.init.normal_(a) is a and a.uniform_() is a and n.triu_(1) is n
+        cpu = torch.zeros(3)
+        torch.nn.init.constant_(cpu, 2.0)
+        assert cpu.tolist() == [2.0, 2.0, 2.0]  # not meta: as it is
+        torch.manual_seed(0)
+        drawn = torch.randn(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.randn(3)) and not drawn.is_meta
+    assert _broadcast_shape([(3, 1), (4,)]) == (3, 4) and _broadcast_shape([(2, 3), (4,)]) is None
+    assert _broadcast_shape([(), (5,)]) == (5,) and _broadcast_shape([(0,), (1,)]) == (0,)
+
+
+BUILD_PROBE = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from pacl_fast.backbone import load_clip
+load_clip(sys.argv[1], sys.argv[2])
+print(json.dumps({name: name in sys.modules for name in ("torch._dynamo", "sympy", "timm.models")}))
+"""
+
+
+def test_loading_vit_b16_from_a_file_imports_no_dynamo(tmp_path):
+    """The warm path's model build (ViT-B-16 on the meta device, the file's tensors assigned) imported torch._dynamo
+    and sympy (~1.5 s) through torch's Python decompositions of ops on meta tensors; it imports neither now."""
+    torch.manual_seed(11)
+    path = save_weights(open_clip.create_model("ViT-B-16"), tmp_path / "vit.safetensors")
+    done = subprocess.run([sys.executable, "-c", BUILD_PROBE, "ViT-B-16", str(path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False,
+                                                                 "timm.models": False}  # fmt: skip
