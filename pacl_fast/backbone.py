@@ -35,6 +35,7 @@ import math
 import os
 import socket
 import sys
+import time
 import types
 import urllib.parse
 import urllib.request
@@ -51,7 +52,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pacl_fast.files import open_regular, read_regular_bytes
+from pacl_fast.files import known_sha256, open_regular, read_regular_bytes, remember_sha256
 from pacl_fast.text_tower import (
     PromptTruncatedWarning,
     check_tokens,
@@ -146,17 +147,38 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached by (path, size, mtime) because CLIP checkpoints are large."""
+    """sha256 of a file, cached by (path, size, mtime) in this process and in the persistent digest cache
+    (:func:`pacl_fast.files.known_sha256`) across processes, because CLIP checkpoints are large."""
     path = os.path.abspath(path)
     with open_regular(path) as f:
         stat = os.fstat(f.fileno())
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in _SHA_CACHE:
-            digest = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-            _SHA_CACHE[key] = digest.hexdigest()
+            known = known_sha256(path, stat)
+            if known is None:
+                hashed_from = time.time_ns()
+                digest = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                known = digest.hexdigest()
+                _remember_unless_changed(path, f, stat, known, hashed_from)
+            _SHA_CACHE[key] = known
     return _SHA_CACHE[key]
+
+
+def _remember_unless_changed(path: str | os.PathLike, f: Any, before: os.stat_result, digest: str, start: int) -> None:
+    """The digest cache told ``digest`` for ``path`` (open as ``f``, ``fstat`` ``before`` when its hashing began
+    at ``start``), unless the file changed while it was read."""
+    if not _changed(f, before):
+        remember_sha256(path, before, digest, start)
+    else:
+        logger.debug("%s changed while it was hashed: its digest is not remembered", path)
+
+
+def _changed(f: Any, before: os.stat_result) -> bool:
+    """Whether the open file ``f`` is no longer as ``fstat`` ``before`` saw it (size, times, inode)."""
+    after = os.fstat(f.fileno())
+    return any(getattr(after, field) != getattr(before, field) for field in ("st_size", "st_mtime_ns", "st_ctime_ns"))
 
 
 def check_safetensors(path: str | os.PathLike) -> None:
@@ -205,8 +227,10 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
     second pass (page faults, then a copy), and a model that kept them would change if the file were
     rewritten in place. Here each tensor is read straight into its own storage, and with ``digest`` the
     same bytes are hashed as they arrive, so the file's sha256 (the CLIP's identity) costs no second read:
-    :func:`file_sha256` answers from it. (Hashing on a second thread measured no faster on the shared 2-core
-    machine: there was no idle core to hash on.)
+    :func:`file_sha256` answers from it. When the persistent digest cache knows the file unchanged
+    (:func:`pacl_fast.files.known_sha256`: a process that read it before), nothing is hashed at all; a file
+    hashed here is remembered there (:func:`pacl_fast.files.remember_sha256`). (Hashing on a second thread
+    measured no faster on the shared 2-core machine: there was no idle core to hash on.)
 
     The header is held to the format: known dtypes, shapes that match their byte ranges, ranges that tile
     the data exactly (what safetensors itself requires); ``ValueError`` naming the file otherwise. Dtypes it
@@ -215,6 +239,8 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
     check_safetensors(path)
     with open_regular(path) as f:
         stat = os.fstat(f.fileno())
+        known = known_sha256(path, stat) if digest else None  # known: the tensors need no hashing
+        hashed_from = time.time_ns()
         prefix = f.read(8)
         header_bytes = f.read(int.from_bytes(prefix, "little"))
         try:
@@ -229,7 +255,7 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
             raise ValueError(f"CLIP weights file {path} has a broken safetensors header ({error})") from None
         if sys.byteorder != "little" or any(dtype is None for _, dtype, *_ in entries):
             return _read_safetensors_library(path)
-        hasher = hashlib.sha256(prefix + header_bytes) if digest else None
+        hasher = hashlib.sha256(prefix + header_bytes) if digest and known is None else None
         state: dict[str, torch.Tensor] = {}
         position = 0
         for name, dtype, shape, start, end in entries:
@@ -246,8 +272,13 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
                 hasher.update(buffer)
             state[name] = tensor
             position = end
-    if hasher is not None:
-        _SHA_CACHE[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = hasher.hexdigest()
+        if hasher is not None:
+            known = hasher.hexdigest()
+            _remember_unless_changed(path, f, stat, known, hashed_from)
+        elif known is not None and _changed(f, stat):
+            known = None  # rewritten while read: file_sha256 hashes what it holds now
+    if known is not None:
+        _SHA_CACHE[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = known
     return state
 
 

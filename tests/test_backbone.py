@@ -1,11 +1,13 @@
 import errno
 import json
 import logging
+import os
 import pickle
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -776,3 +778,164 @@ def test_loading_vit_b16_from_a_file_imports_no_dynamo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False,
                                                                  "timm.models": False}  # fmt: skip
+
+
+def digest_entries():
+    from pacl_fast.files import DIGEST_FOLDER, default_cache_dir
+
+    return sorted((default_cache_dir() / DIGEST_FOLDER).glob("*.json"))
+
+
+@pytest.fixture()
+def digest_cache(tmp_path, monkeypatch):
+    """An empty cache folder, the in-process digest cache emptied, a weights file, and no racy window (a file a test
+    just wrote has a ctime of now: test_racy_entries_are_not_trusted puts the window back)."""
+    from pacl_fast import backbone, files
+
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 0)
+    backbone._SHA_CACHE.clear()
+    torch.manual_seed(12)
+    state = {f"t{i}": torch.randn(64, 64 + i) for i in range(5)}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    yield path, state
+    backbone._SHA_CACHE.clear()
+
+
+def sha256_of(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_digest_cache_gives_the_hash_and_skips_hashing(digest_cache, monkeypatch):
+    """A second process (here: the in-process cache emptied) reads the file's identity from the digest cache instead
+    of hashing 600 MB again; tensors and identity are those of the first read, bit for bit."""
+    import hashlib
+
+    from pacl_fast import backbone
+
+    path, state = digest_cache
+    first = backbone.read_safetensors(path)
+    assert backbone.file_sha256(path) == sha256_of(path)
+    assert len(digest_entries()) == 1 and (digest_entries()[0].stat().st_mode & 0o777) == 0o600
+    backbone._SHA_CACHE.clear()
+    hashed = []
+    monkeypatch.setattr(
+        backbone, "hashlib", types.SimpleNamespace(sha256=lambda *a: hashed.append(1) or hashlib.sha256(*a))
+    )
+    again = backbone.read_safetensors(path)
+    assert hashed == [] and backbone.file_sha256(path) == sha256_of(path) and hashed == []
+    assert again.keys() == first.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == []  # file_sha256 alone asks it too
+
+
+def rewrite(path, data):
+    with open(path, "r+b") as f:  # same inode
+        f.write(data)
+
+
+def test_a_changed_file_is_hashed_again(digest_cache, tmp_path):
+    """Same size and inode with other bytes and a touched mtime; the times put back (ctime still moves); replaced by
+    rename; changed within the racy window after hashing: each is hashed again, never given the old identity."""
+    from pacl_fast import backbone
+
+    path, _ = digest_cache
+    original = path.read_bytes()
+    backbone.read_safetensors(path)
+    times = os.stat(path)
+
+    def identity():
+        backbone._SHA_CACHE.clear()
+        return backbone.file_sha256(path)
+
+    flipped = bytearray(original)
+    flipped[-1] ^= 0xFF
+    rewrite(path, bytes(flipped))  # same size and inode, new mtime and ctime
+    assert identity() == sha256_of(path) != hashlib_hex(original)
+    entry_times = os.stat(path)  # what the entry now holds
+    rewrite(path, original)
+    os.utime(path, ns=(entry_times.st_atime_ns, entry_times.st_mtime_ns))  # the mtime forged back: the ctime tells
+    assert identity() == hashlib_hex(original)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(original)
+    os.utime(other, ns=(times.st_atime_ns, times.st_mtime_ns))
+    os.replace(other, path)  # replaced by rename: another inode, same size and mtime
+    assert identity() == hashlib_hex(original)
+
+
+def hashlib_hex(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_racy_entries_are_not_trusted(digest_cache, monkeypatch):
+    """A file written just before it was hashed (within RACY_NANOSECONDS) could change again in the same timestamp
+    tick without its times showing it: its entry is not trusted, the file is hashed again (and the entry rewritten,
+    so a later process trusts it once the file is old enough)."""
+    import hashlib
+
+    from pacl_fast import backbone, files
+
+    path, _ = digest_cache
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 2_000_000_000)
+    os.utime(path)  # modified now
+    backbone.read_safetensors(path)
+    assert len(digest_entries()) == 1
+    backbone._SHA_CACHE.clear()
+    hashed = []
+    monkeypatch.setattr(
+        backbone, "hashlib", types.SimpleNamespace(sha256=lambda *a: hashed.append(1) or hashlib.sha256(*a))
+    )
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == [1]
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 0)
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == [1]
+
+
+@pytest.mark.parametrize("damage", ["not json", "other path", "bad digest", "string size", "wrong digest kind",
+                                    "group writable", "symlink", "folder open to others", "huge"])  # fmt: skip
+def test_a_hostile_or_broken_entry_is_a_miss_never_an_error(digest_cache, damage, tmp_path):
+    """The cache folder is read as hostile: an entry that is malformed, describes another file, is writable by
+    others or is a link gives no identity (the file is hashed, the entry rewritten); never an error."""
+    from pacl_fast import backbone
+
+    path, _ = digest_cache
+    backbone.read_safetensors(path)
+    entry = digest_entries()[0]
+    record = json.loads(entry.read_text())
+    forged = {**record, "sha256": "0" * 64}
+    if damage == "not json":
+        entry.write_text("{nope")
+    elif damage == "other path":
+        entry.write_text(json.dumps({**forged, "path": str(tmp_path / "elsewhere")}))
+    elif damage == "bad digest":
+        entry.write_text(json.dumps({**record, "sha256": "xyz"}))
+    elif damage == "string size":
+        entry.write_text(json.dumps({**forged, "st_size": str(record["st_size"])}))
+    elif damage == "wrong digest kind":
+        entry.write_text(json.dumps({**forged, "hashed_from_ns": float(record["hashed_from_ns"])}))
+    elif damage == "group writable":
+        entry.write_text(json.dumps(forged))
+        entry.chmod(0o620)
+    elif damage == "symlink":
+        target = tmp_path / "target.json"
+        target.write_text(json.dumps(forged))
+        target.chmod(0o600)
+        entry.unlink()
+        entry.symlink_to(target)
+    elif damage == "folder open to others":
+        entry.write_text(json.dumps(forged))
+        entry.parent.chmod(0o777)
+    elif damage == "huge":
+        entry.write_text(json.dumps({**forged, "padding": "x" * 10000}))
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path)
+    if damage != "folder open to others":  # a folder others may write is neither trusted nor written
+        backbone._SHA_CACHE.clear()
+        assert json.loads(digest_entries()[0].read_text())["sha256"] == sha256_of(path)
