@@ -90,8 +90,12 @@ class DeferredPackage(types.ModuleType):
 def _submodule(held: dict[str, Any], name: str) -> types.ModuleType | None:
     """The package's submodule ``name`` imported (None when it has none of that name)."""
     full = f"{held['__name__']}.{name}"
-    if full not in sys.modules and importlib.util.find_spec(full) is None:
-        return None
+    if full not in sys.modules:
+        try:
+            if importlib.util.find_spec(full) is None:
+                return None
+        except (ImportError, ValueError):  # not importable as a module: an attribute the package's __init__ defines
+            return None
     return importlib.import_module(full)
 
 
