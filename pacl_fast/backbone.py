@@ -167,8 +167,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _remember_unless_changed(path: str | os.PathLike, f: Any, before: os.stat_result, digest: str, start: int) -> None:
-    """The digest cache told ``digest`` for ``path`` (open as ``f``, ``fstat`` ``before`` when its hashing began
-    at ``start``), unless the file changed while it was read."""
+    """Record ``digest`` for ``path`` in the digest cache (``path`` open as ``f``; ``fstat`` ``before`` and
+    ``time.time_ns()`` ``start`` taken when its hashing began), unless the file changed while it was read."""
     if not _changed(f, before):
         remember_sha256(path, before, digest, start)
     else:
@@ -176,7 +176,7 @@ def _remember_unless_changed(path: str | os.PathLike, f: Any, before: os.stat_re
 
 
 def _changed(f: Any, before: os.stat_result) -> bool:
-    """Whether the open file ``f`` is no longer as ``fstat`` ``before`` saw it (size, times, inode)."""
+    """Whether the open file ``f`` is no longer as ``fstat`` ``before`` saw it (size, mtime or ctime)."""
     after = os.fstat(f.fileno())
     return any(getattr(after, field) != getattr(before, field) for field in ("st_size", "st_mtime_ns", "st_ctime_ns"))
 
@@ -1041,9 +1041,12 @@ class _MetaShortcuts(TorchFunctionMode):
                 if made.is_meta:
                     return made
         if name in _META_ELEMENTWISE and not kwargs and len(args) == 2 and _meta_operands(args):
-            shape = _broadcast_shape([tuple(x.shape) for x in args if isinstance(x, torch.Tensor)])
+            tensors = [x for x in args if isinstance(x, torch.Tensor)]
+            shape = _broadcast_shape([tuple(x.shape) for x in tensors])
             if shape is not None:
-                return torch.empty(shape, dtype=torch.result_type(*args), device="meta")
+                dtype = torch.result_type(*args)
+                grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+                return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
         return func(*args, **kwargs)
 
 

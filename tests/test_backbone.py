@@ -738,14 +738,16 @@ def test_meta_shortcuts_answer_what_torch_answers():
     a = torch.empty(3, 1, device="meta", dtype=torch.float16)
     b = torch.empty(4, device="meta", dtype=torch.float32)
     n = torch.empty(2, 2, device="meta", dtype=torch.int64)
+    g = torch.empty(4, device="meta", requires_grad=True)
     cases = [lambda: a * b, lambda: 2.5 * n, lambda: n + 1, lambda: n * True, lambda: b.mul(a), lambda: a + 3.0,
              lambda: torch.randn(2, 3, device="meta"), lambda: torch.rand((5,), device="meta", dtype=torch.float64),
-             lambda: b * np.float64(2.0), lambda: n.sum()]  # fmt: skip
+             lambda: b * np.float64(2.0), lambda: n.sum(), lambda: 2.0 * g, lambda: g + b]  # fmt: skip
     for case in cases:
         want = case()
         with _MetaShortcuts():
             got = case()
-        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+        assert (got.shape, got.dtype, got.device, got.requires_grad) == (
+            want.shape, want.dtype, want.device, want.requires_grad)  # fmt: skip
     with _MetaShortcuts():
         assert torch.nn.init.normal_(a) is a and a.uniform_() is a and n.triu_(1) is n
         cpu = torch.zeros(3)
