@@ -13,8 +13,9 @@ open_clip weights file (safetensors; ViT-B-16, or a tiny config as a ``local-dir
   with the weights file, 5 labels x CLIP's 80 ImageNet templates at full length in fp32, the image's patch
   tokens through ``visual.proj``, cosine, ``F.interpolate`` to the image, argmax, a PNG written with PIL;
 * **cold**: ``python -m pacl_fast segment photo.jpg --labels ... --out OUT --clip ... --clip-weights W`` with
-  ``PACL_FAST_CACHE`` an empty folder (no text cache, no exported encoders);
-* **warm**: the same command again, same cache, a new ``--out`` (the same one would be skipped as done).
+  ``PACL_FAST_CACHE`` an empty folder (no text cache, no exported encoders, no remembered weights digest);
+* **warm**: the same command again, same cache, a new ``--out`` (the same one would be skipped as done): the
+  text embeddings and the weights file's sha256 (``$PACL_FAST_CACHE/digests``) come from the cold run.
 
 Wall time is measured around each process (start to exit). The breakdown is what each process says itself: our
 command with ``PACL_FAST_TIMINGS=1`` (``pacl_fast.cli.common.Timings``), the naive script with the same clock

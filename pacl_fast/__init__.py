@@ -14,7 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from pacl_fast import deferred_imports as _deferred_imports
+
 __version__ = "0.1.0"
+
+# open_clip's import runs without torchvision's and timm's package __init__, which a ViT CLIP never uses (~1.4 s
+# of a one-image `pacl-fast segment`); they run on first use. See pacl_fast/deferred_imports.py.
+_deferred_imports.defer_while_importing("open_clip", _deferred_imports.OPEN_CLIP_DEFERRED)
 
 #: public name -> module that defines it
 _EXPORTS = {

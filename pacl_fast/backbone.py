@@ -35,6 +35,7 @@ import math
 import os
 import socket
 import sys
+import time
 import types
 import urllib.parse
 import urllib.request
@@ -49,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from pacl_fast.files import open_regular, read_regular_bytes
+from pacl_fast.files import known_sha256, open_regular, read_regular_bytes, remember_sha256
 from pacl_fast.text_tower import (
     PromptTruncatedWarning,
     check_tokens,
@@ -145,17 +147,38 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, cached by (path, size, mtime) because CLIP checkpoints are large."""
+    """sha256 of a file, cached by (path, size, mtime) in this process and in the persistent digest cache
+    (:func:`pacl_fast.files.known_sha256`) across processes, because CLIP checkpoints are large."""
     path = os.path.abspath(path)
     with open_regular(path) as f:
         stat = os.fstat(f.fileno())
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in _SHA_CACHE:
-            digest = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-            _SHA_CACHE[key] = digest.hexdigest()
+            known = known_sha256(path, stat)
+            if known is None:
+                hashed_from = time.time_ns()
+                digest = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                known = digest.hexdigest()
+                _remember_unless_changed(path, f, stat, known, hashed_from)
+            _SHA_CACHE[key] = known
     return _SHA_CACHE[key]
+
+
+def _remember_unless_changed(path: str | os.PathLike, f: Any, before: os.stat_result, digest: str, start: int) -> None:
+    """Record ``digest`` for ``path`` in the digest cache (``path`` open as ``f``; ``fstat`` ``before`` and
+    ``time.time_ns()`` ``start`` taken when its hashing began), unless the file changed while it was read."""
+    if not _changed(f, before):
+        remember_sha256(path, before, digest, start)
+    else:
+        logger.debug("%s changed while it was hashed: its digest is not remembered", path)
+
+
+def _changed(f: Any, before: os.stat_result) -> bool:
+    """Whether the open file ``f`` is no longer as ``fstat`` ``before`` saw it (size, mtime or ctime)."""
+    after = os.fstat(f.fileno())
+    return any(getattr(after, field) != getattr(before, field) for field in ("st_size", "st_mtime_ns", "st_ctime_ns"))
 
 
 def check_safetensors(path: str | os.PathLike) -> None:
@@ -204,8 +227,10 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
     second pass (page faults, then a copy), and a model that kept them would change if the file were
     rewritten in place. Here each tensor is read straight into its own storage, and with ``digest`` the
     same bytes are hashed as they arrive, so the file's sha256 (the CLIP's identity) costs no second read:
-    :func:`file_sha256` answers from it. (Hashing on a second thread measured no faster on the shared 2-core
-    machine: there was no idle core to hash on.)
+    :func:`file_sha256` answers from it. When the persistent digest cache knows the file unchanged
+    (:func:`pacl_fast.files.known_sha256`: a process that read it before), nothing is hashed at all; a file
+    hashed here is remembered there (:func:`pacl_fast.files.remember_sha256`). (Hashing on a second thread
+    measured no faster on the shared 2-core machine: there was no idle core to hash on.)
 
     The header is held to the format: known dtypes, shapes that match their byte ranges, ranges that tile
     the data exactly (what safetensors itself requires); ``ValueError`` naming the file otherwise. Dtypes it
@@ -214,6 +239,8 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
     check_safetensors(path)
     with open_regular(path) as f:
         stat = os.fstat(f.fileno())
+        known = known_sha256(path, stat) if digest else None  # known: the tensors need no hashing
+        hashed_from = time.time_ns()
         prefix = f.read(8)
         header_bytes = f.read(int.from_bytes(prefix, "little"))
         try:
@@ -228,7 +255,7 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
             raise ValueError(f"CLIP weights file {path} has a broken safetensors header ({error})") from None
         if sys.byteorder != "little" or any(dtype is None for _, dtype, *_ in entries):
             return _read_safetensors_library(path)
-        hasher = hashlib.sha256(prefix + header_bytes) if digest else None
+        hasher = hashlib.sha256(prefix + header_bytes) if digest and known is None else None
         state: dict[str, torch.Tensor] = {}
         position = 0
         for name, dtype, shape, start, end in entries:
@@ -245,8 +272,13 @@ def read_safetensors(path: str | os.PathLike, *, digest: bool = True) -> dict[st
                 hasher.update(buffer)
             state[name] = tensor
             position = end
-    if hasher is not None:
-        _SHA_CACHE[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = hasher.hexdigest()
+        if hasher is not None:
+            known = hasher.hexdigest()
+            _remember_unless_changed(path, f, stat, known, hashed_from)
+        elif known is not None and _changed(f, stat):
+            known = None  # rewritten while read: file_sha256 hashes what it holds now
+    if known is not None:
+        _SHA_CACHE[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = known
     return state
 
 
@@ -953,7 +985,7 @@ def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor])
     be built on the meta device, or when it keeps a tensor this does not know how to rebuild.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _MetaShortcuts():
             model = build("meta")
     except Exception as error:  # a tower that cannot be built without memory (the plain way will say if it is ours)
         logger.debug("building on the meta device failed (%s); built the plain way", error)
@@ -963,6 +995,78 @@ def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor])
         return None
     model.load_state_dict(_owned(state, own), strict=True, assign=True)
     return model if _rebuild_buffers(model) else None
+
+
+#: In-place ops that :class:`_MetaShortcuts` answers on a meta tensor with the tensor itself (random fills, ``nn.init``
+#: ones included, and the causal mask's ``triu_``): in place, on meta, they change no shape, dtype or device.
+_META_IN_PLACE = frozenset({
+    "uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+    "xavier_normal_", "orthogonal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_",
+    "geometric_", "triu_", "tril_",
+})  # fmt: skip
+#: Random factories that :class:`_MetaShortcuts` makes as ``torch.empty`` when the result lands on the meta device.
+_META_FACTORIES = frozenset({"randn", "rand"})
+#: Elementwise products and sums that :class:`_MetaShortcuts` answers as ``torch.empty`` of the broadcast shape and
+#: the promoted dtype (``torch.result_type``) when a meta tensor is among their operands.
+_META_ELEMENTWISE = frozenset({"mul", "__mul__", "__rmul__", "add", "__add__", "__radd__"})
+
+
+class _MetaShortcuts(TorchFunctionMode):
+    """While a model is built on the meta device: the few ops open_clip's constructors run on meta tensors, answered
+    with what they give there.
+
+    A meta tensor has a shape, a dtype and no values. Torch computes random fills, ``triu_`` and elementwise
+    arithmetic on meta through Python decompositions whose first call imports ``torch._dynamo`` (with sympy: about
+    1.5 s of a one-image ``pacl-fast segment`` on a 2-core CPU), although they compute no values. Here: an in-place
+    op of :data:`_META_IN_PLACE` on a meta tensor returns the tensor; a random factory of :data:`_META_FACTORIES`
+    whose result lands on meta is ``torch.empty`` of the same size and options; a product or sum of
+    :data:`_META_ELEMENTWISE` with a meta operand is ``torch.empty`` of ``torch.broadcast_shapes`` and
+    ``torch.result_type`` on meta: the same shapes, dtypes and devices torch gives. Anything else (and any call
+    with ``out=`` or a generator) runs as it is, and tests/test_backbone.py holds a model built this way to one
+    built without it.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _META_IN_PLACE:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init's functions pass it by name
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        if name in _META_FACTORIES and "out" not in kwargs and "generator" not in kwargs:
+            size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if all(isinstance(n, int) for n in size):
+                options = ("dtype", "layout", "device", "requires_grad", "pin_memory")
+                made = torch.empty(tuple(size), **{key: kwargs[key] for key in options if key in kwargs})
+                if made.is_meta:
+                    return made
+        if name in _META_ELEMENTWISE and not kwargs and len(args) == 2 and _meta_operands(args):
+            tensors = [x for x in args if isinstance(x, torch.Tensor)]
+            shape = _broadcast_shape([tuple(x.shape) for x in tensors])
+            if shape is not None:
+                dtype = torch.result_type(*args)
+                grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+                return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
+        return func(*args, **kwargs)
+
+
+def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape ``shapes`` broadcast to (torch's rule), or None when they do not broadcast. (Not
+    ``torch.broadcast_shapes``: it imports sympy, 0.2 s.)"""
+    out: list[int] = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(shape)) + shape) for shape in shapes)):
+        sizes = {n for n in dims if n != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _meta_operands(args: tuple) -> bool:
+    """Two operands: tensors on the meta device and Python numbers, at least one of them a tensor."""
+    tensors = [x for x in args if isinstance(x, torch.Tensor)]
+    numbers_ok = all(isinstance(x, (torch.Tensor, int, float)) for x in args)  # bool is an int, numpy.float64 a float
+    return bool(tensors) and numbers_ok and all(x.is_meta for x in tensors)
 
 
 def _owned(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -308,3 +309,78 @@ def output_path(directory: str | os.PathLike, key: str, suffix: str = "") -> Pat
     if not resolved.is_relative_to(root):
         raise ValueError(f"output name {key!r} resolves outside {root} (through a link)")
     return path
+
+
+# --- the persistent digest cache: a large file's sha256 remembered across processes, as git's index does ---------
+
+#: Folder (under :func:`default_cache_dir`) of the digest cache's entries, one small JSON file per hashed file.
+DIGEST_FOLDER = "digests"
+#: An entry is trusted only for a file whose mtime and ctime are this much older than the moment its hashing began
+#: (git's "racy" rule: a change in the same timestamp tick as the hashing leaves the times as they were).
+RACY_NANOSECONDS = 2_000_000_000
+#: Largest entry read (real ones are ~300 bytes).
+MAX_DIGEST_ENTRY_BYTES = 4096
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_STAT_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+
+def _digest_entry_path(real: str) -> Path:
+    return default_cache_dir() / DIGEST_FOLDER / f"{hashlib.sha256(os.fsencode(real)).hexdigest()[:32]}.json"
+
+
+def _private_descriptor(info: os.stat_result, kind: str) -> bool:
+    """Whether ``info`` is a regular file (``kind`` "file") or folder of this user, writable by no one else."""
+    is_kind = stat.S_ISREG(info.st_mode) if kind == "file" else stat.S_ISDIR(info.st_mode)
+    owner = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return is_kind and owner and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def known_sha256(path: str | os.PathLike, info: os.stat_result) -> str | None:
+    """The sha256 (hex) of the file ``path`` whose descriptor's ``fstat`` is ``info``, as the digest cache holds it;
+    None unless an entry for exactly that file (real path, device, inode, size, mtime and ctime in nanoseconds)
+    exists, is this user's and writable by no one else, and was hashed more than :data:`RACY_NANOSECONDS` after the
+    file last changed. Anything else (no entry, a malformed or foreign one, a changed file) is a miss, never an
+    error: the caller hashes the file again and :func:`remember_sha256` rewrites the entry."""
+    real = os.path.realpath(path)
+    entry = _digest_entry_path(real)
+    try:
+        if not _private_descriptor(os.stat(entry.parent, follow_symlinks=False), "folder"):
+            return None
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        descriptor = os.open(entry, flags)
+        with os.fdopen(descriptor, "rb") as f:
+            if not _private_descriptor(os.fstat(f.fileno()), "file"):
+                return None
+            data = f.read(MAX_DIGEST_ENTRY_BYTES + 1)
+        record = json.loads(data) if len(data) <= MAX_DIGEST_ENTRY_BYTES else None
+        if not isinstance(record, dict) or record.get("path") != real:
+            return None
+        digest, hashed_from = record.get("sha256"), record.get("hashed_from_ns")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest) or type(hashed_from) is not int:
+            return None
+        if any(type(record.get(field)) is not int or record[field] != getattr(info, field) for field in _STAT_FIELDS):
+            return None
+        if max(info.st_mtime_ns, info.st_ctime_ns) + RACY_NANOSECONDS > hashed_from:
+            return None  # changed too close to its hashing for the times to tell a change apart
+    except (OSError, ValueError, UnicodeDecodeError):  # missing, unreadable, a link, not JSON
+        return None
+    return digest
+
+
+def remember_sha256(path: str | os.PathLike, info: os.stat_result, digest: str, hashed_from_ns: int) -> None:
+    """Record in the digest cache that the file ``path`` (``fstat`` ``info``, taken before hashing began at
+    ``time.time_ns()`` ``hashed_from_ns``) has sha256 ``digest``. Best effort: a cache folder that cannot be made
+    private or written is logged at debug level and skipped."""
+    real = os.path.realpath(path)
+    entry = _digest_entry_path(real)
+    record = {"path": real, **{field: getattr(info, field) for field in _STAT_FIELDS}}
+    record.update(sha256=digest, hashed_from_ns=hashed_from_ns)
+    try:
+        entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private_descriptor(os.stat(entry.parent, follow_symlinks=False), "folder"):
+            logger.debug("digest cache %s is not this user's private folder: not written", entry.parent)
+            return
+        atomic_write(entry, json.dumps(record))
+        os.chmod(entry, 0o600)  # its own mode; atomic_write's follows the umask
+    except OSError as error:
+        logger.debug("digest cache entry %s not written (%s)", entry, error)

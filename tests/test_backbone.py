@@ -1,10 +1,15 @@
 import errno
 import json
 import logging
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import time
+import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -16,6 +21,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pacl_fast.backbone import RandomWeightsWarning, load_clip
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_random_init_warns_and_is_frozen(tiny_config):
@@ -698,3 +705,243 @@ def test_read_safetensors_hashes_what_it_reads_and_checks_the_ranges(tmp_path, t
     broken.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
     with pytest.raises(ValueError, match=f"{broken}.*broken safetensors header: tensor"):
         backbone.read_safetensors(broken)
+
+
+# --- the meta build without torch's Python decompositions, and the persistent digest cache (issue 20: warm start) ---
+
+
+def meta_skeleton(build):
+    """Names, shapes, dtypes, devices, requires_grad and types of every parameter and buffer of ``build()`` on meta."""
+    with torch.device("meta"):
+        model = build()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {name: (t.shape, t.dtype, t.device, t.requires_grad, type(t)) for name, t in tensors}
+
+
+@pytest.mark.parametrize("arch", ["tiny", "ViT-B-16", "ViT-B-32-quickgelu"])
+def test_meta_shortcuts_build_the_same_skeleton(tiny_config, arch):
+    """_MetaShortcuts answers the random fills, triu_ and scalar arithmetic of open_clip's constructors on meta
+    tensors itself: the model it builds has exactly the parameters and buffers (names, shapes, dtypes, devices,
+    requires_grad, types) the plain meta build has."""
+    from pacl_fast.backbone import _MetaShortcuts
+
+    def build():
+        return open_clip.CLIP(**tiny_config) if arch == "tiny" else open_clip.create_model(arch, device="meta")
+
+    plain = meta_skeleton(build)
+    with _MetaShortcuts():
+        shortcut = meta_skeleton(build)
+    assert shortcut == plain and len(plain) > 50
+
+
+def test_meta_shortcuts_answer_what_torch_answers():
+    """Each shortcut against torch's own meta result: shapes, dtypes (type promotion), in-place identity; and what it
+    does not know runs as it is."""
+    from pacl_fast.backbone import _broadcast_shape, _MetaShortcuts
+
+    a = torch.empty(3, 1, device="meta", dtype=torch.float16)
+    b = torch.empty(4, device="meta", dtype=torch.float32)
+    n = torch.empty(2, 2, device="meta", dtype=torch.int64)
+    g = torch.empty(4, device="meta", requires_grad=True)
+    cases = [lambda: a * b, lambda: 2.5 * n, lambda: n + 1, lambda: n * True, lambda: b.mul(a), lambda: a + 3.0,
+             lambda: torch.randn(2, 3, device="meta"), lambda: torch.rand((5,), device="meta", dtype=torch.float64),
+             lambda: b * np.float64(2.0), lambda: n.sum(), lambda: 2.0 * g, lambda: g + b]  # fmt: skip
+    for case in cases:
+        want = case()
+        with _MetaShortcuts():
+            got = case()
+        assert (got.shape, got.dtype, got.device, got.requires_grad) == (
+            want.shape, want.dtype, want.device, want.requires_grad)  # fmt: skip
+    with _MetaShortcuts():
+        assert torch.nn.init.normal_(a) is a and a.uniform_() is a and n.triu_(1) is n
+        cpu = torch.zeros(3)
+        torch.nn.init.constant_(cpu, 2.0)
+        assert cpu.tolist() == [2.0, 2.0, 2.0]  # not meta: as it is
+        torch.manual_seed(0)
+        drawn = torch.randn(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.randn(3)) and not drawn.is_meta
+    assert _broadcast_shape([(3, 1), (4,)]) == (3, 4) and _broadcast_shape([(2, 3), (4,)]) is None
+    assert _broadcast_shape([(), (5,)]) == (5,) and _broadcast_shape([(0,), (1,)]) == (0,)
+
+
+BUILD_PROBE = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from pacl_fast.backbone import load_clip
+load_clip(sys.argv[1], sys.argv[2])
+print(json.dumps({name: name in sys.modules for name in ("torch._dynamo", "sympy", "timm.models")}))
+"""
+
+
+def test_loading_vit_b16_from_a_file_imports_no_dynamo(tmp_path):
+    """The warm path's model build (ViT-B-16 on the meta device, the file's tensors assigned) imported torch._dynamo
+    and sympy (~1.5 s) through torch's Python decompositions of ops on meta tensors; it imports neither now."""
+    torch.manual_seed(11)
+    path = save_weights(open_clip.create_model("ViT-B-16"), tmp_path / "vit.safetensors")
+    done = subprocess.run([sys.executable, "-c", BUILD_PROBE, "ViT-B-16", str(path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False,
+                                                                 "timm.models": False}  # fmt: skip
+
+
+def digest_entries():
+    from pacl_fast.files import DIGEST_FOLDER, default_cache_dir
+
+    return sorted((default_cache_dir() / DIGEST_FOLDER).glob("*.json"))
+
+
+@pytest.fixture()
+def digest_cache(tmp_path, monkeypatch):
+    """An empty cache folder, the in-process digest cache emptied, a weights file, and no racy window (a file a test
+    just wrote has a ctime of now: test_racy_entries_are_not_trusted puts the window back)."""
+    from pacl_fast import backbone, files
+
+    monkeypatch.setenv("PACL_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 0)
+    backbone._SHA_CACHE.clear()
+    torch.manual_seed(12)
+    state = {f"t{i}": torch.randn(64, 64 + i) for i in range(5)}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    yield path, state
+    backbone._SHA_CACHE.clear()
+
+
+def sha256_of(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_digest_cache_gives_the_hash_and_skips_hashing(digest_cache, monkeypatch):
+    """A second process (here: the in-process cache emptied) reads the file's identity from the digest cache instead
+    of hashing 600 MB again; tensors and identity are those of the first read, bit for bit."""
+    import hashlib
+
+    from pacl_fast import backbone
+
+    path, state = digest_cache
+    first = backbone.read_safetensors(path)
+    assert backbone.file_sha256(path) == sha256_of(path)
+    assert len(digest_entries()) == 1 and (digest_entries()[0].stat().st_mode & 0o777) == 0o600
+    backbone._SHA_CACHE.clear()
+    hashed = []
+    monkeypatch.setattr(
+        backbone, "hashlib", types.SimpleNamespace(sha256=lambda *a: hashed.append(1) or hashlib.sha256(*a))
+    )
+    again = backbone.read_safetensors(path)
+    assert hashed == [] and backbone.file_sha256(path) == sha256_of(path) and hashed == []
+    assert again.keys() == first.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == []  # file_sha256 alone asks it too
+
+
+def rewrite(path, data):
+    with open(path, "r+b") as f:  # same inode
+        f.write(data)
+
+
+def test_a_changed_file_is_hashed_again(digest_cache, tmp_path):
+    """Same size and inode with other bytes and a touched mtime; the times put back (ctime still moves); replaced by
+    rename; changed within the racy window after hashing: each is hashed again, never given the old identity."""
+    from pacl_fast import backbone
+
+    path, _ = digest_cache
+    original = path.read_bytes()
+    backbone.read_safetensors(path)
+    times = os.stat(path)
+
+    def identity():
+        backbone._SHA_CACHE.clear()
+        return backbone.file_sha256(path)
+
+    flipped = bytearray(original)
+    flipped[-1] ^= 0xFF
+    rewrite(path, bytes(flipped))  # same size and inode, new mtime and ctime
+    assert identity() == sha256_of(path) != hashlib_hex(original)
+    entry_times = os.stat(path)  # what the entry now holds
+    rewrite(path, original)
+    os.utime(path, ns=(entry_times.st_atime_ns, entry_times.st_mtime_ns))  # the mtime forged back: the ctime tells
+    assert identity() == hashlib_hex(original)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(original)
+    os.utime(other, ns=(times.st_atime_ns, times.st_mtime_ns))
+    os.replace(other, path)  # replaced by rename: another inode, same size and mtime
+    assert identity() == hashlib_hex(original)
+
+
+def hashlib_hex(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_racy_entries_are_not_trusted(digest_cache, monkeypatch):
+    """A file written just before it was hashed (within RACY_NANOSECONDS) could change again in the same timestamp
+    tick without its times showing it: its entry is not trusted, the file is hashed again (and the entry rewritten,
+    so a later process trusts it once the file is old enough)."""
+    import hashlib
+
+    from pacl_fast import backbone, files
+
+    path, _ = digest_cache
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 2_000_000_000)
+    os.utime(path)  # modified now
+    backbone.read_safetensors(path)
+    assert len(digest_entries()) == 1
+    backbone._SHA_CACHE.clear()
+    hashed = []
+    monkeypatch.setattr(
+        backbone, "hashlib", types.SimpleNamespace(sha256=lambda *a: hashed.append(1) or hashlib.sha256(*a))
+    )
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == [1]
+    monkeypatch.setattr(files, "RACY_NANOSECONDS", 0)
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path) and hashed == [1]
+
+
+@pytest.mark.parametrize("damage", ["not json", "other path", "bad digest", "string size", "wrong digest kind",
+                                    "group writable", "symlink", "folder open to others", "huge"])  # fmt: skip
+def test_a_hostile_or_broken_entry_is_a_miss_never_an_error(digest_cache, damage, tmp_path):
+    """The cache folder is read as hostile: an entry that is malformed, describes another file, is writable by
+    others or is a link gives no identity (the file is hashed, the entry rewritten); never an error."""
+    from pacl_fast import backbone
+
+    path, _ = digest_cache
+    backbone.read_safetensors(path)
+    entry = digest_entries()[0]
+    record = json.loads(entry.read_text())
+    forged = {**record, "sha256": "0" * 64}
+    if damage == "not json":
+        entry.write_text("{nope")
+    elif damage == "other path":
+        entry.write_text(json.dumps({**forged, "path": str(tmp_path / "elsewhere")}))
+    elif damage == "bad digest":
+        entry.write_text(json.dumps({**record, "sha256": "xyz"}))
+    elif damage == "string size":
+        entry.write_text(json.dumps({**forged, "st_size": str(record["st_size"])}))
+    elif damage == "wrong digest kind":
+        entry.write_text(json.dumps({**forged, "hashed_from_ns": float(record["hashed_from_ns"])}))
+    elif damage == "group writable":
+        entry.write_text(json.dumps(forged))
+        entry.chmod(0o620)
+    elif damage == "symlink":
+        target = tmp_path / "target.json"
+        target.write_text(json.dumps(forged))
+        target.chmod(0o600)
+        entry.unlink()
+        entry.symlink_to(target)
+    elif damage == "folder open to others":
+        entry.write_text(json.dumps(forged))
+        entry.parent.chmod(0o777)
+    elif damage == "huge":
+        entry.write_text(json.dumps({**forged, "padding": "x" * 10000}))
+    backbone._SHA_CACHE.clear()
+    assert backbone.file_sha256(path) == sha256_of(path)
+    if damage != "folder open to others":  # a folder others may write is neither trusted nor written
+        backbone._SHA_CACHE.clear()
+        assert json.loads(digest_entries()[0].read_text())["sha256"] == sha256_of(path)
