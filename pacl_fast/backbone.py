@@ -949,10 +949,10 @@ def _load_clip(clip: str | dict[str, Any], clip_weights: str | os.PathLike | Non
 
 def _build_and_load(build: Callable[[str], nn.Module], path: Path) -> nn.Module:
     """``build()`` with the weights of ``path`` (our own loading: a model name or config with a local file): built
-    empty and assigned when the file fits exactly (:func:`_assigned`), else built, randomly initialised and loaded
+    empty and assigned when the file fits exactly (:func:`build_assigned`), else built, randomly initialised and loaded
     the plain way (:func:`_load_into`), whose errors say what does not fit."""
     state = _read_state_dict(path)
-    model = _assigned(build, state)
+    model = build_assigned(build, state)
     if model is None:
         model = build("cpu")
         _load_into(model, path, state)
@@ -971,10 +971,10 @@ def _fast_load(build: Callable[[str], nn.Module], path: Path, *, digest: bool = 
     except ValueError as error:
         logger.debug("%s: not read here (%s); open_clip loads it", path, error)
         return None
-    return _assigned(build, state)
+    return build_assigned(build, state)
 
 
-def _assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module | None:
+def build_assigned(build: Callable[[str], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module | None:
     """``build("meta")`` run on the meta device (modules and shapes; no memory, no random init of 150M
     parameters that the weights would overwrite), then ``state``'s tensors assigned as its parameters and
     buffers (no copy), in the model's dtypes, and the non-persistent buffers it needs rebuilt

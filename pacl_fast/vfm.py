@@ -40,7 +40,7 @@ from torch import nn
 
 from pacl_fast.backbone import (
     RandomWeightsWarning,
-    _assigned,
+    build_assigned,
     file_sha256,
     read_safetensors,
     resize_positional_scale_factor,
@@ -233,7 +233,7 @@ def _timm_vit(spec: VFMSpec, *, pretrained: bool = False, **options) -> nn.Modul
 def vit_with_weights(name: str, state: dict[str, torch.Tensor], path: str | os.PathLike, **options) -> nn.Module:
     """timm's ViT of the VFM ``name`` holding ``state`` (timm's key names, read from ``path``), checked first.
 
-    Built as the CLIP is (``backbone._assigned``): modules and shapes on the meta device, then the file's tensors
+    Built as the CLIP is (``backbone.build_assigned``): modules and shapes on the meta device, then the file's tensors
     assigned, because timm's random init of 86M parameters (~2 s on a CPU) is all overwritten. The plain way
     (random init, then ``load_state_dict``) where timm cannot build on the meta device or leaves a tensor there
     that the weights do not hold. ``options``: ``timm.create_model`` overrides (tiny configs in tests).
@@ -262,7 +262,7 @@ def vit_with_weights(name: str, state: dict[str, torch.Tensor], path: str | os.P
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"vfm_weights {path}: {key} holds non-finite values")
     if skeleton is not None:
-        vit = _assigned(lambda _device: skeleton, state)
+        vit = build_assigned(lambda _device: skeleton, state)
         if vit is not None:
             return vit
         logger.debug("vfm %s: a tensor of timm's ViT is not in the weights; built the plain way", name)
