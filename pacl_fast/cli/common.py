@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -620,21 +621,31 @@ class _AboveProgressBars(logging.StreamHandler):
             self.handleError(record)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A Python warning while a command runs, as one log line (``pacl-fast: warning: MESSAGE``): Python's own
+    form names a source file and line of ours and quotes that line, which tells a user nothing."""
+    logging.getLogger("pacl_fast.cli").warning("warning: %s", message)
+
+
 @contextmanager
 def command_logging(verbose: bool = False, also: tuple[str, ...] = ()) -> Iterator[None]:
     """While a command runs: log lines on stderr as ``pacl-fast: MESSAGE``, ours from INFO up, other
     libraries' (open_clip, onnx, uvicorn...) from WARNING up unless ``verbose``; ``also``: more loggers
-    shown from INFO up. Restored afterwards, so commands run in one process (tests) do not stack handlers."""
+    shown from INFO up; Python warnings as one line each (with ``verbose``, Python's own form). Restored
+    afterwards, so commands run in one process (tests) do not stack handlers."""
     root = logging.getLogger()
     handler = _AboveProgressBars(sys.stderr)
     handler.setFormatter(logging.Formatter("pacl-fast: %(message)s"))
     handler.addFilter(_Shown(verbose, also))
-    saved = root.level
+    saved, saved_warning = root.level, warnings.showwarning
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    if not verbose:
+        warnings.showwarning = _warning_line
     try:
         yield
     finally:
+        warnings.showwarning = saved_warning
         root.removeHandler(handler)
         root.setLevel(saved)
 
