@@ -154,20 +154,17 @@ static inline __attribute__((always_inline)) void evaluate(const Block* block, i
     }
 }
 
-/* The classes a block evaluates (kernels/scores.py's bound): every pixel of it is a convex combination of
-   its four corners, so class c is at most hi_c = max of its corners and the winner at least floor =
-   max_c min of its corners; c is kept when hi_c - floor >= bound. Writes them ascending into classes and
-   returns their number (never 0: the class whose lowest corner is the floor has hi_c >= floor). */
-static int64_t kept_classes(const Block* block, int64_t C, float bound, int32_t* classes) {
-    const float *c00 = block->c00, *c01 = block->c01, *c10 = block->c10, *c11 = block->c11;
+/* The floor of the cell whose left corners are at top / bottom (right: floats to its right corners): the
+   largest over classes of the class's smallest corner (kept_classes's floor). */
+static float cell_floor(const float* top, const float* bottom, int64_t C, int64_t right) {
+    const int64_t whole = C - C % L;
     vf floor_v = splat(-__builtin_inff());
-    int64_t c = 0;
-    for (; c + L <= C; c += L) {
+    for (int64_t c = 0; c < whole; c += L) {
         vf a, b, d, e;
-        __builtin_memcpy(&a, c00 + c, sizeof a);
-        __builtin_memcpy(&b, c01 + c, sizeof b);
-        __builtin_memcpy(&d, c10 + c, sizeof d);
-        __builtin_memcpy(&e, c11 + c, sizeof e);
+        __builtin_memcpy(&a, top + c, sizeof a);
+        __builtin_memcpy(&b, top + c + right, sizeof b);
+        __builtin_memcpy(&d, bottom + c, sizeof d);
+        __builtin_memcpy(&e, bottom + c + right, sizeof e);
         vf low = select_f(a < b, a, b);
         low = select_f(d < low, d, low);
         low = select_f(e < low, e, low);
@@ -175,12 +172,23 @@ static int64_t kept_classes(const Block* block, int64_t C, float bound, int32_t*
     }
     float floor = -__builtin_inff();
     for (int l = 0; l < L; l++) floor = floor_v[l] > floor ? floor_v[l] : floor;
-    for (; c < C; c++) {
-        float low = c00[c] < c01[c] ? c00[c] : c01[c];
-        low = c10[c] < low ? c10[c] : low;
-        low = c11[c] < low ? c11[c] : low;
+    for (int64_t c = whole; c < C; c++) {
+        float low = top[c] < top[c + right] ? top[c] : top[c + right];
+        low = bottom[c] < low ? bottom[c] : low;
+        low = bottom[c + right] < low ? bottom[c + right] : low;
         floor = low > floor ? low : floor;
     }
+    return floor;
+}
+
+/* The classes a block evaluates (kernels/scores.py's bound): every pixel of it is a convex combination of
+   its four corners, so class c is at most hi_c = max of its corners and the winner at least floor =
+   max_c min of its corners; c is kept when hi_c - floor >= bound. Writes them ascending into classes and
+   returns their number (never 0: the class whose lowest corner is the floor has hi_c >= floor). */
+static int64_t kept_classes(const Block* block, int64_t C, float bound, int32_t* classes) {
+    const float *c00 = block->c00, *c01 = block->c01, *c10 = block->c10, *c11 = block->c11;
+    const float floor = cell_floor(c00, c10, C, c01 - c00); /* c11 - c10 is the same step */
+    int64_t c;
     int64_t count = 0;
     for (c = 0; c < C; c++) {
         float high = c00[c] > c01[c] ? c00[c] : c01[c];
@@ -512,33 +520,6 @@ static inline void corner_range_1(const Group* g, int64_t t, int64_t c, float* l
 /* The group's classes: those some cell of it keeps (kept_classes's rule, per cell: largest corner at least
    the cell's floor plus bound), ascending, into classes. Returns their number, or -C for every class (no list:
    prune 0, or at least dense * C kept), and in lowest the smallest corner among the classes it evaluates. */
-/* The floor of the cell whose left corners are at top / bottom (right: floats to its right corners): the
-   largest over classes of the class's smallest corner (kept_classes's floor). */
-static float cell_floor(const float* top, const float* bottom, int64_t C, int64_t right) {
-    const int64_t whole = C - C % L;
-    vf floor_v = splat(-__builtin_inff());
-    for (int64_t c = 0; c < whole; c += L) {
-        vf a, b, d, e;
-        __builtin_memcpy(&a, top + c, sizeof a);
-        __builtin_memcpy(&b, top + c + right, sizeof b);
-        __builtin_memcpy(&d, bottom + c, sizeof d);
-        __builtin_memcpy(&e, bottom + c + right, sizeof e);
-        vf low = select_f(a < b, a, b);
-        low = select_f(d < low, d, low);
-        low = select_f(e < low, e, low);
-        floor_v = select_f(low > floor_v, low, floor_v);
-    }
-    float floor = -__builtin_inff();
-    for (int l = 0; l < L; l++) floor = floor_v[l] > floor ? floor_v[l] : floor;
-    for (int64_t c = whole; c < C; c++) {
-        float low = top[c] < top[c + right] ? top[c] : top[c + right];
-        low = bottom[c] < low ? bottom[c] : low;
-        low = bottom[c + right] < low ? bottom[c + right] : low;
-        floor = low > floor ? low : floor;
-    }
-    return floor;
-}
-
 static int64_t group_classes(const Group* g, const float* floors, int prune, float bound, float dense,
                              int32_t* classes, float* lowest) {
     const int64_t C = g->C, whole = C - C % L;

@@ -216,15 +216,7 @@ class NativeKernel:
         work, classes = self._work(num_classes)
         table = _aligned(self._local, "table", int(self._strip_floats(num_classes, grid_w)))
         return self._strips(
-            grid.data_ptr(),
-            grid_w,
-            num_classes,
-            row_cell.numel(),
-            row_cell.data_ptr(),
-            row_index.data_ptr(),
-            row_weight.data_ptr(),
-            row_index.shape[1],
-            row_upper,
+            *_grid_and_rows(grid, (row_cell, row_index, row_weight, row_upper)),
             width,
             col_cell.data_ptr(),
             col_weight.data_ptr(),
@@ -276,15 +268,7 @@ class NativeKernel:
             raise ValueError(f"bound must be a number at most 0 (or None), got {bound!r}")
         work, classes = self._work(num_classes)
         return self._segment(
-            grid.data_ptr(),
-            grid_w,
-            num_classes,
-            row_cell.numel(),
-            row_cell.data_ptr(),
-            row_index.data_ptr(),
-            row_weight.data_ptr(),
-            row_index.shape[1],
-            row_upper,
+            *_grid_and_rows(grid, (row_cell, row_index, row_weight, row_upper)),
             col_cell.numel(),
             col_cell.data_ptr(),
             col_index.data_ptr(),
@@ -328,6 +312,14 @@ def _aligned(local: threading.local, name: str, floats: int) -> torch.Tensor:
         setattr(local, name, buffer)
     offset = (-buffer.data_ptr() % 64) // 4
     return buffer[offset : offset + floats]
+
+
+def _grid_and_rows(grid: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]) -> tuple:
+    """The leading arguments both C entry points take: the grid, its width and classes, the row segments
+    (checked already)."""
+    cell, index, weight, upper = rows
+    return (grid.data_ptr(), grid.shape[1], grid.shape[2], cell.numel(), cell.data_ptr(), index.data_ptr(),
+            weight.data_ptr(), index.shape[1], upper)  # fmt: skip
 
 
 def _checked(tensor: torch.Tensor, name: str, dtype: torch.dtype, ndim: int) -> torch.Tensor:
