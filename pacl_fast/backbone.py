@@ -1033,7 +1033,7 @@ class _MetaShortcuts(TorchFunctionMode):
             target = args[0] if args else kwargs.get("tensor")  # nn.init's functions pass it by name
             if isinstance(target, torch.Tensor) and target.is_meta:
                 return target
-        if name in _META_FACTORIES and "out" not in kwargs and "generator" not in kwargs:
+        if name in _META_FACTORIES and args and not {"out", "generator", "size"} & kwargs.keys():
             size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
             if all(isinstance(n, int) for n in size):
                 options = ("dtype", "layout", "device", "requires_grad", "pin_memory")

@@ -189,7 +189,7 @@ class Segmenter:
         self.pixel_multiple = int(model.pixel_multiple)
         self.grid_patch = int(model.grid_patch)
         if self.image_size < self.pixel_multiple:
-            raise ValueError(f"image_size={self.image_size} is smaller than the {self._multiple_words}")
+            raise ValueError(f"image_size={self.image_size} is smaller than the {self.multiple_words}")
         self.mean, self.std = backbone.mean_std
         self.max_pixels = max_pixels
         self.batch_size = batch_size
@@ -215,7 +215,8 @@ class Segmenter:
         return None if vfm is None else vfm.identity
 
     @property
-    def _multiple_words(self) -> str:
+    def multiple_words(self) -> str:
+        """What image sides must be multiples of, in words for error messages (the library's and the service's)."""
         if self.pixel_multiple == self.patch_size:
             return f"patch size {self.patch_size}"
         return (f"pixel multiple {self.pixel_multiple} (the lcm of the CLIP's patch size {self.patch_size} and the "
@@ -287,7 +288,7 @@ class Segmenter:
         """
         p = self.grid_patch  # windows sit on multiples of pixel_multiple, which grid_patch divides
         batch, _, height, width = pixels.shape
-        windows = window.origins((height, width), self.pixel_multiple, self._multiple_words)
+        windows = window.origins((height, width), self.pixel_multiple, self.multiple_words)
         count = torch.zeros(height // p, width // p, 1, device=self.device)
         for y, x, h, w in windows:
             count[y // p : (y + h) // p, x // p : (x + w) // p] += 1
@@ -396,10 +397,10 @@ class Segmenter:
             raise ValueError(f"background_threshold must be a probability in [0, 1], got {background_threshold}")
         short_side = (sliding_window.short_side if sliding_window else None) or self.image_size
         if short_side < self.pixel_multiple:
-            raise ValueError(f"image size {short_side} is smaller than the model's {self._multiple_words}")
+            raise ValueError(f"image size {short_side} is smaller than the model's {self.multiple_words}")
         if sliding_window is not None:
             crop = (sliding_window.crop, sliding_window.crop)
-            sliding_window.origins(crop, self.pixel_multiple, self._multiple_words)
+            sliding_window.origins(crop, self.pixel_multiple, self.multiple_words)
 
     def preprocessor(
         self, sliding_window: SlidingWindow | None = None, keep_images: bool = False
@@ -536,8 +537,8 @@ class Segmenter:
         items = [images] if single else list(images)
         if not items:
             raise ValueError("images is empty")
-        class_embeddings = self.encode_labels(labels, templates)  # checks the labels with the model's tokenizer
-        class_names = tuple(labels)
+        class_names = tuple(labels)  # once: an iterator of labels is read once
+        class_embeddings = self.encode_labels(class_names, templates)  # checks them with the model's tokenizer
         results: list[Segmentation | ImageError | None] = [None] * len(items)
 
         preprocess = self.preprocessor(sliding_window, keep_images=keep_images)

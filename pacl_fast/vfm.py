@@ -48,9 +48,8 @@ from pacl_fast.backbone import (
 from pacl_fast.choices import VFMS
 from pacl_fast.files import open_regular
 
-#: ImageNet statistics every VFM here normalises with (ProxyCLIP ``proxyclip_segmentor.py`` l. 83).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Training checkpoints' wrappers around a backbone's state dict (DINO's ``teacher``...): refused, by name.
+WRAPPERS = ("teacher", "student", "model", "state_dict")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def hub_to_timm(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Te
         state["pos_embed"] = pos[:, 1:]
         state = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", k): v for k, v in state.items()}
         state = {re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k): v for k, v in state.items()}
-    for wrapper in ("teacher", "student", "model", "state_dict"):
+    for wrapper in WRAPPERS:
         if wrapper in state and isinstance(state[wrapper], dict):
             raise ValueError(f"VFM weights hold a {wrapper!r} dict: pass the backbone's own state dict")
     return state
@@ -131,6 +130,10 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file
         message = f"vfm_weights {path}: not a torch checkpoint readable with weights_only=True ({error})"
         raise ValueError(message) from None
+    if isinstance(state, dict):
+        for wrapper in WRAPPERS:
+            if isinstance(state.get(wrapper), dict):
+                raise ValueError(f"vfm_weights {path} holds a {wrapper!r} dict: pass the backbone's own state dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"vfm_weights {path}: expected a flat dict of tensors")
     return state

@@ -745,7 +745,8 @@ def test_meta_shortcuts_answer_what_torch_answers():
     g = torch.empty(4, device="meta", requires_grad=True)
     cases = [lambda: a * b, lambda: 2.5 * n, lambda: n + 1, lambda: n * True, lambda: b.mul(a), lambda: a + 3.0,
              lambda: torch.randn(2, 3, device="meta"), lambda: torch.rand((5,), device="meta", dtype=torch.float64),
-             lambda: b * np.float64(2.0), lambda: n.sum(), lambda: 2.0 * g, lambda: g + b]  # fmt: skip
+             lambda: b * np.float64(2.0), lambda: n.sum(), lambda: 2.0 * g, lambda: g + b,
+             lambda: torch.randn(size=(2, 3), device="meta")]  # fmt: skip
     for case in cases:
         want = case()
         with _MetaShortcuts():
@@ -868,10 +869,10 @@ def test_a_changed_file_is_hashed_again(digest_cache, tmp_path):
     os.utime(path, ns=(entry_times.st_atime_ns, entry_times.st_mtime_ns))  # the mtime forged back: the ctime tells
     assert identity() == hashlib_hex(original)
     other = tmp_path / "other.safetensors"
-    other.write_bytes(original)
+    other.write_bytes(bytes(flipped))  # other bytes, so that a stale entry would show
     os.utime(other, ns=(times.st_atime_ns, times.st_mtime_ns))
     os.replace(other, path)  # replaced by rename: another inode, same size and mtime
-    assert identity() == hashlib_hex(original)
+    assert identity() == hashlib_hex(bytes(flipped))
 
 
 def hashlib_hex(data):

@@ -34,6 +34,14 @@ def test_predict_every_input_kind(tmp_path, segmenter):
     assert results[0].source == str(path)
 
 
+def test_labels_may_be_any_iterable(segmenter):
+    """Labels given as a generator are read once: the result names them all (it named none when the text
+    embedder consumed the generator first)."""
+    image = np.random.default_rng(2).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    result = segmenter.predict(image, (label for label in LABELS), templates="single")
+    assert result.classes == tuple(LABELS)
+
+
 def test_single_image_and_results_match_tensor_entry(segmenter):
     image = np.random.default_rng(1).integers(0, 255, (48, 80, 3), dtype=np.uint8)
     result = segmenter.predict(image, LABELS, templates="single")

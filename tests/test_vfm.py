@@ -146,3 +146,14 @@ def test_a_vit_the_meta_build_cannot_give_is_built_the_plain_way(block):
         if block is BlockWithAConstant:
             assert torch.equal(ours.offsets, theirs.offsets) and torch.equal(ours.table, theirs.table)
     assert_same_features(name, fast, plain, size)
+
+
+def test_a_training_checkpoint_is_refused_by_its_wrapper(tmp_path):
+    """DINO's training checkpoints wrap the backbone (``teacher``...): a .pth of one is refused by that name, not
+    as "not a flat dict" (the wrapper check ran after the flat-dict one and could never say it)."""
+    from pacl_fast.vfm import read_weights_file
+
+    path = tmp_path / "dino_checkpoint.pth"
+    torch.save({"teacher": {"cls_token": torch.zeros(1, 1, 4)}}, path)
+    with pytest.raises(ValueError, match="holds a 'teacher' dict: pass the backbone's own state dict"):
+        read_weights_file(path)
