@@ -45,13 +45,14 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 from benchmarks.common import machine_line, matmul_size, write_results  # noqa: E402
 from pacl_fast.backbone import RandomWeightsWarning, load_clip  # noqa: E402
 from pacl_fast.methods import TrainingFreeCLIP  # noqa: E402
 from pacl_fast.proxyclip import ProxyCLIP, proxy_attention  # noqa: E402
 from pacl_fast.segmenter import Segmenter  # noqa: E402
-from pacl_fast.vfm import IMAGENET_MEAN, IMAGENET_STD, SPECS, VisionFoundationModel, load_vfm  # noqa: E402
+from pacl_fast.vfm import SPECS, VisionFoundationModel, load_vfm  # noqa: E402
 
 SEED = 0
 CLASSES = 21  # VOC21's

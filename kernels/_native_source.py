@@ -66,7 +66,6 @@ static inline vi pick_i(lanes_t m, vi a, vi b) { return (a & m) | (b & ~m); }
 static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vi splat_i(int32_t x) { return (vi){0} + x; }
 static inline vf select_f(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vi select_i(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 
 /* exp(x) for x in [FLOOR, 0]: x = k ln2 + r, |r| <= ln2 / 2 (ln2 in two parts, so k ln2 is exact),
    Cephes' polynomial for exp(r), times 2^k written into the exponent bits. exp(0) is exactly 1. */

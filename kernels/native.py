@@ -492,13 +492,13 @@ def _cpu_signature() -> str:
     return "|".join(parts)
 
 
-def cache_key(command: list[str], flags: tuple[str, ...] = FLAGS) -> str:
+def cache_key(command: list[str]) -> str:
     """24 hex digits of SHA-256 over the source, the flags, the CPU and the compiler's identity."""
-    parts = [SOURCE, *flags, _cpu_signature(), _compiler_identity(command)]
+    parts = [SOURCE, *FLAGS, _cpu_signature(), _compiler_identity(command)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-def library_path(command: list[str] | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+def library_path(command: list[str] | None = None) -> Path:
     """Where the build of this source with ``command`` (default :func:`compiler`), these flags and for
     this CPU is cached.
 
@@ -508,7 +508,7 @@ def library_path(command: list[str] | None = None, flags: tuple[str, ...] = FLAG
     command = command or compiler()
     if command is None:
         raise NativeUnavailable("no C compiler (set $CC, or install cc, gcc or clang)")
-    return cache_dir() / f"pacl-native-{cache_key(command, flags)}.so"
+    return cache_dir() / f"pacl-native-{cache_key(command)}.so"
 
 
 def _key_of(path: Path) -> str:

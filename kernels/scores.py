@@ -56,6 +56,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -188,6 +189,11 @@ class _AxisCells:
     upper: int
     cells: int
 
+    @cached_property
+    def fits_strips(self) -> bool:
+        """As columns, whether the native kernel's strips can run them (``native.strips_fit``; once per axis)."""
+        return native.strips_fit(self.cell_of)
+
 
 _REFINED_CELLS: dict[tuple[int, int, int], tuple[cells.AxisSampling, _AxisCells]] = {}
 _REFINED_CELLS_LOCK = threading.Lock()
@@ -251,7 +257,7 @@ def _segment_native(
     batch, _, grid_w, num_classes = values.shape
     fine_w = fine_grid.refined_size(grid_w, factor)
     # With scores, strips (each class's exps a geometric progression down the rows) where the columns fit them.
-    strips = scores is not None and NATIVE_STRIPS and native.strips_fit(col_cells.cell_of)
+    strips = scores is not None and NATIVE_STRIPS and col_cells.fits_strips
     if strips:
         columns = (col_cells.cell_of, col_cells.weight_of, col_cells.upper)
         lanes = -(-labels.shape[2] // 16) * 16 * -(-row_cells.index.shape[1] // 4) * 4  # a segment's, 4 rows a pass

@@ -139,7 +139,7 @@ def same_to_tokenizer(
     apart, and lets ``café`` composed and decomposed through, which it makes one.
     """
     labels = list(labels)
-    if not labels:
+    if len(labels) < 2:  # nothing to pair (and no tokenizer to build)
         return []
     tokens = (tokenizer or clip_tokenizer())(labels)  # [C, L]
     _, group = torch.unique(tokens, dim=0, return_inverse=True)  # [C]: equal rows, equal group

@@ -40,11 +40,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD  # what every VFM here normalises with
 from torch import nn
 
 from pacl_fast.backbone import ClipBackbone, FrozenClipModel
 from pacl_fast.methods import check_last_block
-from pacl_fast.vfm import IMAGENET_MEAN, IMAGENET_STD, VisionFoundationModel
+from pacl_fast.vfm import VisionFoundationModel
 
 #: ProxyCLIP's defaults (``proxyclip_segmentor.py`` l. 29).
 BETA = 1.2
@@ -181,8 +182,3 @@ class ProxyCLIP(FrozenClipModel):
             x = F.normalize(x, dim=-1)
         return x.reshape(x.shape[0], grid[0], grid[1], -1)
 
-
-def build_proxyclip(backbone: ClipBackbone, vfm: VisionFoundationModel) -> nn.Module:
-    """The ProxyCLIP model of ``backbone`` and ``vfm`` on the backbone's device."""
-    device = backbone.visual.conv1.weight.device
-    return ProxyCLIP(backbone, vfm.to(device)).to(device)

@@ -269,7 +269,7 @@ class OpenVINOEncoder:
         # Used when no int8 model is cached for a size; made now so that a bad calibration_size fails now.
         self.synthetic_calibration = Calibration.resolve("synthetic", calibration_size)
         backbone = model.backbone
-        self.patch_size, self.embed_dim = backbone.patch_size, backbone.embed_dim
+        self.embed_dim = backbone.embed_dim
         self.pixel_multiple, self.grid_patch = model.pixel_multiple, model.grid_patch
         self.image_size, (self.mean, self.std) = backbone.image_size, backbone.mean_std
         self.onnx = OnnxCache(model, torch.float32, cache_dir)

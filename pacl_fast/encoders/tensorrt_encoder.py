@@ -224,7 +224,6 @@ class TensorRTEncoder:
         self.max_batch = max_batch
         self.workspace_bytes = int(workspace_gib * (1 << 30))
         self.progress = progress
-        self.patch_size = model.backbone.patch_size
         self.pixel_multiple, self.grid_patch = model.pixel_multiple, model.grid_patch
         self.embed_dim = model.backbone.embed_dim
         self.onnx = OnnxCache(model, dtype, cache_dir)

@@ -349,7 +349,7 @@ def parse_sliding_window(value: str, segmenter: Segmenter) -> tuple[int, int, in
         )
     if crop % patch_size or stride % patch_size:
         raise ApiError(
-            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the {segmenter._multiple_words}"
+            422, "bad_option", f"sliding_window CROP and STRIDE must be multiples of the {segmenter.multiple_words}"
         )
     return crop, stride, short
 
